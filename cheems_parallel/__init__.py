@@ -1,0 +1,1 @@
+"""Cheems model library: config, reference ops, Triton kernels, tensor-parallel layers, the model."""

@@ -1,0 +1,52 @@
+"""Dynamic-mask attention reference (spec §3): causal softmax attention with an additive per-key mask.
+
+Shapes: q (b, h, l, d); k, v (b, h_kv, l, d) with h % h_kv == 0 (GQA repeats k/v);
+mask_bias (b, h, l): the dynamic mask value m_{h,j} of each key j, added to every query's score.
+keep_window w: each query i keeps only the top-w keys of its prefix j <= i by m (ties to the nearest).
+segment_ids (b, l): optional document ids; a query never attends to another document.
+Softmax in float32 (float64 for float64 inputs); returns (b, h, l, d) in q's dtype.
+"""
+import math
+
+import torch
+
+
+def keep_window_mask(mask_bias: torch.Tensor, keep_window: int) -> torch.Tensor:
+    """(b, h, l) -> bool (b, h, l, l): [i, j] is True iff key j is among the top-w of prefix j <= i."""
+    l = mask_bias.shape[-1]
+    causal = torch.ones(l, l, dtype=torch.bool, device=mask_bias.device).tril()
+    rows = mask_bias.unsqueeze(-2).expand(*mask_bias.shape[:-1], l, l)
+    rows = rows.masked_fill(~causal, float("-inf"))
+    # A stable descending sort over reversed key order puts the nearest key first among ties.
+    order = torch.sort(rows.flip(-1), dim=-1, descending=True, stable=True).indices
+    top = (l - 1) - order[..., : min(keep_window, l)]
+    keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, top, True)
+    return keep & causal
+
+
+def allowed_mask(mask_bias, keep_window=None, segment_ids=None):
+    """Boolean (b or 1, h or 1, l, l) of the key positions each query may attend to."""
+    l = mask_bias.shape[-1]
+    allowed = torch.ones(l, l, dtype=torch.bool, device=mask_bias.device).tril()[None, None]
+    if keep_window is not None:
+        allowed = allowed & keep_window_mask(mask_bias, keep_window)
+    if segment_ids is not None:
+        same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = allowed & same_doc[:, None]
+    return allowed
+
+
+def dmattn_ref(q, k, v, mask_bias, keep_window=None, segment_ids=None):
+    b, h, l, d = q.shape
+    h_kv = k.shape[1]
+    if h % h_kv:
+        raise ValueError(f"query heads {h} not divisible by key/value heads {h_kv}")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rep = h // h_kv
+    kf = k.to(dtype).repeat_interleave(rep, dim=1)
+    vf = v.to(dtype).repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(dtype), kf) / math.sqrt(d)
+    scores = scores + mask_bias.to(dtype)[:, :, None, :]
+    scores = scores.masked_fill(~allowed_mask(mask_bias, keep_window, segment_ids), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", probs, vf).to(q.dtype)
