@@ -50,3 +50,20 @@ def dmattn_ref(q, k, v, mask_bias, keep_window=None, segment_ids=None):
     scores = scores.masked_fill(~allowed_mask(mask_bias, keep_window, segment_ids), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhij,bhjd->bhid", probs, vf).to(q.dtype)
+
+
+def dmattn_decode_ref(q, k, v, mask_bias, keep_window=None):
+    """The last query against all cached keys (cached decode). q (b, h, 1, d); k, v (b, h_kv, t, d);
+    mask_bias (b, h, t). Equals the last row of dmattn_ref over the whole sequence."""
+    d = q.shape[-1]
+    rep = q.shape[1] // k.shape[1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(dtype).repeat_interleave(rep, dim=1)
+    vf = v.to(dtype).repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(dtype), kf) / math.sqrt(d) + mask_bias.to(dtype)[:, :, None, :]
+    t = mask_bias.shape[-1]
+    if keep_window is not None and keep_window < t:
+        order = torch.sort(mask_bias.flip(-1), dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(mask_bias, dtype=torch.bool).scatter_(-1, (t - 1) - order[..., :keep_window], True)
+        scores = scores.masked_fill(~keep[:, :, None, :], float("-inf"))
+    return torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), vf).to(q.dtype)

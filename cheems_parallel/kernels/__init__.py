@@ -1,0 +1,1 @@
+"""Triton kernels (each imported by its own module path; this package imports nothing)."""

@@ -1,0 +1,70 @@
+"""Feed-forward layers: the SwiGLU MLP and CDMoE (spec §4), tensor parallel.
+
+In/out: u (l, b, D) residual-stream layout. SwiGLU: W_down(silu(W_gate u) * W_up u), width split over TP.
+CDMoE = the shared SwiGLU + private one-neuron experts found by product keys. The expert tables
+(E, D) are split by rows over the TP group (expert parallel = TP): each rank adds the experts it owns,
+and the partial outputs are summed with one all-reduce (or reduce-scatter under SP).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .retrieval import ProductKeyRetrieval, gather_local_rows
+from .tp import linear_out, normal_init, sharded_parameter, tp_rank, tp_size
+
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.tp = tp
+        self.gate_proj = tp.column(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
+        self.up_proj = tp.column(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
+        self.down_proj = tp.row(cfg.intermediate_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+
+    def forward(self, u, u_full=None):
+        u_full = self.tp.enter_tp(u) if u_full is None else u_full
+        hidden = F.silu(linear_out(self.gate_proj, u_full)) * linear_out(self.up_proj, u_full)
+        return linear_out(self.down_proj, hidden)
+
+
+class CDMoE(torch.nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.tp = tp
+        self.num_experts = cfg.num_experts
+        self.load_balance_coef = cfg.load_balance_coef
+        self.shared = SwiGLU(cfg, tp)
+        self.retrieval = ProductKeyRetrieval(cfg.hidden_size, cfg.num_experts, cfg.expert_retrieval_heads,
+                                             cfg.experts_per_head, cfg.expert_retrieval_dim, cfg.init_std, tp)
+        self.down_embed = sharded_parameter((cfg.num_experts, cfg.hidden_size), 0, normal_init(cfg.init_std))
+        self.up_embed = sharded_parameter((cfg.num_experts, cfg.hidden_size), 0, normal_init(cfg.init_std))
+        self.row_start = tp_rank() * (cfg.num_experts // tp_size())
+
+    def forward(self, u):
+        """Returns (output (l, b, D), stats) with stats = expert ids and weights for metrics/aux loss."""
+        u_full = self.tp.enter_tp(u)
+        shared = self.shared(u, u_full)
+        u_private = self.tp.replicated_param(u_full)
+        weights, ids = self.retrieval(u_private)                                    # (l, b, H_x, k)
+        down = gather_local_rows(self.down_embed, ids, self.row_start)              # (l, b, H_x, k, D)
+        up = gather_local_rows(self.up_embed, ids, self.row_start)
+        activation = F.silu(torch.einsum("lbd,lbhkd->lbhk", u_private, down)) * weights
+        private = torch.einsum("lbhk,lbhkd->lbd", activation, up)
+        return shared + self.tp.exit_tp(private), (ids, weights)
+
+    def load_balance_loss(self, ids, weights):
+        """E * sum_e usage_e^2 with usage the mean softmax weight routed to each expert: 1 when uniform."""
+        usage = torch.zeros(self.num_experts, dtype=torch.float32, device=weights.device)
+        usage = usage.index_add(0, ids.flatten(), weights.float().flatten())
+        usage = usage / usage.sum().clamp_min(1e-9)
+        return self.num_experts * (usage * usage).sum()
+
+
+@torch.no_grad()
+def expert_usage(ids, num_experts):
+    """Fraction of experts hit in this batch and the usage entropy normalised by log(E) (1 = uniform)."""
+    counts = torch.bincount(ids.flatten(), minlength=num_experts).float()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum() / math.log(num_experts)
+    return (counts > 0).float().mean(), entropy
