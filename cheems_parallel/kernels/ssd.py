@@ -27,7 +27,7 @@ RoPE is applied on load (fp32) and un-applied on the gradients of B~ and C~; n i
 rotate-half halves throughout, so every C~.B~ product is the sum of two half products.
 """
 import logging
-import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,7 @@ def _state_fwd_kernel(
     sb_b, sb_l, sb_h, sb_n,
     sc_b, sc_l, sc_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -141,7 +141,7 @@ def _state_fwd_kernel(
     mask_p = offs_p < P
     mask_nh = offs_nh < NH
     mask_pn = mask_p[:, None] & mask_nh[None, :]
-    dtype = x_ptr.dtype.element_ty
+    dtype = DOT_DTYPE
 
     # state tile offsets inside one (p, n) matrix; the two halves sit NH columns apart
     pn_offs = offs_p[:, None] * N + offs_nh[None, :]
@@ -198,7 +198,7 @@ def _chunk_fwd_kernel(
     sc_b, sc_l, sc_n,
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     c = tl.program_id(1)
@@ -206,7 +206,7 @@ def _chunk_fwd_kernel(
     bi = pid_bh // H
     hi = pid_bh % H
     N = 2 * NH
-    dtype = x_ptr.dtype.element_ty
+    dtype = DOT_DTYPE
     chunk_start = c * T
     offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
@@ -268,7 +268,7 @@ def _state_bwd_kernel(
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dstates[c] = d loss / d (state leaving chunk c); walks the chunks backwards."""
     pid_pn = tl.program_id(0)
@@ -285,7 +285,7 @@ def _state_bwd_kernel(
     mask_p = offs_p < P
     mask_nh = offs_nh < NH
     mask_pn = mask_p[:, None] & mask_nh[None, :]
-    dtype = dy_ptr.dtype.element_ty
+    dtype = DOT_DTYPE
     pn_offs = offs_p[:, None] * N + offs_nh[None, :]
     head_pn = (bi * H + hi).to(tl.int64) * P * N
     if HAS_DFINAL:
@@ -339,7 +339,7 @@ def _chunk_bwd_kernel(
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """One chunk of one head: every gradient that lives on the chunk's tokens.
 
@@ -353,7 +353,7 @@ def _chunk_bwd_kernel(
     bi = pid_bh // H
     hi = pid_bh % H
     N = 2 * NH
-    dtype = x_ptr.dtype.element_ty
+    dtype = DOT_DTYPE
     chunk_start = c * T
     offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
@@ -471,6 +471,14 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _dot_dtype(dtype):
+    """Operand type of the tensor-core products: the input's, except under TRITON_INTERPRET=1, whose
+    bf16/fp16 dot is wrong (environment.md), so the interpreter multiplies in float32."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 def _rope_args(cos, sin, fallback):
     """Pointers and (b, l, n) strides of the tables; a dummy pointer with zero strides when RoPE is off."""
     if cos is None:
@@ -489,6 +497,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
     seq_arg = seq if seq is not None else dt
     precision = _dot_precision(x.dtype)
+    dot_dtype = _dot_dtype(x.dtype)
 
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
@@ -499,7 +508,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_INIT=initial_state is not None, DOT_PREC=precision,
+        HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
         num_warps=config["state_warps"], num_stages=config["state_stages"])
 
     block_p = min(config["fwd_block_p"], _next_pow2(head_dim))
@@ -509,7 +518,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_D=D is not None, DOT_PREC=precision,
+        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
         num_warps=config["fwd_warps"], num_stages=config["fwd_stages"])
     return y, final, states
 
@@ -524,6 +533,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
     seq_arg = seq if seq is not None else dt
     precision = _dot_precision(x.dtype)
+    dot_dtype = _dot_dtype(x.dtype)
 
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
@@ -533,7 +543,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_DFINAL=dfinal is not None, DOT_PREC=precision,
+        HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
         num_warps=config["state_warps"], num_stages=config["state_stages"])
 
     dx = torch.empty_like(x)
@@ -549,7 +559,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_D=D is not None, DOT_PREC=precision,
+        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
     dD = dD_partial.sum(dim=(0, 1)) if D is not None else None
     return dx, dB, dC, ddt, dg, dD, dinit
@@ -567,7 +577,6 @@ class _SSDChunkedFunction(torch.autograd.Function):
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.mark_non_differentiable(states) if False else None
         return y, final
 
     @staticmethod
@@ -629,7 +638,8 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     seq = None
     if seq_idx is not None:
         # padding continues the last document, so it never resets the final state
-        seq = F.pad(seq_idx.to(torch.int32)[:, None], (0, pad), mode="replicate")[:, 0].contiguous()
+        seq = seq_idx.to(torch.int32)
+        seq = torch.cat([seq, seq[:, -1:].expand(batch, pad)], dim=1).contiguous()
     if cos is not None:
         cos = cos.float().contiguous()
         sin = sin.float().contiguous()
