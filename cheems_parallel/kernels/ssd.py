@@ -62,13 +62,28 @@ def _load_halves(base_ptr, stride_t, stride_n, offs_t, offs_nh, mask_t, mask_nh,
 
 
 @triton.jit
-def _load_rotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
+def _load_rope(cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH):
+    """cos and sin of a (T, n) tile, each as its two halves (the tables need not repeat across halves)."""
+    cos1, cos2 = _load_halves(cos_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
+    sin1, sin2 = _load_halves(sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def _maybe_load_rope(cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH,
+                     ROPE: tl.constexpr):
+    if ROPE:
+        return _load_rope(cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
+    else:
+        return 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _load_rotated(base_ptr, stride_t, stride_n, cos1, cos2, sin1, sin2,
                   offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr):
     """rope(v) = v*cos + rotate_half(v)*sin on a tile, split in halves: (v1 c1 - v2 s1, v2 c2 + v1 s2)."""
     first, second = _load_halves(base_ptr, stride_t, stride_n, offs_t, offs_nh, mask_t, mask_nh, NH)
     if ROPE:
-        cos1, cos2 = _load_halves(cos_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
-        sin1, sin2 = _load_halves(sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
         rotated_first = first * cos1 - second * sin1
         rotated_second = second * cos2 + first * sin2
         return rotated_first, rotated_second
@@ -81,8 +96,7 @@ def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, 
                      grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr):
     """Gradient of rope's input from the gradient of its output: the transpose (inverse) rotation."""
     if ROPE:
-        cos1, cos2 = _load_halves(cos_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
-        sin1, sin2 = _load_halves(sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
+        cos1, cos2, sin1, sin2 = _load_rope(cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
         out_first = grad_first * cos1 + grad_second * sin2
         out_second = grad_second * cos2 - grad_first * sin1
     else:
@@ -178,9 +192,10 @@ def _state_fwd_kernel(
         x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         xw = (x * weight[:, None]).to(dtype)
-        b_first, b_second = _load_rotated(b_base + chunk_start * sb_l, sb_l, sb_n,
-                                          cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
-                                          sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
+                                                  sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        b_first, b_second = _load_rotated(b_base + chunk_start * sb_l, sb_l, sb_n, cos1, cos2, sin1, sin2,
+                                          offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
         state_first = state_first * chunk_decay + tl.dot(tl.trans(xw), b_first.to(dtype), input_precision=DOT_PREC)
         state_second = state_second * chunk_decay + tl.dot(tl.trans(xw), b_second.to(dtype), input_precision=DOT_PREC)
 
@@ -223,12 +238,11 @@ def _chunk_fwd_kernel(
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos_base, sin_base, sc_l, sc_n,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos_base, sin_base, sc_l, sc_n,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first = c_first.to(dtype)
     c_second = c_second.to(dtype)
     scores = tl.dot(c_first, tl.trans(b_first.to(dtype)), input_precision=DOT_PREC)
@@ -318,9 +332,10 @@ def _state_bwd_kernel(
         dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         dy_into = (dy * into[:, None]).to(dtype)
-        c_first, c_second = _load_rotated(c_base + chunk_start * scc_l, scc_l, scc_n,
-                                          cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
-                                          sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
+                                                  sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        c_first, c_second = _load_rotated(c_base + chunk_start * scc_l, scc_l, scc_n, cos1, cos2, sin1, sin2,
+                                          offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
         grad_first = grad_first * chunk_decay + tl.dot(tl.trans(dy_into), c_first.to(dtype), input_precision=DOT_PREC)
         grad_second = grad_second * chunk_decay + tl.dot(tl.trans(dy_into), c_second.to(dtype), input_precision=DOT_PREC)
 
@@ -373,12 +388,11 @@ def _chunk_bwd_kernel(
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos_base, sin_base, sc_l, sc_n,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos_base, sin_base, sc_l, sc_n,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     q_first = c_first.to(dtype)
     q_second = c_second.to(dtype)
     k_first = b_first.to(dtype)

@@ -30,7 +30,9 @@ class ProductKeyRetrieval(torch.nn.Module):
         query = torch.nn.functional.linear(u, self.tp.replicated_param(self.query))
         query = query.view(*u.shape[:-1], self.num_heads, self.retrieval_dim)
         scores, ids = product_key_topk(query, self.tp.replicated_param(self.keys), self.topk)
-        return torch.softmax(scores.float(), dim=-1).to(u.dtype), ids
+        # softmax in at least float32 (bf16 scores would round the weights)
+        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+        return weights.to(u.dtype), ids
 
 
 def gather_local_rows(table, ids, row_start):

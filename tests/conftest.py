@@ -1,0 +1,27 @@
+"""Shared fixtures: a one-process gloo group with megatron-core parallel_state (TP=1) for model tests."""
+import os
+import socket
+
+import pytest
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    import torch.distributed as dist
+
+    from cheems_parallel.config import ParallelConfig
+    from cheems_parallel.parallel import initialize_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    initialize_parallel(ParallelConfig())
+    yield
