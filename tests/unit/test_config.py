@@ -43,7 +43,7 @@ def test_unknown_key_and_wrong_type(tmp_path):
 
 def test_yaml_error_names_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml:3: invalid YAML"):
-        load_model_config(write(tmp_path, "model:\n  num_layers: 8\n  bad: [1, 2\n"))
+        load_model_config(write(tmp_path, "model:\n  num_layers: 8\n  bad: c: d\n"))
 
 
 def test_overrides_apply_and_validate(tmp_path):
