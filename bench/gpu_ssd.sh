@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One call on the lent H200 (the device tool runs it from the repo root, with .gpu_wheels carried):
+# the GPU correctness grid for the SSD kernels, then bench/ssd.py; logs and the JSON go to $OUT.
+# Example: bash bench/gpu_ssd.sh --lengths 1024 2048 4096 8192 16384
+# .gpu_wheels/ holds mamba_ssm-2.2.4-py3-none-any.whl built here with
+#   MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip wheel --no-deps --no-build-isolation mamba_ssm-2.2.4.tar.gz
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/ssd_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/mamba_ssm-*.whl || exit 1
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+  .gpu_wheels/pytest-*.whl .gpu_wheels/pluggy-*.whl .gpu_wheels/iniconfig-*.whl
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
+start=$(date +%s)
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$? in $(( $(date +%s) - start )) s"
+  grep -E "^shape|passed|failed|Error|error" "$OUT/gpu_tests.log" | head -30
+fi
+python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | tail -60
+cp bench/results/ssd_h200.json "$OUT/" 2>/dev/null
+echo "total $(( $(date +%s) - start )) s"
