@@ -1,0 +1,215 @@
+"""Atomic DeepSpeed checkpoints: keep the last K, resume from the newest valid one.
+
+Layout of `checkpoint.dir`:
+    step_00000200/            one completed checkpoint (a DeepSpeed tag directory)
+        mp_rank_00_model_states.pt, *optim_states.pt ...   written by engine.save_checkpoint
+        rng_rank00000.pt ...  python / numpy / torch / cuda RNG states of every rank
+        meta.json             written last inside the folder: step, consumed samples, layout, and
+                              every file's size (a checkpoint whose files disagree is "broken")
+    step_00000300.tmp/        a save in progress (or one killed mid-way): never read, removed later
+    latest                    the newest completed tag (DeepSpeed's own convention), replaced last
+
+A save: every rank writes into `<tag>.tmp` through the engine (model, ZeRO optimizer partitions,
+LR scheduler, client state = data position) and its RNG file; after a barrier rank 0 writes
+meta.json, fsyncs, renames `<tag>.tmp` -> `<tag>`, fsyncs the directory, then replaces `latest`
+(write + rename) and deletes checkpoints beyond the last K. Killing any process at any moment leaves
+either the previous checkpoint set or the new one, never a half-written folder under a final name.
+The directory must be on a filesystem all ranks share (as DeepSpeed's own checkpoints assume).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+META_FILE = "meta.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint a user pointed at cannot be used; one-line message."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    # Directories need an fsync too, or a rename may not survive a power loss.
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_path(path.parent)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint, else why not (one line)."""
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        return f"{path}: no {META_FILE} (the save did not finish)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{meta_path}: unreadable"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{path}: {name} is missing"
+        if file.stat().st_size != size:
+            return f"{path}: {name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / META_FILE).read_text(encoding="utf-8"))
+
+
+def completed_checkpoints(directory: Path) -> list[Path]:
+    """Completed-looking checkpoint folders, newest step first (validity is checked separately)."""
+    if not directory.is_dir():
+        return []
+    found = [child for child in directory.iterdir() if child.is_dir() and TAG_PATTERN.match(child.name)]
+    return sorted(found, key=lambda child: int(TAG_PATTERN.match(child.name).group(1)), reverse=True)
+
+
+def newest_valid_checkpoint(directory: Path) -> Path | None:
+    for candidate in completed_checkpoints(directory):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("skipping broken checkpoint: %s", problem)
+    return None
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int, pause_in_save_seconds: float = 0.0):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.pause_in_save_seconds = pause_in_save_seconds
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict, layout: dict) -> Path:
+        tag = tag_for_step(step)
+        final = self.directory / tag
+        temporary = self.directory / (tag + ".tmp")
+        rank = dist.get_rank()
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if temporary.exists():  # a save killed earlier at this very step
+                shutil.rmtree(temporary)
+        dist.barrier()
+        engine.save_checkpoint(str(self.directory), tag=temporary.name, client_state=client_state,
+                               save_latest=False)
+        torch.save(rng_state(), temporary / f"rng_rank{rank:05d}.pt")
+        dist.barrier()
+        if rank == 0:
+            self._commit(temporary, final, step, client_state, layout)
+        dist.barrier()
+        return final
+
+    def _commit(self, temporary: Path, final: Path, step: int, client_state: dict, layout: dict) -> None:
+        if self.pause_in_save_seconds:
+            logger.warning("debug.pause_in_save_seconds: pausing %.1f s inside the save of %s",
+                           self.pause_in_save_seconds, final.name)
+            time.sleep(self.pause_in_save_seconds)
+        files = {}
+        for file in sorted(temporary.rglob("*")):
+            if file.is_file():
+                _fsync_path(file)
+                files[str(file.relative_to(temporary))] = file.stat().st_size
+        meta = {"step": step, "consumed_samples": client_state.get("consumed_samples"),
+                "layout": layout, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+        _write_atomically(temporary / META_FILE, json.dumps(meta, indent=1))
+        if final.exists():  # the same step saved again (e.g. at exit right after an interval save)
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync_path(self.directory)
+        _write_atomically(self.directory / "latest", final.name)
+        self._prune()
+
+    def _prune(self) -> None:
+        for old in completed_checkpoints(self.directory)[self.keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.directory.glob("step_*.tmp"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    # -- loading --------------------------------------------------------------------------------
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint folder to resume from ('auto' = newest valid), agreed by every rank."""
+        if resume is None:
+            return None
+        choice = [None]
+        if dist.get_rank() == 0:
+            if resume == "auto":
+                found = newest_valid_checkpoint(self.directory)
+                if found is None:
+                    logger.info("resume auto: no checkpoint in %s, starting from scratch", self.directory)
+                choice[0] = str(found) if found else None
+            else:
+                path = Path(resume)
+                problem = checkpoint_problem(path)
+                choice[0] = f"error:{problem}" if problem else str(path)
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is not None and choice[0].startswith("error:"):
+            raise CheckpointError(f"checkpoint.resume: {choice[0][len('error:'):]}")
+        return Path(choice[0]) if choice[0] else None
+
+    def load(self, engine, path: Path, layout: dict) -> dict:
+        """Restore engine (model, optimizer, scheduler) and RNG; return the client state."""
+        meta = read_meta(path)
+        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                         load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+        rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
+        if meta.get("layout") == layout and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            logger.warning("%s was saved with layout %s, now %s: RNG states not restored",
+                           path, meta.get("layout"), layout)
+        return client_state or {}
