@@ -165,11 +165,12 @@ def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, c
         segment = tl.load(segment_base + cols, mask=col_valid, other=-1)
         scores = tl.where(segment[None, :] == row_segment[:, None], scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
+    shift = new_max
     if HAS_WINDOW or HAS_SEGMENTS:
         # A row that has kept nothing so far has max -inf; shift by 0 instead of producing NaN.
-        new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    probs = tl.math.exp2(scores - new_max[:, None])
-    correction = tl.math.exp2(row_max - new_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.math.exp2(scores - shift[:, None])
+    correction = tl.math.exp2(row_max - shift)
     row_sum = row_sum * correction + tl.sum(probs, 1)
     value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :], mask=col_valid[:, None], other=0.0)
     acc = acc * correction[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)

@@ -10,10 +10,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron.core.tensor_parallel import scatter_to_tensor_model_parallel_region
+
 from ..ops.dmattn import dmattn_decode_ref, dmattn_ref
 from ..ops.rope import apply_rope
 from .retrieval import ProductKeyRetrieval
-from .tp import linear_out, normal_init, sharded_parameter, tp_rank, tp_size
+from .tp import linear_out, normal_init, sharded_parameter, tp_size
 
 
 class DMAttention(torch.nn.Module):
@@ -53,7 +55,8 @@ class DMAttention(torch.nn.Module):
             v_flat = v_flat * torch.einsum("lbhk,lbhkc->lbc", weights, rows)
         v = v_flat.view(l, b, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         mask_logits = linear_out(self.mask_proj, v_flat)                              # (l, b, H) all heads
-        mask_logits = mask_logits[..., tp_rank() * self.num_heads:(tp_rank() + 1) * self.num_heads]
+        if tp_size() > 1:  # keep this rank's heads; the backward all-gathers every head's gradient
+            mask_logits = scatter_to_tensor_model_parallel_region(mask_logits)
         mask = torch.exp(self.mask_scale.float() * F.softplus(mask_logits.float())).permute(1, 2, 0)  # (b, h, l)
         cos_h, sin_h = cos[:, None], sin[:, None]
         return apply_rope(q, cos_h, sin_h), apply_rope(k, cos_h, sin_h), v, mask

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
 from .retrieval import ProductKeyRetrieval, gather_local_rows
 from .tp import linear_out, normal_init, sharded_parameter, tp_rank, tp_size
 
@@ -54,11 +56,19 @@ class CDMoE(torch.nn.Module):
         return shared + self.tp.exit_tp(private), (ids, weights)
 
     def load_balance_loss(self, ids, weights):
-        """E * sum_e usage_e^2 with usage the mean softmax weight routed to each expert: 1 when uniform."""
-        usage = torch.zeros(self.num_experts, dtype=torch.float32, device=weights.device)
-        usage = usage.index_add(0, ids.flatten(), weights.float().flatten())
-        usage = usage / usage.sum().clamp_min(1e-9)
-        return self.num_experts * (usage * usage).sum()
+        """E * sum_e usage_e^2, usage_e = share of the softmax weight routed to expert e: 1 when uniform.
+
+        Each TP rank sums over the experts it owns and the partial sums are all-reduced, so the gradient
+        each rank sends back through the (replicated) retrieval is its own part, as for the output.
+        """
+        local = ids - self.row_start
+        owned = (local >= 0) & (local < self.down_embed.shape[0])
+        usage = torch.zeros(self.down_embed.shape[0], dtype=torch.float32, device=weights.device)
+        usage = usage.index_add(0, local.clamp(0, self.down_embed.shape[0] - 1).flatten(),
+                                (weights.float() * owned).flatten())
+        usage = usage / ids[..., 0].numel()          # each token-head's weights sum to 1
+        partial = self.num_experts * (usage * usage).sum()
+        return reduce_from_tensor_model_parallel_region(partial) if tp_size() > 1 else partial
 
 
 @torch.no_grad()
