@@ -17,7 +17,7 @@ from .config import OptimizerConfig, ScheduleConfig
 
 def lr_multiplier(step: int, total_steps: int, schedule: ScheduleConfig, optimizer: OptimizerConfig) -> float:
     floor = optimizer.min_lr / optimizer.lr
-    warmup = schedule.warmup_steps
+    warmup = min(schedule.warmup_steps, total_steps)  # a short test run warms up over all its steps
     if step < warmup:
         # (step + 1) so that the first update already moves: lr = lr/warmup at step 0, lr at step warmup-1.
         return (step + 1) / warmup
