@@ -67,15 +67,19 @@ def run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window=None, 
     return errors
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind", [
-    (2, 4, 4, 1024, 128, None, None, "random"),     # the benchmark's head shape
-    (1, 8, 2, 1000, 128, None, None, "random"),     # GQA 4:1, partial tiles
-    (2, 4, 2, 777, 64, None, None, "random"),       # smaller head dim
-    (1, 4, 4, 1024, 128, 128, None, "random"),      # keep-window w = l/8, random mask (little skipping)
-    (1, 4, 2, 1536, 128, 192, None, "clustered"),   # keep-window w = l/8, clustered mask (heavy skipping)
-    (2, 4, 4, 1024, 128, None, 4, "random"),        # document masking
-    (1, 4, 4, 1024, 128, 200, 3, "recency"),        # both
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind", [
+    (BF16, 2, 4, 4, 1024, 128, None, None, "random"),     # the benchmark's head shape
+    (BF16, 1, 8, 2, 1000, 128, None, None, "random"),     # GQA 4:1, partial tiles
+    (BF16, 2, 4, 2, 777, 64, None, None, "random"),       # smaller head dim
+    (BF16, 1, 4, 4, 1024, 128, 128, None, "random"),      # keep-window w = l/8, random mask (little skipping)
+    (BF16, 1, 4, 2, 1536, 128, 192, None, "clustered"),   # keep-window w = l/8, clustered mask (heavy skipping)
+    (BF16, 2, 4, 4, 1024, 128, None, 4, "random"),        # document masking
+    (BF16, 1, 4, 4, 1024, 128, 200, 3, "recency"),        # both
+    (FP32, 1, 8, 2, 1000, 128, None, None, "random"),     # float32 (ieee dots): tight
+    (FP32, 1, 4, 4, 1024, 128, 200, 3, "recency"),
 ])
 def test_matches_reference_on_gpu(dtype, batch, heads, kv_heads, length, head_dim, keep_window, num_documents,
                                   mask_kind):

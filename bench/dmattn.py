@@ -1,0 +1,409 @@
+"""Benchmark: fused DMAttn (cheems_parallel.kernels.dmattn) against the attention it must keep up with.
+
+Same run, same inputs, per length l with b·l tokens fixed: our kernel with a learnable per-key bias; cuDNN
+causal SDPA without any mask (the ceiling); FlexAttention with the same learnable per-key bias; SDPA with
+the bias materialised as a dense (b, h, l, l) mask; and our kernel with the keep-window w = l/8 on a
+clustered mask (high values in runs of 256 keys, where block skipping works) and on an i.i.d. random mask
+(where it cannot), timed with its torch pre-pass included. Forward and forward+backward are timed with
+`triton.testing.do_bench` (median, L2 flushed). TFLOP/s use the causal count for every method: forward
+2·b·h·l²·d (two matmuls over half the square), forward+backward 3.5x that. The keep-window rows use the
+same count, so they read as "effective" throughput; their speedup column is time(full causal)/time(w).
+
+Writes a JSON (per l: fwd / fwd_bwd / keep_window blocks with ratios, e.g. fwd_bwd.ratio_vs_cudnn) and
+prints a table. Needs CUDA.
+
+Example (one H200, about 4 minutes):
+  python bench/dmattn.py --tune --lengths 1024 2048 4096 8192 16384 --output bench/results/dmattn_h200.json
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+logger = logging.getLogger("bench.dmattn")
+
+# Tile candidates for --tune: (block_m, block_n, num_warps, num_stages); all compile without spills
+# (or nearly) for d = 128 bf16 on sm_90 (checked offline with ptxas; see bench/dmattn_notes.md).
+TUNE_CANDIDATES = {
+    "forward": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+    "key": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2)],
+    "query": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
+}
+CONFIG_NAMES = {"forward": "FORWARD_CONFIG", "key": "BACKWARD_KEY_CONFIG", "query": "BACKWARD_QUERY_CONFIG"}
+
+
+class BenchError(Exception):
+    """A problem the user can fix (arguments, machine); shown as one line, exit code 2."""
+
+
+def parse_arguments():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths l to time (each must divide --tokens)")
+    parser.add_argument("--tokens", type=int, default=65536, help="b·l, fixed across lengths")
+    parser.add_argument("--heads", type=int, default=16, help="query heads h")
+    parser.add_argument("--kv-heads", type=int, default=16, help="key/value heads h_kv (GQA when < h)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dimension d")
+    parser.add_argument("--keep-window-fraction", type=float, default=0.125, help="w = l · this for the keep-window rows")
+    parser.add_argument("--baselines", nargs="*", default=["cudnn", "flex", "sdpa_mask"],
+                        choices=["cudnn", "flex", "sdpa_mask"], help="anchors to time beside our kernel")
+    parser.add_argument("--max-mask-gib", type=float, default=20.0,
+                        help="skip the materialised-mask SDPA when its (b, h, l, l) mask would exceed this")
+    parser.add_argument("--tune", action="store_true", help="time the tile candidates at --tune-length first and "
+                        "use the fastest for each kernel")
+    parser.add_argument("--tune-length", type=int, default=4096, help="sequence length for --tune")
+    parser.add_argument("--precompile-workers", type=int, default=8,
+                        help="processes that compile the Triton variants in parallel before timing (0: none)")
+    parser.add_argument("--warmup-ms", type=float, default=30.0, help="do_bench warm-up per measurement (ms)")
+    parser.add_argument("--rep-ms", type=float, default=150.0, help="do_bench repetition time per measurement (ms)")
+    parser.add_argument("--time-budget-s", type=float, default=1e9,
+                        help="after this many seconds skip the remaining Flex/materialised-mask rows (recorded)")
+    parser.add_argument("--output", default="bench/results/dmattn_h200.json", help="JSON file to write")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of this script's logic at tiny sizes under TRITON_INTERPRET=1 "
+                             "(times meaningless; use with --baselines cudnn sdpa_mask and small --tokens)")
+    return parser.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and methods. Every method takes the same q, k, v (b, h, l, d) and fp32 bias (b, h, l).
+# ----------------------------------------------------------------------------------------------
+DEVICE = "cuda"
+
+
+def make_inputs(batch, heads, kv_heads, length, head_dim, mask_kind="random", seed=0):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE)
+
+    q = randn(batch, heads, length, head_dim).to(torch.bfloat16).requires_grad_()
+    k = randn(batch, kv_heads, length, head_dim).to(torch.bfloat16).requires_grad_()
+    v = randn(batch, kv_heads, length, head_dim).to(torch.bfloat16).requires_grad_()
+    if mask_kind == "clustered":  # runs of 256 keys share a level: what block skipping needs
+        levels = randn(batch, heads, length // 256 + 1).repeat_interleave(256, dim=-1)[..., :length]
+        bias = levels + 0.1 * randn(batch, heads, length)
+    else:
+        bias = randn(batch, heads, length)
+    return q, k, v, bias.requires_grad_()
+
+
+def ours(keep_window=None):
+    from cheems_parallel.kernels.dmattn import dmattn_fused
+
+    def run(q, k, v, bias):
+        return dmattn_fused(q, k, v, bias, keep_window=keep_window)
+    return run
+
+
+def cudnn_causal(q, k, v, bias):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def make_flex(length, bias):
+    """FlexAttention with the learnable per-key bias as a score_mod over a causal block mask; the bias
+    tensor is captured (Flex differentiates captured tensors), so `run` must be given this same bias."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(lambda b, h, q_index, kv_index: q_index >= kv_index, None, None, length, length,
+                                   device=DEVICE)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def score_mod(score, b, h, q_index, kv_index):
+        return score + bias[b, h, kv_index]
+
+    def run(q, k, v, bias_argument):
+        assert bias_argument is bias
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return run
+
+
+def make_sdpa_mask(length):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()
+    backend = SDPBackend.EFFICIENT_ATTENTION if DEVICE == "cuda" else SDPBackend.MATH
+
+    def run(q, k, v, bias):
+        mask = bias.to(q.dtype)[:, :, None, :].masked_fill(~causal, float("-inf"))  # (b, h, l, l) materialised
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return run
+
+
+def median_ms(function, warmup_ms, rep_ms):
+    if DEVICE == "cpu":  # smoke runs only: a wall clock over three calls
+        function()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
+    import triton.testing
+
+    return triton.testing.do_bench(function, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def time_method(method, inputs, warmup_ms, rep_ms):
+    """(forward ms, forward+backward ms), medians; the forward without autograd bookkeeping."""
+    grad_out = torch.randn_like(inputs[0])
+
+    def forward():
+        with torch.no_grad():
+            method(*inputs)
+
+    def forward_backward():
+        out = method(*inputs)
+        torch.autograd.grad(out, inputs, grad_out, allow_unused=True)  # cuDNN has no bias input
+
+    forward_backward()  # compile / autotune outside the timing
+    forward_ms = median_ms(forward, warmup_ms, rep_ms)
+    forward_backward_ms = median_ms(forward_backward, warmup_ms, rep_ms)
+    return forward_ms, forward_backward_ms
+
+
+def causal_flops(batch, heads, length, head_dim):
+    forward = 2.0 * batch * heads * length * length * head_dim
+    return forward, 3.5 * forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel precompilation and tuning.
+# ----------------------------------------------------------------------------------------------
+def set_configs(configs):
+    import cheems_parallel.kernels.dmattn as kernels
+
+    for kind, (block_m, block_n, num_warps, num_stages) in configs.items():
+        getattr(kernels, CONFIG_NAMES[kind]).update(
+            block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_variant(job):
+    """Worker: run forward+backward once on a small problem with the benchmark's specialisation, which
+    fills Triton's on-disk cache for the main process."""
+    configs, heads, kv_heads, head_dim, keep_window = job
+    set_configs(configs)
+    q, k, v, bias = make_inputs(1, heads, kv_heads, 1024, head_dim)
+    out = ours(keep_window)(q, k, v, bias)
+    torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+    torch.cuda.synchronize()
+    return True
+
+
+def precompile(jobs, workers):
+    if workers <= 0 or not jobs:
+        return
+    start = time.time()
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(compile_variant, jobs))
+    logger.info("precompiled %d variants in %.0f s", len(jobs), time.time() - start)
+
+
+def default_configs():
+    import cheems_parallel.kernels.dmattn as kernels
+
+    return {kind: tuple(getattr(kernels, name)[field] for field in ("block_m", "block_n", "num_warps", "num_stages"))
+            for kind, name in CONFIG_NAMES.items()}
+
+
+def tune(arguments, batch):
+    """One kernel varied at a time, the others at their defaults; returns the table of timings."""
+    base = default_configs()
+    inputs = make_inputs(batch, arguments.heads, arguments.kv_heads, arguments.tune_length, arguments.head_dim)
+    table = {}
+    for kind, candidates in TUNE_CANDIDATES.items():
+        timings = []
+        for candidate in candidates:
+            set_configs({**base, kind: candidate})
+            forward_ms, forward_backward_ms = time_method(ours(), inputs, arguments.warmup_ms, arguments.rep_ms)
+            measured = forward_ms if kind == "forward" else forward_backward_ms
+            timings.append({"config": list(candidate), "ms": measured})
+            logger.info("tune %-7s %-18s %.3f ms", kind, candidate, measured)
+        best = min(timings, key=lambda entry: entry["ms"])
+        base[kind] = tuple(best["config"])
+        table[kind] = {"candidates": timings, "chosen": best["config"]}
+    set_configs(base)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------------------------
+def run_benchmark(arguments):
+    global DEVICE
+    DEVICE = arguments.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise BenchError("bench/dmattn.py: --device cuda but no CUDA GPU is visible")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported, just below
+        arguments.precompile_workers = 0
+    for length in arguments.lengths:
+        if arguments.tokens % length:
+            raise BenchError(f"--lengths: {length} does not divide --tokens {arguments.tokens}")
+    if arguments.heads % arguments.kv_heads:
+        raise BenchError(f"--heads {arguments.heads} is not a multiple of --kv-heads {arguments.kv_heads}")
+    import triton
+
+    started = time.time()
+    heads, kv_heads, head_dim = arguments.heads, arguments.kv_heads, arguments.head_dim
+    import cheems_parallel.kernels.dmattn  # noqa: F401  (decorated now, interpreted on --device cpu)
+
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "triton": triton.__version__,
+              "shape": {"tokens": arguments.tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                        "dtype": "bfloat16", "mask_bias_dtype": "float32"},
+              "flops": "causal: forward 2*b*h*l^2*d, forward+backward 3.5x forward, for every method",
+              "keep_window_fraction": arguments.keep_window_fraction, "results": {}}
+
+    windows = sorted({max(1, int(length * arguments.keep_window_fraction)) for length in arguments.lengths})
+    jobs = []
+    if arguments.tune:
+        base = default_configs()
+        for kind, candidates in TUNE_CANDIDATES.items():
+            jobs += [({**base, kind: candidate}, heads, kv_heads, head_dim, None) for candidate in candidates]
+    precompile(jobs, arguments.precompile_workers)
+    if arguments.tune:
+        report["tuning"] = tune(arguments, arguments.tokens // arguments.tune_length)
+    report["configs"] = {kind: list(config) for kind, config in default_configs().items()}
+    # The keep-window variants (one compile each kernel, whatever w) with the chosen tiles.
+    precompile([(default_configs(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)
+
+    for length in arguments.lengths:
+        batch = arguments.tokens // length
+        forward_flops, forward_backward_flops = causal_flops(batch, heads, length, head_dim)
+        inputs = make_inputs(batch, heads, kv_heads, length, head_dim)
+        entry = {"batch": batch, "methods": {}}
+
+        def record(name, make_method, method_inputs=inputs, baseline=True):
+            """Times one method; a baseline that fails (memory, backend) is recorded as such, not fatal."""
+            try:
+                forward_ms, forward_backward_ms = time_method(make_method(), method_inputs, arguments.warmup_ms,
+                                                              arguments.rep_ms)
+            except (RuntimeError, torch.OutOfMemoryError) as error:
+                if not baseline:
+                    raise
+                entry["methods"][name] = {"failed": str(error).splitlines()[0][:300]}
+                logger.warning("l=%d %s failed: %s", length, name, entry["methods"][name]["failed"])
+                torch.cuda.empty_cache()
+                return
+            entry["methods"][name] = {
+                "fwd_ms": forward_ms, "fwd_tflops": forward_flops / forward_ms / 1e9,
+                "fwd_bwd_ms": forward_backward_ms, "fwd_bwd_tflops": forward_backward_flops / forward_backward_ms / 1e9}
+            logger.info("l=%d %-26s fwd %.3f ms (%.0f TFLOP/s)  fwd+bwd %.3f ms (%.0f TFLOP/s)", length, name,
+                        forward_ms, forward_flops / forward_ms / 1e9, forward_backward_ms,
+                        forward_backward_flops / forward_backward_ms / 1e9)
+
+        record("ours_bias", ours, baseline=False)
+        if "cudnn" in arguments.baselines:
+            record("cudnn_causal", lambda: cudnn_causal)
+        keep_window = max(1, int(length * arguments.keep_window_fraction))
+        for mask_kind in ("clustered", "random"):
+            kw_inputs = make_inputs(batch, heads, kv_heads, length, head_dim, mask_kind=mask_kind, seed=1)
+            record(f"ours_keep_window_{mask_kind}", lambda: ours(keep_window), kw_inputs, baseline=False)
+            from cheems_parallel.kernels.dmattn import keep_window_thresholds
+            prepass_ms = median_ms(lambda: keep_window_thresholds(kw_inputs[3], keep_window),
+                                   arguments.warmup_ms, arguments.rep_ms)
+            entry["methods"][f"ours_keep_window_{mask_kind}"]["prepass_ms"] = prepass_ms
+            del kw_inputs
+        if "flex" in arguments.baselines:
+            if time.time() - started > arguments.time_budget_s:
+                entry["methods"]["flex_bias"] = {"skipped": "time budget"}
+            else:
+                record("flex_bias", lambda: make_flex(length, inputs[3]))
+        if "sdpa_mask" in arguments.baselines:
+            mask_gib = batch * heads * length * length * 2 / 2**30
+            if mask_gib > arguments.max_mask_gib:
+                entry["methods"]["sdpa_mask"] = {"skipped": f"materialised mask would take {mask_gib:.0f} GiB "
+                                                            f"(> --max-mask-gib {arguments.max_mask_gib:g})"}
+            elif time.time() - started > arguments.time_budget_s:
+                entry["methods"]["sdpa_mask"] = {"skipped": "time budget"}
+            else:
+                record("sdpa_mask", lambda: make_sdpa_mask(length))
+        summarise(entry, keep_window)
+        report["results"][str(length)] = entry
+        del inputs
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        write_json(report, arguments.output + ".partial")
+    report["wall_s"] = time.time() - started
+    write_json(report, arguments.output)
+    os.remove(arguments.output + ".partial")
+    print_table(report)
+    return report
+
+
+def summarise(entry, keep_window):
+    methods = entry["methods"]
+    ours_entry = methods["ours_bias"]
+    for phase in ("fwd", "fwd_bwd"):
+        block = {"ours_tflops": ours_entry[f"{phase}_tflops"]}
+        for name, key in (("cudnn_causal", "cudnn"), ("flex_bias", "flex"), ("sdpa_mask", "sdpa_mask")):
+            if f"{phase}_tflops" in methods.get(name, {}):
+                block[f"{key}_tflops"] = methods[name][f"{phase}_tflops"]
+                block[f"ratio_vs_{key}"] = ours_entry[f"{phase}_tflops"] / methods[name][f"{phase}_tflops"]
+        entry[phase] = block
+    entry["keep_window"] = {"w": keep_window}
+    for mask_kind in ("clustered", "random"):
+        kw = methods[f"ours_keep_window_{mask_kind}"]
+        entry["keep_window"][mask_kind] = {
+            "fwd_speedup_vs_full": ours_entry["fwd_ms"] / kw["fwd_ms"],
+            "fwd_bwd_speedup_vs_full": ours_entry["fwd_bwd_ms"] / kw["fwd_bwd_ms"],
+            "prepass_ms": kw["prepass_ms"], "fwd_bwd_ms": kw["fwd_bwd_ms"]}
+
+
+def print_table(report):
+    header = (f"{'l':>6} {'b':>3} | {'fwd ours':>8} {'cuDNN':>6} {'flex':>6} {'ratio':>6} | {'f+b ours':>8} {'cuDNN':>6} "
+              f"{'flex':>6} {'mask':>6} {'ratio':>6} {'/flex':>6} | {'kw clu':>6} {'kw rnd':>6} {'pre ms':>7}")
+    print("TFLOP/s (causal count); ratio = ours / cuDNN causal without mask; kw = keep-window w=l/8 "
+          "fwd+bwd speedup over our full causal (clustered / random mask)")
+    print(header)
+
+    def cell(block, key, width=6, digits=0):
+        value = block.get(key)
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    for length, entry in report["results"].items():
+        fwd, both, kw = entry["fwd"], entry["fwd_bwd"], entry["keep_window"]
+        print(f"{length:>6} {entry['batch']:>3} | {cell(fwd, 'ours_tflops', 8)} {cell(fwd, 'cudnn_tflops')} "
+              f"{cell(fwd, 'flex_tflops')} {cell(fwd, 'ratio_vs_cudnn', 6, 2)} | {cell(both, 'ours_tflops', 8)} "
+              f"{cell(both, 'cudnn_tflops')} {cell(both, 'flex_tflops')} {cell(both, 'sdpa_mask_tflops')} "
+              f"{cell(both, 'ratio_vs_cudnn', 6, 2)} {cell(both, 'ratio_vs_flex', 6, 2)} | "
+              f"{cell(kw['clustered'], 'fwd_bwd_speedup_vs_full', 6, 2)} {cell(kw['random'], 'fwd_bwd_speedup_vs_full', 6, 2)} "
+              f"{cell(kw['clustered'], 'prepass_ms', 7, 2)}")
+
+
+def write_json(report, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    arguments = parse_arguments()
+    try:
+        run_benchmark(arguments)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
