@@ -30,6 +30,7 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import BatchLayout, PretrainConfig, deepspeed_config_dict
 from .data import build_loader, build_run_data, to_model_inputs
+from .distributed_env import discover_ranks
 from .metrics import MetricsLogger, peak_flops_per_device, peak_memory_gib, train_console_line
 from .optimizer import GuardedAdamW, parameter_groups
 from .schedule import build_scheduler
@@ -345,6 +346,7 @@ class Trainer:
 
 
 def run(config: PretrainConfig, batch: BatchLayout) -> int:
+    discover_ranks()  # RANK.. from torchrun/deepspeed, srun (SLURM_*) or MPI, before LOCAL_RANK picks the device
     trainer = Trainer(config, batch)
     try:
         trainer.setup()
