@@ -182,7 +182,11 @@ class _UnitReader:
             self.stats.bad_line_examples.append(f"{where}: {reason}")
 
     def _lines(self):
-        """(local line index, raw bytes) for the unit's lines, streaming."""
+        """(local line index, [raw bytes]) for the unit's lines, streaming.
+
+        The line comes in a one-element list that the consumer empties (`box.pop()`): a 100 MB
+        line is then referenced only by the consumer, which can drop it as soon as it is decoded,
+        instead of staying alive in this generator's frame."""
         unit = self.unit
         try:
             if unit.compressed:
@@ -199,7 +203,9 @@ class _UnitReader:
                 for local_line, raw in enumerate(stream):
                     consumed += len(raw)
                     self.stats.bytes_read += len(raw)
-                    yield local_line, raw
+                    box = [raw]
+                    del raw
+                    yield local_line, box
                     if limit is not None and consumed >= limit:
                         break
         except (gzip.BadGzipFile, EOFError, zlib.error) as error:
@@ -230,7 +236,8 @@ class _UnitReader:
 
     def _jsonl_documents(self):
         key = self.json_key
-        for local_line, raw in self._lines():
+        for local_line, box in self._lines():
+            raw = box.pop()
             if not raw.strip():
                 continue   # blank lines between records are not documents
             line = self._decode(local_line, raw)
@@ -260,8 +267,8 @@ class _UnitReader:
 
     def _block_documents(self):
         block = []
-        for local_line, raw in self._lines():
-            line = self._decode(local_line, raw)
+        for local_line, box in self._lines():
+            line = self._decode(local_line, box.pop())
             if line is None:
                 continue
             if line.strip():
@@ -279,8 +286,8 @@ class _UnitReader:
 
     def _file_documents(self):
         chunks = []
-        for local_line, raw in self._lines():
-            line = self._decode(local_line, raw)
+        for local_line, box in self._lines():
+            line = self._decode(local_line, box.pop())
             if line is not None:
                 chunks.append(line)
         text = "".join(chunks).rstrip("\n")
