@@ -274,11 +274,7 @@ class Trainer:
                 logger.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)", self.step,
                                "loss" if loss_bad else "grad norm", consecutive_bad, self.skipped_steps)
                 if consecutive_bad >= config.train.max_consecutive_nonfinite:
-                    good = self.last_saved or "none saved yet"
-                    logger.error("stopping: %d non-finite steps in a row (train.max_consecutive_nonfinite); "
-                                 "last good checkpoint: %s", consecutive_bad, good)
-                    exit_code = EXIT_NONFINITE
-                    break
+                    exit_code = EXIT_NONFINITE  # stop after this step's log line, saving nothing
             else:
                 consecutive_bad = 0
 
@@ -309,6 +305,11 @@ class Trainer:
                 self.metrics.console(train_console_line(self.step, total_steps, values, average_step))
                 interval_seconds, interval_steps = 0.0, 0
 
+            if exit_code == EXIT_NONFINITE:
+                good = self.last_saved or "none saved yet"
+                logger.error("stopping: %d non-finite steps in a row (train.max_consecutive_nonfinite); "
+                             "last good checkpoint: %s", consecutive_bad, good)
+                break
             if config.eval.interval and self.step % config.eval.interval == 0 and self.step < total_steps:
                 self.evaluate()
             if config.checkpoint.interval and self.step % config.checkpoint.interval == 0:

@@ -1,0 +1,229 @@
+"""The whole `python -m pretrain` program, launched as users launch it (python -m / torchrun, gloo on CPU).
+
+Data: a tokenizer and a shard built here from the standard library's docstrings (every machine has
+them). Model: cheems-tiny shrunk further by --set (hidden 64, 2 layers "SA", 64 CDMoE experts,
+vocab 512, sequence 64) so one launch takes seconds. Losses are read back from each run's
+metrics.jsonl (logged every step); the single-process fp32 run is the reference every layout must
+match: ZeRO 0-3 with two data-parallel ranks, tensor parallel 2, resume, preemption, crashes.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import checkpoint_problem, newest_valid_checkpoint
+
+pytestmark = pytest.mark.slow
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.vocab_size=512", "model.hidden_size=64", "model.num_layers=2", "model.layer_pattern=SA",
+    "model.num_heads=4", "model.intermediate_size=128", "model.ssd_chunk_size=32", "model.num_experts=64",
+    "model.expert_retrieval_heads=2", "model.experts_per_head=4", "model.expert_retrieval_dim=16",
+    "data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=8", "train.precision=fp32",
+    "train.zero_stage=0", "schedule.warmup_steps=3", "optimizer.lr=0.003", "logging.interval=1",
+    "logging.tensorboard=false", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
+    "checkpoint.save_at_exit=false",
+]
+STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def environment() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def pretrain_command(data: dict, run_dir: Path, ranks: int, extra: list[str]) -> list[str]:
+    if ranks == 1:
+        command = [sys.executable, "-m", "pretrain"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                   f"--master_port={free_port()}", "-m", "pretrain"]
+    command += ["--config", "configs/cheems-tiny.yaml"]
+    for override in TINY + [f"data.blend={data['prefix']}", f"data.tokenizer_model={data['tokenizer']}",
+                            f"logging.run_dir={run_dir}", f"train.steps={STEPS}"] + extra:
+        command += ["--set", override]
+    return command
+
+
+def run_pretrain(data: dict, run_dir: Path, ranks: int = 1, extra: list[str] = (), expect: int = 0):
+    completed = subprocess.run(pretrain_command(data, run_dir, ranks, list(extra)), cwd=REPOSITORY_ROOT,
+                               env=environment(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == expect, completed.stderr[-4000:]
+    return completed
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == "train"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [record["train/loss"] for record in train_records(run_dir)]
+
+
+def assert_close(actual: list[float], expected: list[float], relative: float) -> None:
+    assert len(actual) == len(expected)
+    for step, (a, e) in enumerate(zip(actual, expected), start=1):
+        assert abs(a - e) <= relative * abs(e), f"step {step}: {a} vs {e}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    from data_tools.corpus import write_stdlib_corpus
+
+    directory = tmp_path_factory.mktemp("pretrain_data")
+    corpus = directory / "stdlib.jsonl"
+    write_stdlib_corpus(str(corpus), max_bytes=400_000)
+    subprocess.run([sys.executable, "-m", "data_tools.train_tokenizer", "--input", str(corpus), "--vocab-size",
+                    "512", "--model-prefix", str(directory / "tok")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--input", str(corpus), "--output-prefix",
+                    str(directory / "stdlib"), "--tokenizer", str(directory / "tok.model"), "--workers", "1",
+                    "--append-eod", "--no-progress"], check=True, capture_output=True)
+    return {"prefix": str(directory / "stdlib"), "tokenizer": str(directory / "tok.model"), "dir": directory}
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> list[float]:
+    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8."""
+    run_dir = data["dir"] / "reference"
+    run_pretrain(data, run_dir)
+    values = losses(run_dir)
+    assert len(values) == STEPS
+    assert values[-1] < values[0] - 0.5, values  # it learns
+    return values
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, reference, zero_stage):
+    run_dir = data["dir"] / f"zero{zero_stage}"
+    # ZeRO-3 also runs with activation checkpointing: recomputation must not change the numbers.
+    extra = [f"train.zero_stage={zero_stage}"] + (["train.activation_checkpointing=true"] if zero_stage == 3 else [])
+    run_pretrain(data, run_dir, ranks=2, extra=extra)
+    assert_close(losses(run_dir), reference, relative=1e-5)
+
+
+def test_tensor_parallel_two_matches_one_process(data, reference):
+    run_dir = data["dir"] / "tp2"
+    run_pretrain(data, run_dir, ranks=2, extra=["parallel.tensor_parallel_size=2", "train.zero_stage=1"])
+    records = train_records(run_dir)
+    assert_close([record["train/loss"] for record in records], reference, relative=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(data):
+    """2N steps straight vs N steps, exit, resume to 2N: identical losses and grad norms (ZeRO-2, DP=2)."""
+    extra = ["train.zero_stage=2", "checkpoint.interval=2"]
+    straight, resumed = data["dir"] / "straight", data["dir"] / "resumed"
+    run_pretrain(data, straight, ranks=2, extra=extra)
+    run_pretrain(data, resumed, ranks=2, extra=extra + [f"train.exit_at_step={STEPS // 2}"])
+    assert [record["step"] for record in train_records(resumed)] == list(range(1, STEPS // 2 + 1))
+    completed = run_pretrain(data, resumed, ranks=2, extra=extra + ["checkpoint.resume=auto"])
+    assert f"step_{STEPS // 2:08d} at step {STEPS // 2}" in completed.stderr
+    expected, actual = train_records(straight), train_records(resumed)
+    assert [r["step"] for r in actual] == list(range(1, STEPS + 1))
+    assert [r["train/loss"] for r in actual] == [r["train/loss"] for r in expected]
+    assert [r["train/grad_norm"] for r in actual] == [r["train/grad_norm"] for r in expected]
+    assert [r["train/lr"] for r in actual] == [r["train/lr"] for r in expected]
+
+
+def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+def _worker_pids(launcher_pid: int) -> list[int]:
+    output = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in output.split()]
+
+
+def test_sigterm_saves_and_kill_during_save_keeps_the_previous_checkpoint(data):
+    run_dir = data["dir"] / "preempted"
+    checkpoints = run_dir / "checkpoints"
+    long_run = ["train.steps=500", "train.zero_stage=1", "schedule.warmup_steps=3"]
+
+    # (d) SIGTERM to every rank (what Slurm sends on preemption) mid-run: a checkpoint, exit 128 + 15.
+    process = subprocess.Popen(pretrain_command(data, run_dir, 2, long_run), cwd=REPOSITORY_ROOT,
+                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 120, process)
+    for pid in _worker_pids(process.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stderr, stderr[-3000:]
+    saved = newest_valid_checkpoint(checkpoints)
+    assert saved is not None and checkpoint_problem(saved) is None
+    stopped_at = int(saved.name.split("_")[1])
+    assert stopped_at >= 2
+
+    # (e) kill -9 while the next checkpoint is being written (paused just before its rename).
+    process = subprocess.Popen(
+        pretrain_command(data, run_dir, 2, long_run + ["checkpoint.resume=auto", "checkpoint.interval=1",
+                                                       "debug.pause_in_save_seconds=120"]),
+        cwd=REPOSITORY_ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    in_progress = checkpoints / f"step_{stopped_at + 1:08d}.tmp"
+    _wait_for(lambda: in_progress.is_dir() and any(in_progress.glob("rng_rank00001.pt")), 120, process)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert in_progress.is_dir()                       # the torn save is there, under its temporary name
+    assert not (checkpoints / f"step_{stopped_at + 1:08d}").exists()
+    assert (checkpoints / "latest").read_text() == saved.name
+    assert newest_valid_checkpoint(checkpoints) == saved
+
+    # The previous checkpoint loads: resume auto picks it and trains on.
+    completed = run_pretrain(data, run_dir, ranks=2, extra=long_run + [
+        "checkpoint.resume=auto", f"train.exit_at_step={stopped_at + 1}"])
+    assert f"resumed from {saved}" in completed.stderr
+    assert newest_valid_checkpoint(checkpoints).name == f"step_{stopped_at + 1:08d}"
+    assert not in_progress.exists()                   # cleaned up by the next completed save
+
+
+def test_nonfinite_losses_are_skipped_and_too_many_in_a_row_stop_the_run(data):
+    run_dir = data["dir"] / "nonfinite"
+    completed = run_pretrain(data, run_dir, extra=[
+        "debug.nonfinite_loss_at_steps=[2,4,5]", "train.max_consecutive_nonfinite=2", "checkpoint.interval=1"],
+        expect=3)
+    records = {record["step"]: record for record in train_records(run_dir)}
+    assert records[2]["train/skipped_steps"] == 1 and records[3]["train/skipped_steps"] == 1
+    assert records[5]["train/skipped_steps"] == 3 and 6 not in records
+    assert "last good checkpoint" in completed.stderr and "step_00000004" in completed.stderr
+
+
+CONFIG_ERRORS = {
+    "zero3_with_pipeline": (["train.zero_stage=3", "parallel.pipeline_parallel_size=2"], "cannot combine with parallel.pipeline_parallel_size"),
+    "global_batch_not_divisible": (["train.global_batch_size=7"], "train.global_batch_size=7 is not divisible"),
+    "unknown_key": (["train.learning_rate=1"], "unknown key 'train.learning_rate'"),
+    "missing_data": (["data.blend=/nonexistent/shard"], "/nonexistent/shard.bin does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+def test_config_errors_are_one_line_and_exit_2(data, tmp_path, case):
+    overrides, message = CONFIG_ERRORS[case]
+    completed = subprocess.run(pretrain_command(data, tmp_path / "run", 1, overrides), cwd=REPOSITORY_ROOT,
+                               env=environment(), capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: configs/cheems-tiny.yaml: "), completed.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "run").exists()           # nothing written before validation passed
