@@ -24,37 +24,27 @@ class CheemsBlock(torch.nn.Module):
         self.mixer_residual_scale = torch.nn.Parameter(torch.ones(cfg.hidden_size))
         self.ffn_residual_scale = torch.nn.Parameter(torch.ones(cfg.hidden_size))
 
-    def _mix(self, h, cos, sin, segment_ids, seq_idx):
-        if self.mixer_kind == "S":
-            return self.mixer(h, cos, sin, seq_idx)
-        return self.mixer(h, cos, sin, segment_ids)
-
     def _scaled(self, scale, h):
         return self.tp.sequence_param(scale).to(h.dtype) * h
 
-    def forward(self, h, cos, sin, segment_ids=None):
-        """Returns (h, ffn_stats); ffn_stats is (ids, weights) for CDMoE, else None."""
-        mixed = self._mix(self.mixer_norm(h), cos, sin, segment_ids, segment_ids)
-        h = self._scaled(self.mixer_residual_scale, h) + mixed
-        ffn_out = self.ffn(self.ffn_norm(h))
-        stats = None
+    def _feed_forward(self, h):
+        """The second residual half. Returns (h, ffn_stats); ffn_stats is (ids, weights) for CDMoE, else None."""
+        ffn_out, stats = self.ffn(self.ffn_norm(h)), None
         if isinstance(ffn_out, tuple):
             ffn_out, stats = ffn_out
         return self._scaled(self.ffn_residual_scale, h) + ffn_out, stats
 
+    def forward(self, h, cos, sin, segment_ids=None):
+        """h (l, b, D); segment_ids (b, l) document ids (document masking) or None. Returns (h, ffn_stats)."""
+        # SSD resets its state where the document id changes; attention masks other documents.
+        mixed = self.mixer(self.mixer_norm(h), cos, sin, segment_ids)
+        return self._feed_forward(self._scaled(self.mixer_residual_scale, h) + mixed)
+
     def prefill(self, h, cos, sin):
         """Full forward that also returns the decode cache (SSD state or KV cache)."""
-        mixed, cache = (self.mixer(self.mixer_norm(h), cos, sin, None, True))
-        h = self._scaled(self.mixer_residual_scale, h) + mixed
-        return self._finish(h), cache
+        mixed, cache = self.mixer(self.mixer_norm(h), cos, sin, None, True)
+        return self._feed_forward(self._scaled(self.mixer_residual_scale, h) + mixed)[0], cache
 
     def step(self, h, cos, sin, cache):
         mixed, cache = self.mixer.step(self.mixer_norm(h), cos, sin, cache)
-        h = self._scaled(self.mixer_residual_scale, h) + mixed
-        return self._finish(h), cache
-
-    def _finish(self, h):
-        ffn_out = self.ffn(self.ffn_norm(h))
-        if isinstance(ffn_out, tuple):
-            ffn_out = ffn_out[0]
-        return self._scaled(self.ffn_residual_scale, h) + ffn_out
+        return self._feed_forward(self._scaled(self.mixer_residual_scale, h) + mixed)[0], cache

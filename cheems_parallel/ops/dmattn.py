@@ -3,7 +3,8 @@
 Shapes: q (b, h, l, d); k, v (b, h_kv, l, d) with h % h_kv == 0 (GQA repeats k/v);
 mask_bias (b, h, l): the dynamic mask value m_{h,j} of each key j, added to every query's score.
 keep_window w: each query i keeps only the top-w keys of its prefix j <= i by m (ties to the nearest).
-segment_ids (b, l): optional document ids; a query never attends to another document.
+segment_ids (b, l): optional document ids; a query never attends to another document, and with
+keep_window its prefix is its own document's (the window ranks only keys it may attend to).
 Softmax in float32 (float64 for float64 inputs); returns (b, h, l, d) in q's dtype.
 """
 import math
@@ -11,28 +12,30 @@ import math
 import torch
 
 
-def keep_window_mask(mask_bias: torch.Tensor, keep_window: int) -> torch.Tensor:
-    """(b, h, l) -> bool (b, h, l, l): [i, j] is True iff key j is among the top-w of prefix j <= i."""
+def keep_window_mask(mask_bias: torch.Tensor, keep_window: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, h, l) -> bool (b, h, l, l): [i, j] is True iff key j is among the top-w allowed keys of query i.
+    `allowed` (broadcastable to (b, h, l, l)) is the causal (and same-document) mask; default causal."""
     l = mask_bias.shape[-1]
-    causal = torch.ones(l, l, dtype=torch.bool, device=mask_bias.device).tril()
+    if allowed is None:
+        allowed = torch.ones(l, l, dtype=torch.bool, device=mask_bias.device).tril()
     rows = mask_bias.unsqueeze(-2).expand(*mask_bias.shape[:-1], l, l)
-    rows = rows.masked_fill(~causal, float("-inf"))
+    rows = rows.masked_fill(~allowed, float("-inf"))
     # A stable descending sort over reversed key order puts the nearest key first among ties.
     order = torch.sort(rows.flip(-1), dim=-1, descending=True, stable=True).indices
     top = (l - 1) - order[..., : min(keep_window, l)]
     keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, top, True)
-    return keep & causal
+    return keep & allowed
 
 
 def allowed_mask(mask_bias, keep_window=None, segment_ids=None):
     """Boolean (b or 1, h or 1, l, l) of the key positions each query may attend to."""
     l = mask_bias.shape[-1]
     allowed = torch.ones(l, l, dtype=torch.bool, device=mask_bias.device).tril()[None, None]
-    if keep_window is not None:
-        allowed = allowed & keep_window_mask(mask_bias, keep_window)
     if segment_ids is not None:
         same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & same_doc[:, None]
+    if keep_window is not None:
+        allowed = keep_window_mask(mask_bias, keep_window, allowed)
     return allowed
 
 

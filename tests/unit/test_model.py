@@ -134,3 +134,14 @@ def test_cheems_320m_parameter_count_by_hand():
     per_layer_common = 3 * D * I + 4 * D                            # SwiGLU; two norms, two residual scales
     hand = V * D + D + 28 * (ssd_layer + per_layer_common) + 4 * (attn_layer + per_layer_common)
     assert parameter_counts(cfg)["total"] == hand == 369_493_696
+
+
+def test_document_masking_equals_separate_documents():
+    model = build(value_function="inner", keep_window=4, document_masking=True)
+    first, second = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 12))
+    packed = torch.cat([first, second], 1)
+    segments = torch.tensor([[0] * 7 + [1] * 12])
+    positions = torch.cat([torch.arange(7), torch.arange(12)])[None]
+    logits = model(packed, position_ids=positions, segment_ids=segments).logits
+    torch.testing.assert_close(logits[:, :7], model(first).logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logits[:, 7:], model(second).logits, rtol=1e-9, atol=1e-9)

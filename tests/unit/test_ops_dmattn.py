@@ -88,3 +88,13 @@ def test_decode_equals_last_row(window):
 def test_gradients_float64():
     inputs = [t.requires_grad_() for t in random_qkv(b=1, h=2, h_kv=1, l=6, d=4)]
     assert torch.autograd.gradcheck(lambda q, k, v, m: dmattn_ref(q, k, v, m, keep_window=3), inputs)
+
+
+def test_keep_window_ranks_only_the_own_document():
+    """With documents, a query's window is the top-w of its own document's prefix (never empty)."""
+    q, k, v, m = random_qkv(b=1, h=2, h_kv=1, l=10)
+    seg = torch.tensor([[0] * 4 + [1] * 6])
+    m[..., :4] += 10.0   # the first document's keys outrank every key of the second
+    out = dmattn_ref(q, k, v, m, keep_window=2, segment_ids=seg)
+    second = brute_force(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], m[:, :, 4:], 2)
+    torch.testing.assert_close(out[:, :, 4:], second, rtol=1e-10, atol=1e-10)
