@@ -127,6 +127,8 @@ class Trainer:
         seed_everything(config.train.seed)
         model = CheemsForCausalLM(config.model, config.parallel)
         model.set_activation_checkpointing(config.train.activation_checkpointing)
+        uses_kernels = self.device.type == "cuda" and any(getattr(module, "use_kernels", False) for module in model.modules())
+        self.kernel_path = "triton kernels" if uses_kernels else "pytorch reference ops"
 
         mpu = DeepSpeedMPU()
         # With ZeRO-0 in fp32 DeepSpeed steps our optimizer directly, so it clips (see optimizer.py).
@@ -177,10 +179,10 @@ class Trainer:
             from cheems_parallel.flops import parameter_counts
             counts = parameter_counts(config.model)
             logger.info("model: %.2fM parameters (%.2fM active), %.1f MFLOP per token (training) | layout %s | "
-                        "global batch %d x %d tokens (micro %d, accumulation %d) | device %s",
+                        "global batch %d x %d tokens (micro %d, accumulation %d) | device %s | %s",
                         counts["total"] / 1e6, counts["active"] / 1e6, self.flops_per_token / 1e6, self.layout,
                         batch.global_batch_size, config.data.seq_length, batch.micro_batch_size,
-                        batch.gradient_accumulation_steps, self.device)
+                        batch.gradient_accumulation_steps, self.device, self.kernel_path)
 
     # -- helpers --------------------------------------------------------------------------------
     def _all_reduce_mean(self, values: torch.Tensor, group=None) -> torch.Tensor:
