@@ -154,6 +154,43 @@ def check_same_losses(losses: list[float], oracle: list[float]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# deepspeed --hostfile and mpirun
+# ----------------------------------------------------------------------------------------------
+
+def test_deepspeed_hostfile_two_slots(tiny_data, torchrun_losses, tmp_path):
+    hostfile, run_dir = tmp_path / "hostfile", tmp_path / "run"
+    hostfile.write_text("# the CI machine\nlocalhost slots=2\n")
+    command = [str(REPOSITORY / "launch" / "deepspeed_hostfile.sh"), "--hostfile", str(hostfile),
+               "--include", "localhost:0,1", "--master-port", str(free_port()), "--python", PYTHON,
+               "--config", str(REPOSITORY / "configs" / "cheems-tiny.yaml"),
+               "--", *pretrain_arguments(tiny_data, run_dir)[2:]]
+    output = run(command, clean_environment(), 300, "deepspeed --hostfile")
+    assert "deepspeed launch: hosts localhost | master 127.0.0.1" in output
+    assert "dist_world_size=2" in output, "the ranks were not started by deepspeed's launcher"
+    # deepspeed's launcher exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*: the "torchrun" source.
+    layout = check_layout_lines(output, "torchrun")
+    assert {addr for *_, addr, _, _ in layout} == {"127.0.0.1"}
+    check_every_rank_saved(run_dir)
+    check_same_losses(train_losses(run_dir), torchrun_losses)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed (make install "
+                    "apt-installs openmpi-bin)")
+def test_mpirun_two_ranks_on_loopback(tiny_data, torchrun_losses, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [str(REPOSITORY / "launch" / "mpirun.sh"), "--np", str(RANKS), "--interface", "lo", "--oversubscribe",
+               "--master-port", str(free_port()), "--python", PYTHON,
+               "--config", str(REPOSITORY / "configs" / "cheems-tiny.yaml"),
+               "--", *pretrain_arguments(tiny_data, run_dir)[2:]]
+    output = run(command, clean_environment(), 300, "mpirun")
+    # Ranks came from mpi4py (COMM_WORLD); all on one host, so the master is loopback.
+    layout = check_layout_lines(output, "mpi")
+    assert {addr for *_, addr, _, _ in layout} == {"127.0.0.1"}
+    check_every_rank_saved(run_dir)
+    check_same_losses(train_losses(run_dir), torchrun_losses)
+
+
+# ----------------------------------------------------------------------------------------------
 # Slurm
 # ----------------------------------------------------------------------------------------------
 
