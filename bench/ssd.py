@@ -39,9 +39,8 @@ DEVICE = "cuda"
 # kernel configurations tried on one shape before the table; the fastest forward+backward is used
 SWEEP = [
     ("t64", 64, {}),
-    ("t64-wide", 64, {"fwd_block_p": 128, "fwd_warps": 8, "bwd_block_p": 64, "bwd_warps": 8}),
-    ("t64-stateblk", 64, {"state_block_p": 32, "state_block_nh": 32, "fwd_block_p": 128, "fwd_warps": 8}),
-    ("t128", 128, {"fwd_block_p": 64, "fwd_warps": 8, "bwd_block_p": 32, "bwd_warps": 8}),
+    ("t64-wide", 64, {"bwd_block_p": 128, "bwd_warps": 8, "dqk_block_p": 64}),
+    ("t64-4w", 64, {"dqk_warps": 4, "state_stages": 3, "state_block_p": 32}),
 ]
 
 
@@ -199,6 +198,8 @@ def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, co
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(5):
+            for tensor in leaves:  # no gradient accumulation adds in the breakdown
+                tensor.grad = None
             call()
         torch.cuda.synchronize()
     table = {}

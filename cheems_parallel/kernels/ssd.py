@@ -44,7 +44,8 @@ KERNEL_CHUNK = 64
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2,
-    "bwd_block_p": 32, "bwd_warps": 8, "bwd_stages": 1,
+    "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 1,
+    "dqk_block_p": 32, "dqk_warps": 8, "dqk_stages": 2,
 }
 
 
@@ -59,6 +60,16 @@ def _load_halves(base_ptr, stride_t, stride_n, offs_t, offs_nh, mask_t, mask_nh,
     first = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(ptrs + NH * stride_n, mask=mask, other=0.0).to(tl.float32)
     return first, second
+
+
+@triton.jit
+def _op(tile, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """A tile as a tensor-core operand. ROUND_BF16 (interpreter only) rounds through bf16 but multiplies in
+    float32, since the interpreter's bf16 dot is wrong: the CPU tests then see the GPU's operand rounding."""
+    if ROUND_BF16:
+        return tile.to(tl.bfloat16).to(tl.float32)
+    else:
+        return tile.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -140,6 +151,7 @@ def _state_fwd_kernel(
     sc_b, sc_l, sc_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,7 +167,6 @@ def _state_fwd_kernel(
     mask_p = offs_p < P
     mask_nh = offs_nh < NH
     mask_pn = mask_p[:, None] & mask_nh[None, :]
-    dtype = DOT_DTYPE
 
     # state tile offsets inside one (p, n) matrix; the two halves sit NH columns apart
     pn_offs = offs_p[:, None] * N + offs_nh[None, :]
@@ -176,7 +187,7 @@ def _state_fwd_kernel(
     for c in range(NCHUNK):
         chunk_start = c * T
         # the state entering chunk c, for the output and backward kernels
-        out_ptrs = states_ptr + ((bi * NCHUNK + c) * H + hi).to(tl.int64) * P * N + pn_offs
+        out_ptrs = states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs
         tl.store(out_ptrs, state_first.to(states_ptr.dtype.element_ty), mask=mask_pn)
         tl.store(out_ptrs + NH, state_second.to(states_ptr.dtype.element_ty), mask=mask_pn)
 
@@ -189,16 +200,22 @@ def _state_fwd_kernel(
         weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
 
-        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                    mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        xw = (x * weight[:, None]).to(dtype)
+        # x enters the product as stored (exact); the dt*decay weights ride on B~, which is rounded anyway
+        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                        mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
         cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
         b_first, b_second = _load_rotated(b_base + chunk_start * sb_l, sb_l, sb_n, cos1, cos2, sin1, sin2,
                                           offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-        state_first = state_first * chunk_decay + tl.dot(tl.trans(xw), b_first.to(dtype), input_precision=DOT_PREC)
-        state_second = state_second * chunk_decay + tl.dot(tl.trans(xw), b_second.to(dtype), input_precision=DOT_PREC)
+        b_first = _op(b_first * weight[:, None], DOT_DTYPE, ROUND_BF16)
+        b_second = _op(b_second * weight[:, None], DOT_DTYPE, ROUND_BF16)
+        state_first = state_first * chunk_decay + tl.dot(tl.trans(x), b_first, input_precision=DOT_PREC)
+        state_second = state_second * chunk_decay + tl.dot(tl.trans(x), b_second, input_precision=DOT_PREC)
 
+    # the final state also goes into the last slot (the backward reads the state leaving every chunk)
+    out_ptrs = states_ptr + ((bi * (NCHUNK + 1) + NCHUNK) * H + hi).to(tl.int64) * P * N + pn_offs
+    tl.store(out_ptrs, state_first.to(states_ptr.dtype.element_ty), mask=mask_pn)
+    tl.store(out_ptrs + NH, state_second.to(states_ptr.dtype.element_ty), mask=mask_pn)
     tl.store(final_ptr + head_pn + pn_offs, state_first, mask=mask_pn)
     tl.store(final_ptr + head_pn + pn_offs + NH, state_second, mask=mask_pn)
 
@@ -214,6 +231,7 @@ def _chunk_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     c = tl.program_id(1)
@@ -221,7 +239,6 @@ def _chunk_fwd_kernel(
     bi = pid_bh // H
     hi = pid_bh % H
     N = 2 * NH
-    dtype = DOT_DTYPE
     chunk_start = c * T
     offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
@@ -243,24 +260,24 @@ def _chunk_fwd_kernel(
                                       scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first = c_first.to(dtype)
-    c_second = c_second.to(dtype)
-    scores = tl.dot(c_first, tl.trans(b_first.to(dtype)), input_precision=DOT_PREC)
-    scores += tl.dot(c_second, tl.trans(b_second.to(dtype)), input_precision=DOT_PREC)
+    c_first = _op(c_first, DOT_DTYPE, ROUND_BF16)
+    c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
+    scores = tl.dot(c_first, tl.trans(_op(b_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    scores += tl.dot(c_second, tl.trans(_op(b_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = (scores * decay).to(dtype)
+    scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
 
     x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=mask_t[:, None] & mask_p[None, :], other=0.0)
     xf = x.to(tl.float32)
-    y = tl.dot(scores, (xf * dt[:, None]).to(dtype), input_precision=DOT_PREC)
+    y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
 
-    state_ptrs = (states_ptr + ((bi * NCHUNK + c) * H + hi).to(tl.int64) * P * N
+    state_ptrs = (states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
                   + offs_p[None, :] * N + offs_nh[:, None])        # (n, p) view: transposed state
     mask_np = mask_nh[:, None] & mask_p[None, :]
-    state_first_t = tl.load(state_ptrs, mask=mask_np, other=0.0).to(dtype)
-    state_second_t = tl.load(state_ptrs + NH, mask=mask_np, other=0.0).to(dtype)
+    state_first_t = _op(tl.load(state_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    state_second_t = _op(tl.load(state_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
     carried = tl.dot(c_first, state_first_t, input_precision=DOT_PREC)
     carried += tl.dot(c_second, state_second_t, input_precision=DOT_PREC)
     into = tl.where(sees_carried, tl.exp(g), 0.0)
@@ -276,15 +293,17 @@ def _chunk_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _state_bwd_kernel(
-    dy_ptr, c_ptr, cos_ptr, sin_ptr, g_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
-    L, H, P, NH, NCHUNK, LPAD,
+    dy_ptr, c_ptr, cos_ptr, sin_ptr, g_ptr, seq_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, overlap_ptr,
+    BATCH, L, H, P, NH, NCHUNK, LPAD,
     sd_b, sd_l, sd_h, sd_p,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
-    """dstates[c] = d loss / d (state leaving chunk c); walks the chunks backwards."""
+    """dstates[c] = d loss / d (state leaving chunk c), walking the chunks backwards; also this tile's share
+    of exp(g_last) <dstates[c], state entering chunk c> (masked), the carried state's part of d loss / d g_last."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_blocks = tl.cdiv(NH, BLOCK_NH)
@@ -299,7 +318,6 @@ def _state_bwd_kernel(
     mask_p = offs_p < P
     mask_nh = offs_nh < NH
     mask_pn = mask_p[:, None] & mask_nh[None, :]
-    dtype = DOT_DTYPE
     pn_offs = offs_p[:, None] * N + offs_nh[None, :]
     head_pn = (bi * H + hi).to(tl.int64) * P * N
     if HAS_DFINAL:
@@ -318,9 +336,12 @@ def _state_bwd_kernel(
     for step in range(NCHUNK):
         c = NCHUNK - 1 - step
         chunk_start = c * T
-        out_ptrs = dstates_ptr + ((bi * NCHUNK + c) * H + hi).to(tl.int64) * P * N + pn_offs
-        tl.store(out_ptrs, grad_first.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
-        tl.store(out_ptrs + NH, grad_second.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        slot = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs
+        tl.store(dstates_ptr + slot, grad_first.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        tl.store(dstates_ptr + slot + NH, grad_second.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        state_first = tl.load(states_ptr + slot, mask=mask_pn, other=0.0).to(tl.float32)
+        state_second = tl.load(states_ptr + slot + NH, mask=mask_pn, other=0.0).to(tl.float32)
+        overlap = tl.sum(tl.sum(state_first * grad_first + state_second * grad_second, axis=1), axis=0)
 
         offs_l = chunk_start + offs_t
         mask_t = offs_l < L
@@ -329,24 +350,111 @@ def _state_bwd_kernel(
         _, sees_carried, _, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
         into = tl.where(sees_carried, tl.exp(g), 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
+        tl.store(overlap_ptr + ((pid_pn * BATCH + bi) * H + hi).to(tl.int64) * NCHUNK + c, overlap * chunk_decay)
         dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        dy_into = (dy * into[:, None]).to(dtype)
+        dy_into = _op(dy * into[:, None], DOT_DTYPE, ROUND_BF16)
         cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
         c_first, c_second = _load_rotated(c_base + chunk_start * scc_l, scc_l, scc_n, cos1, cos2, sin1, sin2,
                                           offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-        grad_first = grad_first * chunk_decay + tl.dot(tl.trans(dy_into), c_first.to(dtype), input_precision=DOT_PREC)
-        grad_second = grad_second * chunk_decay + tl.dot(tl.trans(dy_into), c_second.to(dtype), input_precision=DOT_PREC)
+        grad_first = grad_first * chunk_decay + tl.dot(tl.trans(dy_into), _op(c_first, DOT_DTYPE, ROUND_BF16),
+                                                       input_precision=DOT_PREC)
+        grad_second = grad_second * chunk_decay + tl.dot(tl.trans(dy_into), _op(c_second, DOT_DTYPE, ROUND_BF16),
+                                                         input_precision=DOT_PREC)
 
     tl.store(dinit_ptr + head_pn + pn_offs, grad_first, mask=mask_pn)
     tl.store(dinit_ptr + head_pn + pn_offs + NH, grad_second, mask=mask_pn)
 
 
 @triton.jit
-def _chunk_bwd_kernel(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr,
+def _chunk_bwd_dx_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dd_ptr,
+    BATCH, L, H, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    sd_b, sd_l, sd_h, sd_p,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """dx (and the p-block's share of d(dt) and dD) for one chunk, one head, one block of p.
+
+    With v = dt x, q = C~, k = B~, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state
+    leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T."""
+    pid_p = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    bi = pid_bh // H
+    hi = pid_bh % H
+    N = 2 * NH
+    chunk_start = c * T
+    offs_t = tl.arange(0, T)
+    offs_l = chunk_start + offs_t
+    mask_t = offs_l < L
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_nh = offs_nh < NH
+
+    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+    g = tl.load(g_ptr + gdt_row + offs_l)
+    dt = tl.load(dt_ptr + gdt_row + offs_l)
+    g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
+    same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
+    weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
+
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
+    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
+    # scores transposed directly: [u, t] = k_u . q_t
+    scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # same_doc is symmetric
+    decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
+    scores_t = _op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16)
+
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    dy = tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
+                 mask=mask_tp, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                mask=mask_tp, other=0.0).to(tl.float32)
+    # G^T tile (n, p) of the state leaving chunk c, both halves
+    grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                 + offs_p[None, :] * N + offs_nh[:, None])
+    mask_np = mask_nh[:, None] & mask_p[None, :]
+    grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+
+    dv = tl.dot(scores_t, _op(dy, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
+    dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
+    dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
+    dv += dv_end * weight[:, None]
+    dx = dv * dt[:, None]
+    if HAS_D:
+        dx += tl.load(d_ptr + hi).to(tl.float32) * dy
+        partial_row = (pid_p * BATCH + bi) * NCHUNK + c
+        tl.store(dd_ptr + partial_row * H + hi, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+    tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+    # this p-block's share of d(dt) = sum_p dv * x; the launcher sums the shares
+    ddt_row = ((pid_p * BATCH + bi) * H + hi).to(tl.int64) * LPAD
+    tl.store(ddt_ptr + ddt_row + offs_l, tl.sum(dv * x, axis=1))
+
+
+@triton.jit
+def _chunk_bwd_dqk_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+    dbc_ptr, dg_ptr,
     L, H, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -354,21 +462,23 @@ def _chunk_bwd_kernel(
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """One chunk of one head: every gradient that lives on the chunk's tokens.
-
-    With q = C~, k = B~, v = dt x, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), S = state entering
-    the chunk, G = d loss/d(state leaving it), w_u = exp(g_last - g_u), e_t = exp(g_t) (masked):
-      dv = (qk^T*Gam)^T dy + w * k G^T          dq = ((dy v^T)*Gam) k + e * dy S
-      dk = ((dy v^T)*Gam)^T q + w * v G         dg_t = q_t.dq_t - k_t.dk_t (+ at the chunk's last token:
-      exp(g_last)<G, S> + sum_u k_u.(w_u v_u G)), the gradient w.r.t. the within-chunk cumsum g."""
+    """dC (FOR_C) or dB of one chunk of one head, and that side's share of dg (the gradient w.r.t. the
+    within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u] (dy_t.v_u), e_t = exp(g_t), S = state
+    entering the chunk, G = d loss/d(state leaving it):
+      FOR_C: dq = ((dy v^T)*Gam) k + e * dy S;   dg_t += sum_u M[t,u] + q_t.(e_t (dy S)_t)
+      else:  dk = ((dy v^T)*Gam)^T q + w * v G;  dg_u += -sum_t M[t,u] - k_u.(w_u (v G)_u).
+    The chunk's last token also gets sum_u k_u.(w_u (x G)_u) dt_u here and exp(g_last) <G, S> from the state
+    kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk.
+    M is summed by rows and by columns of one matrix, so its diagonal cancels exactly; q.dq - k.dk
+    would leave bf16 rounding of the large diagonal terms in dt's gradient."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
     hi = pid_bh % H
     N = 2 * NH
-    dtype = DOT_DTYPE
     chunk_start = c * T
     offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
@@ -380,97 +490,87 @@ def _chunk_bwd_kernel(
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD,
-                                                                 chunk_start, offs_t, T, HAS_SEQ)
-    weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
-    into = tl.where(sees_carried, tl.exp(g), 0.0)
-    chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
-
+    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
+                                                          HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
                                       scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first = c_first.to(dtype)
-    q_second = c_second.to(dtype)
-    k_first = b_first.to(dtype)
-    k_second = b_second.to(dtype)
-    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
-    scores_t = tl.trans(scores * decay).to(dtype)              # [u, t]
+    q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
+    q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
+    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
+    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
 
-    dy_v = tl.zeros((T, T), dtype=tl.float32)                  # [t, u] = dy_t . v_u
-    dq_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)       # dy S (carried-state part, unscaled)
-    dq_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    dk_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)       # v G (end-state part, unscaled)
-    dk_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    ddt = tl.zeros((T,), dtype=tl.float32)
-    state_dot_grad = tl.zeros((BLOCK_NH,), dtype=tl.float32)    # partial sums of <S, G>
-    dd_sum = tl.zeros((T,), dtype=tl.float32)
-    if HAS_D:
-        d_value = tl.load(d_ptr + hi).to(tl.float32)
-    state_base = ((bi * NCHUNK + c) * H + hi).to(tl.int64) * P * N
+    dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
+    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
+    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    if FOR_C:
+        slot = c          # the state entering the chunk
+        state_ptr = states_ptr
+    else:
+        slot = c          # d loss / d(state leaving the chunk)
+        state_ptr = dstates_ptr
+    state_base = ((bi * (NCHUNK + 1) + slot) * H + hi).to(tl.int64) * P * N
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    dx_base = dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         mask_tp = mask_t[:, None] & mask_p[None, :]
-        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0).to(tl.float32)
-        v = (x * dt[:, None]).to(dtype)
-        dy_c = dy.to(dtype)
+        # x and dy enter the products as stored (exact); dt is applied to the fp32 results after the loop
+        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0),
+                DOT_DTYPE, ROUND_BF16)
+        dy = _op(tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0),
+                 DOT_DTYPE, ROUND_BF16)
+        dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
+        pn_ptrs = state_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
         mask_pn = mask_p[:, None] & mask_nh[None, :]
-        pn_offs = offs_p[:, None] * N + offs_nh[None, :]
-        state_first = tl.load(states_ptr + state_base + pn_offs, mask=mask_pn, other=0.0)
-        state_second = tl.load(states_ptr + state_base + pn_offs + NH, mask=mask_pn, other=0.0)
-        grad_first = tl.load(dstates_ptr + state_base + pn_offs, mask=mask_pn, other=0.0)
-        grad_second = tl.load(dstates_ptr + state_base + pn_offs + NH, mask=mask_pn, other=0.0)
+        tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        if FOR_C:
+            acc_first += tl.dot(dy, tile_first, input_precision=DOT_PREC)
+            acc_second += tl.dot(dy, tile_second, input_precision=DOT_PREC)
+        else:
+            acc_first += tl.dot(x, tile_first, input_precision=DOT_PREC)
+            acc_second += tl.dot(x, tile_second, input_precision=DOT_PREC)
 
-        dv = tl.dot(scores_t, dy_c, input_precision=DOT_PREC)
-        dv_end = tl.dot(k_first, tl.trans(grad_first.to(dtype)), input_precision=DOT_PREC)
-        dv_end += tl.dot(k_second, tl.trans(grad_second.to(dtype)), input_precision=DOT_PREC)
-        dv += dv_end * weight[:, None]
-        ddt += tl.sum(dv * x, axis=1)
-        dx = dv * dt[:, None]
-        if HAS_D:
-            dx += d_value * dy
-            dd_sum += tl.sum(dy * x, axis=1)
-        tl.store(dx_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
-
-        dy_v += tl.dot(dy_c, tl.trans(v), input_precision=DOT_PREC)
-        dq_first += tl.dot(dy_c, state_first.to(dtype), input_precision=DOT_PREC)
-        dq_second += tl.dot(dy_c, state_second.to(dtype), input_precision=DOT_PREC)
-        dk_first += tl.dot(v, grad_first.to(dtype), input_precision=DOT_PREC)
-        dk_second += tl.dot(v, grad_second.to(dtype), input_precision=DOT_PREC)
-        state_dot_grad += tl.sum(state_first.to(tl.float32) * grad_first.to(tl.float32), axis=0)
-        state_dot_grad += tl.sum(state_second.to(tl.float32) * grad_second.to(tl.float32), axis=0)
-
-    dy_v = (dy_v * decay).to(dtype)
-    dq_first = dq_first * into[:, None] + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
-    dq_second = dq_second * into[:, None] + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
-    dk_first_end = dk_first * weight[:, None]
-    dk_second_end = dk_second * weight[:, None]
-    dk_first = dk_first_end + tl.dot(tl.trans(dy_v), q_first, input_precision=DOT_PREC)
-    dk_second = dk_second_end + tl.dot(tl.trans(dy_v), q_second, input_precision=DOT_PREC)
-
-    dg = tl.sum(c_first * dq_first + c_second * dq_second, axis=1) - tl.sum(b_first * dk_first + b_second * dk_second, axis=1)
-    last_extra = chunk_decay * tl.sum(state_dot_grad, axis=0) + tl.sum(tl.sum(b_first * dk_first_end + b_second * dk_second_end, axis=1), axis=0)
-    dg += tl.where(offs_t == T - 1, last_extra, 0.0)
+    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
+    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    dy_v = dy_v * decay * dt[None, :]
+    products = scores * dy_v                              # M[t, u]
+    dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
+    if FOR_C:
+        into = tl.where(sees_carried, tl.exp(g), 0.0)
+        acc_first = acc_first * into[:, None]
+        acc_second = acc_second * into[:, None]
+        dg = tl.sum(products, axis=1) + tl.sum(q_first.to(tl.float32) * acc_first
+                                               + q_second.to(tl.float32) * acc_second, axis=1)
+        grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
+        grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
+        _store_unrotated(dbc_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l, scc_l, scc_n,
+                         cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
+                         mask_nh, NH, ROPE)
+    else:
+        weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
+        acc_first = acc_first * weight[:, None]
+        acc_second = acc_second * weight[:, None]
+        end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
+        dg = -tl.sum(products, axis=0) - end_terms
+        # the same terms again at the last token, from the same fp32 numbers: the reverse cumsum that turns
+        # dg into d(dt A) then cancels them exactly (a bf16 <G, state leaving> here would not)
+        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
+        dy_v_t = tl.trans(dy_v)
+        grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
+        grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
+        _store_unrotated(dbc_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l, sb_l, sb_n,
+                         cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
+                         mask_nh, NH, ROPE)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
-    tl.store(ddt_ptr + gdt_row + offs_l, ddt)
-    if HAS_D:
-        tl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, tl.sum(dd_sum, axis=0))
-
-    _store_unrotated(dc_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l, scc_l, scc_n,
-                     cos_base, sin_base, sc_l, sc_n, dq_first, dq_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    _store_unrotated(db_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l, sb_l, sb_n,
-                     cos_base, sin_base, sc_l, sc_n, dk_first, dk_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,12 +585,15 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _dot_dtype(dtype):
-    """Operand type of the tensor-core products: the input's, except under TRITON_INTERPRET=1, whose
-    bf16/fp16 dot is wrong (environment.md), so the interpreter multiplies in float32."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+def _dot_dtypes(dtype):
+    """(operand type, round through bf16) of the tensor-core products: the input's type, except under
+    TRITON_INTERPRET=1, whose bf16/fp16 dot is wrong (environment.md): there the operands are rounded
+    to bf16 and multiplied in float32, which reproduces the GPU's operand rounding."""
+    if dtype == torch.float32:
+        return tl.float32, False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32, True
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], False
 
 
 def _rope_args(cos, sin, fallback):
@@ -505,13 +608,14 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
     batch, length, heads, head_dim = x.shape
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
-    states = torch.empty(batch, n_chunks, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
+    # slot c holds the state entering chunk c; slot n_chunks the final state
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
     seq_arg = seq if seq is not None else dt
     precision = _dot_precision(x.dtype)
-    dot_dtype = _dot_dtype(x.dtype)
+    dot_dtype, round_bf16 = _dot_dtypes(x.dtype)
 
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
@@ -522,7 +626,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+        HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"])
 
     block_p = min(config["fwd_block_p"], _next_pow2(head_dim))
@@ -532,7 +636,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
         length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["fwd_warps"], num_stages=config["fwd_stages"])
     return y, final, states
 
@@ -547,35 +651,52 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
     seq_arg = seq if seq is not None else dt
     precision = _dot_precision(x.dtype)
-    dot_dtype = _dot_dtype(x.dtype)
+    dot_dtype, round_bf16 = _dot_dtypes(x.dtype)
 
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
-    grid = (triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh), batch * heads)
-    _state_bwd_kernel[grid](
-        dy, C, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, dstates, dinit,
-        length, heads, head_dim, half, n_chunks, dt.shape[-1],
+    pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
+    overlap = torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
+    _state_bwd_kernel[(pn_blocks, batch * heads)](
+        dy, C, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
+        batch, length, heads, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+        HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"])
 
+    common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
+                  DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
     dx = torch.empty_like(x)
+    block_p = min(config["bwd_block_p"], _next_pow2(head_dim))
+    p_blocks = triton.cdiv(head_dim, block_p)
+    ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
+    dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
+    _chunk_bwd_dx_kernel[(p_blocks, n_chunks, batch * heads)](
+        x, B, C, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
+        dx, ddt_partial, dD_partial if D is not None else dt,
+        batch, length, heads, head_dim, half, n_chunks, dt.shape[-1],
+        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
+        BLOCK_P=block_p, HAS_D=D is not None, **common,
+        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
+
     dB = torch.empty_like(B)
     dC = torch.empty_like(C)
-    ddt = torch.empty_like(dt)
-    dg = torch.empty_like(g)
-    dD_partial = torch.empty(batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
-    block_p = min(config["bwd_block_p"], _next_pow2(head_dim))
-    _chunk_bwd_kernel[(n_chunks, batch * heads)](
-        x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, D if D is not None else dt, dy,
-        dx, dB, dC, ddt, dg, dD_partial if D is not None else dt,
-        length, heads, head_dim, half, n_chunks, dt.shape[-1],
-        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
-        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
-        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
-    dD = dD_partial.sum(dim=(0, 1)) if D is not None else None
+    dg_from_c = torch.empty_like(g)
+    dg_from_b = torch.empty_like(g)
+    block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
+    for for_c, grad, dg_part in ((True, dC, dg_from_c), (False, dB, dg_from_b)):
+        _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+            x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+            length, heads, head_dim, half, n_chunks, dt.shape[-1],
+            *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
+            BLOCK_P=block_p, FOR_C=for_c, **common,
+            num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
+    # d loss / d g_last through the carried state: exp(g_last) <G_c, S_c-1>, at each chunk's last token
+    dg = dg_from_c + dg_from_b
+    dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
+    ddt = ddt_partial.sum(dim=0)
+    dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
     return dx, dB, dC, ddt, dg, dD, dinit
 
 
@@ -654,10 +775,12 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
         # padding continues the last document, so it never resets the final state
         seq = seq_idx.to(torch.int32)
         seq = torch.cat([seq, seq[:, -1:].expand(batch, pad)], dim=1).contiguous()
-    if cos is not None:
-        cos = cos.float().contiguous()
-        sin = sin.float().contiguous()
     dtype = x.dtype
+    if cos is not None:
+        # the tables in x's precision, as apply_rope uses them (half the bytes of float32 for bf16 inputs)
+        table_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        cos = cos.to(table_dtype).contiguous()
+        sin = sin.to(table_dtype).contiguous()
     x = x.contiguous()
     B = B.to(dtype).contiguous()
     C = C.to(dtype).contiguous()

@@ -4,7 +4,8 @@
 Shapes: x (b, l, h, p), B/C (b, l, h, n), cos/sin (b, l, n). Every check draws fresh random inputs,
 compares the output, the final state and the gradient of every differentiable input by
 ||kernel - oracle|| / ||oracle||. The interpreter multiplies bf16 in float32 (its bf16 dot is wrong),
-so the bf16 case checks bf16 loads/stores and the state kept in bf16, not tensor-core rounding.
+so the kernels round every product operand through bf16 and multiply in float32: the bf16 case sees the
+GPU's operand rounding, bf16 loads/stores and the states kept in bf16.
 """
 import importlib
 import os
@@ -45,8 +46,8 @@ def make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, u
         "dt_raw": randn(batch, length, heads) - 1.0,
         "dt_bias": randn(heads) * 0.5,
         "A": -torch.rand(heads, generator=generator) * 2 - 0.1,
-        "B": randn(batch, length, heads, state_dim, dtype=dtype),
-        "C": randn(batch, length, heads, state_dim, dtype=dtype),
+        "B": (randn(batch, length, heads, state_dim) / state_dim ** 0.5).to(dtype),
+        "C": (randn(batch, length, heads, state_dim) / state_dim ** 0.5).to(dtype),
         "D": randn(heads) if use_d else None,
         "initial_state": randn(batch, heads, head_dim, state_dim) if use_init else None,
     }
@@ -79,14 +80,16 @@ def relative_error(value, reference):
     return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def compare_with_oracle(kernels, inputs, kernel_chunk, tolerance):
+def compare_with_oracle(kernels, inputs, kernel_chunk, tolerance, reduction_tolerance=None):
+    """reduction_tolerance: bound for d dt_bias and dA, sums over all tokens (default: tolerance)."""
     leaves = {name: inputs[name] for name in GRAD_NAMES if inputs[name] is not None}
     for tensor in leaves.values():
         tensor.requires_grad_(True)
     y, final = kernels.ssd_fused(**inputs, kernel_chunk=kernel_chunk)
     assert y.dtype == inputs["x"].dtype and final.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    weight_y = torch.randn(y.shape, dtype=torch.float64)
+    # upstream gradient representable in y's dtype, so kernel and oracle differentiate the same loss
+    weight_y = torch.randn(y.shape, dtype=torch.float64).to(y.dtype).double()
     weight_final = torch.randn(final.shape, dtype=torch.float64)
     kernel_grads = torch.autograd.grad((y.double() * weight_y).sum() + (final.double() * weight_final).sum(),
                                        list(leaves.values()))
@@ -96,7 +99,8 @@ def compare_with_oracle(kernels, inputs, kernel_chunk, tolerance):
     for name, grad, ref in zip(leaves, kernel_grads, ref_grads):
         assert grad.shape == ref.shape and torch.isfinite(grad).all(), name
         errors["d" + name] = relative_error(grad, ref)
-    bad = {name: error for name, error in errors.items() if not error < tolerance}
+    bounds = {name: reduction_tolerance or tolerance if name in ("ddt_bias", "dA") else tolerance for name in errors}
+    bad = {name: error for name, error in errors.items() if not error < bounds[name]}
     assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"
 
 
@@ -118,9 +122,12 @@ def test_kernel_matches_float64_recurrence_fp32(kernels, batch, length, heads, h
 
 
 def test_kernel_matches_float64_recurrence_bf16(kernels):
+    """bf16 at interpreter sizes: per-token outputs and gradients within 2e-2 (measured worst over 8 seeds:
+    1e-2), the whole-sequence sums d dt_bias and dA within 6e-2 (measured worst 3e-2; over a few dozen
+    tokens their cancellation magnifies bf16 operand rounding). The GPU test holds bf16 to 1e-2 at real sizes."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     inputs = make_inputs(2, 37, 2, 16, 32, torch.bfloat16, True, True, True, True, generator)
-    compare_with_oracle(kernels, inputs, 16, tolerance=1e-2)
+    compare_with_oracle(kernels, inputs, 16, tolerance=2e-2, reduction_tolerance=6e-2)
 
 
 def test_reference_composition_equals_oracle(kernels):
