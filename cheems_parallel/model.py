@@ -5,24 +5,19 @@ parallel, split along l over the tensor-parallel group. Logits come out vocab-pa
 megatron-core's parallel_state must be initialised (cheems_parallel.parallel.initialize_parallel), also
 for one process. The model holds no launch or I/O logic.
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from megatron.core.tensor_parallel import (
-    VocabParallelEmbedding,
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from .layers.block import CheemsBlock
+from .layers.embedding import TokenEmbedding, causal_lm_loss, lm_logits
 from .layers.ffn import expert_usage
 from .layers.norms import RMSNorm
-from .layers.tp import TensorParallelContext, linear_out, normal_init, tp_size
+from .layers.tp import TensorParallelContext, normal_init, sharded_parameter, tp_size
 from .ops.rope import rope_tables
 from .parallel.state import model_parallel_config
 
@@ -34,7 +29,16 @@ class CausalLMOutput:
     metrics: dict = field(default_factory=dict)
 
 
-def _kernels_available() -> bool:
+@contextlib.contextmanager
+def seeded(init_seed, index):
+    """Build component `index` from seed init_seed + index, so that a pipeline stage, which builds only
+    its own components, gets the same weights as the whole model (DeepSpeed's seed_layers does the same)."""
+    if init_seed is not None:
+        torch.manual_seed(init_seed + index)
+    yield
+
+
+def kernels_available() -> bool:
     try:
         import cheems_parallel.kernels.dmattn  # noqa: F401
         import cheems_parallel.kernels.ssd  # noqa: F401
@@ -44,7 +48,7 @@ def _kernels_available() -> bool:
 
 
 class CheemsForCausalLM(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None, init_seed: int | None = None):
         super().__init__()
         parallel = parallel or ParallelConfig()
         validate_model(cfg, parallel)
@@ -54,12 +58,20 @@ class CheemsForCausalLM(torch.nn.Module):
         self.cfg = cfg
         self.tp = TensorParallelContext(model_parallel_config(parallel))
         self.sequence_parallel = self.tp.sequence_parallel
-        use_kernels = cfg.kernels == "auto" and _kernels_available()
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
-                                                reduce_scatter_embeddings=self.sequence_parallel, config=self.tp.config)
-        self.layers = torch.nn.ModuleList(CheemsBlock(cfg, self.tp, i, use_kernels) for i in range(cfg.num_layers))
+        use_kernels = cfg.kernels == "auto" and kernels_available()
+        # component indices 0 .. L+2 are the pipeline's layer indices (cheems_parallel.parallel.pipeline)
+        with seeded(init_seed, 0):
+            self.embedding = TokenEmbedding(cfg, self.tp)
+        layers = []
+        for i in range(cfg.num_layers):
+            with seeded(init_seed, 1 + i):
+                layers.append(CheemsBlock(cfg, self.tp, i, use_kernels))
+        self.layers = torch.nn.ModuleList(layers)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, self.tp)
-        self.lm_head = None if cfg.tie_embeddings else self.tp.column(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            with seeded(init_seed, cfg.num_layers + 2):
+                self.lm_head = sharded_parameter((cfg.vocab_size, cfg.hidden_size), 0, normal_init(cfg.init_std))
         self.activation_checkpointing = False
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -67,20 +79,12 @@ class CheemsForCausalLM(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _embed(self, input_ids):
-        h = self.embedding(input_ids)
-        # VocabParallelEmbedding returns (l/tp, b, D) under SP, else (b, l, D)
-        return h if self.sequence_parallel else h.transpose(0, 1).contiguous()
+        return self.embedding(input_ids)
 
     def _logits(self, h):
         """h (l_local, b, D) -> vocab-parallel logits (b, l, V / tp)."""
-        h = self.final_norm(h)
-        if self.sequence_parallel:
-            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
-        if self.lm_head is not None:
-            return linear_out(self.lm_head, h).transpose(0, 1)
-        if tp_size() > 1 and not self.sequence_parallel:
-            h = copy_to_tensor_model_parallel_region(h)
-        return F.linear(h, self.embedding.weight).transpose(0, 1)
+        head = self.embedding.weight if self.lm_head is None else self.lm_head
+        return lm_logits(self.final_norm(h), head, self.tp)
 
     def forward(self, input_ids, position_ids=None, labels=None, loss_mask=None, segment_ids=None):
         b, l = input_ids.shape
@@ -111,13 +115,7 @@ class CheemsForCausalLM(torch.nn.Module):
         logits = self._logits(h)
         loss = None
         if labels is not None:
-            token_loss = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                                      labels.transpose(0, 1).contiguous()).transpose(0, 1)
-            if loss_mask is None:
-                loss = token_loss.mean()
-            else:
-                loss_mask = loss_mask.float()
-                loss = (token_loss * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
+            loss = causal_lm_loss(logits, labels, loss_mask)
             if aux_loss is not None:
                 metrics["experts/load_balance_loss"] = aux_loss.detach()
                 loss = loss + self.cfg.load_balance_coef * aux_loss / max(1, len(self.layers))
