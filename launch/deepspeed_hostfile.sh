@@ -82,7 +82,7 @@ if [[ -z "$python" ]]; then
 fi
 
 # Read the hostfile here (it may be a pipe) and check it, naming the line of a mistake.
-hosts=() line_number=0
+hosts=() clean_lines=() line_number=0
 hostfile_text=$(cat "$hostfile")
 while IFS= read -r line || [[ -n "$line" ]]; do
     line_number=$((line_number + 1))
@@ -90,7 +90,11 @@ while IFS= read -r line || [[ -n "$line" ]]; do
     [[ -z "${line//[[:space:]]/}" ]] && continue
     [[ "$line" =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([0-9]+)[[:space:]]*$ ]] \
         || die "$hostfile:$line_number: '$line' is not '<host> slots=<N>'"
+    for seen in "${hosts[@]}"; do
+        [[ "$seen" == "${BASH_REMATCH[1]}" ]] && die "$hostfile:$line_number: host ${BASH_REMATCH[1]} is listed twice"
+    done
     hosts+=("${BASH_REMATCH[1]}")
+    clean_lines+=("${BASH_REMATCH[1]} slots=${BASH_REMATCH[2]}")
 done <<< "$hostfile_text"
 [[ ${#hosts[@]} -gt 0 ]] || die "$hostfile: no '<host> slots=<N>' line"
 local_only=1
@@ -101,7 +105,7 @@ done
 
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/cheems-deepspeed.XXXXXX")
 trap 'rm -rf "$run_dir"' EXIT
-printf '%s\n' "$hostfile_text" > "$run_dir/hostfile"
+printf '%s\n' "${clean_lines[@]}" > "$run_dir/hostfile"   # comments dropped, checked above
 
 # The environment file (DeepSpeed reads NAME=VALUE lines; a blank line would break its parser).
 env_file="$run_dir/deepspeed_env"
