@@ -25,7 +25,7 @@ def test_weight_decay_on_matrices_only(single_process_group):
         assert any(part in name for part in ("norm", "residual_scale", "A_log", "dt_bias", ".D", "mask_scale")), name
     assert any(name.endswith("A_log") for name in not_decayed)
     assert any(name.endswith("dt_bias") for name in not_decayed)
-    assert "embedding.weight" in decayed
+    assert "embedding.embedding.weight" in decayed
     assert all(model.get_parameter(name).ndim >= 2 for name in decayed)
 
 
