@@ -220,7 +220,7 @@ class _UnitReader:
             return None
 
     def _keep(self, text: str):
-        if text.strip():
+        if text and not text.isspace():   # isspace(): no copy of the text, unlike strip()
             self.stats.documents += 1
             return True
         self.stats.empty_documents += 1

@@ -266,8 +266,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
     paths = expand_inputs(inputs)
     total_bytes = sum(os.path.getsize(path) for path in paths)
     if chunk_bytes is None:
-        # About 8 units per worker balances the load; bounded so units stay cheap to hold.
-        chunk_bytes = min(max(total_bytes // (workers * 8), 1 << 20), 64 << 20)
+        # About 32 units per worker: the last unit, which one worker finishes while the others
+        # idle, is then ~1.5% of the work; bounded so a unit is never tiny or huge.
+        chunk_bytes = min(max(total_bytes // (workers * 32), 256 << 10), 64 << 20)
     units = plan_units(paths, format_name, text_mode, chunk_bytes)
     logger.info("preprocess: %d files, %.1f MB, %d work units, %d workers, %s tokens",
                 len(paths), total_bytes / 1e6, len(units), workers, dtype.name)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "than 65 500 ids, else int32 (default: auto)")
     parser.add_argument("--chunk-mb", type=float, default=None,
                         help="split uncompressed files into work units of about this many MB "
-                             "(default: total size / (8 x workers), between 1 and 64)")
+                             "(default: total size / (32 x workers), between 0.25 and 64)")
     parser.add_argument("--writer", default="fast", choices=["fast", "megatron"],
                         help="fast: write the .bin/.idx with numpy (byte-identical to megatron-core's); "
                              "megatron: join the parts with megatron-core's IndexedDatasetBuilder "
