@@ -3,9 +3,12 @@
 For each model: ~50 steps in bf16 at sequence length 2048 (ZeRO-1, one GPU), logged every step;
 the first `--warmup` steps are dropped and the rest summarised by their median: tokens/s, model
 TFLOP/s (tokens/s x training FLOPs per token from cheems_parallel.flops), MFU against the datasheet
-bf16 peak, and peak allocated memory. The anchor, measured in the same run on the same GPU: a
-large bf16 matmul (torch.mm 8192^3), the rate no model step can beat; the table gives each model's
-TFLOP/s as a fraction of it, and the Cheems/Llama throughput ratio.
+bf16 peak, and peak allocated memory. Two anchors, measured in the same run on the same GPU:
+  * a large bf16 matmul (torch.mm 8192^3), the rate no model step can beat; each model's TFLOP/s is
+    given as a fraction of it;
+  * the same model's bare forward + backward (bf16 weights, no DeepSpeed, optimizer or data loader) at
+    the same micro-batch; trainer tokens/s over it is what the whole program adds on top of the math.
+and the Cheems/Llama throughput ratio.
 
     python bench/pretrain_gpu.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model
 
@@ -46,6 +49,38 @@ def matmul_anchor_tflops(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
+def bare_model_step(name: str, micro_batch: int, seq_length: int, device: str, repeats: int = 10) -> dict:
+    """Second anchor: the same model's forward + backward alone (bf16 weights, no DeepSpeed, no optimizer,
+    no data loader), median seconds per micro-batch. Trainer tokens/s over this = what the engine,
+    optimizer, data and logging cost on top of the model math."""
+    import torch.distributed as dist
+    from cheems_parallel.config import load_model_config
+    from cheems_parallel.model import CheemsForCausalLM
+    from cheems_parallel.parallel import initialize_parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model_config, parallel_config = load_model_config(REPOSITORY_ROOT / "configs" / f"{name}.yaml")
+    initialize_parallel(parallel_config)
+    torch.manual_seed(0)
+    model = CheemsForCausalLM(model_config, parallel_config).to(device=device, dtype=torch.bfloat16)
+    tokens = torch.randint(0, model_config.vocab_size, (micro_batch, seq_length + 1), device=device)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    times = []
+    for index in range(repeats + 3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(inputs, labels=labels).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if index >= 3:
+            times.append(time.perf_counter() - started)
+        model.zero_grad(set_to_none=True)
+    seconds = statistics.median(times)
+    return {"seconds_per_micro_batch": seconds, "tokens_per_second": micro_batch * seq_length / seconds}
+
+
 def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: bool) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
     overrides = [
@@ -54,7 +89,7 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
         f"train.steps={arguments.steps}", f"train.micro_batch_size={micro_batch}",
         f"train.global_batch_size={micro_batch}", "train.precision=bf16", "train.zero_stage=1",
         f"train.activation_checkpointing={'true' if activation_checkpointing else 'false'}",
-        "schedule.warmup_steps=10", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
+        f"schedule.warmup_steps={arguments.steps}", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
         "checkpoint.save_at_exit=false", "logging.interval=1", "logging.tensorboard=false",
         f"logging.run_dir={run_dir}", f"model.kernels={arguments.kernels}",
     ]
@@ -76,7 +111,7 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
     steady = train[arguments.warmup:]
     tokens_per_second = statistics.median(record["perf/tokens_per_second"] for record in steady)
     mfu_values = [record["perf/mfu"] for record in steady if record["perf/mfu"] is not None]
-    kernels_line = [line for line in completed.stderr.splitlines() if "kernels" in line.lower()]
+    model_line = [line for line in completed.stderr.splitlines() if " model: " in line]
     return {
         "model": name, "ok": True, "micro_batch_size": micro_batch, "seq_length": arguments.seq_length,
         "activation_checkpointing": activation_checkpointing, "steps": len(train), "steady_steps": len(steady),
@@ -84,7 +119,7 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
         "mfu": statistics.median(mfu_values) if mfu_values else None,
         "peak_memory_gib": max(record["perf/peak_memory_gib"] for record in train),
         "first_loss": train[0]["train/loss"], "last_loss": train[-1]["train/loss"],
-        "wall_seconds": wall, "kernel_log": kernels_line[-1] if kernels_line else None,
+        "wall_seconds": wall, "kernel_path": model_line[-1].rsplit("|", 1)[-1].strip() if model_line else None,
     }
 
 
@@ -98,9 +133,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50, help="training steps per model")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the medians")
     parser.add_argument("--seq-length", type=int, default=2048, help="tokens per sequence")
-    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step (halved on out-of-memory)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per step (halved on out-of-memory)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "reference"],
                         help="model.kernels: Triton kernels when importable (auto) or the PyTorch references")
+    parser.add_argument("--bare-model", default=None, help=argparse.SUPPRESS)  # internal: one bare-model timing
     parser.add_argument("--out", default="bench/results/pretrain_h200.json", help="JSON results file")
     parser.add_argument("--log-dir", default=os.environ.get("OUT"), help="where to keep each run's full log")
     arguments = parser.parse_args()
@@ -108,6 +144,9 @@ def main() -> int:
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 2
 
+    if arguments.bare_model:
+        print(json.dumps(bare_model_step(arguments.bare_model, arguments.micro_batch, arguments.seq_length, "cuda")))
+        return 0
     anchor = matmul_anchor_tflops()
     from cheems_parallel.config import load_model_config
     from cheems_parallel.flops import flops_per_token
@@ -124,6 +163,16 @@ def main() -> int:
             result["flops_per_token"] = flops_per_token(model_config, arguments.seq_length)
             result["model_tflops"] = result["tokens_per_second"] * result["flops_per_token"] / 1e12
             result["fraction_of_matmul_anchor"] = result["model_tflops"] / anchor
+            # Bare forward+backward of the same model and micro-batch, in a fresh process.
+            bare = subprocess.run([sys.executable, __file__, "--bare-model", name, "--micro-batch",
+                                   str(result["micro_batch_size"]), "--seq-length", str(arguments.seq_length),
+                                   "--data-prefix", "-", "--tokenizer", "-"],
+                                  cwd=REPOSITORY_ROOT, capture_output=True, text=True)
+            if bare.returncode == 0:
+                result["bare_model_tokens_per_second"] = json.loads(bare.stdout.strip().splitlines()[-1])["tokens_per_second"]
+                result["trainer_over_bare_model"] = result["tokens_per_second"] / result["bare_model_tokens_per_second"]
+            else:
+                result["bare_model_error"] = (bare.stderr.strip().splitlines() or ["?"])[-1]
         results.append(result)
 
     device = torch.cuda.get_device_name()
@@ -140,15 +189,19 @@ def main() -> int:
 
     print(f"\n{device} | bf16 | seq {arguments.seq_length} | {arguments.steps} steps (median of the last "
           f"{arguments.steps - arguments.warmup}) | anchor: bf16 matmul 8192^3 = {anchor:.0f} TFLOP/s")
-    print(f"{'model':<14}{'micro':>6}{'ckpt':>6}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'x anchor':>10}{'peak GiB':>10}{'loss':>16}")
+    print(f"{'model':<14}{'ops':>10}{'micro':>6}{'ckpt':>6}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'x anchor':>10}"
+          f"{'bare f+b tok/s':>16}{'trainer/bare':>14}{'peak GiB':>10}{'loss':>16}")
     for result in results:
         if not result["ok"]:
             print(f"{result['model']:<14} FAILED: {result['error']}")
             continue
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
-        print(f"{result['model']:<14}{result['micro_batch_size']:>6}{'on' if result['activation_checkpointing'] else 'off':>6}"
+        ops = "triton" if "triton" in (result["kernel_path"] or "") else "reference"
+        print(f"{result['model']:<14}{ops:>10}{result['micro_batch_size']:>6}{'on' if result['activation_checkpointing'] else 'off':>6}"
               f"{result['tokens_per_second']:>12,.0f}{result['model_tflops']:>10.1f}{mfu:>8}"
-              f"{result['fraction_of_matmul_anchor']:>10.3f}{result['peak_memory_gib']:>10.1f}"
+              f"{result['fraction_of_matmul_anchor']:>10.3f}"
+              f"{result.get('bare_model_tokens_per_second', float('nan')):>16,.0f}"
+              f"{result.get('trainer_over_bare_model', float('nan')):>14.2f}{result['peak_memory_gib']:>10.1f}"
               f"{result['first_loss']:>8.2f}->{result['last_loss']:<6.2f}")
     if "cheems_over_llama_tokens_per_second" in summary:
         print(f"cheems-320m / llama-320m tokens/s: {summary['cheems_over_llama_tokens_per_second']:.2f}")
