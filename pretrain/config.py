@@ -289,6 +289,19 @@ def _data_problems(config: PretrainConfig) -> list[str]:
         problems.append("data.tokenizer_model is not set (a sentencepiece .model file)")
     elif not Path(data.tokenizer_model).is_file():
         problems.append(f"data.tokenizer_model={data.tokenizer_model}: file not found")
+    else:
+        from data_tools.errors import DataError
+        from data_tools.tokenizer import load_tokenizer
+        try:
+            vocab_size = load_tokenizer(data.tokenizer_model).vocab_size
+        except DataError as error:
+            problems.append(f"data.tokenizer_model: {error}")
+        except Exception as error:  # sentencepiece raises plain RuntimeError/OSError on a bad file
+            problems.append(f"data.tokenizer_model={data.tokenizer_model}: not a sentencepiece model ({error})")
+        else:
+            if vocab_size > config.model.vocab_size:
+                problems.append(f"data.tokenizer_model has {vocab_size} tokens but model.vocab_size="
+                                f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
     if data.num_workers < 0:
         problems.append(f"data.num_workers={data.num_workers} must be >= 0")
     return problems

@@ -166,10 +166,6 @@ class Trainer:
                         self.consumed_samples)
 
         self.data = build_run_data(config, batch)
-        if self.data.vocab_size > config.model.vocab_size:
-            from cheems_parallel.config import ConfigError
-            raise ConfigError(f"{config.source}: the tokenizer has {self.data.vocab_size} tokens but "
-                              f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
         self.metrics = MetricsLogger(config.logging.run_dir, enabled=self.rank == 0,
                                      tensorboard=config.logging.tensorboard,
                                      resumed_step=self.step if resume_path is not None else None)

@@ -12,12 +12,24 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPOSITORY_ROOT / "configs" / "cheems-tiny.yaml"
 
 
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory):
+    """A real (small) sentencepiece model: validation loads it to compare its vocabulary with the model's."""
+    from data_tools.corpus import iter_stdlib_documents
+    from data_tools.tokenizer import train_sentencepiece
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    documents = [document["text"] for _, document in zip(range(600), iter_stdlib_documents())]
+    train_sentencepiece(documents, str(directory / "tok"), vocab_size=400)
+    return directory / "tok.model"
+
+
 @pytest.fixture
-def data_files(tmp_path):
-    """Files whose existence validation checks (their contents are not read by validation)."""
-    for name in ("shard.bin", "shard.idx", "tok.model"):
+def data_files(tmp_path, tokenizer_model):
+    """The shard files validation checks exist (their contents are read later, by the datasets)."""
+    for name in ("shard.bin", "shard.idx"):
         (tmp_path / name).write_bytes(b"x")
-    return [f"data.blend={tmp_path / 'shard'}", f"data.tokenizer_model={tmp_path / 'tok.model'}"]
+    return [f"data.blend={tmp_path / 'shard'}", f"data.tokenizer_model={tokenizer_model}"]
 
 
 def test_tiny_config_loads_with_every_section(data_files):
@@ -67,6 +79,7 @@ def test_batch_errors(overrides, world, message, data_files):
     (["data.tokenizer_model=/no/tok.model"], "/no/tok.model: file not found"),
     (["data.blend=0.5 /no/a 0.5 /no/b"], "/no/a.bin does not exist"),
     (["data.split=1,2"], "must be three non-negative numbers"),
+    (["model.vocab_size=256"], "has 400 tokens but model.vocab_size=256"),
     (["model.num_heads=3"], "not divisible by model.num_heads=3"),
 ])
 def test_validation_names_the_field(overrides, message, data_files):
