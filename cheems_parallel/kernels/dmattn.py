@@ -8,17 +8,24 @@ Scores s_ij = q_i·k_j / sqrt(d) + m_j for allowed keys, -inf otherwise; allowed
 same document, and with `keep_window` w: among the top-w keys of query i's prefix by m (ties to the
 nearest key). The reference is `cheems_parallel.ops.dmattn.dmattn_ref`; this file must agree with it.
 
-How the keep-window is fused. A cheap pre-pass (`keep_window_thresholds`, torch) ranks every key of a
-(batch, head) by (m desc, position desc), which is the reference's tie rule. Restricted to a prefix the
-ranking order is the same, so query i keeps key j <= i iff rank_j <= threshold_i, where threshold_i is
-the w-th smallest rank among keys 0..i (or "keep all" while the prefix holds at most w keys). The
-kernels then compare two integers per score, and skip a whole key block when its smallest rank is above
-the largest threshold of the query block (thresholds never grow with i), so structured masks skip
-most of the work. Document masking skips a block when the two blocks' id ranges are disjoint.
+Two schedules. Without keep-window or documents ("dense"), each program walks the causal triangle: the
+blocks wholly below the diagonal without masks, then the diagonal block(s) with the causal mask. With
+either ("sparse"), a pre-pass lists, per (b, h, row block), the column blocks that can hold a kept pair
+(as FlexAttention's block mask does); the kernels walk only those, masking every tile.
+
+How the keep-window is fused. The pre-pass (`keep_window_thresholds`) ranks every key of a (b, h) by
+(m desc, position desc), the reference's tie rule. Restricted to a prefix the order is the same, so query
+i keeps key j <= i iff rank_j <= threshold_i, with threshold_i the w-th smallest rank among keys 0..i
+(KEEP_ALL while the prefix holds at most w keys): one integer compare per score. A key block is listed
+for a query block iff its smallest rank is <= the block's largest threshold; structured masks (high
+values in runs) leave most blocks out. Document masking lists a block pair iff their id ranges overlap.
+
+With documents, the keep-window ranks only the query's own document prefix (as the reference does);
+the fused form needs each document to be one contiguous run of positions (checked).
 
 Numerics: softmax in fp32 in base 2 (scores pre-multiplied by log2 e); the forward saves the base-2
-log-sum-exp per row for the backward, as in FlashAttention-2. A query row whose allowed set is empty
-(possible only with keep_window and segment_ids together) yields 0 here and NaN in the reference.
+log-sum-exp per row for the backward, as in FlashAttention-2. A row with no allowed key (which the
+reference's rules no longer produce) would yield 0 and zero gradients rather than NaN.
 
 On a machine without CUDA, set TRITON_INTERPRET=1 before this module is imported (the decorator reads
 it); the interpreter computes bf16 wrongly, so test it with float32 inputs.
@@ -30,38 +37,82 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# Threshold meaning "keep every key of the prefix"; ranks are < l <= this.
+# Threshold meaning "keep every key of the prefix", and the rank of a padding key; ranks are < l.
 KEEP_ALL = 2**31 - 1
 # Kernels may read module globals only as constexpr.
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 KEEP_ALL_IN_KERNEL = tl.constexpr(KEEP_ALL)
 
-# Tile shapes (block_m, block_n, num_warps, num_stages) per kernel, for bf16/fp16 on Hopper with d = 128.
-# bench/dmattn.py --tune sweeps alternatives; bench/dmattn_notes.md records what was measured.
+# Tile shapes per kernel for bf16/fp16 with d = 128 on Hopper (measured: bench/dmattn_notes.md);
+# bench/dmattn.py --tune sweeps alternatives. block_m: queries, block_n: keys.
 FORWARD_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 3}
-BACKWARD_QUERY_CONFIG = {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
-# Small tiles for the CPU interpreter and for fp32 (whose tiles take twice the shared memory).
-SMALL_CONFIG = {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}
+BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2}
+BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+# float32 tiles take twice the shared memory and registers.
+FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
+                   {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
+                   {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2})
+# The CPU interpreter: small tiles, so tiny test shapes still span several blocks.
+INTERPRETER_CONFIGS = ({"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2},
+                       {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 2},
+                       {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2})
 
 
 # ----------------------------------------------------------------------------------------------
-# Keep-window pre-pass (torch).
+# Keep-window pre-pass: key ranks (torch sort) and per-query thresholds (torch table + Triton scan).
 # ----------------------------------------------------------------------------------------------
-def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, chunk_size: int = 128,
-                           max_elements: int = 2**27):
+@triton.jit
+def _threshold_kernel(key_rank, candidate_rank, candidate_count, threshold, seq_len, num_chunks, keep_window,
+                      CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
+    """Grid (num_chunks, b·h). For the CHUNK queries of one chunk, walk them in order, counting for every
+    candidate rank how many keys of the prefix rank at or below it; a query's threshold is the smallest
+    candidate present in its prefix whose count reaches w.
+
+    candidate_rank (b·h, chunks, CHUNK+1): the (w-u)-th smallest rank among keys before the chunk, u = 0..CHUNK
+    (KEEP_ALL when absent); their counts start at w-u. The chunk's own keys are the other candidates; their
+    counts start at candidate_count (b·h, chunks, CHUNK): keys before the chunk with a rank at or below."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    start = chunk * CHUNK
+    table_row = row * num_chunks + chunk
+    prefix_offsets = tl.arange(0, PREFIX_BLOCK)
+    prefix_rank = tl.load(candidate_rank + table_row * (CHUNK + 1) + prefix_offsets,
+                          mask=prefix_offsets < CHUNK + 1, other=KEEP_ALL_IN_KERNEL)
+    prefix_count = keep_window - prefix_offsets
+    own_offsets = tl.arange(0, CHUNK)
+    own_rank = tl.load(key_rank + row * seq_len + start + own_offsets, mask=start + own_offsets < seq_len,
+                       other=KEEP_ALL_IN_KERNEL)
+    own_count = tl.load(candidate_count + table_row * CHUNK + own_offsets)
+    for offset in range(0, CHUNK):
+        inside = start + offset < seq_len
+        rank = tl.load(key_rank + row * seq_len + start + offset, mask=inside, other=KEEP_ALL_IN_KERNEL)
+        prefix_count += (rank <= prefix_rank).to(tl.int32)
+        own_count += (rank <= own_rank).to(tl.int32)
+        prefix_ok = (prefix_count >= keep_window) & (prefix_rank < KEEP_ALL_IN_KERNEL)
+        own_ok = (own_count >= keep_window) & (own_offsets <= offset) & (own_rank < KEEP_ALL_IN_KERNEL)
+        best = tl.minimum(tl.min(tl.where(prefix_ok, prefix_rank, KEEP_ALL_IN_KERNEL), 0),
+                          tl.min(tl.where(own_ok, own_rank, KEEP_ALL_IN_KERNEL), 0))
+        tl.store(threshold + row * seq_len + start + offset, best, mask=inside)
+
+
+def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_ids: torch.Tensor | None = None,
+                           chunk_size: int = 128, max_elements: int = 2**28):
     """(b, h, l) mask -> (key_rank, query_threshold), both int32 (b, h, l).
 
     key_rank[j]: position of key j when the whole row is sorted by (m desc, j desc).
     query_threshold[i]: the w-th smallest rank among keys 0..i, or KEEP_ALL while i < w.
     Query i keeps key j iff j <= i and key_rank[j] <= query_threshold[i] (== the reference's rule).
 
-    Method, per query chunk c of `chunk_size` queries: the w-th smallest rank of the prefix is either
-    one of the chunk's own ranks or the (w-u)-th smallest rank of the keys before the chunk, u <= chunk
-    size. A table T[c, r] = #{keys before chunk c with rank <= r} (cumulative count) gives every
-    candidate's count in O(1); the in-chunk part of each count is a cumulative sum over the chunk.
-    Cost: b·h·l²/chunk_size table entries plus b·h·l·(2·chunk_size + 1)·chunk_size/chunk... counts,
-    processed in slices of at most `max_elements`.
+    With documents (segment_ids (b, l), each document one contiguous run) the reference ranks only the
+    query's own document prefix. Sorting later documents first (then m desc, j desc) gives that for free:
+    the w-th smallest rank of prefix 0..i is then the w-th of i's document prefix when that holds w keys,
+    and otherwise a rank of an earlier document, which keeps the whole document prefix; keys of earlier
+    documents that the threshold admits are removed by the document mask.
+
+    Method, per chunk of `chunk_size` queries: the w-th smallest rank of a query's prefix is one of the
+    chunk's own ranks or the (w-u)-th smallest rank of the keys before the chunk, u <= chunk size. A count
+    table T[c, r] = #{keys before chunk c with rank <= r} (b·h·l²/chunk_size int32, built in slices of at
+    most `max_elements`) gives those candidates and their starting counts; `_threshold_kernel` finishes.
     """
     batch, heads, length = mask_bias.shape
     device = mask_bias.device
@@ -69,94 +120,108 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, chunk_size
     # A stable descending sort of the reversed row puts the nearest key first among ties.
     flipped_order = torch.sort(rows.flip(-1), dim=-1, descending=True, stable=True).indices
     key_by_rank = (length - 1) - flipped_order
+    if segment_ids is not None:
+        changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).to(torch.int64)
+        document = torch.nn.functional.pad(changes.cumsum(-1), (1, 0))  # run index of every position
+        document = document[:, None, :].expand(batch, heads, length).reshape(batch * heads, length)
+        later_first = torch.sort(document.gather(-1, key_by_rank), dim=-1, descending=True, stable=True).indices
+        key_by_rank = key_by_rank.gather(-1, later_first)
     positions = torch.arange(length, device=device).expand(batch * heads, length)
-    key_rank = torch.empty_like(key_by_rank).scatter_(-1, key_by_rank, positions)
+    key_rank = torch.empty_like(key_by_rank).scatter_(-1, key_by_rank, positions).to(torch.int32)
     if keep_window >= length:
         threshold = torch.full_like(key_rank, KEEP_ALL)
-        return _as_output(key_rank, batch, heads), _as_output(threshold, batch, heads)
+        return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
-    chunk = min(chunk_size, length)
+    chunk = min(triton.next_power_of_2(chunk_size), triton.next_power_of_2(length))
     num_chunks = triton.cdiv(length, chunk)
-    padded = num_chunks * chunk
-    absent = padded + chunk + 1  # larger than any rank: an absent candidate
-    candidates_per_chunk = 2 * chunk + 1
-    per_row = num_chunks * (length + candidates_per_chunk * chunk)
-    rows_per_slice = max(1, max_elements // per_row)
-    thresholds = []
-    chunk_index = torch.arange(num_chunks, device=device)
-    offsets = torch.arange(chunk, device=device)
-    # Count targets w - u for u = 0..chunk: the pre-chunk (w-u)-th smallest rank is a candidate.
-    targets = keep_window - torch.arange(chunk + 1, device=device)
+    chunk_index = torch.arange(num_chunks, device=device, dtype=torch.int32)
+    targets = (keep_window - torch.arange(chunk + 1, device=device, dtype=torch.int32))
+    candidate_rank = torch.empty(batch * heads, num_chunks, chunk + 1, dtype=torch.int32, device=device)
+    candidate_count = torch.zeros(batch * heads, num_chunks, chunk, dtype=torch.int32, device=device)
+    padded_rank = torch.zeros(batch * heads, num_chunks * chunk, dtype=torch.int64, device=device)
+    padded_rank[:, :length] = key_rank
+    padded_rank = padded_rank.reshape(batch * heads, num_chunks, chunk)
+    rows_per_slice = max(1, max_elements // (num_chunks * length))
     for start in range(0, batch * heads, rows_per_slice):
-        rank_slice = key_rank[start:start + rows_per_slice]
-        n = rank_slice.shape[0]
-        chunk_of_rank = key_by_rank[start:start + rows_per_slice] // chunk  # (n, l)
-        # table[r, c, rank] = number of keys before chunk c whose rank is <= rank.
+        stop = min(start + rows_per_slice, batch * heads)
+        chunk_of_rank = (key_by_rank[start:stop] // chunk).to(torch.int32)  # (n, l): chunk of the key at rank r
+        # table[n, c, r] = #{keys before chunk c with rank <= r}; non-decreasing in r.
         table = (chunk_of_rank[:, None, :] < chunk_index[None, :, None]).cumsum(-1, dtype=torch.int32)
-        # Candidates of kind A: the (w-u)-th smallest rank before the chunk (first rank where T hits w-u).
-        found = torch.searchsorted(table.reshape(n * num_chunks, length),
-                                   targets.to(torch.int32).expand(n * num_chunks, chunk + 1).contiguous())
-        found = found.reshape(n, num_chunks, chunk + 1)
-        a_present = (targets >= 1) & (found < length)
-        a_value = torch.where(a_present, found, absent)
-        a_base = targets.expand_as(found)
-        # Candidates of kind N: the chunk's own ranks (padding keys get `absent`).
-        padded_rank = torch.full((n, padded), absent, device=device, dtype=key_rank.dtype)
-        padded_rank[:, :length] = rank_slice
-        chunk_rank = padded_rank.reshape(n, num_chunks, chunk)
-        n_base = table.gather(-1, chunk_rank.clamp(max=length - 1)).to(a_base.dtype)
-        value = torch.cat([a_value, chunk_rank], dim=-1)  # (n, chunks, K)
-        base = torch.cat([a_base, n_base], dim=-1)
-        # in_chunk[t, k] = #{s <= t in this chunk : rank_s <= value_k}
-        below = chunk_rank[:, :, :, None] <= value[:, :, None, :]  # (n, chunks, chunk(s), K)
-        in_chunk = below.cumsum(2, dtype=torch.int16)
-        count = base[:, :, None, :] + in_chunk  # (n, chunks, t, K)
-        # An N candidate s exists for query offset t only when s <= t.
-        exists = torch.cat([a_present[:, :, None, :].expand(n, num_chunks, chunk, chunk + 1),
-                            (offsets[None, :] <= offsets[:, None])[None, None].expand(n, num_chunks, chunk, chunk)],
-                           dim=-1)
-        eligible = exists & (count >= keep_window) & (value[:, :, None, :] < absent)
-        best = torch.where(eligible, value[:, :, None, :], absent).amin(-1)  # (n, chunks, t)
-        best = torch.where(best >= absent, KEEP_ALL, best)
-        thresholds.append(best.reshape(n, padded)[:, :length])
-    threshold = torch.cat(thresholds, dim=0)
-    return _as_output(key_rank, batch, heads), _as_output(threshold, batch, heads)
+        flat = table.reshape(-1, length)
+        # The (w-u)-th smallest pre-chunk rank is the first r where the count reaches w-u.
+        found = torch.searchsorted(flat, targets.expand(flat.shape[0], chunk + 1).contiguous())
+        present = (targets >= 1) & (found < length)
+        candidate_rank[start:stop] = torch.where(present, found, KEEP_ALL).reshape(stop - start, num_chunks, chunk + 1)
+        candidate_count[start:stop] = table.gather(-1, padded_rank[start:stop])
+    threshold = torch.empty(batch * heads, length, dtype=torch.int32, device=device)
+    _threshold_kernel[(num_chunks, batch * heads)](
+        key_rank, candidate_rank, candidate_count, threshold, length, num_chunks, keep_window,
+        CHUNK=chunk, PREFIX_BLOCK=triton.next_power_of_2(chunk + 1))
+    return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
 
-def _as_output(values, batch, heads):
-    return values.to(torch.int32).reshape(batch, heads, -1).contiguous()
+def block_schedule(key_rank, query_threshold, segment_ids, batch, heads, length, row_block, col_block, by_query):
+    """The sparse schedule: which column blocks each (b·h, row block) must visit, ascending.
+
+    by_query: rows are query blocks of `row_block` queries and columns key blocks of `col_block` keys
+    (forward, dQ); otherwise rows are key blocks and columns query blocks (dK/dV). key_rank and
+    query_threshold (b, h, l) or None; segment_ids (b, l) or None. Returns counts (b·h, rows) int32 and
+    lists (b·h, rows, columns) int32 whose first counts[...] entries are the blocks to visit.
+    """
+    device = (key_rank if key_rank is not None else segment_ids).device
+    query_block, key_block = (row_block, col_block) if by_query else (col_block, row_block)
+    num_query_blocks, num_key_blocks = triton.cdiv(length, query_block), triton.cdiv(length, key_block)
+    key_start = torch.arange(num_key_blocks, device=device) * key_block
+    query_end = torch.clamp(torch.arange(num_query_blocks, device=device) * query_block + query_block - 1,
+                            max=length - 1)
+    visit = (key_start[None, :] <= query_end[:, None])[None, None]  # causal, (1, 1, q blocks, k blocks)
+
+    def block_reduce(values, block, fill, reduce):
+        blocks = triton.cdiv(length, block)
+        padded = torch.nn.functional.pad(values, (0, blocks * block - length), value=fill)
+        return reduce(padded.reshape(*values.shape[:-1], blocks, block), -1)
+
+    if key_rank is not None:
+        smallest_rank = block_reduce(key_rank.to(torch.int64), key_block, KEEP_ALL, torch.amin)
+        largest_threshold = block_reduce(query_threshold.to(torch.int64), query_block, -1, torch.amax)
+        visit = visit & (smallest_rank[:, :, None, :] <= largest_threshold[:, :, :, None])
+    if segment_ids is not None:
+        ids, far = segment_ids.to(torch.int64), 2**40
+        query_low, query_high = (block_reduce(ids, query_block, far, torch.amin),
+                                 block_reduce(ids, query_block, -far, torch.amax))
+        key_low, key_high = block_reduce(ids, key_block, far, torch.amin), block_reduce(ids, key_block, -far, torch.amax)
+        overlap = (key_low[:, None, :] <= query_high[:, :, None]) & (key_high[:, None, :] >= query_low[:, :, None])
+        visit = visit & overlap[:, None]
+    visit = visit.expand(batch, heads, num_query_blocks, num_key_blocks).reshape(
+        batch * heads, num_query_blocks, num_key_blocks)
+    if not by_query:
+        visit = visit.transpose(1, 2)
+    counts = visit.sum(-1, dtype=torch.int32)
+    # A stable sort of "not visited" puts the visited blocks first, in ascending order.
+    lists = torch.sort((~visit).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return counts.contiguous(), lists.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward kernel.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _block_is_visited(rank_ptrs, segment_ptrs, col_valid, max_threshold, min_segment, max_segment,
-                      HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
-    """True when some (query, key) pair of the two blocks may be kept (a cheap, conservative test)."""
-    visit = True
-    if HAS_WINDOW:
-        rank = tl.load(rank_ptrs, mask=col_valid, other=KEEP_ALL_IN_KERNEL)
-        visit = visit & (tl.min(rank, 0) <= max_threshold)
-    if HAS_SEGMENTS:
-        segment = tl.load(segment_ptrs, mask=col_valid, other=0)
-        low = tl.min(tl.where(col_valid, segment, 2147483647), 0)
-        high = tl.max(tl.where(col_valid, segment, -2147483647), 0)
-        visit = visit & (low <= max_segment) & (high >= min_segment)
-    return visit
-
-
-@triton.jit
 def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, col_valid,
                    key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
                    scale_log2,
-                   HEAD_DIM: tl.constexpr, CAUSAL_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block for the program's query block: online-softmax update of (acc, row_max, row_sum).
+    MASKED: apply the causal mask and the sequence end (blocks below the diagonal need neither)."""
     dims = tl.arange(0, HEAD_DIM)
-    key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
-    bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+    if MASKED:
+        key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
+        bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+    else:
+        key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None])
+        bias = tl.load(bias_base + cols).to(tl.float32) * LOG2E_IN_KERNEL
     scores = tl.dot(q, key_t, input_precision=DOT_PRECISION) * scale_log2 + bias[None, :]
-    if CAUSAL_BLOCK:
+    if MASKED:
         scores = tl.where((rows[:, None] >= cols[None, :]) & col_valid[None, :], scores, float("-inf"))
     if HAS_WINDOW:
         rank = tl.load(rank_base + cols, mask=col_valid, other=KEEP_ALL_IN_KERNEL)
@@ -172,44 +237,26 @@ def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, c
     probs = tl.math.exp2(scores - shift[:, None])
     correction = tl.math.exp2(row_max - shift)
     row_sum = row_sum * correction + tl.sum(probs, 1)
-    value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :], mask=col_valid[:, None], other=0.0)
+    if MASKED:
+        value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :], mask=col_valid[:, None], other=0.0)
+    else:
+        value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :])
     acc = acc * correction[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
 
 @triton.jit
-def _forward_range(acc, row_max, row_sum, q, rows, row_threshold, row_segment, max_threshold,
-                   min_segment, max_segment, key_base, value_base, key_stride, value_stride, bias_base,
-                   rank_base, segment_base, start, end, seq_len, scale_log2,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_BLOCK: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_valid = cols < seq_len
-        if HAS_WINDOW or HAS_SEGMENTS:
-            if _block_is_visited(rank_base + cols, segment_base + cols, col_valid, max_threshold,
-                                 min_segment, max_segment, HAS_WINDOW, HAS_SEGMENTS):
-                acc, row_max, row_sum = _forward_block(
-                    acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, col_valid,
-                    key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
-                    scale_log2, HEAD_DIM, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        else:
-            acc, row_max, row_sum = _forward_block(
-                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, col_valid,
-                key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
-                scale_log2, HEAD_DIM, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    return acc, row_max, row_sum
-
-
-@triton.jit
-def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, out, log_sum_exp,
+def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, block_count, block_list,
+                    out, log_sum_exp,
                     q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                     v_stride_b, v_stride_h, v_stride_l, o_stride_b, o_stride_h, o_stride_l,
                     num_heads, group_size, seq_len, scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): one query block of one head; writes out and base-2 lse (b, h, l)."""
-    block_m = tl.program_id(0)
+    # Late query blocks have the most keys: start them first so that the last wave is short.
+    num_row_blocks = tl.num_programs(0)
+    block_m = num_row_blocks - 1 - tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -226,31 +273,39 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
     rank_base = key_rank + batch_head * seq_len
     segment_base = segment_ids + batch * seq_len
     row_threshold = tl.zeros([BLOCK_M], dtype=tl.int32)
-    max_threshold = 0
     row_segment = tl.zeros([BLOCK_M], dtype=tl.int32)
-    min_segment = 0
-    max_segment = 0
     if HAS_WINDOW:
         row_threshold = tl.load(query_threshold + batch_head * seq_len + rows, mask=row_valid, other=-1)
-        max_threshold = tl.max(row_threshold, 0)
     if HAS_SEGMENTS:
         row_segment = tl.load(segment_base + rows, mask=row_valid, other=-1)
-        min_segment = tl.min(tl.where(row_valid, row_segment, 2147483647), 0)
-        max_segment = tl.max(tl.where(row_valid, row_segment, -2147483647), 0)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Key blocks wholly below the diagonal need no causal mask; then the diagonal block(s).
-    acc, row_max, row_sum = _forward_range(
-        acc, row_max, row_sum, q, rows, row_threshold, row_segment, max_threshold, min_segment, max_segment,
-        key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-        0, start_m, seq_len, scale_log2, HEAD_DIM, BLOCK_N, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    acc, row_max, row_sum = _forward_range(
-        acc, row_max, row_sum, q, rows, row_threshold, row_segment, max_threshold, min_segment, max_segment,
-        key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-        start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2,
-        HEAD_DIM, BLOCK_N, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    if HAS_WINDOW or HAS_SEGMENTS:
+        schedule = batch_head * num_row_blocks + block_m
+        count = tl.load(block_count + schedule)
+        for index in range(0, count):
+            block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
+            cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, row_max, row_sum = _forward_block(
+                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
+                key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
+                HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    else:
+        # Key blocks wholly below the diagonal need no mask; then the diagonal block(s).
+        for start_n in range(0, start_m, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            acc, row_max, row_sum = _forward_block(
+                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
+                key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
+                HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            acc, row_max, row_sum = _forward_block(
+                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
+                key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
+                HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
 
     empty = row_sum == 0.0
     result = acc / tl.where(empty, 1.0, row_sum)[:, None]
@@ -282,10 +337,10 @@ def _delta_kernel(out, grad_out, delta, o_stride_b, o_stride_h, o_stride_l, g_st
 
 
 @triton.jit
-def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank, cols,
+def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride, g_stride, lse_base, delta_base, threshold_base,
-                    row_segment_base, col_segment, start_m, seq_len, scale_log2,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_BLOCK: tl.constexpr,
+                    row_segment_base, start_m, seq_len, scale_log2,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block against the program's key block, in transposed form (keys on rows)."""
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -296,7 +351,7 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))
     scores_t = tl.dot(key, query_t, input_precision=DOT_PRECISION) * scale_log2 + bias_log2[:, None]
     probs_t = tl.math.exp2(scores_t - lse[None, :])
-    if CAUSAL_BLOCK:
+    if CAUSAL:
         probs_t = tl.where(rows[None, :] >= cols[:, None], probs_t, 0.0)
     if HAS_WINDOW:
         threshold = tl.load(threshold_base + rows, mask=row_valid, other=-1)
@@ -315,44 +370,8 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
 
 
 @triton.jit
-def _key_grad_range(grad_key, grad_value, grad_bias, key, value, bias_log2, rank, min_rank, cols,
-                    col_segment, min_col_segment, max_col_segment,
-                    query_base, grad_out_base, q_stride, g_stride, lse_base, delta_base, threshold_base,
-                    row_segment_base, start, end, seq_len, scale_log2,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_BLOCK: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_m in range(start, end, BLOCK_M):
-        if HAS_WINDOW or HAS_SEGMENTS:
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_valid = rows < seq_len
-            # Roles swap: the query block's thresholds / ids play the part of the key block's.
-            visit = True
-            if HAS_WINDOW:
-                threshold = tl.load(threshold_base + rows, mask=row_valid, other=-1)
-                visit = visit & (min_rank <= tl.max(threshold, 0))
-            if HAS_SEGMENTS:
-                row_segment = tl.load(row_segment_base + rows, mask=row_valid, other=0)
-                low = tl.min(tl.where(row_valid, row_segment, 2147483647), 0)
-                high = tl.max(tl.where(row_valid, row_segment, -2147483647), 0)
-                visit = visit & (low <= max_col_segment) & (high >= min_col_segment)
-            if visit:
-                grad_key, grad_value, grad_bias = _key_grad_block(
-                    grad_key, grad_value, grad_bias, key, value, bias_log2, rank, cols,
-                    query_base, grad_out_base, q_stride, g_stride, lse_base, delta_base, threshold_base,
-                    row_segment_base, col_segment, start_m, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        else:
-            grad_key, grad_value, grad_bias = _key_grad_block(
-                grad_key, grad_value, grad_bias, key, value, bias_log2, rank, cols,
-                query_base, grad_out_base, q_stride, g_stride, lse_base, delta_base, threshold_base,
-                row_segment_base, col_segment, start_m, seq_len, scale_log2,
-                HEAD_DIM, BLOCK_M, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    return grad_key, grad_value, grad_bias
-
-
-@triton.jit
-def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, grad_out,
-                     log_sum_exp, delta, grad_key_out, grad_value_out, grad_bias_out,
+def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, block_count, block_list,
+                     grad_out, log_sum_exp, delta, grad_key_out, grad_value_out, grad_bias_out,
                      q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                      v_stride_b, v_stride_h, v_stride_l, g_stride_b, g_stride_h, g_stride_l,
                      num_heads, num_kv_heads, group_size, seq_len, scale_log2, scale,
@@ -361,6 +380,7 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
     """Grid (cdiv(l, BLOCK_N), b·h_kv): one key block of one key/value head, summed over its query
     heads (so GQA needs no atomics); also writes d(mask_bias) of those query heads (fp32, (b, h, l))."""
     block_n = tl.program_id(0)
+    num_key_blocks = tl.num_programs(0)
     batch_kv_head = tl.program_id(1).to(tl.int64)
     batch = batch_kv_head // num_kv_heads
     kv_head = batch_kv_head % num_kv_heads
@@ -374,42 +394,48 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                          mask=col_valid[:, None], other=0.0)
     row_segment_base = segment_ids + batch * seq_len
     col_segment = tl.zeros([BLOCK_N], dtype=tl.int32)
-    min_col_segment = 0
-    max_col_segment = 0
     if HAS_SEGMENTS:
         col_segment = tl.load(row_segment_base + cols, mask=col_valid, other=-1)
-        min_col_segment = tl.min(tl.where(col_valid, col_segment, 2147483647), 0)
-        max_col_segment = tl.max(tl.where(col_valid, col_segment, -2147483647), 0)
     grad_key = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     grad_value = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for group_index in range(group_size):
         head = kv_head * group_size + group_index
         batch_head = batch * num_heads + head
-        bias_log2 = tl.load(mask_bias + batch_head * seq_len + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        bias_log2 = tl.load(mask_bias + batch_head * seq_len + cols, mask=col_valid, other=0.0).to(tl.float32) \
+            * LOG2E_IN_KERNEL
         rank = tl.zeros([BLOCK_N], dtype=tl.int32)
-        min_rank = 0
         if HAS_WINDOW:
             rank = tl.load(key_rank + batch_head * seq_len + cols, mask=col_valid, other=KEEP_ALL_IN_KERNEL)
-            min_rank = tl.min(rank, 0)
         query_base = query + batch * q_stride_b + head * q_stride_h
         grad_out_base = grad_out + batch * g_stride_b + head * g_stride_h
         lse_base = log_sum_exp + batch_head * seq_len
         delta_base = delta + batch_head * seq_len
         threshold_base = query_threshold + batch_head * seq_len
         grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # Query blocks on the diagonal need the causal mask; those wholly below it do not.
-        grad_key, grad_value, grad_bias = _key_grad_range(
-            grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, min_rank, cols,
-            col_segment, min_col_segment, max_col_segment, query_base, grad_out_base, q_stride_l, g_stride_l,
-            lse_base, delta_base, threshold_base, row_segment_base,
-            start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len, scale_log2,
-            HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        grad_key, grad_value, grad_bias = _key_grad_range(
-            grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, min_rank, cols,
-            col_segment, min_col_segment, max_col_segment, query_base, grad_out_base, q_stride_l, g_stride_l,
-            lse_base, delta_base, threshold_base, row_segment_base,
-            start_n + BLOCK_N, seq_len, seq_len, scale_log2,
-            HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+        if HAS_WINDOW or HAS_SEGMENTS:
+            schedule = batch_head * num_key_blocks + block_n
+            count = tl.load(block_count + schedule)
+            for index in range(0, count):
+                block_m = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_M) + index)
+                grad_key, grad_value, grad_bias = _key_grad_block(
+                    grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
+                    query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
+                    row_segment_base, block_m * BLOCK_M, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+        else:
+            # Query blocks on the diagonal need the causal mask; those wholly below it do not.
+            for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
+                grad_key, grad_value, grad_bias = _key_grad_block(
+                    grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
+                    query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
+                    row_segment_base, start_m, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+            for start_m in range(start_n + BLOCK_N, seq_len, BLOCK_M):
+                grad_key, grad_value, grad_bias = _key_grad_block(
+                    grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
+                    query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
+                    row_segment_base, start_m, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
@@ -420,15 +446,21 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
 def _query_grad_block(grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, cols, col_valid,
                       key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
                       scale_log2,
-                      HEAD_DIM: tl.constexpr, CAUSAL_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
-    key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
-    value_t = tl.load(value_base + cols[None, :] * value_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
-    bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+    if MASKED:
+        key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
+        value_t = tl.load(value_base + cols[None, :] * value_stride + dims[:, None], mask=col_valid[None, :],
+                          other=0.0)
+        bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+    else:
+        key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None])
+        value_t = tl.load(value_base + cols[None, :] * value_stride + dims[:, None])
+        bias = tl.load(bias_base + cols).to(tl.float32) * LOG2E_IN_KERNEL
     scores = tl.dot(q, key_t, input_precision=DOT_PRECISION) * scale_log2 + bias[None, :]
     probs = tl.math.exp2(scores - lse[:, None])
-    if CAUSAL_BLOCK:
+    if MASKED:
         probs = tl.where((rows[:, None] >= cols[None, :]) & col_valid[None, :], probs, 0.0)
     if HAS_WINDOW:
         rank = tl.load(rank_base + cols, mask=col_valid, other=KEEP_ALL_IN_KERNEL)
@@ -443,39 +475,16 @@ def _query_grad_block(grad_query, q, grad_out, lse, delta, rows, row_threshold, 
 
 
 @triton.jit
-def _query_grad_range(grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, max_threshold,
-                      min_segment, max_segment, key_base, value_base, key_stride, value_stride, bias_base,
-                      rank_base, segment_base, start, end, seq_len, scale_log2,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_BLOCK: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_valid = cols < seq_len
-        if HAS_WINDOW or HAS_SEGMENTS:
-            if _block_is_visited(rank_base + cols, segment_base + cols, col_valid, max_threshold,
-                                 min_segment, max_segment, HAS_WINDOW, HAS_SEGMENTS):
-                grad_query = _query_grad_block(
-                    grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, cols, col_valid,
-                    key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
-                    scale_log2, HEAD_DIM, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        else:
-            grad_query = _query_grad_block(
-                grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, cols, col_valid,
-                key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
-                scale_log2, HEAD_DIM, CAUSAL_BLOCK, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    return grad_query
-
-
-@triton.jit
-def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, grad_out,
-                       log_sum_exp, delta, grad_query_out,
+def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, block_count, block_list,
+                       grad_out, log_sum_exp, delta, grad_query_out,
                        q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                        v_stride_b, v_stride_h, v_stride_l, g_stride_b, g_stride_h, g_stride_l,
                        num_heads, group_size, seq_len, scale_log2, scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): dQ of one query block of one head (contiguous (b, h, l, d) output)."""
-    block_m = tl.program_id(0)
+    num_row_blocks = tl.num_programs(0)
+    block_m = num_row_blocks - 1 - tl.program_id(0)  # heaviest first, as in the forward
     batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -496,28 +505,35 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
     rank_base = key_rank + batch_head * seq_len
     segment_base = segment_ids + batch * seq_len
     row_threshold = tl.zeros([BLOCK_M], dtype=tl.int32)
-    max_threshold = 0
     row_segment = tl.zeros([BLOCK_M], dtype=tl.int32)
-    min_segment = 0
-    max_segment = 0
     if HAS_WINDOW:
         row_threshold = tl.load(query_threshold + batch_head * seq_len + rows, mask=row_valid, other=-1)
-        max_threshold = tl.max(row_threshold, 0)
     if HAS_SEGMENTS:
         row_segment = tl.load(segment_base + rows, mask=row_valid, other=-1)
-        min_segment = tl.min(tl.where(row_valid, row_segment, 2147483647), 0)
-        max_segment = tl.max(tl.where(row_valid, row_segment, -2147483647), 0)
     grad_query = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    grad_query = _query_grad_range(
-        grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, max_threshold,
-        min_segment, max_segment, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base,
-        segment_base, 0, start_m, seq_len, scale_log2,
-        HEAD_DIM, BLOCK_N, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    grad_query = _query_grad_range(
-        grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, max_threshold,
-        min_segment, max_segment, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base,
-        segment_base, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2,
-        HEAD_DIM, BLOCK_N, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    if HAS_WINDOW or HAS_SEGMENTS:
+        schedule = batch_head * num_row_blocks + block_m
+        count = tl.load(block_count + schedule)
+        for index in range(0, count):
+            block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
+            cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            grad_query = _query_grad_block(
+                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+                scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    else:
+        for start_n in range(0, start_m, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            grad_query = _query_grad_block(
+                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+                scale_log2, HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            grad_query = _query_grad_block(
+                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+                scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
     out_offsets = batch_head * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_query_out + out_offsets, (grad_query * scale).to(grad_query_out.dtype.element_ty),
              mask=row_valid[:, None])
@@ -529,12 +545,9 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
 def _configs(dtype: torch.dtype, device: torch.device):
     """(forward, key-gradient, query-gradient) tile configs for this dtype/device."""
     if device.type != "cuda":
-        small = dict(SMALL_CONFIG)
-        return small, {**small, "block_m": 16, "block_n": 32}, small
+        return INTERPRETER_CONFIGS
     if dtype == torch.float32:
-        return ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-                {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
-                {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2})
+        return FLOAT32_CONFIGS
     return FORWARD_CONFIG, BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG
 
 
@@ -560,6 +573,14 @@ def _validate(q, k, v, mask_bias, keep_window, segment_ids):
         raise ValueError(f"dmattn_fused: keep_window must be a positive int or None; got {keep_window!r}")
     if segment_ids is not None and tuple(segment_ids.shape) != (batch, length):
         raise ValueError(f"dmattn_fused: segment_ids must be (b, l) = {(batch, length)}; got {tuple(segment_ids.shape)}")
+    if segment_ids is not None and keep_window is not None and keep_window < length:
+        # The fused keep-window ranks each document as one run of positions (see keep_window_thresholds).
+        runs = 1 + (segment_ids[:, 1:] != segment_ids[:, :-1]).sum(-1)
+        ordered = torch.sort(segment_ids, dim=-1).values
+        distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(-1)
+        if bool((runs != distinct).any()):
+            raise ValueError("dmattn_fused: with keep_window, each document id in segment_ids must occupy one "
+                             "contiguous run of positions (packed documents)")
 
 
 def _rows_last_contiguous(tensor):
@@ -567,26 +588,52 @@ def _rows_last_contiguous(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _forward(q, k, v, mask_bias, key_rank, query_threshold, segment_ids, has_window, has_segments):
+class _Masks:
+    """What the kernels need besides q, k, v: flags, per-key ranks / per-query thresholds, document
+    ids, and the sparse schedules of each kernel (built lazily: the backward's only when it runs)."""
+
+    def __init__(self, mask_bias, keep_window, segment_ids, batch, heads, length):
+        device = mask_bias.device
+        self.placeholder = torch.zeros(1, dtype=torch.int32, device=device)
+        self.has_window = keep_window is not None and keep_window < length
+        self.has_segments = segment_ids is not None
+        self.sparse = self.has_window or self.has_segments
+        self.key_rank = self.query_threshold = self.placeholder
+        if self.has_window:
+            self.key_rank, self.query_threshold = keep_window_thresholds(mask_bias, keep_window, segment_ids)
+        self.segment_ids = segment_ids.to(torch.int32).contiguous() if self.has_segments else self.placeholder
+        self.shape = (batch, heads, length)
+
+    def schedule(self, row_block, col_block, by_query):
+        if not self.sparse:
+            return self.placeholder, self.placeholder
+        return block_schedule(self.key_rank if self.has_window else None,
+                              self.query_threshold if self.has_window else None,
+                              self.segment_ids if self.has_segments else None,
+                              *self.shape, row_block, col_block, by_query)
+
+
+def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
     config, _, _ = _configs(q.dtype, q.device)
     out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    block_count, block_list = masks.schedule(config["block_m"], config["block_n"], by_query=True)
     grid = (triton.cdiv(length, config["block_m"]), batch * heads)
     _forward_kernel[grid](
-        q, k, v, mask_bias, key_rank, query_threshold, segment_ids, out, lse,
+        q, k, v, mask_bias, masks.key_rank, masks.query_threshold, masks.segment_ids, block_count, block_list,
+        out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], length, LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
-        HAS_WINDOW=has_window, HAS_SEGMENTS=has_segments,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out, lse
 
 
-def _backward(grad_out, q, k, v, mask_bias, out, lse, key_rank, query_threshold, segment_ids,
-              has_window, has_segments):
+def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     _, key_config, query_config = _configs(q.dtype, q.device)
@@ -600,21 +647,24 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, key_rank, query_threshold,
     grad_key = torch.empty((batch, kv_heads, length, head_dim), dtype=k.dtype, device=q.device)
     grad_value = torch.empty_like(grad_key, dtype=v.dtype)
     grad_bias = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    block_count, block_list = masks.schedule(key_config["block_n"], key_config["block_m"], by_query=False)
     _key_grad_kernel[(triton.cdiv(length, key_config["block_n"]), batch * kv_heads)](
-        q, k, v, mask_bias, key_rank, query_threshold, segment_ids, grad_out, lse, delta,
-        grad_key, grad_value, grad_bias, *common,
+        q, k, v, mask_bias, masks.key_rank, masks.query_threshold, masks.segment_ids, block_count, block_list,
+        grad_out, lse, delta, grad_key, grad_value, grad_bias, *strides,
         heads, kv_heads, heads // kv_heads, length, scale * LOG2E, scale,
         HEAD_DIM=head_dim, BLOCK_M=key_config["block_m"], BLOCK_N=key_config["block_n"],
-        HAS_WINDOW=has_window, HAS_SEGMENTS=has_segments, DOT_PRECISION=precision,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, DOT_PRECISION=precision,
         num_warps=key_config["num_warps"], num_stages=key_config["num_stages"])
     grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    block_count, block_list = masks.schedule(query_config["block_m"], query_config["block_n"], by_query=True)
     _query_grad_kernel[(triton.cdiv(length, query_config["block_m"]), batch * heads)](
-        q, k, v, mask_bias, key_rank, query_threshold, segment_ids, grad_out, lse, delta, grad_query, *common,
+        q, k, v, mask_bias, masks.key_rank, masks.query_threshold, masks.segment_ids, block_count, block_list,
+        grad_out, lse, delta, grad_query, *strides,
         heads, heads // kv_heads, length, scale * LOG2E, scale,
         HEAD_DIM=head_dim, BLOCK_M=query_config["block_m"], BLOCK_N=query_config["block_n"],
-        HAS_WINDOW=has_window, HAS_SEGMENTS=has_segments, DOT_PRECISION=precision,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, DOT_PRECISION=precision,
         num_warps=query_config["num_warps"], num_stages=query_config["num_stages"])
     return grad_query, grad_key, grad_value, grad_bias
 
@@ -622,28 +672,19 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, key_rank, query_threshold,
 class _DynamicMaskAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_bias, keep_window, segment_ids):
-        length = q.shape[2]
         q, k, v = (_rows_last_contiguous(t) for t in (q, k, v))
         mask_bias = mask_bias.contiguous()
-        placeholder = torch.zeros(1, dtype=torch.int32, device=q.device)
-        has_window = keep_window is not None and keep_window < length
-        if has_window:
-            key_rank, query_threshold = keep_window_thresholds(mask_bias, keep_window)
-        else:
-            key_rank = query_threshold = placeholder
-        has_segments = segment_ids is not None
-        segments = segment_ids.to(torch.int32).contiguous() if has_segments else placeholder
-        out, lse = _forward(q, k, v, mask_bias, key_rank, query_threshold, segments, has_window, has_segments)
-        ctx.save_for_backward(q, k, v, mask_bias, out, lse, key_rank, query_threshold, segments)
-        ctx.flags = (has_window, has_segments)
+        masks = _Masks(mask_bias, keep_window, segment_ids, q.shape[0], q.shape[1], q.shape[2])
+        out, lse = _forward(q, k, v, mask_bias, masks)
+        ctx.save_for_backward(q, k, v, mask_bias, out, lse)
+        ctx.masks = masks
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask_bias, out, lse, key_rank, query_threshold, segments = ctx.saved_tensors
-        grad_out = _rows_last_contiguous(grad_out)
+        q, k, v, mask_bias, out, lse = ctx.saved_tensors
         grad_query, grad_key, grad_value, grad_bias = _backward(
-            grad_out, q, k, v, mask_bias, out, lse, key_rank, query_threshold, segments, *ctx.flags)
+            _rows_last_contiguous(grad_out), q, k, v, mask_bias, out, lse, ctx.masks)
         return grad_query, grad_key, grad_value, grad_bias.to(mask_bias.dtype), None, None
 
 
