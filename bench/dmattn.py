@@ -34,9 +34,9 @@ logger = logging.getLogger("bench.dmattn")
 # Tile candidates for --tune: (block_m, block_n, num_warps, num_stages); all compile without spills
 # (or nearly) for d = 128 bf16 on sm_90 (checked offline with ptxas; see bench/dmattn_notes.md).
 TUNE_CANDIDATES = {
-    "forward": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
-    "key": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2)],
-    "query": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
+    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
+    "key": [(32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3)],
+    "query": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
 }
 CONFIG_NAMES = {"forward": "FORWARD_CONFIG", "key": "BACKWARD_KEY_CONFIG", "query": "BACKWARD_QUERY_CONFIG"}
 
@@ -322,7 +322,7 @@ def run_benchmark(arguments):
             del kw_inputs
         if "flex" in arguments.baselines:
             if time.time() - started > arguments.time_budget_s:
-                entry["methods"]["flex_bias"] = {"skipped": "time budget"}
+                entry["methods"]["flex_bias"] = {"skipped": "time budget of this run (--time-budget-s)"}
             else:
                 record("flex_bias", lambda: make_flex(length, inputs[3]))
         if "sdpa_mask" in arguments.baselines:
@@ -331,7 +331,7 @@ def run_benchmark(arguments):
                 entry["methods"]["sdpa_mask"] = {"skipped": f"materialised mask would take {mask_gib:.0f} GiB "
                                                             f"(> --max-mask-gib {arguments.max_mask_gib:g})"}
             elif time.time() - started > arguments.time_budget_s:
-                entry["methods"]["sdpa_mask"] = {"skipped": "time budget"}
+                entry["methods"]["sdpa_mask"] = {"skipped": "time budget of this run (--time-budget-s)"}
             else:
                 record("sdpa_mask", lambda: make_sdpa_mask(length))
         summarise(entry, keep_window)
@@ -377,7 +377,7 @@ def print_table(report):
         value = block.get(key)
         return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
-    for length, entry in report["results"].items():
+    for length, entry in sorted(report["results"].items(), key=lambda item: int(item[0])):
         fwd, both, kw = entry["fwd"], entry["fwd_bwd"], entry["keep_window"]
         print(f"{length:>6} {entry['batch']:>3} | {cell(fwd, 'ours_tflops', 8)} {cell(fwd, 'cudnn_tflops')} "
               f"{cell(fwd, 'flex_tflops')} {cell(fwd, 'ratio_vs_cudnn', 6, 2)} | {cell(both, 'ours_tflops', 8)} "

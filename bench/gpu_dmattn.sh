@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -n 8 -p no:cacheprovider tests/gpu/test_dmattn_kernel_gpu.py >"$OUT/tests.log" 2>&1
+python3 -m pytest -q -n 12 -p no:cacheprovider tests/gpu/test_dmattn_kernel_gpu.py >"$OUT/tests.log" 2>&1
 tests_rc=$?
 echo "gpu tests rc=$tests_rc after $(( $(date +%s) - start )) s"; tail -n 25 "$OUT/tests.log"
 python3 bench/dmattn.py --tune --output "$OUT/dmattn_h200.json" "$@" >"$OUT/bench.log" 2>&1
