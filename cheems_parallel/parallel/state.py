@@ -49,5 +49,6 @@ def model_parallel_config(parallel: ParallelConfig, params_dtype=torch.float32) 
         use_cpu_initialization=True,
         perform_initialization=True,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # megatron insists; DeepSpeed's pipeline engine does the sending
         gradient_accumulation_fusion=False,
     )
