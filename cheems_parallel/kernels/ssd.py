@@ -13,20 +13,23 @@ non-decreasing document ids or None. y has x's dtype, final_state is float32 (b,
 Semantics (spec §2): dt = softplus(dt_raw + dt_bias); B~ = rope(B), C~ = rope(C);
 S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B~_t^T, reset to 0 where seq_idx changes; y_t = S_t C~_t + D x_t.
 
-How it is split (T = the kernels' own chunk length, `KERNEL_CHUNK`; the result does not depend on the
+How it is split (T = the kernels' own chunk length, `KERNEL_CHUNK`; the function does not depend on the
 chunk length, so the `chunk_size` argument only matters to the reference):
   prologue (torch)   dt = softplus(dt_raw + dt_bias), g = within-chunk inclusive cumsum of dt*A,
                      both (b, h, l padded to T) float32; torch autograd differentiates this part.
-  _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering
-                     each chunk, stored (b, chunks, h, p, n) in x's dtype, and the final state.
-  _chunk_fwd         parallel over (chunk, head, p-block): y = (C~B~^T * decay) (dt x) + exp(g) C~ S^T + D x.
-  _state_bwd         reverse sequential: dS for the state leaving each chunk, and d(initial state).
-  _chunk_bwd         parallel over (chunk, head): dx, dB, dC, d(dt) from the products, dg (the cumsum's
-                     gradient), per-chunk partial dD.
-RoPE is applied on load (fp32) and un-applied on the gradients of B~ and C~; n is handled as its two
-rotate-half halves throughout, so every C~.B~ product is the sum of two half products.
+  _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
+                     chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
+  _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x.
+  _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
+                     carried state's share of the gradient w.r.t. g at each chunk's last token.
+  _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD.
+  _chunk_bwd_dqk     parallel over (chunk, head), launched for C~ then for B~: dC / dB and their shares
+                     of dg (the gradient w.r.t. g; torch turns it into d dt_raw, d dt_bias, dA).
+RoPE is applied on load and un-applied on the gradients of B~ and C~; n is handled as its two
+rotate-half halves throughout, so every C~.B~ product is the sum of two half products. Products take
+bf16 operands for bf16 inputs (float32 "ieee" for float32 inputs) with float32 accumulation.
+bench/ssd_notes.md has the measurements behind this split.
 """
-import logging
 import os
 
 import torch
@@ -37,15 +40,14 @@ import triton.language as tl
 from cheems_parallel.ops.rope import apply_rope
 from cheems_parallel.ops.ssd import ssd_chunked
 
-logger = logging.getLogger(__name__)
-
 # The kernels' chunk length and tile sizes. Tunable (bench/ssd.py sweeps them); the math does not depend on them.
 KERNEL_CHUNK = 64
+# Defaults: the fastest of bench/ssd.py's sweep on the H200 (run 2 of bench/ssd_notes.md, "t64-wide").
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2,
-    "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 1,
-    "dqk_block_p": 32, "dqk_warps": 8, "dqk_stages": 2,
+    "bwd_block_p": 128, "bwd_warps": 8, "bwd_stages": 1,
+    "dqk_block_p": 64, "dqk_warps": 8, "dqk_stages": 2,
 }
 
 
@@ -507,13 +509,12 @@ def _chunk_bwd_dqk_kernel(
     dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
     acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
     acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    # slot c of states is the state entering chunk c; slot c of dstates, d loss / d(state leaving it)
     if FOR_C:
-        slot = c          # the state entering the chunk
         state_ptr = states_ptr
     else:
-        slot = c          # d loss / d(state leaving the chunk)
         state_ptr = dstates_ptr
-    state_base = ((bi * (NCHUNK + 1) + slot) * H + hi).to(tl.int64) * P * N
+    state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
     for p_start in range(0, P, BLOCK_P):
