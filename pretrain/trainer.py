@@ -224,6 +224,34 @@ class Trainer:
         self.metrics.console(f"eval at step {self.step} | loss {loss:.4f} | perplexity {values['eval/perplexity']:.2f}")
         return values
 
+    def _log_step(self, losses: list, usage: dict, step_lr: float, grad_norm: float | None,
+                  interval_seconds: float, interval_steps: int, average_step_seconds: float) -> None:
+        """Average over data-parallel ranks, then metrics.jsonl + TensorBoard + the console line (rank 0)."""
+        batch, config = self.batch, self.config
+        mean_loss = float(self._all_reduce_mean(torch.stack(losses).mean().reshape(1)).item())
+        usage_values = {}
+        if usage:  # CDMoE expert usage, per layer
+            keys = sorted(usage)
+            averaged = self._all_reduce_mean(torch.stack([usage[key] for key in keys])
+                                             / batch.gradient_accumulation_steps)
+            usage_values = dict(zip(keys, averaged.tolist()))
+        tokens_per_second = interval_steps * batch.global_batch_size * config.data.seq_length / interval_seconds
+        values = {
+            "train/loss": mean_loss,
+            "train/lr": step_lr,
+            "train/grad_norm": grad_norm,
+            "train/skipped_steps": self.skipped_steps,
+            "train/consumed_samples": self.consumed_samples,
+            "perf/tokens_per_second": tokens_per_second,
+            "perf/mfu": (tokens_per_second * self.flops_per_token / (self.peak_flops * batch.world_size)
+                         if self.peak_flops else None),
+            "perf/peak_memory_gib": peak_memory_gib(self.device),
+            "perf/seconds_per_step": interval_seconds / interval_steps,
+        }
+        values.update(usage_values)
+        self.metrics.write(self.step, values)
+        self.metrics.console(train_console_line(self.step, config.train.steps, values, average_step_seconds))
+
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
         config, batch, engine = self.config, self.batch, self.engine
@@ -262,7 +290,9 @@ class Trainer:
             skipped = loss_bad or not engine.was_step_applied() or (grad_norm is not None and not math.isfinite(grad_norm))
             self.step = step_number
             self.consumed_samples += batch.global_batch_size
-            step_seconds = time.perf_counter() - step_start  # loss_bad's all-reduce synchronised the device
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # step time = device time too, not just the launches
+            step_seconds = time.perf_counter() - step_start
             interval_seconds += step_seconds
             run_train_seconds += step_seconds
             interval_steps += 1
@@ -277,30 +307,8 @@ class Trainer:
                 consecutive_bad = 0
 
             if self.step % config.logging.interval == 0 or self.step == total_steps:
-                mean_loss = float(self._all_reduce_mean(torch.stack(losses).mean().reshape(1)).item())
-                usage_values = {}
-                if usage:
-                    keys = sorted(usage)
-                    averaged = self._all_reduce_mean(torch.stack([usage[key] for key in keys])
-                                                     / batch.gradient_accumulation_steps)
-                    usage_values = dict(zip(keys, averaged.tolist()))
-                tokens_per_second = interval_steps * batch.global_batch_size * config.data.seq_length / interval_seconds
-                values = {
-                    "train/loss": mean_loss,
-                    "train/lr": step_lr,
-                    "train/grad_norm": grad_norm,
-                    "train/skipped_steps": self.skipped_steps,
-                    "train/consumed_samples": self.consumed_samples,
-                    "perf/tokens_per_second": tokens_per_second,
-                    "perf/mfu": (tokens_per_second * self.flops_per_token / (self.peak_flops * batch.world_size)
-                                 if self.peak_flops else None),
-                    "perf/peak_memory_gib": peak_memory_gib(self.device),
-                    "perf/seconds_per_step": interval_seconds / interval_steps,
-                }
-                values.update(usage_values)
-                self.metrics.write(self.step, values)
-                average_step = run_train_seconds / max(1, self.step - run_start_step)
-                self.metrics.console(train_console_line(self.step, total_steps, values, average_step))
+                self._log_step(losses, usage, step_lr, grad_norm, interval_seconds, interval_steps,
+                               run_train_seconds / max(1, self.step - run_start_step))
                 interval_seconds, interval_steps = 0.0, 0
 
             if exit_code == EXIT_NONFINITE:
