@@ -46,8 +46,8 @@ KEEP_ALL_IN_KERNEL = tl.constexpr(KEEP_ALL)
 # Tile shapes per kernel for bf16/fp16 with d = 128 on Hopper (measured: bench/dmattn_notes.md);
 # bench/dmattn.py --tune sweeps alternatives. block_m: queries, block_n: keys.
 FORWARD_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2}
-BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3}
+BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
