@@ -157,7 +157,7 @@ def _state_fwd_kernel(
 ):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_blocks = tl.cdiv(NH, BLOCK_NH)
+    n_blocks = (NH + BLOCK_NH - 1) // BLOCK_NH   # not tl.cdiv: a @jit helper the interpreter runs only if triton was imported under TRITON_INTERPRET=1
     pid_p = pid_pn // n_blocks
     pid_n = pid_pn % n_blocks
     bi = pid_bh // H
@@ -308,7 +308,7 @@ def _state_bwd_kernel(
     of exp(g_last) <dstates[c], state entering chunk c> (masked), the carried state's part of d loss / d g_last."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_blocks = tl.cdiv(NH, BLOCK_NH)
+    n_blocks = (NH + BLOCK_NH - 1) // BLOCK_NH   # not tl.cdiv: a @jit helper the interpreter runs only if triton was imported under TRITON_INTERPRET=1
     pid_p = pid_pn // n_blocks
     pid_n = pid_pn % n_blocks
     bi = pid_bh // H
