@@ -139,6 +139,14 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(data):
     assert [r["train/grad_norm"] for r in actual] == [r["train/grad_norm"] for r in expected]
     assert [r["train/lr"] for r in actual] == [r["train/lr"] for r in expected]
 
+    # The saved checkpoint samples text through the model's generate() (python -m pretrain.generate).
+    final = newest_valid_checkpoint(resumed / "checkpoints")
+    sampled = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(final), "--prompt",
+                              "Return the", "--max-new-tokens", "8", "--temperature", "0"], cwd=REPOSITORY_ROOT,
+                             env=environment(), capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("'Return the' -> 'Return the")
+
 
 def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
     deadline = time.time() + timeout
