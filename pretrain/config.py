@@ -22,7 +22,6 @@ values the trainer derives (batch sizes, ZeRO stage, precision, clipping) are fi
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -389,11 +388,3 @@ def default_paths(config: PretrainConfig) -> None:
         config.checkpoint.dir = str(run_dir / "checkpoints")
     if config.data.cache_dir is None:
         config.data.cache_dir = str(run_dir / "data_cache")
-
-
-def tokens_per_step(config: PretrainConfig, batch: BatchLayout) -> int:
-    return batch.global_batch_size * config.data.seq_length
-
-
-def is_finite_number(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
