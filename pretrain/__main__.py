@@ -4,6 +4,9 @@ Also started as `deepspeed [--hostfile H] --module pretrain ...` and `torchrun -
 come from the launcher's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The whole
 configuration is validated before any process group starts; user mistakes print one line
 (`error: <file>: <field>: <problem>`) and exit with status 2.
+
+Exit status: 0 done (or train.exit_at_step reached), 2 a user error (config, data, checkpoint),
+3 too many non-finite steps in a row, 128 + signal (143 SIGTERM, 130 SIGINT) after the preemption save.
 """
 import argparse
 import logging
