@@ -105,12 +105,12 @@ def test_keep_window_with_documents_and_ties(kernels, documents):
 def test_keep_window_thresholds_reproduce_reference_mask(kernels, length, keep_window, chunk_size, levels,
                                                          num_documents):
     """rank_j <= threshold_i (with j <= i and the document mask) must be exactly the reference's allowed set,
-    ties included; a tiny slice budget also exercises the slicing over (b, h)."""
+    ties included; a tiny slice budget (about one (b, h) row per slice) also exercises the slicing."""
     generator = torch.Generator().manual_seed(length * 1000 + keep_window)
-    mask_bias = torch.randint(0, levels, (2, 3, length), generator=generator).float()
+    mask_bias = torch.randint(0, levels, (2, 2, length), generator=generator).float()
     segments = None if num_documents is None else sorted_segments(2, length, num_documents, generator)
     key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments, chunk_size=chunk_size,
-                                                         max_elements=4000)
+                                                         max_elements=300)
     positions = torch.arange(length)
     kept = (key_rank[:, :, None, :] <= threshold[:, :, :, None]) & (positions[None, :] <= positions[:, None])
     if segments is not None:
