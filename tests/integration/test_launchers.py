@@ -242,43 +242,86 @@ def test_slurm_sbatch_two_tasks(slurm, tiny_data, torchrun_losses, tmp_path):
     check_same_losses(train_losses(run_dir), torchrun_losses)
 
 
-def test_slurm_requeue_checkpoints_and_resumes(slurm, tiny_data, torchrun_losses, tmp_path):
-    """Preemption: `scontrol requeue` mid-run -> every task gets SIGTERM, saves, exits; Slurm restarts
-    the job; `--resume auto` continues; the whole curve equals the uninterrupted torchrun run."""
-    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
-    job_id = submit_pretrain(slurm, tiny_data, run_dir, log_dir, "cheems-requeue")
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    # Wait for the first logged step: both ranks are then inside the loop with the SIGTERM handler set.
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert time.monotonic() < deadline, f"job {job_id} logged no step: {slurm.job_field(job_id, 'JobState')}"
-        assert slurm.job_field(job_id, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job {job_id} ended before it could be preempted"
-        time.sleep(0.05)
-    requeue = slurm.command(["scontrol", "requeue", job_id])
-    assert requeue.returncode == 0, requeue.stderr
+def logged_steps(metrics: Path) -> list[int]:
+    if not metrics.exists():
+        return []
+    steps = []
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            continue   # a line being written
+    return steps
 
-    # The job goes back to the queue and runs again; wait for its second start to finish.
-    deadline = time.monotonic() + 300
+
+def wait_for_restart(slurm: LocalSlurm, job_id: str, log: Path, restarts: int, until: str, timeout: float = 300) -> str:
+    """Wait until start number `restarts + 1` of the job has begun (its header is in the log) and the
+    job is in state `until` or has ended. Returns the state."""
+    deadline = time.monotonic() + timeout
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    header = f"job {job_id} start {restarts + 1} (restart count {restarts})"
     while True:
-        state, restarts = slurm.job_field(job_id, "JobState"), slurm.job_field(job_id, "Restarts")
-        if restarts == "1" and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
+        state, count = slurm.job_field(job_id, "JobState"), slurm.job_field(job_id, "Restarts")
+        # Around a requeue the state passes through COMPLETING/REQUEUED with the new restart count
+        # before the next start, so the log header is what says the new start has begun.
+        started = log.exists() and header in log.read_text()
+        if count == str(restarts) and started and (state == until or state in final):
+            return state
         if state == "PENDING" and slurm.job_field(job_id, "Reason") == "BeginTime":
             # slurmctld holds a requeued job back for 120 s (a fixed delay); start it now instead.
             slurm.command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-        assert time.monotonic() < deadline, f"job {job_id}: state {state}, restarts {restarts}"
-        time.sleep(0.5)
-    log = (log_dir / f"cheems-requeue-{job_id}.out").read_text()
-    assert state == "COMPLETED", f"job {job_id} ended {state} after its restart:\n{log[-4000:]}"
+        assert time.monotonic() < deadline, f"job {job_id}: state {state}, restarts {count}, want {restarts}"
+        time.sleep(0.3)
 
-    stopped = re.findall(r"stopped by SIGTERM at step (\d+)", log)
-    resumed = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", log)
-    assert stopped, f"no rank reported a SIGTERM stop:\n{log[-4000:]}"
-    stop_step = int(stopped[0])
-    assert 1 <= stop_step < STEPS, f"stopped at step {stop_step}; the test wants a stop mid-run"
-    assert resumed and all(int(step) == stop_step for pair in resumed for step in pair), \
-        f"resume did not continue from step {stop_step}: {resumed}"
-    assert "job %s start 2 (restart count 1)" % job_id in log
+
+def wait_for_step_after(slurm: LocalSlurm, job_id: str, metrics: Path, step: int, timeout: float = 240) -> None:
+    """Wait until a training step later than `step` is logged: every rank is in the loop, handler set."""
+    deadline = time.monotonic() + timeout
+    while not any(logged > step for logged in logged_steps(metrics)):
+        state = slurm.job_field(job_id, "JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"), \
+            f"job {job_id} is {state} before a step after {step} was logged"
+        assert time.monotonic() < deadline, f"job {job_id} logged no step after {step} in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_slurm_preemption_and_time_limit_requeue_then_resume(slurm, tiny_data, torchrun_losses, tmp_path):
+    """One job, stopped twice mid-run and restarted by Slurm each time; the whole curve equals the
+    uninterrupted torchrun run.
+
+    1. preemption: `scontrol requeue` -> Slurm sends SIGTERM to every task (and the batch shell) ->
+       the tasks save a checkpoint and exit -> Slurm requeues the job (--requeue).
+    2. time limit: USR1 to the batch shell, as `--signal=B:USR1@300` does before the limit ->
+       the script forwards SIGTERM -> checkpoint -> the script requeues its own job.
+    Each restart runs with `--resume auto` and continues from the checkpoint just written.
+    """
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    metrics = run_dir / "metrics.jsonl"
+    job_id = submit_pretrain(slurm, tiny_data, run_dir, log_dir, "cheems-requeue")
+    log_path = log_dir / f"cheems-requeue-{job_id}.out"
+
+    wait_for_step_after(slurm, job_id, metrics, 0)
+    requeue = slurm.command(["scontrol", "requeue", job_id])
+    assert requeue.returncode == 0, requeue.stderr
+    wait_for_restart(slurm, job_id, log_path, 1, until="RUNNING")
+    first_stop = max(logged_steps(metrics) or [0])
+
+    wait_for_step_after(slurm, job_id, metrics, first_stop)
+    warning = slurm.command(["scancel", "--batch", "--signal=USR1", job_id])
+    assert warning.returncode == 0, warning.stderr
+    state = wait_for_restart(slurm, job_id, log_path, 2, until="COMPLETED")
+    log = log_path.read_text()
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
+
+    stops = [int(step) for step in re.findall(r"stopped by SIGTERM at step (\d+)", log)]
+    resumes = [(int(saved), int(step)) for saved, step in re.findall(r"resumed from \S+step_(\d+) at step (\d+)", log)]
+    # Rank 0 logs every stop and resume (other ranks may too): two distinct stops, mid-run.
+    distinct_stops = sorted(set(stops))
+    assert len(distinct_stops) == 2 and 1 <= distinct_stops[0] < distinct_stops[1] < STEPS, \
+        f"want two stops mid-run, got {stops}:\n{log[-4000:]}"
+    assert sorted(set(resumes)) == [(step, step) for step in distinct_stops], f"resumes {resumes}, stops {stops}"
+    assert "got SIGTERM" in log and "got SIGUSR1" in log and f"requeued job {job_id}" in log
+    for start in (1, 2, 3):
+        assert f"job {job_id} start {start} (restart count {start - 1})" in log
     check_every_rank_saved(run_dir)
     check_same_losses(train_losses(run_dir), torchrun_losses)
