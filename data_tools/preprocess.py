@@ -179,7 +179,7 @@ class Progress:
         self.enabled = enabled
         self.interactive = sys.stderr.isatty()
         self.started = time.perf_counter()
-        self.last_drawn = 0.0
+        self.last_drawn = self.started
 
     def update(self, documents: int, tokens: int, bytes_read: int, final: bool = False) -> None:
         if not self.enabled:
