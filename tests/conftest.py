@@ -5,6 +5,11 @@ import socket
 import pytest
 import torch
 
+# Without a GPU, Triton kernels only run in its interpreter; it must be chosen before triton is first
+# imported anywhere in the session (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
