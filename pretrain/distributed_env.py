@@ -125,7 +125,9 @@ def _integer(environ, name: str) -> int:
 def _from_torchrun(environ) -> dict:
     if "WORLD_SIZE" not in environ:
         raise ConfigError("environment: RANK is set but WORLD_SIZE is not; the launcher must export both")
-    local_rank = _integer(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else _integer(environ, "RANK")
+    # torchrun and deepspeed always export LOCAL_RANK; launchers that do not (Kubeflow's PyTorchJob)
+    # run one process per pod, which is local rank 0.
+    local_rank = _integer(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0
     return {"rank": _integer(environ, "RANK"), "world_size": _integer(environ, "WORLD_SIZE"),
             "local_rank": local_rank, "master_addr": environ.get("MASTER_ADDR", LOOPBACK),
             "master_port": environ.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)), "source": "torchrun"}

@@ -36,6 +36,9 @@ def _free_port() -> int:
 
 def ensure_installed() -> None:
     """`apt-get install slurm-wlm` when slurmctld is missing (root only, as in CI)."""
+    if os.geteuid() != 0:
+        # slurmd starts job steps as the submitting user, which needs root (CI runs as root).
+        raise SlurmUnavailable("a local slurmd needs root; run as root (CI does)")
     if all(shutil.which(name) for name in ("slurmctld", "slurmd", "munged", "sbatch", "sacct")):
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:

@@ -36,6 +36,11 @@ def test_torchrun_environment_is_taken_as_is():
     assert (layout["master_addr"], layout["master_port"]) == ("10.0.0.7", "29511")
 
 
+def test_rank_without_local_rank_is_one_process_per_host():
+    layout = discover({"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "pod-0", "MASTER_PORT": "23456"})
+    assert (layout["rank"], layout["world_size"], layout["local_rank"]) == (5, 8, 0)
+
+
 def test_slurm_task_under_srun():
     environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
                "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,11]"}
