@@ -233,12 +233,12 @@ def test_slurm_sbatch_two_tasks(slurm, tiny_data, torchrun_losses, tmp_path):
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
     print(f"slurm job {job_id}: {time.monotonic() - started:.1f} s")
 
-    assert f"=== " in log and f"job {job_id} start 1 (restart count 0)" in log
+    assert "=== " in log and f"job {job_id} start 1 (restart count 0)" in log
     layout = check_layout_lines(log, "slurm")
     # MASTER_ADDR is the first host of SLURM_JOB_NODELIST (the node is called localhost), the port
     # derived from the job id.
     assert {(addr, port) for *_, addr, port, _ in layout} == {("localhost", str(10000 + int(job_id) % 50000))}
-    assert f"tasks exited with 0" in log
+    assert "tasks exited with 0" in log
     check_every_rank_saved(run_dir)
     check_same_losses(train_losses(run_dir), torchrun_losses)
 
