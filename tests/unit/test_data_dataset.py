@@ -71,7 +71,8 @@ def test_items_match_the_contract_and_the_shard(shards):
     assert test is None and len(valid) >= 10 and len(train) >= 50
     pool = collections.Counter(shard_tokens(shards["shakespeare"]).tolist())
     drawn = collections.Counter()
-    for index in range(len(train)):
+    checked = min(len(train), 300)
+    for index in range(checked):
         item = train[index]
         assert set(item) == {"tokens", "labels", "loss_mask", "position_ids"}
         assert item["tokens"].shape == (SEQ,) and item["tokens"].dtype == torch.int64
@@ -82,7 +83,7 @@ def test_items_match_the_contract_and_the_shard(shards):
         drawn.update(item["tokens"].tolist())
     # Samples are windows over the documents of the training split: never a token the shard lacks.
     assert all(drawn[token] <= pool[token] for token in drawn)
-    assert sum(drawn.values()) == len(train) * SEQ
+    assert sum(drawn.values()) == checked * SEQ
 
 
 def test_deterministic_for_a_seed_and_cached(shards):
