@@ -223,8 +223,9 @@ def build_pretraining_datasets(blend, tokenizer_model, seq_length: int, num_samp
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     os.makedirs(cache_dir, exist_ok=True)
 
-    # megatron-core logs every index it opens at INFO; the trainer's logs should not drown in it.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core's datasets log every index they open at INFO; the trainer's logs should not
+    # drown in it (only this logger: the trainer may want megatron's other INFO lines).
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
