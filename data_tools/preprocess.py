@@ -16,6 +16,7 @@ Start-up matters (the benchmark counts it): nothing here imports torch or megatr
 instead (identical bytes; costs ~3 s of imports).
 """
 import argparse
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -304,20 +305,33 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
                     consume(encode_unit(task))
                     bar.update(stats.documents, total_tokens, stats.bytes_read)
             else:
+                # concurrent.futures rather than multiprocessing.Pool: when a worker dies (the
+                # OS killing it for memory, say) the pool breaks and we stop with an error,
+                # where Pool would wait forever for the lost task.
                 context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
                 counters = context.Array("q", 3)
-                with context.Pool(workers, initializer=_init_worker,
-                                  initargs=(tokenizer_path, counters)) as pool:
-                    pending = pool.imap(encode_unit, tasks)
-                    for _ in tasks:
-                        while True:
-                            try:
-                                result = pending.next(timeout=0.2)
-                                break
-                            except multiprocessing.TimeoutError:
-                                bar.update(counters[0], counters[1], counters[2])
-                        consume(result)
-                        bar.update(counters[0], counters[1], counters[2])
+                with concurrent.futures.ProcessPoolExecutor(
+                        workers, mp_context=context, initializer=_init_worker,
+                        initargs=(tokenizer_path, counters)) as pool:
+                    try:
+                        futures = [pool.submit(encode_unit, task) for task in tasks]
+                        for unit, future in zip(units, futures):
+                            while True:
+                                try:
+                                    result = future.result(timeout=0.2)
+                                    break
+                                except concurrent.futures.TimeoutError:
+                                    bar.update(counters[0], counters[1], counters[2])
+                            consume(result)
+                            bar.update(counters[0], counters[1], counters[2])
+                    except concurrent.futures.process.BrokenProcessPool:
+                        span = "" if unit.end is None else f" bytes {unit.start}-{unit.end}"
+                        raise DataError(f"a worker process died while encoding {unit.path}{span} "
+                                        f"(killed by the OS, out of memory?)") from None
+                    except BaseException:
+                        for future in futures:
+                            future.cancel()
+                        raise
             if writer == "megatron":
                 shard.abort()
                 _join_parts_megatron(results, output_prefix, dtype)

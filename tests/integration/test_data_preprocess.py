@@ -227,3 +227,19 @@ def test_huge_document_streams_in_bounded_memory(tmp_path):
     assert ids[-1] == tokenizer.eod
     decoded = tokenizer.decode(numpy.asarray(ids[:-1]).tolist())
     assert decoded == " ".join(text.split())   # sentencepiece collapses whitespace runs
+
+
+def die_like_an_oom_kill(task):
+    """Stands in for encode_unit in a worker that the OS kills mid-unit."""
+    os._exit(137)
+
+
+@pytest.mark.timeout(120)
+def test_dead_worker_stops_the_run_instead_of_hanging(corpus, tmp_path, monkeypatch):
+    from data_tools import preprocess as preprocess_module
+    from data_tools.errors import DataError
+
+    monkeypatch.setattr(preprocess_module, "encode_unit", die_like_an_oom_kill)
+    with pytest.raises(DataError, match=r"a worker process died while encoding .*a\.jsonl"):
+        preprocess_module.preprocess([corpus["inputs"][0]], str(tmp_path / "out"), corpus["tokenizer"], workers=2)
+    assert leftovers(tmp_path, "out") == []
