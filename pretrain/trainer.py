@@ -224,11 +224,15 @@ class Trainer:
         self.metrics.console(f"eval at step {self.step} | loss {loss:.4f} | perplexity {values['eval/perplexity']:.2f}")
         return values
 
-    def _log_step(self, losses: list, usage: dict, step_lr: float, grad_norm: float | None,
+    def _log_step(self, interval_losses: list, usage: dict, step_lr: float, grad_norm: float | None,
                   interval_seconds: float, interval_steps: int, average_step_seconds: float) -> None:
-        """Average over data-parallel ranks, then metrics.jsonl + TensorBoard + the console line (rank 0)."""
+        """metrics.jsonl + TensorBoard + the console line (rank 0). The loss is the mean over the steps of
+        the interval (skipped, non-finite ones left out) and over data-parallel ranks; expert usage and
+        the grad norm are the last step's."""
         batch, config = self.batch, self.config
-        mean_loss = float(self._all_reduce_mean(torch.stack(losses).mean().reshape(1)).item())
+        step_losses = self._all_reduce_mean(torch.stack(interval_losses))
+        finite = step_losses[torch.isfinite(step_losses)]
+        mean_loss = float(finite.mean().item()) if len(finite) else float("nan")
         usage_values = {}
         if usage:  # CDMoE expert usage, per layer
             keys = sorted(usage)
@@ -262,7 +266,7 @@ class Trainer:
                                          self.data_parallel_rank, config.data.num_workers))
         consecutive_bad = 0
         # Throughput counts the training steps only (evaluation and saves excluded).
-        interval_seconds, interval_steps = 0.0, 0
+        interval_seconds, interval_steps, interval_losses = 0.0, 0, []
         run_start_step, run_train_seconds = self.step, 0.0
         exit_code = 0
         engine.train()
@@ -296,6 +300,7 @@ class Trainer:
             interval_seconds += step_seconds
             run_train_seconds += step_seconds
             interval_steps += 1
+            interval_losses.append(torch.stack(losses).mean())
             if skipped:
                 self.skipped_steps += 1
                 consecutive_bad += 1
@@ -307,9 +312,9 @@ class Trainer:
                 consecutive_bad = 0
 
             if self.step % config.logging.interval == 0 or self.step == total_steps:
-                self._log_step(losses, usage, step_lr, grad_norm, interval_seconds, interval_steps,
+                self._log_step(interval_losses, usage, step_lr, grad_norm, interval_seconds, interval_steps,
                                run_train_seconds / max(1, self.step - run_start_step))
-                interval_seconds, interval_steps = 0.0, 0
+                interval_seconds, interval_steps, interval_losses = 0.0, 0, []
 
             if exit_code == EXIT_NONFINITE:
                 good = self.last_saved or "none saved yet"
