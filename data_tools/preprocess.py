@@ -16,7 +16,6 @@ Start-up matters (the benchmark counts it): nothing here imports torch or megatr
 instead (identical bytes; costs ~3 s of imports).
 """
 import argparse
-import concurrent.futures
 import itertools
 import json
 import logging
@@ -75,9 +74,13 @@ _worker_counters = None
 
 
 def _init_worker(tokenizer_path: str, counters) -> None:
+    """Per worker process: load the tokenizer; count this worker in (counters[3], see preprocess)."""
     global _worker_tokenizer, _worker_counters
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     _worker_counters = counters
+    if counters is not None:
+        with counters.get_lock():
+            counters[3] += 1
 
 
 def _report_progress(documents: int, tokens: int, bytes_read: int) -> None:
@@ -305,33 +308,29 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
                     consume(encode_unit(task))
                     bar.update(stats.documents, total_tokens, stats.bytes_read)
             else:
-                # concurrent.futures rather than multiprocessing.Pool: when a worker dies (the
-                # OS killing it for memory, say) the pool breaks and we stop with an error,
-                # where Pool would wait forever for the lost task.
+                # multiprocessing.Pool queues every task up front, so workers never wait for the
+                # main process (concurrent.futures feeds them from a thread of the main process,
+                # which a loaded machine may not schedule promptly). Pool silently replaces a
+                # worker that dies (the OS killing it for memory, say) and would then wait
+                # forever for its lost task; each worker counts itself in at start-up, so a
+                # count above `workers` means one died, and the run stops with an error.
                 context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-                counters = context.Array("q", 3)
-                with concurrent.futures.ProcessPoolExecutor(
-                        workers, mp_context=context, initializer=_init_worker,
-                        initargs=(tokenizer_path, counters)) as pool:
-                    try:
-                        futures = [pool.submit(encode_unit, task) for task in tasks]
-                        for unit, future in zip(units, futures):
-                            while True:
-                                try:
-                                    result = future.result(timeout=0.2)
-                                    break
-                                except concurrent.futures.TimeoutError:
-                                    bar.update(counters[0], counters[1], counters[2])
-                            consume(result)
-                            bar.update(counters[0], counters[1], counters[2])
-                    except concurrent.futures.process.BrokenProcessPool:
-                        span = "" if unit.end is None else f" bytes {unit.start}-{unit.end}"
-                        raise DataError(f"a worker process died while encoding {unit.path}{span} "
-                                        f"(killed by the OS, out of memory?)") from None
-                    except BaseException:
-                        for future in futures:
-                            future.cancel()
-                        raise
+                counters = context.Array("q", 4)
+                with context.Pool(workers, initializer=_init_worker,
+                                  initargs=(tokenizer_path, counters)) as pool:
+                    pending = pool.imap(encode_unit, tasks)
+                    for _ in tasks:
+                        while True:
+                            try:
+                                result = pending.next(timeout=0.2)
+                                break
+                            except multiprocessing.TimeoutError:
+                                if counters[3] > workers:
+                                    raise DataError("a worker process died while encoding (killed by "
+                                                    "the OS, out of memory?); no output was written") from None
+                                bar.update(counters[0], counters[1], counters[2])
+                        consume(result)
+                        bar.update(counters[0], counters[1], counters[2])
             if writer == "megatron":
                 shard.abort()
                 _join_parts_megatron(results, output_prefix, dtype)

@@ -240,6 +240,6 @@ def test_dead_worker_stops_the_run_instead_of_hanging(corpus, tmp_path, monkeypa
     from data_tools.errors import DataError
 
     monkeypatch.setattr(preprocess_module, "encode_unit", die_like_an_oom_kill)
-    with pytest.raises(DataError, match=r"a worker process died while encoding .*a\.jsonl"):
+    with pytest.raises(DataError, match=r"a worker process died while encoding"):
         preprocess_module.preprocess([corpus["inputs"][0]], str(tmp_path / "out"), corpus["tokenizer"], workers=2)
     assert leftovers(tmp_path, "out") == []
