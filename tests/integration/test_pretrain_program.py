@@ -41,9 +41,12 @@ def free_port() -> int:
 
 
 def environment() -> dict:
+    """The test process's environment without launcher variables: earlier tests in this pytest process
+    may have set MASTER_PORT & co. for their own process group (whose port is still bound)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"):
+        env.pop(name, None)
     return env
 
 
