@@ -206,9 +206,10 @@ def config_problems(config: PretrainConfig, world_size: int) -> list[str]:
         problems.append(f"train.zero_stage={train.zero_stage} cannot combine with parallel.pipeline_parallel_size="
                         f"{parallel.pipeline_parallel_size} (DeepSpeed pipelines support ZeRO <= 1); "
                         "use zero_stage 0/1 or no pipeline")
-    elif parallel.pipeline_parallel_size > 1:
-        problems.append(f"parallel.pipeline_parallel_size={parallel.pipeline_parallel_size}: pipeline parallel "
-                        "is not implemented in this version; use 1")
+    if parallel.pipeline_parallel_size > 1 and config.model.load_balance_coef > 0:
+        problems.append(f"model.load_balance_coef={config.model.load_balance_coef} cannot combine with "
+                        f"parallel.pipeline_parallel_size={parallel.pipeline_parallel_size} (only the hidden state "
+                        "travels between stages); set it to 0 or use no pipeline")
     problems += model_problems(config.model, parallel)
     try:
         derive_batch(config, world_size)

@@ -125,25 +125,35 @@ class Trainer:
         # Same seed on every rank: weights are initialised on the CPU from the full master weight, so
         # every layout starts from the numbers one process would have.
         seed_everything(config.train.seed)
-        model = CheemsForCausalLM(config.model, config.parallel)
-        model.set_activation_checkpointing(config.train.activation_checkpointing)
-        uses_kernels = self.device.type == "cuda" and any(getattr(module, "use_kernels", False) for module in model.modules())
-        self.kernel_path = "triton kernels" if uses_kernels else "pytorch reference ops"
-
+        self.pipeline = config.parallel.pipeline_parallel_size > 1
         mpu = DeepSpeedMPU()
-        # With ZeRO-0 in fp32 DeepSpeed steps our optimizer directly, so it clips (see optimizer.py).
-        clip_in_engine = config.train.zero_stage > 0 or config.train.precision == "bf16"
-        optimizer = GuardedAdamW(
-            parameter_groups(model, config.optimizer.weight_decay), lr=config.optimizer.lr,
-            betas=tuple(config.optimizer.betas), eps=config.optimizer.eps, mpu=mpu,
-            clip_max_norm=None if clip_in_engine else config.train.gradient_clipping,
-            fused=self.device.type == "cuda")
-        self.base_optimizer = optimizer
+        # With ZeRO-0 in fp32 DeepSpeed steps our optimizer directly, so it clips (see optimizer.py); a
+        # pipeline's norm spans every stage, which only the engine (through its pipeline grid) knows.
+        clip_in_engine = self.pipeline or config.train.zero_stage > 0 or config.train.precision == "bf16"
+
+        def make_optimizer(model):
+            self.base_optimizer = GuardedAdamW(
+                parameter_groups(model, config.optimizer.weight_decay), lr=config.optimizer.lr,
+                betas=tuple(config.optimizer.betas), eps=config.optimizer.eps, mpu=mpu,
+                clip_max_norm=None if clip_in_engine else config.train.gradient_clipping,
+                fused=self.device.type == "cuda")
+            return self.base_optimizer
+
         scheduler = lambda wrapped: build_scheduler(wrapped, config.train.steps, config.schedule, config.optimizer)  # noqa: E731
         ds_config = deepspeed_config_dict(config, batch, clip_in_engine)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
-            dist_init_required=False)
+        if self.pipeline:
+            from .pipeline import build_pipeline_engine
+            self.engine, self.scheduler = build_pipeline_engine(config, make_optimizer, scheduler, ds_config)
+            model = self.engine.module
+        else:
+            # Weights come from per-component seeds (init_seed), identical in every TP/PP/DP layout.
+            model = CheemsForCausalLM(config.model, config.parallel, init_seed=config.train.seed)
+            model.set_activation_checkpointing(config.train.activation_checkpointing)
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=make_optimizer(model), lr_scheduler=scheduler, config=ds_config, mpu=mpu,
+                dist_init_required=False)
+        uses_kernels = self.device.type == "cuda" and any(getattr(module, "use_kernels", False) for module in model.modules())
+        self.kernel_path = "triton kernels" if uses_kernels else "pytorch reference ops"
 
         self.layout = {"world_size": batch.world_size, "data_parallel": batch.data_parallel_size,
                        "tensor_parallel": config.parallel.tensor_parallel_size,
@@ -211,7 +221,14 @@ class Trainer:
         self.engine.eval()
         loader = build_loader(self.data.valid_dataset, 0, self.batch, self.data_parallel_rank, 0)
         total, count = torch.zeros(1, dtype=torch.float64), 0
-        for index, micro_batch in enumerate(loader):
+        if self.pipeline:  # eval_batch runs gradient_accumulation_steps micro-batches through the stages
+            from .pipeline import pipeline_micro_batches
+            batches = pipeline_micro_batches(iter(loader), self.device)
+            rounds = max(1, self.config.eval.iterations // self.batch.gradient_accumulation_steps)
+            for _ in range(rounds):
+                total += self.engine.eval_batch(batches).detach().double().cpu()
+                count += 1
+        for index, micro_batch in enumerate([] if self.pipeline else loader):
             if index >= self.config.eval.iterations:
                 break
             out = self.engine(**to_model_inputs(micro_batch, self.device))
@@ -264,6 +281,9 @@ class Trainer:
         if self.step < total_steps:
             iterator = iter(build_loader(self.data.train_dataset, self.consumed_samples, batch,
                                          self.data_parallel_rank, config.data.num_workers))
+            if self.pipeline:
+                from .pipeline import pipeline_micro_batches
+                iterator = pipeline_micro_batches(iterator, self.device)
         consecutive_bad = 0
         # Throughput counts the training steps only (evaluation and saves excluded).
         interval_seconds, interval_steps, interval_losses = 0.0, 0, []
@@ -274,8 +294,10 @@ class Trainer:
             step_number = self.step + 1
             step_start = time.perf_counter()
             step_lr = self.scheduler.get_last_lr()[0]   # the rate this update uses
-            losses, usage = [], {}
-            for _ in range(batch.gradient_accumulation_steps):
+            losses, usage, loss_bad = [], {}, False
+            if self.pipeline:  # forward, backward and the update of the whole global batch in one call
+                losses.append(engine.train_batch(iterator).detach().float())
+            for _ in range(0 if self.pipeline else batch.gradient_accumulation_steps):
                 out = engine(**to_model_inputs(next(iterator), self.device))
                 loss = out.loss
                 if step_number in nonfinite_steps:

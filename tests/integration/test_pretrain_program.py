@@ -127,6 +127,12 @@ def test_tensor_parallel_two_matches_one_process(data, reference):
     assert_close([record["train/loss"] for record in records], reference, relative=1e-5)
 
 
+def test_pipeline_parallel_two_stages_matches_one_process(data, reference):
+    run_dir = data["dir"] / "pp2"
+    run_pretrain(data, run_dir, ranks=2, extra=["parallel.pipeline_parallel_size=2", "train.zero_stage=1"])
+    assert_close(losses(run_dir), reference, relative=1e-5)
+
+
 def test_resume_reproduces_the_uninterrupted_run_bitwise(data):
     """2N steps straight vs N steps, exit, resume to 2N: identical losses and grad norms (ZeRO-2, DP=2)."""
     extra = ["train.zero_stage=2", "checkpoint.interval=2"]

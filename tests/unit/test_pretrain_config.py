@@ -69,7 +69,7 @@ def test_batch_errors(overrides, world, message, data_files):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.zero_stage=2", "parallel.pipeline_parallel_size=2"], "cannot combine with parallel.pipeline_parallel_size=2"),
-    (["train.zero_stage=1", "parallel.pipeline_parallel_size=2"], "not implemented in this version"),
+    (["model.load_balance_coef=0.01", "parallel.pipeline_parallel_size=2"], "cannot combine with parallel.pipeline_parallel_size=2 (only the hidden state"),
     (["train.zero_stage=4"], "must be 0, 1, 2 or 3"),
     (["train.precision=fp16"], "must be 'bf16' or 'fp32'"),
     (["schedule.kind=linear"], "must be 'wsd' or 'cosine'"),
