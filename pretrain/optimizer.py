@@ -29,6 +29,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _register_with_zero() -> None:
+    """ZeRO checks the optimizer's exact type against a list (a subclass of AdamW is "untested" and
+    warns on every start); GuardedAdamW keeps AdamW's param_groups/state layout, so list it as
+    DeepSpeed itself does for its Muon optimizer."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+    if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW plus `skip_next`, and (when `clip_max_norm` is set) clipping with a finite-norm check."""
 
@@ -56,3 +65,6 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.overflow:
             return None
         return super().step(closure)
+
+
+_register_with_zero()
