@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.checkpoint import checkpoint_problem, newest_valid_checkpoint
 
@@ -102,9 +103,9 @@ def data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(data) -> list[float]:
-    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8."""
+    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8 (checkpoint at exit)."""
     run_dir = data["dir"] / "reference"
-    run_pretrain(data, run_dir)
+    run_pretrain(data, run_dir, extra=["checkpoint.save_at_exit=true"])
     values = losses(run_dir)
     assert len(values) == STEPS
     assert values[-1] < values[0] - 0.5, values  # it learns
@@ -116,8 +117,19 @@ def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, refer
     run_dir = data["dir"] / f"zero{zero_stage}"
     # ZeRO-3 also runs with activation checkpointing: recomputation must not change the numbers.
     extra = [f"train.zero_stage={zero_stage}"] + (["train.activation_checkpointing=true"] if zero_stage == 3 else [])
+    if zero_stage == 3:
+        extra.append("checkpoint.save_at_exit=true")
     run_pretrain(data, run_dir, ranks=2, extra=extra)
     assert_close(losses(run_dir), reference, relative=1e-5)
+    if zero_stage == 3:
+        # The weights consolidated from ZeRO-3 partitions (pretrain.generate's loader, DeepSpeed's
+        # zero_to_fp32) equal the one-process run's weights after the same 10 steps.
+        from pretrain.generate import load_model_from_checkpoint
+        partitioned, _ = load_model_from_checkpoint(newest_valid_checkpoint(run_dir / "checkpoints"))
+        single, _ = load_model_from_checkpoint(newest_valid_checkpoint(data["dir"] / "reference" / "checkpoints"))
+        single_weights = dict(single.named_parameters())
+        for name, weight in partitioned.named_parameters():
+            torch.testing.assert_close(weight, single_weights[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_tensor_parallel_two_matches_one_process(data, reference):
