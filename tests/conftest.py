@@ -25,8 +25,7 @@ def single_process_group():
     from cheems_parallel.parallel import initialize_parallel
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # an in-memory store: no MASTER_PORT left in os.environ for subprocesses of later tests to inherit
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     initialize_parallel(ParallelConfig())
     yield

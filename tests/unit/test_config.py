@@ -67,3 +67,11 @@ def test_summary_cli():
     bad = subprocess.run([sys.executable, "-m", "cheems_parallel.summary", "configs/cheems-tiny.yaml",
                           "--set", "model.num_experts=10"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "perfect square" in bad.stderr
+
+
+def test_float_fields_accept_exponent_strings(tmp_path):
+    # YAML 1.1 reads 3e-3 (no dot) as a string; a float field must still take it
+    model, _ = load_model_config(write(tmp_path, "model:\n  init_std: 3e-3\n"), ["model.dt_min=2e-3"])
+    assert model.init_std == 0.003 and model.dt_min == 0.002
+    with pytest.raises(ConfigError, match="model.init_std: expected a number, got 'small'"):
+        load_model_config(write(tmp_path, "model:\n  init_std: small\n"))
