@@ -261,6 +261,7 @@ def wait_for_restart(slurm: LocalSlurm, job_id: str, log: Path, restarts: int, u
     deadline = time.monotonic() + timeout
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
     header = f"job {job_id} start {restarts + 1} (restart count {restarts})"
+    released = False
     while True:
         state, count = slurm.job_field(job_id, "JobState"), slurm.job_field(job_id, "Restarts")
         # Around a requeue the state passes through COMPLETING/REQUEUED with the new restart count
@@ -268,9 +269,12 @@ def wait_for_restart(slurm: LocalSlurm, job_id: str, log: Path, restarts: int, u
         started = log.exists() and header in log.read_text()
         if count == str(restarts) and started and (state == until or state in final):
             return state
-        if state == "PENDING" and slurm.job_field(job_id, "Reason") == "BeginTime":
-            # slurmctld holds a requeued job back for 120 s (a fixed delay); start it now instead.
-            slurm.command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        if not released and state == "PENDING" and slurm.job_field(job_id, "Reason") == "BeginTime":
+            # slurmctld holds a requeued job back for 120 s (a fixed delay); start it in 5 s instead. Not at
+            # once: slurmd still holds the revoked credential of the killed run for a moment, and a start
+            # within it is killed ("Job credential revoked") and the job ends FAILED.
+            slurm.command(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"])
+            released = True
         assert time.monotonic() < deadline, f"job {job_id}: state {state}, restarts {count}, want {restarts}"
         time.sleep(0.3)
 
