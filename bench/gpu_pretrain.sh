@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent H200: install the carried wheels (deepspeed, megatron-core and their pure-Python
-# needs; see docs/environment.md), then bench/pretrain_gpu.py on the carried tokenizer + shards.
+# needs; see ../shared/docs/environment.md), then bench/pretrain_gpu.py on the carried tokenizer + shards.
 #   carry: .gpu_wheels (copies of shared/wheels/gpu-py312/*.whl) and smoke/gpu_data (tok32k.model, stdlib.bin/.idx,
 #   made here with data_tools from the standard library's docstrings).
 set -euo pipefail

@@ -17,7 +17,7 @@
 #     NAME=VALUE of `.deepspeed_env` (in ~ or the working directory). This script writes one such
 #     file for the launch (DS_ENV_FILE points at it): your ~/.deepspeed_env and ./.deepspeed_env,
 #     then each --env NAME=VALUE, then the variables in FORWARDED below that are set here.
-#   * NCCL settings for InfiniBand clusters are documented in docs/launch.md; set them in the
+#   * NCCL settings for InfiniBand clusters are documented in README.md ("Launching on clusters"); set them in the
 #     environment (NCCL_* is forwarded) or with --env.
 # Everything after `--` goes to `python -m pretrain`.
 set -euo pipefail

@@ -12,7 +12,7 @@
 #
 # Open MPI's hostfile format is "<host> slots=<N>" (the same lines as a DeepSpeed hostfile).
 # --interface restricts both MPI's own TCP traffic and gloo's to one network interface (NCCL picks
-# its own: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA, see docs/launch.md). Variables named in FORWARDED
+# its own: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA, see README.md, "Launching on clusters"). Variables named in FORWARDED
 # and every NCCL_* variable set here are exported to all ranks with -x.
 # Everything after `--` goes to `python -m pretrain`.
 set -euo pipefail
