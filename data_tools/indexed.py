@@ -205,6 +205,27 @@ class ShardIndex:
         return int(self.sequence_lengths.sum(dtype=numpy.int64))
 
 
+def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dtype: numpy.dtype) -> None:
+    """Concatenate shards into OUTPUT.bin/.idx through megatron-core's IndexedDatasetBuilder, written under
+    temporary names and renamed only when complete (imports megatron-core: keep it off the hot path)."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)   # it logs every index it opens at INFO
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    temporary_bin = f"{bin_path(output_prefix)}.tmp-{os.getpid()}"
+    temporary_idx = f"{idx_path(output_prefix)}.tmp-{os.getpid()}"
+    try:
+        builder = IndexedDatasetBuilder(temporary_bin, dtype=dtype.type)
+        for prefix in part_prefixes:
+            builder.add_index(prefix)
+        builder.finalize(temporary_idx)
+        os.replace(temporary_bin, bin_path(output_prefix))
+        os.replace(temporary_idx, idx_path(output_prefix))
+    finally:
+        for path in (temporary_bin, temporary_idx):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def read_index(prefix: str) -> ShardIndex:
     """Parse and check `prefix.idx` (header, version, dtype, sizes); DataError names the fault."""
     path = idx_path(prefix)

@@ -38,24 +38,7 @@ def merge_shards(input_prefixes: list[str], output_prefix: str) -> indexed.Shard
     if len(vocab_sizes) > 1:
         raise DataError(f"the inputs were made with different tokenizers (vocab sizes {sorted(vocab_sizes)})")
 
-    # megatron-core logs every index it opens at INFO; keep the CLI output to our summary.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    dtype = indices[0].dtype
-    temporary_bin = f"{indexed.bin_path(output_prefix)}.tmp-{os.getpid()}"
-    temporary_idx = f"{indexed.idx_path(output_prefix)}.tmp-{os.getpid()}"
-    try:
-        builder = IndexedDatasetBuilder(temporary_bin, dtype=dtype.type)
-        for prefix in input_prefixes:
-            builder.add_index(prefix)
-        builder.finalize(temporary_idx)
-        os.replace(temporary_bin, indexed.bin_path(output_prefix))
-        os.replace(temporary_idx, indexed.idx_path(output_prefix))
-    finally:
-        for path in (temporary_bin, temporary_idx):
-            if os.path.exists(path):
-                os.remove(path)
+    indexed.join_with_megatron_builder(input_prefixes, output_prefix, indices[0].dtype)
     merged = indexed.check_shard(output_prefix, check_tokens=False)
     metadata = {key: value for key, value in shard_metadata(input_prefixes[0]).items()
                 if key in ("tokenizer", "vocab_size", "eod", "dtype")}

@@ -234,25 +234,13 @@ class Summary:
 
 def _join_parts_megatron(results: list[UnitResult], prefix: str, dtype: numpy.dtype) -> None:
     """Join the parts with megatron-core's IndexedDatasetBuilder (the library path)."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    temporary_bin = f"{indexed.bin_path(prefix)}.tmp-{os.getpid()}"
-    temporary_idx = f"{indexed.idx_path(prefix)}.tmp-{os.getpid()}"
-    try:
-        builder = IndexedDatasetBuilder(temporary_bin, dtype=dtype.type)
-        for result in results:
-            part_prefix = result.part_path[: -len(".bin")]
-            indexed.write_index_file(indexed.idx_path(part_prefix), dtype, result.lengths,
-                                     numpy.arange(len(result.lengths) + 1, dtype=numpy.int64))
-            builder.add_index(part_prefix)
-        builder.finalize(temporary_idx)
-        os.replace(temporary_bin, indexed.bin_path(prefix))
-        os.replace(temporary_idx, indexed.idx_path(prefix))
-    finally:
-        for path in (temporary_bin, temporary_idx):
-            if os.path.exists(path):
-                os.remove(path)
+    part_prefixes = []
+    for result in results:
+        part_prefix = result.part_path[: -len(".bin")]
+        indexed.write_index_file(indexed.idx_path(part_prefix), dtype, result.lengths,
+                                 numpy.arange(len(result.lengths) + 1, dtype=numpy.int64))
+        part_prefixes.append(part_prefix)
+    indexed.join_with_megatron_builder(part_prefixes, prefix, dtype)
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_key: str = "text",
