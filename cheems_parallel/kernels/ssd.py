@@ -6,7 +6,8 @@ Public entry points:
     ssd_fused_reference(...)  same signature, the pure-PyTorch composition it must equal.
 
 Shapes: x (b, l, h, p); dt_raw (b, l, h) before softplus; dt_bias (h,); A (h,) negative;
-B, C (b, l, h, n) NOT rotated (groups = heads, n even); cos, sin (b, l, n) float32 rotate-half RoPE
+B, C (b, l, g, n) NOT rotated, n even, g dividing h: head i reads group i // (h / g) (the Cheems layer
+has g = h; g = 1 is mamba_ssm's benchmark shape, read shared by all heads, never copied per head); cos, sin (b, l, n) float32 rotate-half RoPE
 tables or None (RoPE off); D (h,) or None; initial_state (b, h, p, n) or None; seq_idx (b, l)
 non-decreasing document ids or None. y has x's dtype, final_state is float32 (b, h, p, n).
 
@@ -23,8 +24,10 @@ chunk length, so the `chunk_size` argument only matters to the reference):
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
                      carried state's share of the gradient w.r.t. g at each chunk's last token.
   _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD.
-  _chunk_bwd_dqk     parallel over (chunk, head), launched for C~ then for B~: dC / dB and their shares
-                     of dg (the gradient w.r.t. g; torch turns it into d dt_raw, d dt_bias, dA).
+  _chunk_bwd_dbc     parallel over (chunk, head): dC and dB and dg (the gradient w.r.t. g; torch turns it
+                     into d dt_raw, d dt_bias, dA) from one pass ("dqk_merged"; else `_chunk_bwd_dqk`,
+                     launched for C~ then for B~, each side's share). With g < h the per-head dB/dC are
+                     summed over each group's heads (float32 sum in torch, or float32 atomics).
 RoPE is applied on load and un-applied on the gradients of B~ and C~; n is handled as its two
 rotate-half halves throughout, so every C~.B~ product is the sum of two half products. Products take
 bf16 operands for bf16 inputs (float32 "ieee" for float32 inputs) with float32 accumulation.
@@ -106,8 +109,10 @@ def _load_rotated(base_ptr, stride_t, stride_n, cos1, cos2, sin1, sin2,
 
 @triton.jit
 def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
-                     grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr):
-    """Gradient of rope's input from the gradient of its output: the transpose (inverse) rotation."""
+                     grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
+                     ATOMIC: tl.constexpr):
+    """Gradient of rope's input from the gradient of its output: the transpose (inverse) rotation.
+    ATOMIC: add into a float32 buffer that the heads of one B/C group share, instead of storing."""
     if ROPE:
         cos1, cos2, sin1, sin2 = _load_rope(cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_nh, mask_t, mask_nh, NH)
         out_first = grad_first * cos1 + grad_second * sin2
@@ -117,8 +122,12 @@ def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, 
         out_second = grad_second
     mask = mask_t[:, None] & mask_nh[None, :]
     ptrs = base_ptr + offs_t[:, None] * stride_t + offs_nh[None, :] * stride_n
-    tl.store(ptrs, out_first.to(base_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptrs + NH * stride_n, out_second.to(base_ptr.dtype.element_ty), mask=mask)
+    if ATOMIC:
+        tl.atomic_add(ptrs, out_first, mask=mask, sem="relaxed")
+        tl.atomic_add(ptrs + NH * stride_n, out_second, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, out_first.to(base_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + NH * stride_n, out_second.to(base_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -147,7 +156,7 @@ def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ
 @triton.jit
 def _state_fwd_kernel(
     x_ptr, b_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
-    L, H, P, NH, NCHUNK, LPAD,
+    L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     sc_b, sc_l, sc_n,
@@ -162,6 +171,7 @@ def _state_fwd_kernel(
     pid_n = pid_pn % n_blocks
     bi = pid_bh // H
     hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     offs_t = tl.arange(0, T)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -181,7 +191,7 @@ def _state_fwd_kernel(
         state_second = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
 
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
-    b_base = b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h
+    b_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b
     gdt_row = (bi * H + hi).to(tl.int64) * LPAD
@@ -225,7 +235,7 @@ def _state_fwd_kernel(
 @triton.jit
 def _chunk_fwd_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-    L, H, P, NH, NCHUNK, LPAD,
+    L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     scc_b, scc_l, scc_h, scc_n,
@@ -240,6 +250,7 @@ def _chunk_fwd_kernel(
     pid_bh = tl.program_id(2)
     bi = pid_bh // H
     hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     chunk_start = c * T
     offs_t = tl.arange(0, T)
@@ -258,9 +269,9 @@ def _chunk_fwd_kernel(
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
+    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
                                       scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
+    b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first = _op(c_first, DOT_DTYPE, ROUND_BF16)
     c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
@@ -296,7 +307,7 @@ def _chunk_fwd_kernel(
 @triton.jit
 def _state_bwd_kernel(
     dy_ptr, c_ptr, cos_ptr, sin_ptr, g_ptr, seq_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, overlap_ptr,
-    BATCH, L, H, P, NH, NCHUNK, LPAD,
+    BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sd_b, sd_l, sd_h, sd_p,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
@@ -313,6 +324,7 @@ def _state_bwd_kernel(
     pid_n = pid_pn % n_blocks
     bi = pid_bh // H
     hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     offs_t = tl.arange(0, T)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -330,7 +342,7 @@ def _state_bwd_kernel(
         grad_second = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
 
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    c_base = c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h
+    c_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b
     g_row = (bi * H + hi).to(tl.int64) * LPAD
@@ -373,7 +385,7 @@ def _state_bwd_kernel(
 def _chunk_bwd_dx_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dd_ptr,
-    BATCH, L, H, P, NH, NCHUNK, LPAD,
+    BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     scc_b, scc_l, scc_h, scc_n,
@@ -392,6 +404,7 @@ def _chunk_bwd_dx_kernel(
     pid_bh = tl.program_id(2)
     bi = pid_bh // H
     hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     chunk_start = c * T
     offs_t = tl.arange(0, T)
@@ -412,9 +425,9 @@ def _chunk_bwd_dx_kernel(
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
                                       scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
     k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
@@ -457,12 +470,13 @@ def _chunk_bwd_dx_kernel(
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dbc_ptr, dg_ptr,
-    L, H, P, NH, NCHUNK, LPAD,
+    L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
+    sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -480,6 +494,7 @@ def _chunk_bwd_dqk_kernel(
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
     hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     chunk_start = c * T
     offs_t = tl.arange(0, T)
@@ -497,9 +512,9 @@ def _chunk_bwd_dqk_kernel(
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l,
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
                                       scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l,
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
     q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
@@ -553,9 +568,9 @@ def _chunk_bwd_dqk_kernel(
                                                + q_second.to(tl.float32) * acc_second, axis=1)
         grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
         grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
-        _store_unrotated(dbc_ptr + bi.to(tl.int64) * scc_b + hi * scc_h + chunk_start * scc_l, scc_l, scc_n,
+        _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + hi * sg_h + chunk_start * sg_l, sg_l, sg_n,
                          cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                         mask_nh, NH, ROPE)
+                         mask_nh, NH, ROPE, False)
     else:
         weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
         acc_first = acc_first * weight[:, None]
@@ -568,9 +583,134 @@ def _chunk_bwd_dqk_kernel(
         dy_v_t = tl.trans(dy_v)
         grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
         grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
-        _store_unrotated(dbc_ptr + bi.to(tl.int64) * sb_b + hi * sb_h + chunk_start * sb_l, sb_l, sb_n,
+        _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + hi * sg_h + chunk_start * sg_l, sg_l, sg_n,
                          cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                         mask_nh, NH, ROPE)
+                         mask_nh, NH, ROPE, False)
+    tl.store(dg_ptr + gdt_row + offs_l, dg)
+
+
+@triton.jit
+def _chunk_bwd_dbc_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+    db_ptr, dc_ptr, dg_ptr,
+    L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    sd_b, sd_l, sd_h, sd_p,
+    sg_b, sg_l, sg_h, sg_n,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """dC and dB of one chunk of one head and the whole dg of that chunk, in one program: the same math as
+    `_chunk_bwd_dqk_kernel` for both sides, sharing q, k, the RoPE tables, dy.x^T and M (one read of dy and
+    of the inputs instead of two). Two passes over p keep only one side's (T, n) accumulators live at a
+    time: pass 1 dy x^T and dy S (C side, finished and stored), pass 2 x G (B side; x re-read, from L2).
+    dB/dC go to per-head rows of db_ptr/dc_ptr (strides sg_*), or with ATOMIC are added into the
+    float32 rows of the head's group."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
+    N = 2 * NH
+    chunk_start = c * T
+    offs_t = tl.arange(0, T)
+    offs_l = chunk_start + offs_t
+    mask_t = offs_l < L
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_nh = offs_nh < NH
+
+    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+    g = tl.load(g_ptr + gdt_row + offs_l)
+    dt = tl.load(dt_ptr + gdt_row + offs_l)
+    g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
+    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
+                                                          HAS_SEQ)
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
+    q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
+    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
+    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
+
+    state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+    x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
+    dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
+    # pass 1: dy x^T and dy S (S = the state entering the chunk, slot c of states)
+    dy_v = tl.zeros((T, T), dtype=tl.float32)
+    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    for p_start in range(0, P, BLOCK_P):
+        offs_p = p_start + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0),
+                DOT_DTYPE, ROUND_BF16)
+        dy = _op(tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0),
+                 DOT_DTYPE, ROUND_BF16)
+        dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
+        pn_ptrs = states_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
+        mask_pn = mask_p[:, None] & mask_nh[None, :]
+        acc_first += tl.dot(dy, _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
+                            input_precision=DOT_PREC)
+        acc_second += tl.dot(dy, _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
+                             input_precision=DOT_PREC)
+
+    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
+    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    dy_v = dy_v * decay * dt[None, :]
+    products = scores * dy_v                              # M[t, u]; its diagonal cancels exactly in dg
+    dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
+    dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
+
+    # C side: dq = ((dy v^T)*Gam) k + e * dy S
+    into = tl.where(sees_carried, tl.exp(g), 0.0)
+    acc_first = acc_first * into[:, None]
+    acc_second = acc_second * into[:, None]
+    dg += tl.sum(q_first.to(tl.float32) * acc_first + q_second.to(tl.float32) * acc_second, axis=1)
+    grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
+    grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
+    out_head = gi if ATOMIC else hi
+    _store_unrotated(dc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
+                     mask_nh, NH, ROPE, ATOMIC)
+
+    # pass 2, B side: dk = ((dy v^T)*Gam)^T q + w * v G (G = d loss / d state leaving, slot c of dstates)
+    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    for p_start in range(0, P, BLOCK_P):
+        offs_p = p_start + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                        mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
+        pn_ptrs = dstates_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
+        mask_pn = mask_p[:, None] & mask_nh[None, :]
+        acc_first += tl.dot(x, _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
+                            input_precision=DOT_PREC)
+        acc_second += tl.dot(x, _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
+                             input_precision=DOT_PREC)
+    weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
+    acc_first = acc_first * weight[:, None]
+    acc_second = acc_second * weight[:, None]
+    end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
+    # the same terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
+    dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0) - end_terms
+    dy_v_t = tl.trans(dy_v)
+    grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
+    grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
+    _store_unrotated(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
+                     mask_nh, NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
@@ -607,6 +747,7 @@ def _rope_args(cos, sin, fallback):
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
     """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None. Returns y, final, states."""
     batch, length, heads, head_dim = x.shape
+    heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
     # slot c holds the state entering chunk c; slot n_chunks the final state
@@ -624,7 +765,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
     _state_fwd_kernel[grid](
         x, B, cos_arg, sin_arg, dt, g, seq_arg,
         initial_state if initial_state is not None else dt, states, final,
-        length, heads, head_dim, half, n_chunks, dt.shape[-1],
+        length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
@@ -634,7 +775,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
     grid = (triton.cdiv(head_dim, block_p), n_chunks, batch * heads)
     _chunk_fwd_kernel[grid](
         x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
-        length, heads, head_dim, half, n_chunks, dt.shape[-1],
+        length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
@@ -645,6 +786,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
 def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
     batch, length, heads, head_dim = x.shape
+    groups = B.shape[2]
+    heads_per_group = heads // groups
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
     dstates = torch.empty_like(states)
@@ -660,7 +803,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     overlap = torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
     _state_bwd_kernel[(pn_blocks, batch * heads)](
         dy, C, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
-        batch, length, heads, head_dim, half, n_chunks, dt.shape[-1],
+        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
@@ -676,25 +819,51 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     _chunk_bwd_dx_kernel[(p_blocks, n_chunks, batch * heads)](
         x, B, C, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
         dx, ddt_partial, dD_partial if D is not None else dt,
-        batch, length, heads, head_dim, half, n_chunks, dt.shape[-1],
+        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
         BLOCK_P=block_p, HAS_D=D is not None, **common,
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
 
-    dB = torch.empty_like(B)
-    dC = torch.empty_like(C)
-    dg_from_c = torch.empty_like(g)
-    dg_from_b = torch.empty_like(g)
+    # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
+    # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
+    atomic = groups < heads and config.get("group_reduce") == "atomic"
+    if atomic:
+        dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
+        dC_out = torch.zeros_like(dB_out)
+    elif groups < heads:
+        dB_out = torch.empty(batch, length, heads, 2 * half, device=x.device, dtype=x.dtype)
+        dC_out = torch.empty_like(dB_out)
+    else:
+        dB_out = torch.empty_like(B)
+        dC_out = torch.empty_like(C)
     block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
-    for for_c, grad, dg_part in ((True, dC, dg_from_c), (False, dB, dg_from_b)):
-        _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
-            x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-            length, heads, head_dim, half, n_chunks, dt.shape[-1],
-            *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-            BLOCK_P=block_p, FOR_C=for_c, **common,
+    shape_args = (length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+                  *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
+    if config.get("dqk_merged", False):
+        dg = torch.empty_like(g)
+        _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
+            x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
+            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, **common,
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
+    else:
+        if atomic:
+            raise ValueError("ssd_fused: group_reduce='atomic' needs dqk_merged")
+        dg_from_c = torch.empty_like(g)
+        dg = torch.empty_like(g)   # dg from the B side, then the sum
+        for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
+            _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+                x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=block_p, FOR_C=for_c, **common,
+                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
+        dg += dg_from_c
+    if groups < heads:
+        if not atomic:
+            dB_out = dB_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
+            dC_out = dC_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
+        dB, dC = dB_out.to(B.dtype), dC_out.to(C.dtype)
+    else:
+        dB, dC = dB_out, dC_out
     # d loss / d g_last through the carried state: exp(g_last) <G_c, S_c-1>, at each chunk's last token
-    dg = dg_from_c + dg_from_b
     dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
     ddt = ddt_partial.sum(dim=0)
     dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
@@ -734,9 +903,13 @@ def _check_shapes(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_i
         raise ValueError(f"ssd_fused: x must be (b, l, h, p), got shape {tuple(x.shape)}")
     batch, length, heads, head_dim = x.shape
     state_dim = B.shape[-1]
+    groups = B.shape[2] if B.dim() == 4 else -1
+    if groups < 1 or heads % groups:
+        raise ValueError(f"ssd_fused: B must be (b, l, groups, n) with groups dividing h = {heads}, "
+                         f"got shape {tuple(B.shape)}")
     expected = {
         "dt_raw": (dt_raw, (batch, length, heads)), "dt_bias": (dt_bias, (heads,)), "A": (A, (heads,)),
-        "B": (B, (batch, length, heads, state_dim)), "C": (C, (batch, length, heads, state_dim)),
+        "B": (B, (batch, length, groups, state_dim)), "C": (C, (batch, length, groups, state_dim)),
     }
     if cos is not None or sin is not None:
         if cos is None or sin is None:
@@ -793,6 +966,10 @@ def ssd_fused_reference(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_s
                         initial_state=None, seq_idx=None):
     """The contract `ssd_fused` implements, composed from the pure-PyTorch ops."""
     dt = F.softplus(dt_raw + dt_bias)
+    heads_per_group = x.shape[2] // B.shape[2]
+    if heads_per_group > 1:  # head i reads group i // heads_per_group (mamba_ssm's layout)
+        B = B.repeat_interleave(heads_per_group, dim=2)
+        C = C.repeat_interleave(heads_per_group, dim=2)
     if cos is not None:
         B = apply_rope(B, cos[:, :, None], sin[:, :, None])
         C = apply_rope(C, cos[:, :, None], sin[:, :, None])
