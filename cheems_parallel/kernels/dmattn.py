@@ -48,14 +48,26 @@ KEEP_ALL_IN_KERNEL = tl.constexpr(KEEP_ALL)
 FORWARD_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3}
 BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+# The fused backward: one kernel per key block computes dK, dV, d(bias) and adds dQ by atomics (5 matmuls
+# per tile pair instead of the two-kernel schedule's 7). block_m: queries per step, block_n: keys.
+FUSED_BACKWARD_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 2}
+# True: the fused backward (dQ summed by fp32 atomics, so not bitwise deterministic); False: dK/dV kernel
+# then dQ kernel (BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG), deterministic.
+FUSED_BACKWARD = True
+# Sparse schedules: a program walks its block list only when it lists at most this fraction of its causal
+# blocks; otherwise it runs the dense causal loop with the window/document masks (a listed tile costs
+# ~2x a dense one: bench/dmattn_notes.md). 1.0: always the list; -1: never.
+LISTED_LOOP_MAX_FRACTION = 0.5
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
-                   {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2})
+                   {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
+                   {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2})
 # The CPU interpreter: small tiles, so tiny test shapes still span several blocks.
 INTERPRETER_CONFIGS = ({"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2},
                        {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 2},
-                       {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2})
+                       {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2},
+                       {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 2})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
                     out, log_sum_exp,
                     q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                     v_stride_b, v_stride_h, v_stride_l, o_stride_b, o_stride_h, o_stride_l,
-                    num_heads, group_size, seq_len, scale_log2,
+                    num_heads, group_size, seq_len, scale_log2, listed_max_fraction,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): one query block of one head; writes out and base-2 lse (b, h, l)."""
@@ -282,9 +294,13 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    use_list = False
     if HAS_WINDOW or HAS_SEGMENTS:
         schedule = batch_head * num_row_blocks + block_m
         count = tl.load(block_count + schedule)
+        # The listed loop costs ~2x per tile (the index load defeats pipelining): walk it only when short.
+        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N)
+    if use_list:
         for index in range(0, count):
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,7 +309,8 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
                 key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
                 HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
     else:
-        # Key blocks wholly below the diagonal need no mask; then the diagonal block(s).
+        # Key blocks wholly below the diagonal need no causal mask; then the diagonal block(s). (The window
+        # and document masks, when present, apply to every block.)
         for start_n in range(0, start_m, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             acc, row_max, row_sum = _forward_block(
@@ -320,8 +337,10 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
 # Backward kernels: delta = rowsum(dO ∘ O); dK, dV and d(mask_bias) per key block; dQ per query block.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _delta_kernel(out, grad_out, delta, o_stride_b, o_stride_h, o_stride_l, g_stride_b, g_stride_h, g_stride_l,
-                  num_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _delta_kernel(out, grad_out, delta, grad_query_accum, o_stride_b, o_stride_h, o_stride_l,
+                  g_stride_b, g_stride_h, g_stride_l, num_heads, seq_len,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """delta = rowsum(dO ∘ O); with ZERO_DQ also zeroes the same rows of the fused backward's dQ buffer."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
@@ -334,15 +353,22 @@ def _delta_kernel(out, grad_out, delta, o_stride_b, o_stride_h, o_stride_l, g_st
     g = tl.load(grad_out + batch * g_stride_b + head * g_stride_h + rows[:, None] * g_stride_l + dims[None, :],
                 mask=row_valid[:, None], other=0.0).to(tl.float32)
     tl.store(delta + batch_head * seq_len + rows, tl.sum(o * g, 1), mask=row_valid)
+    if ZERO_DQ:
+        tl.store(grad_query_accum + batch_head * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                 tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_valid[:, None])
 
 
 @triton.jit
 def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride, g_stride, lse_base, delta_base, threshold_base,
-                    row_segment_base, start_m, seq_len, scale_log2,
+                    row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query block against the program's key block, in transposed form (keys on rows)."""
+                    HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One query block against the program's key block, in transposed form (keys on rows).
+    FUSE_DQ: also add this block's dQ share dS·K into the fp32 buffer at grad_query_base (atomics, since
+    every key block of the head adds into the same rows), which saves the dQ kernel's two recomputed
+    matmuls (S and dP) per tile pair."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_valid = rows < seq_len
     dims = tl.arange(0, HEAD_DIM)
@@ -364,21 +390,29 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
     grad_probs_t = tl.dot(value, tl.trans(grad_out), input_precision=DOT_PRECISION)
     grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-    grad_key += tl.dot(grad_scores_t.to(query_t.dtype), tl.trans(query_t), input_precision=DOT_PRECISION)
+    grad_scores_t_low = grad_scores_t.to(query_t.dtype)
+    grad_key += tl.dot(grad_scores_t_low, tl.trans(query_t), input_precision=DOT_PRECISION)
     grad_bias += tl.sum(grad_scores_t, 1)
+    if FUSE_DQ:
+        # Relaxed: plain reductions with no ordering fences; the buffer is read only by a later kernel.
+        grad_query_part = tl.dot(tl.trans(grad_scores_t_low), key, input_precision=DOT_PRECISION)
+        tl.atomic_add(grad_query_base + rows[:, None] * HEAD_DIM + dims[None, :], grad_query_part,
+                      mask=row_valid[:, None], sem="relaxed")
     return grad_key, grad_value, grad_bias
 
 
 @triton.jit
 def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, segment_ids, block_count, block_list,
-                     grad_out, log_sum_exp, delta, grad_key_out, grad_value_out, grad_bias_out,
+                     grad_out, log_sum_exp, delta, grad_key_out, grad_value_out, grad_bias_out, grad_query_accum,
                      q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                      v_stride_b, v_stride_h, v_stride_l, g_stride_b, g_stride_h, g_stride_l,
-                     num_heads, num_kv_heads, group_size, seq_len, scale_log2, scale,
+                     num_heads, num_kv_heads, group_size, seq_len, scale_log2, scale, listed_max_fraction,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_N), b·h_kv): one key block of one key/value head, summed over its query
-    heads (so GQA needs no atomics); also writes d(mask_bias) of those query heads (fp32, (b, h, l))."""
+    heads (so GQA needs no atomics for dK/dV); also writes d(mask_bias) of those query heads (fp32,
+    (b, h, l)) and, with FUSE_DQ, adds the dQ shares into grad_query_accum (fp32 (b, h, l, d), zeroed)."""
     block_n = tl.program_id(0)
     num_key_blocks = tl.num_programs(0)
     batch_kv_head = tl.program_id(1).to(tl.int64)
@@ -411,35 +445,50 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
         lse_base = log_sum_exp + batch_head * seq_len
         delta_base = delta + batch_head * seq_len
         threshold_base = query_threshold + batch_head * seq_len
+        grad_query_base = grad_query_accum + batch_head * seq_len * HEAD_DIM
         grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        use_list = False
         if HAS_WINDOW or HAS_SEGMENTS:
             schedule = batch_head * num_key_blocks + block_n
             count = tl.load(block_count + schedule)
+            # The listed loop costs ~2x per tile (see _use_listed_loop): walk the list only when it is short.
+            use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(seq_len - start_n, BLOCK_M)
+        if use_list:
             for index in range(0, count):
                 block_m = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_M) + index)
                 grad_key, grad_value, grad_bias = _key_grad_block(
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
-                    row_segment_base, block_m * BLOCK_M, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+                    row_segment_base, grad_query_base, block_m * BLOCK_M, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
         else:
-            # Query blocks on the diagonal need the causal mask; those wholly below it do not.
+            # Query blocks on the diagonal need the causal mask; those wholly below it do not (the window
+            # and document masks, when present, apply to every block).
             for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
                 grad_key, grad_value, grad_bias = _key_grad_block(
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
-                    row_segment_base, start_m, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+                    row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
             for start_m in range(start_n + BLOCK_N, seq_len, BLOCK_M):
                 grad_key, grad_value, grad_bias = _key_grad_block(
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
-                    row_segment_base, start_m, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+                    row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
+                    HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
     tl.store(grad_value_out + out_offsets, grad_value.to(grad_value_out.dtype.element_ty), mask=col_valid[:, None])
+
+
+@triton.jit
+def _scale_cast_kernel(source, target, scale, numel, BLOCK: tl.constexpr):
+    """target = source * scale in target's dtype (the fused backward's fp32 dQ buffer -> dQ)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < numel
+    values = tl.load(source + offsets, mask=valid, other=0.0)
+    tl.store(target + offsets, (values * scale).to(target.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -479,7 +528,7 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
                        grad_out, log_sum_exp, delta, grad_query_out,
                        q_stride_b, q_stride_h, q_stride_l, k_stride_b, k_stride_h, k_stride_l,
                        v_stride_b, v_stride_h, v_stride_l, g_stride_b, g_stride_h, g_stride_l,
-                       num_heads, group_size, seq_len, scale_log2, scale,
+                       num_heads, group_size, seq_len, scale_log2, scale, listed_max_fraction,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): dQ of one query block of one head (contiguous (b, h, l, d) output)."""
@@ -511,9 +560,12 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
     if HAS_SEGMENTS:
         row_segment = tl.load(segment_base + rows, mask=row_valid, other=-1)
     grad_query = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    use_list = False
     if HAS_WINDOW or HAS_SEGMENTS:
         schedule = batch_head * num_row_blocks + block_m
         count = tl.load(block_count + schedule)
+        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N)
+    if use_list:
         for index in range(0, count):
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -543,12 +595,12 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
 # Launchers and the autograd function.
 # ----------------------------------------------------------------------------------------------
 def _configs(dtype: torch.dtype, device: torch.device):
-    """(forward, key-gradient, query-gradient) tile configs for this dtype/device."""
+    """(forward, key-gradient, query-gradient, fused backward) tile configs for this dtype/device."""
     if device.type != "cuda":
         return INTERPRETER_CONFIGS
     if dtype == torch.float32:
         return FLOAT32_CONFIGS
-    return FORWARD_CONFIG, BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG
+    return FORWARD_CONFIG, BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG, FUSED_BACKWARD_CONFIG
 
 
 def _validate(q, k, v, mask_bias, keep_window, segment_ids):
@@ -615,7 +667,7 @@ class _Masks:
 
 def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
-    config, _, _ = _configs(q.dtype, q.device)
+    config = _configs(q.dtype, q.device)[0]
     out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     block_count, block_list = masks.schedule(config["block_m"], config["block_n"], by_query=True)
@@ -625,7 +677,7 @@ def _forward(q, k, v, mask_bias, masks):
         out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, heads // k.shape[1], length, LOG2E / math.sqrt(head_dim),
+        heads, heads // k.shape[1], length, LOG2E / math.sqrt(head_dim), LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
         HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -636,14 +688,20 @@ def _forward(q, k, v, mask_bias, masks):
 def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
-    _, key_config, query_config = _configs(q.dtype, q.device)
+    _, key_config, query_config, fused_config = _configs(q.dtype, q.device)
+    fused = FUSED_BACKWARD
+    if fused:
+        key_config = fused_config
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     scale = 1.0 / math.sqrt(head_dim)
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    # The fused backward's dQ sum (fp32, contiguous (b, h, l, d)); zeroed by the delta kernel.
+    grad_query_accum = (torch.empty((batch, heads, length, head_dim), dtype=torch.float32, device=q.device)
+                        if fused else masks.placeholder)
     _delta_kernel[(triton.cdiv(length, 64), batch * heads)](
-        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
+        out, grad_out, delta, grad_query_accum, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), heads, length,
-        HEAD_DIM=head_dim, BLOCK_M=64)
+        HEAD_DIM=head_dim, BLOCK_M=64, ZERO_DQ=fused)
     grad_key = torch.empty((batch, kv_heads, length, head_dim), dtype=k.dtype, device=q.device)
     grad_value = torch.empty_like(grad_key, dtype=v.dtype)
     grad_bias = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
@@ -652,17 +710,22 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     block_count, block_list = masks.schedule(key_config["block_n"], key_config["block_m"], by_query=False)
     _key_grad_kernel[(triton.cdiv(length, key_config["block_n"]), batch * kv_heads)](
         q, k, v, mask_bias, masks.key_rank, masks.query_threshold, masks.segment_ids, block_count, block_list,
-        grad_out, lse, delta, grad_key, grad_value, grad_bias, *strides,
-        heads, kv_heads, heads // kv_heads, length, scale * LOG2E, scale,
+        grad_out, lse, delta, grad_key, grad_value, grad_bias, grad_query_accum, *strides,
+        heads, kv_heads, heads // kv_heads, length, scale * LOG2E, scale, LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=key_config["block_m"], BLOCK_N=key_config["block_n"],
-        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, DOT_PRECISION=precision,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, FUSE_DQ=fused, DOT_PRECISION=precision,
         num_warps=key_config["num_warps"], num_stages=key_config["num_stages"])
     grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    if fused:
+        cast_block = 4096
+        _scale_cast_kernel[(triton.cdiv(grad_query.numel(), cast_block),)](
+            grad_query_accum, grad_query, scale, grad_query.numel(), BLOCK=cast_block)
+        return grad_query, grad_key, grad_value, grad_bias
     block_count, block_list = masks.schedule(query_config["block_m"], query_config["block_n"], by_query=True)
     _query_grad_kernel[(triton.cdiv(length, query_config["block_m"]), batch * heads)](
         q, k, v, mask_bias, masks.key_rank, masks.query_threshold, masks.segment_ids, block_count, block_list,
         grad_out, lse, delta, grad_query, *strides,
-        heads, heads // kv_heads, length, scale * LOG2E, scale,
+        heads, heads // kv_heads, length, scale * LOG2E, scale, LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=query_config["block_m"], BLOCK_N=query_config["block_n"],
         HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, DOT_PRECISION=precision,
         num_warps=query_config["num_warps"], num_stages=query_config["num_stages"])
