@@ -108,6 +108,27 @@ def _load_rotated(base_ptr, stride_t, stride_n, cos1, cos2, sin1, sin2,
 
 
 @triton.jit
+def _load_rotated_operands(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
+                           offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """rope(v) of a (T, n) tile as two product operands, loading its own tables one half at a time (fewer
+    float32 tiles live at once than `_load_rope` + `_load_rotated`: the backward kernels are register-bound)."""
+    first, second = _load_halves(base_ptr, stride_t, stride_n, offs_t, offs_nh, mask_t, mask_nh, NH)
+    if ROPE:
+        mask = mask_t[:, None] & mask_nh[None, :]
+        table = offs_t[:, None] * stride_ct + offs_nh[None, :] * stride_cn
+        cos1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        rotated_first = _op(first * cos1 - second * sin1, DOT_DTYPE, ROUND_BF16)
+        cos2 = tl.load(cos_ptr + table + NH * stride_cn, mask=mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + table + NH * stride_cn, mask=mask, other=0.0).to(tl.float32)
+        rotated_second = _op(second * cos2 + first * sin2, DOT_DTYPE, ROUND_BF16)
+        return rotated_first, rotated_second
+    else:
+        return _op(first, DOT_DTYPE, ROUND_BF16), _op(second, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
 def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
                      grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
                      ATOMIC: tl.constexpr):
@@ -235,6 +256,7 @@ def _state_fwd_kernel(
 @triton.jit
 def _chunk_fwd_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+    rot_b_ptr, rot_c_ptr,
     L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -243,8 +265,11 @@ def _chunk_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr,
 ):
+    """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
+    the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
+    which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3)."""
     pid_p = tl.program_id(0)
     c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -275,8 +300,18 @@ def _chunk_fwd_kernel(
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first = _op(c_first, DOT_DTYPE, ROUND_BF16)
     c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
-    scores = tl.dot(c_first, tl.trans(_op(b_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-    scores += tl.dot(c_second, tl.trans(_op(b_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    b_first = _op(b_first, DOT_DTYPE, ROUND_BF16)
+    b_second = _op(b_second, DOT_DTYPE, ROUND_BF16)
+    if SAVE_ROTATED:
+        if (pid_p == 0) & (hi % HPG == 0):
+            mask_tn = mask_t[:, None] & mask_nh[None, :]
+            rot_offs = (bi.to(tl.int64) * sb_b + gi * sb_h + offs_l[:, None] * sb_l + offs_nh[None, :] * sb_n)
+            tl.store(rot_b_ptr + rot_offs, b_first.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
+            tl.store(rot_b_ptr + rot_offs + NH * sb_n, b_second.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
+            tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
+            tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
+    scores = tl.dot(c_first, tl.trans(b_first), input_precision=DOT_PREC)
+    scores += tl.dot(c_second, tl.trans(b_second), input_precision=DOT_PREC)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
@@ -479,7 +514,7 @@ def _chunk_bwd_dqk_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
 ):
     """dC (FOR_C) or dB of one chunk of one head, and that side's share of dg (the gradient w.r.t. the
     within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u] (dy_t.v_u), e_t = exp(g_t), S = state
@@ -511,11 +546,14 @@ def _chunk_bwd_dqk_kernel(
                                                           HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
+                                              ROPE_IN)
     q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
+                                      ROPE_IN)
     k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN)
     q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
     q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
     k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
@@ -602,7 +640,7 @@ def _chunk_bwd_dbc_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
 ):
     """dC and dB of one chunk of one head and the whole dg of that chunk, in one program: the same math as
     `_chunk_bwd_dqk_kernel` for both sides, sharing q, k, the RoPE tables, dy.x^T and M (one read of dy and
@@ -631,15 +669,6 @@ def _chunk_bwd_dbc_kernel(
                                                           HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
-    q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
-    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
-    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
 
     state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
@@ -664,6 +693,13 @@ def _chunk_bwd_dbc_kernel(
         acc_second += tl.dot(dy, _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
                              input_precision=DOT_PREC)
 
+    # q = C~, k = B~ only now: holding them through the loop costs registers the loop's accumulators need
+    q_first, q_second = _load_rotated_operands(
+        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    k_first, k_second = _load_rotated_operands(
+        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
@@ -744,8 +780,9 @@ def _rope_args(cos, sin, fallback):
     return cos, sin, cos.stride(), True
 
 
-def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
-    """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None. Returns y, final, states."""
+def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
+    """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None.
+    Returns y, final, states, and B~, C~ (rotated; None unless config "save_rotated" and RoPE on)."""
     batch, length, heads, head_dim = x.shape
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
@@ -773,17 +810,22 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config):
 
     block_p = min(config["fwd_block_p"], _next_pow2(head_dim))
     grid = (triton.cdiv(head_dim, block_p), n_chunks, batch * heads)
+    # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
+    save_rotated = rope and save_for_backward and config.get("save_rotated", False)
+    rotated_B = torch.empty_like(B) if save_rotated else None
+    rotated_C = torch.empty_like(C) if save_rotated else None
     _chunk_fwd_kernel[grid](
         x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
+        rotated_B if save_rotated else y, rotated_C if save_rotated else y,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        num_warps=config["fwd_warps"], num_stages=config["fwd_stages"])
-    return y, final, states
+        SAVE_ROTATED=save_rotated, num_warps=config["fwd_warps"], num_stages=config["fwd_stages"])
+    return y, final, states, rotated_B, rotated_C
 
 
-def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
+def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
     """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
@@ -796,16 +838,21 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     seq_arg = seq if seq is not None else dt
     precision = _dot_precision(x.dtype)
     dot_dtype, round_bf16 = _dot_dtypes(x.dtype)
+    # with the forward's rotated B~, C~ the kernels load those and rotate nothing on load (RoPE stays on
+    # for un-rotating dB, dC)
+    rope_in = rope and rotated_B is None
+    B_in = B if rotated_B is None else rotated_B
+    C_in = C if rotated_C is None else rotated_C
 
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
     overlap = torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
     _state_bwd_kernel[(pn_blocks, batch * heads)](
-        dy, C, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
+        dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
-        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"])
 
@@ -817,11 +864,11 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
     _chunk_bwd_dx_kernel[(p_blocks, n_chunks, batch * heads)](
-        x, B, C, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
+        x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
         dx, ddt_partial, dD_partial if D is not None else dt,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        BLOCK_P=block_p, HAS_D=D is not None, **common,
+        BLOCK_P=block_p, HAS_D=D is not None, **dict(common, ROPE=rope_in),
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
@@ -842,8 +889,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
     if config.get("dqk_merged", False):
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
-            x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
-            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, **common,
+            x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
+            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, **common,
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
     else:
         if atomic:
@@ -852,8 +899,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config):
         dg = torch.empty_like(g)   # dg from the B side, then the sum
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
             _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
-                x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                *shape_args, BLOCK_P=block_p, FOR_C=for_c, **common,
+                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
                 num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
         dg += dg_from_c
     if groups < heads:
@@ -877,8 +924,10 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
-        y, final, states = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config)
-        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq)
+        wants_grad = any(ctx.needs_input_grad[:7])
+        y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
+                                                          config, save_for_backward=wants_grad)
+        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -886,11 +935,11 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, g, B, C, D, states, cos, sin, seq = ctx.saved_tensors
+        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
-                                                   ctx.T, ctx.config)
+                                                   ctx.T, ctx.config, rotated_B, rotated_C)
         if D is not None:
             dD = dD.to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.init_dtype is not None else None
