@@ -31,14 +31,40 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 logger = logging.getLogger("bench.dmattn")
 
-# Tile candidates for --tune: (block_m, block_n, num_warps, num_stages); all compile without spills
-# (or nearly) for d = 128 bf16 on sm_90 (checked offline with ptxas; see bench/dmattn_notes.md).
+# Candidates for --tune, as module settings of cheems_parallel.kernels.dmattn. The forward is tuned first
+# (forward time), then the backward schedule with the chosen forward (forward+backward time). Registers,
+# spills and HGMMA of each were checked offline with ptxas (bench/dmattn_notes.md).
+def _tiles(block_m, block_n, num_warps, num_stages):
+    return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
 TUNE_CANDIDATES = {
-    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
-    "key": [(32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3)],
-    "query": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    "forward": {
+        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False},
+        "fwd 128x64 w8 s3 tma": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": True},
+        "fwd 128x128 w8 s2 tma": {"FORWARD_CONFIG": _tiles(128, 128, 8, 2), "FORWARD_TMA": True},
+    },
+    "backward": {
+        "two-kernel (call 2)": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
+        "fused 32x128 w8 s2 atomics": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 2),
+                                       "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
+        "fused 32x128 w8 s2 tma-reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 2),
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True},
+        "fused 32x128 w8 s3 tma-reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True},
+        "fused 32x128 w8 s2 tma+reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 2),
+                                          "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+        "fused 16x128 w8 s2 tma-reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(16, 128, 8, 2),
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True},
+        "fused 64x64 w8 s2 tma+reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(64, 64, 8, 2),
+                                         "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+        "fused 64x128 w8 s2 tma+reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(64, 128, 8, 2),
+                                          "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+    },
 }
-CONFIG_NAMES = {"forward": "FORWARD_CONFIG", "key": "BACKWARD_KEY_CONFIG", "query": "BACKWARD_QUERY_CONFIG"}
+# What the benchmark records as the kernel's configuration.
+SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
+                 "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "LISTED_LOOP_MAX_FRACTION")
 
 
 class BenchError(Exception):
@@ -63,6 +89,9 @@ def parse_arguments():
     parser.add_argument("--tune-length", type=int, default=4096, help="sequence length for --tune")
     parser.add_argument("--precompile-workers", type=int, default=8,
                         help="processes that compile the Triton variants in parallel before timing (0: none)")
+    parser.add_argument("--precompile-only", action="store_true",
+                        help="fill Triton's cache with the --tune candidates (and the default settings' "
+                             "keep-window kernels) and exit; lets a caller compile while the GPU does other work")
     parser.add_argument("--warmup-ms", type=float, default=30.0, help="do_bench warm-up per measurement (ms)")
     parser.add_argument("--rep-ms", type=float, default=150.0, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--time-budget-s", type=float, default=1e9,
@@ -186,23 +215,28 @@ def causal_flops(batch, heads, length, head_dim):
 # ----------------------------------------------------------------------------------------------
 # Parallel precompilation and tuning.
 # ----------------------------------------------------------------------------------------------
-def set_configs(configs):
+def apply_settings(settings):
     import cheems_parallel.kernels.dmattn as kernels
 
-    for kind, (block_m, block_n, num_warps, num_stages) in configs.items():
-        getattr(kernels, CONFIG_NAMES[kind]).update(
-            block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            getattr(kernels, name).update(value)
+        else:
+            setattr(kernels, name, value)
 
 
 def compile_variant(job):
     """Worker: run forward+backward once on a small problem with the benchmark's specialisation, which
     fills Triton's on-disk cache for the main process."""
-    configs, heads, kv_heads, head_dim, keep_window = job
-    set_configs(configs)
-    q, k, v, bias = make_inputs(1, heads, kv_heads, 1024, head_dim)
-    out = ours(keep_window)(q, k, v, bias)
-    torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
-    torch.cuda.synchronize()
+    settings, heads, kv_heads, head_dim, keep_window = job
+    try:
+        apply_settings(settings)
+        q, k, v, bias = make_inputs(1, heads, kv_heads, 1024, head_dim)
+        out = ours(keep_window)(q, k, v, bias)
+        torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+        torch.cuda.synchronize()
+    except Exception as error:  # the timing run reports it again, against its variant
+        return repr(error)[:300]
     return True
 
 
@@ -213,34 +247,45 @@ def precompile(jobs, workers):
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(compile_variant, jobs))
+        for job, result in zip(jobs, pool.map(compile_variant, jobs)):
+            if result is not True:
+                logger.warning("precompile failed (%s): %s", job[0], result)
     logger.info("precompiled %d variants in %.0f s", len(jobs), time.time() - start)
 
 
-def default_configs():
+def current_settings():
+    import copy
+
     import cheems_parallel.kernels.dmattn as kernels
 
-    return {kind: tuple(getattr(kernels, name)[field] for field in ("block_m", "block_n", "num_warps", "num_stages"))
-            for kind, name in CONFIG_NAMES.items()}
+    return {name: copy.deepcopy(getattr(kernels, name)) for name in SETTING_NAMES}
 
 
 def tune(arguments, batch):
-    """One kernel varied at a time, the others at their defaults; returns the table of timings."""
-    base = default_configs()
+    """The forward candidates by forward time, then the backward ones (with the chosen forward) by
+    forward+backward time; leaves the fastest of each applied and returns the table of timings."""
     inputs = make_inputs(batch, arguments.heads, arguments.kv_heads, arguments.tune_length, arguments.head_dim)
+    base = current_settings()
     table = {}
-    for kind, candidates in TUNE_CANDIDATES.items():
+    for phase, candidates in TUNE_CANDIDATES.items():
         timings = []
-        for candidate in candidates:
-            set_configs({**base, kind: candidate})
-            forward_ms, forward_backward_ms = time_method(ours(), inputs, arguments.warmup_ms, arguments.rep_ms)
-            measured = forward_ms if kind == "forward" else forward_backward_ms
-            timings.append({"config": list(candidate), "ms": measured})
-            logger.info("tune %-7s %-18s %.3f ms", kind, candidate, measured)
-        best = min(timings, key=lambda entry: entry["ms"])
-        base[kind] = tuple(best["config"])
-        table[kind] = {"candidates": timings, "chosen": best["config"]}
-    set_configs(base)
+        for name, settings in candidates.items():
+            apply_settings({**base, **settings})
+            try:
+                forward_ms, forward_backward_ms = time_method(ours(), inputs, arguments.warmup_ms, arguments.rep_ms)
+            except Exception as error:  # a variant that fails to compile or launch is recorded, not fatal
+                timings.append({"name": name, "failed": str(error).splitlines()[0][:300] if str(error) else repr(error)})
+                logger.warning("tune %-8s %-32s failed: %s", phase, name, timings[-1]["failed"])
+                continue
+            measured = forward_ms if phase == "forward" else forward_backward_ms
+            timings.append({"name": name, "settings": settings, "ms": measured,
+                            "fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms})
+            logger.info("tune %-8s %-32s %.3f ms (fwd %.3f, fwd+bwd %.3f)", phase, name, measured, forward_ms,
+                        forward_backward_ms)
+        best = min((entry for entry in timings if "ms" in entry), key=lambda entry: entry["ms"])
+        base = {**base, **best["settings"]}
+        table[phase] = {"candidates": timings, "chosen": best["name"]}
+    apply_settings(base)
     return table
 
 
@@ -275,15 +320,19 @@ def run_benchmark(arguments):
     windows = sorted({max(1, int(length * arguments.keep_window_fraction)) for length in arguments.lengths})
     jobs = []
     if arguments.tune:
-        base = default_configs()
-        for kind, candidates in TUNE_CANDIDATES.items():
-            jobs += [({**base, kind: candidate}, heads, kv_heads, head_dim, None) for candidate in candidates]
+        base = current_settings()
+        for candidates in TUNE_CANDIDATES.values():
+            jobs += [({**base, **settings}, heads, kv_heads, head_dim, None) for settings in candidates.values()]
     precompile(jobs, arguments.precompile_workers)
+    if arguments.precompile_only:
+        precompile([(current_settings(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)
+        return report
     if arguments.tune:
         report["tuning"] = tune(arguments, arguments.tokens // arguments.tune_length)
-    report["configs"] = {kind: list(config) for kind, config in default_configs().items()}
-    # The keep-window variants (one compile each kernel, whatever w) with the chosen tiles.
-    precompile([(default_configs(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)
+    report["settings"] = current_settings()
+    logger.info("settings: %s", report["settings"])
+    # The keep-window variants (one compile each kernel, whatever w) with the chosen settings.
+    precompile([(current_settings(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)
 
     for length in arguments.lengths:
         batch = arguments.tokens // length

@@ -50,7 +50,7 @@ BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stage
 BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # The fused backward: one kernel per key block computes dK, dV, d(bias) and adds dQ by atomics (5 matmuls
 # per tile pair instead of the two-kernel schedule's 7). block_m: queries per step, block_n: keys.
-FUSED_BACKWARD_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 2}
+FUSED_BACKWARD_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2}
 # True: the fused backward (dQ summed by fp32 atomics, so not bitwise deterministic); False: dK/dV kernel
 # then dQ kernel (BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG), deterministic.
 FUSED_BACKWARD = True
@@ -58,6 +58,14 @@ FUSED_BACKWARD = True
 # blocks; otherwise it runs the dense causal loop with the window/document masks (a listed tile costs
 # ~2x a dense one: bench/dmattn_notes.md). 1.0: always the list; -1: never.
 LISTED_LOOP_MAX_FRACTION = 0.5
+# Load K/V in the forward (FORWARD_TMA) and Q/dO in the key kernel (BACKWARD_TMA) through tensor
+# descriptors (TMA on Hopper), where the layout allows it (_tma_allowed); False: pointer loads.
+FORWARD_TMA = False
+BACKWARD_TMA = False
+# The fused backward adds each dQ tile with one TMA bulk reduce-add instead of per-element atomics (needs
+# the same layout conditions and a GPU: Triton's CPU interpreter has no descriptor reduce, so CI runs the
+# per-element atomics; the GPU tests cover this line).
+DQ_TMA_REDUCE = True
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -218,15 +226,23 @@ def block_schedule(key_rank, query_threshold, segment_ids, batch, heads, length,
 # Forward kernel.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, col_valid,
+def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, start_n, cols, col_valid,
                    key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
                    scale_log2,
                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_SEGMENTS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key block for the program's query block: online-softmax update of (acc, row_max, row_sum).
-    MASKED: apply the causal mask and the sequence end (blocks below the diagonal need neither)."""
+    MASKED: apply the causal mask and the sequence end (blocks below the diagonal need neither).
+    USE_TMA: key_base / value_base are tensor descriptors over the head's (l, d) rows (TMA loads; rows
+    past the end read as zero)."""
     dims = tl.arange(0, HEAD_DIM)
-    if MASKED:
+    if USE_TMA:
+        key_t = tl.trans(key_base.load([start_n, 0]))
+        if MASKED:
+            bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        else:
+            bias = tl.load(bias_base + cols).to(tl.float32) * LOG2E_IN_KERNEL
+    elif MASKED:
         key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
         bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
     else:
@@ -249,7 +265,9 @@ def _forward_block(acc, row_max, row_sum, q, rows, row_threshold, row_segment, c
     probs = tl.math.exp2(scores - shift[:, None])
     correction = tl.math.exp2(row_max - shift)
     row_sum = row_sum * correction + tl.sum(probs, 1)
-    if MASKED:
+    if USE_TMA:
+        value = value_base.load([start_n, 0])
+    elif MASKED:
         value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :], mask=col_valid[:, None], other=0.0)
     else:
         value = tl.load(value_base + cols[:, None] * value_stride + dims[None, :])
@@ -264,7 +282,8 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
                     v_stride_b, v_stride_h, v_stride_l, o_stride_b, o_stride_h, o_stride_l,
                     num_heads, group_size, seq_len, scale_log2, listed_max_fraction,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, USE_TMA: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): one query block of one head; writes out and base-2 lse (b, h, l)."""
     # Late query blocks have the most keys: start them first so that the last wave is short.
     num_row_blocks = tl.num_programs(0)
@@ -281,6 +300,11 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
                 mask=row_valid[:, None], other=0.0)
     key_base = key + batch * k_stride_b + kv_head * k_stride_h
     value_base = value + batch * v_stride_b + kv_head * v_stride_h
+    if USE_TMA:
+        key_base = tl.make_tensor_descriptor(key_base, shape=[seq_len, HEAD_DIM], strides=[k_stride_l, 1],
+                                             block_shape=[BLOCK_N, HEAD_DIM])
+        value_base = tl.make_tensor_descriptor(value_base, shape=[seq_len, HEAD_DIM], strides=[v_stride_l, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
     bias_base = mask_bias + batch_head * seq_len
     rank_base = key_rank + batch_head * seq_len
     segment_base = segment_ids + batch * seq_len
@@ -294,35 +318,38 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    use_list = False
+    # Key blocks wholly below the diagonal need no causal mask; then the diagonal block(s). The window
+    # and document masks, when present, apply to every block.
+    below_end = start_m
+    diagonal_end = tl.minimum(start_m + BLOCK_M, seq_len)
     if HAS_WINDOW or HAS_SEGMENTS:
         schedule = batch_head * num_row_blocks + block_m
         count = tl.load(block_count + schedule)
-        # The listed loop costs ~2x per tile (the index load defeats pipelining): walk it only when short.
-        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N)
-    if use_list:
+        # A listed tile costs ~2x a dense one (the index load defeats pipelining): walk the list only when
+        # it is short, else empty it and run the dense loops below (and the other way round).
+        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(diagonal_end, BLOCK_N)
+        count = tl.where(use_list, count, 0)
+        below_end = tl.where(use_list, 0, below_end)
+        diagonal_end = tl.where(use_list, start_m, diagonal_end)
         for index in range(0, count):
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc, row_max, row_sum = _forward_block(
-                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
+                acc, row_max, row_sum, q, rows, row_threshold, row_segment, block_n * BLOCK_N, cols, cols < seq_len,
                 key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
-                HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    else:
-        # Key blocks wholly below the diagonal need no causal mask; then the diagonal block(s). (The window
-        # and document masks, when present, apply to every block.)
-        for start_n in range(0, start_m, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            acc, row_max, row_sum = _forward_block(
-                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
-                key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
-                HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            acc, row_max, row_sum = _forward_block(
-                acc, row_max, row_sum, q, rows, row_threshold, row_segment, cols, cols < seq_len,
-                key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
-                HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+                HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
+    for start_n in range(0, below_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        acc, row_max, row_sum = _forward_block(
+            acc, row_max, row_sum, q, rows, row_threshold, row_segment, start_n, cols, cols < seq_len,
+            key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
+            HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
+    for start_n in range(start_m, diagonal_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        acc, row_max, row_sum = _forward_block(
+            acc, row_max, row_sum, q, rows, row_threshold, row_segment, start_n, cols, cols < seq_len,
+            key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base, scale_log2,
+            HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
 
     empty = row_sum == 0.0
     result = acc / tl.where(empty, 1.0, row_sum)[:, None]
@@ -364,7 +391,7 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
                     row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block against the program's key block, in transposed form (keys on rows).
     FUSE_DQ: also add this block's dQ share dS·K into the fp32 buffer at grad_query_base (atomics, since
     every key block of the head adds into the same rows), which saves the dQ kernel's two recomputed
@@ -372,7 +399,10 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     rows = start_m + tl.arange(0, BLOCK_M)
     row_valid = rows < seq_len
     dims = tl.arange(0, HEAD_DIM)
-    query_t = tl.load(query_base + rows[None, :] * q_stride + dims[:, None], mask=row_valid[None, :], other=0.0)
+    if USE_TMA:  # query_base / grad_out_base are descriptors over the head's (l, d) rows
+        query_t = tl.trans(query_base.load([start_m, 0]))
+    else:
+        query_t = tl.load(query_base + rows[None, :] * q_stride + dims[:, None], mask=row_valid[None, :], other=0.0)
     # Rows past the end get lse = +inf, hence probability 0 and no contribution.
     lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))
     scores_t = tl.dot(key, query_t, input_precision=DOT_PRECISION) * scale_log2 + bias_log2[:, None]
@@ -385,7 +415,11 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     if HAS_SEGMENTS:
         row_segment = tl.load(row_segment_base + rows, mask=row_valid, other=-1)
         probs_t = tl.where(col_segment[:, None] == row_segment[None, :], probs_t, 0.0)
-    grad_out = tl.load(grad_out_base + rows[:, None] * g_stride + dims[None, :], mask=row_valid[:, None], other=0.0)
+    if USE_TMA:
+        grad_out = grad_out_base.load([start_m, 0])
+    else:
+        grad_out = tl.load(grad_out_base + rows[:, None] * g_stride + dims[None, :], mask=row_valid[:, None],
+                           other=0.0)
     grad_value += tl.dot(probs_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
     delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
     grad_probs_t = tl.dot(value, tl.trans(grad_out), input_precision=DOT_PRECISION)
@@ -394,10 +428,14 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     grad_key += tl.dot(grad_scores_t_low, tl.trans(query_t), input_precision=DOT_PRECISION)
     grad_bias += tl.sum(grad_scores_t, 1)
     if FUSE_DQ:
-        # Relaxed: plain reductions with no ordering fences; the buffer is read only by a later kernel.
         grad_query_part = tl.dot(tl.trans(grad_scores_t_low), key, input_precision=DOT_PRECISION)
-        tl.atomic_add(grad_query_base + rows[:, None] * HEAD_DIM + dims[None, :], grad_query_part,
-                      mask=row_valid[:, None], sem="relaxed")
+        if DQ_TMA_REDUCE:
+            # One bulk reduce-add of the tile (TMA, done in L2; rows past the end are clipped).
+            grad_query_base.atomic_add([start_m, 0], grad_query_part)
+        else:
+            # Relaxed: plain reductions with no ordering fences; the buffer is read only by a later kernel.
+            tl.atomic_add(grad_query_base + rows[:, None] * HEAD_DIM + dims[None, :], grad_query_part,
+                          mask=row_valid[:, None], sem="relaxed")
     return grad_key, grad_value, grad_bias
 
 
@@ -409,7 +447,7 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                      num_heads, num_kv_heads, group_size, seq_len, scale_log2, scale, listed_max_fraction,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_N), b·h_kv): one key block of one key/value head, summed over its query
     heads (so GQA needs no atomics for dK/dV); also writes d(mask_bias) of those query heads (fp32,
     (b, h, l)) and, with FUSE_DQ, adds the dQ shares into grad_query_accum (fp32 (b, h, l, d), zeroed)."""
@@ -442,40 +480,50 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
             rank = tl.load(key_rank + batch_head * seq_len + cols, mask=col_valid, other=KEEP_ALL_IN_KERNEL)
         query_base = query + batch * q_stride_b + head * q_stride_h
         grad_out_base = grad_out + batch * g_stride_b + head * g_stride_h
+        if USE_TMA:
+            query_base = tl.make_tensor_descriptor(query_base, shape=[seq_len, HEAD_DIM], strides=[q_stride_l, 1],
+                                                   block_shape=[BLOCK_M, HEAD_DIM])
+            grad_out_base = tl.make_tensor_descriptor(grad_out_base, shape=[seq_len, HEAD_DIM],
+                                                      strides=[g_stride_l, 1], block_shape=[BLOCK_M, HEAD_DIM])
         lse_base = log_sum_exp + batch_head * seq_len
         delta_base = delta + batch_head * seq_len
         threshold_base = query_threshold + batch_head * seq_len
         grad_query_base = grad_query_accum + batch_head * seq_len * HEAD_DIM
+        if DQ_TMA_REDUCE:
+            grad_query_base = tl.make_tensor_descriptor(grad_query_base, shape=[seq_len, HEAD_DIM],
+                                                        strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
         grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        use_list = False
+        # Query blocks on the diagonal need the causal mask; those wholly below it do not. The window and
+        # document masks, when present, apply to every block.
+        diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
+        below_start = start_n + BLOCK_N
         if HAS_WINDOW or HAS_SEGMENTS:
             schedule = batch_head * num_key_blocks + block_n
             count = tl.load(block_count + schedule)
-            # The listed loop costs ~2x per tile (see _use_listed_loop): walk the list only when it is short.
+            # As in the forward: the list when it is short, else the dense loops with masks.
             use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(seq_len - start_n, BLOCK_M)
-        if use_list:
+            count = tl.where(use_list, count, 0)
+            diagonal_end = tl.where(use_list, start_n, diagonal_end)
+            below_start = tl.where(use_list, seq_len, below_start)
             for index in range(0, count):
                 block_m = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_M) + index)
                 grad_key, grad_value, grad_bias = _key_grad_block(
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                     row_segment_base, grad_query_base, block_m * BLOCK_M, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
-        else:
-            # Query blocks on the diagonal need the causal mask; those wholly below it do not (the window
-            # and document masks, when present, apply to every block).
-            for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
-                grad_key, grad_value, grad_bias = _key_grad_block(
-                    grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
-                    query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
-                    row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
-            for start_m in range(start_n + BLOCK_N, seq_len, BLOCK_M):
-                grad_key, grad_value, grad_bias = _key_grad_block(
-                    grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
-                    query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
-                    row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
+        for start_m in range(start_n, diagonal_end, BLOCK_M):
+            grad_key, grad_value, grad_bias = _key_grad_block(
+                grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
+                query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
+                row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
+                HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
+        for start_m in range(below_start, seq_len, BLOCK_M):
+            grad_key, grad_value, grad_bias = _key_grad_block(
+                grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
+                query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
+                row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
+                HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
@@ -560,12 +608,15 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
     if HAS_SEGMENTS:
         row_segment = tl.load(segment_base + rows, mask=row_valid, other=-1)
     grad_query = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    use_list = False
+    below_end = start_m
+    diagonal_end = tl.minimum(start_m + BLOCK_M, seq_len)
     if HAS_WINDOW or HAS_SEGMENTS:
         schedule = batch_head * num_row_blocks + block_m
         count = tl.load(block_count + schedule)
-        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N)
-    if use_list:
+        use_list = count.to(tl.float32) <= listed_max_fraction * tl.cdiv(diagonal_end, BLOCK_N)
+        count = tl.where(use_list, count, 0)
+        below_end = tl.where(use_list, 0, below_end)
+        diagonal_end = tl.where(use_list, start_m, diagonal_end)
         for index in range(0, count):
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -573,19 +624,18 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
                 grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
                 cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
                 scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-    else:
-        for start_n in range(0, start_m, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            grad_query = _query_grad_block(
-                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
-                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-                scale_log2, HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
-        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            grad_query = _query_grad_block(
-                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
-                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-                scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    for start_n in range(0, below_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        grad_query = _query_grad_block(
+            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+            cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+            scale_log2, HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+    for start_n in range(start_m, diagonal_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        grad_query = _query_grad_block(
+            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+            cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+            scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
     out_offsets = batch_head * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_query_out + out_offsets, (grad_query * scale).to(grad_query_out.dtype.element_ty),
              mask=row_valid[:, None])
@@ -635,6 +685,24 @@ def _validate(q, k, v, mask_bias, keep_window, segment_ids):
                              "contiguous run of positions (packed documents)")
 
 
+def _tma_allowed(*tensors):
+    """TMA descriptors need 16-byte aligned bases and row strides; they are built on the device, which
+    needs a global-scratch allocator (set once here)."""
+    if any(t.data_ptr() % 16 or any(stride * t.element_size() % 16 for stride in t.stride()[:-1])
+           for t in tensors):
+        return False
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        def allocate(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+        triton.set_allocator(allocate)
+        _TMA_ALLOCATOR_SET = True
+    return True
+
+
+_TMA_ALLOCATOR_SET = False
+
+
 def _rows_last_contiguous(tensor):
     """Kernels take any (b, h, l) strides but need the head dimension contiguous."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
@@ -679,7 +747,7 @@ def _forward(q, k, v, mask_bias, masks):
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], length, LOG2E / math.sqrt(head_dim), LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
-        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, USE_TMA=FORWARD_TMA and _tma_allowed(k, v),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out, lse
@@ -713,7 +781,10 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
         grad_out, lse, delta, grad_key, grad_value, grad_bias, grad_query_accum, *strides,
         heads, kv_heads, heads // kv_heads, length, scale * LOG2E, scale, LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=key_config["block_m"], BLOCK_N=key_config["block_n"],
-        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, FUSE_DQ=fused, DOT_PRECISION=precision,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, FUSE_DQ=fused,
+        USE_TMA=BACKWARD_TMA and _tma_allowed(q, grad_out),
+        DQ_TMA_REDUCE=fused and DQ_TMA_REDUCE and q.is_cuda and _tma_allowed(q, grad_out, grad_query_accum),
+        DOT_PRECISION=precision,
         num_warps=key_config["num_warps"], num_stages=key_config["num_stages"])
     grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     if fused:

@@ -6,6 +6,9 @@ float64 on the same (rounded) values. bf16 tiles and probabilities round to 8 bi
 are loose (METHOD.md: 1e-3..1e-2); float32 runs with ieee dots and must be tight. Skipped without CUDA;
 run on the GPU machine by bench/gpu_dmattn.sh.
 """
+import json
+import os
+
 import pytest
 import torch
 
@@ -63,6 +66,16 @@ def run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window=None, 
     errors = {"out": relative_error(out.detach(), oracle.detach())}
     for name, leaf, oracle_leaf in zip(["q", "k", "v", "mask_bias"], leaves, oracle_leaves):
         errors[name] = relative_error(leaf.grad, oracle_leaf.grad)
+    log = os.environ.get("DMATTN_ERRORS_LOG")  # bench/gpu_dmattn.sh collects the errors for its summary
+    if log:
+        import cheems_parallel.kernels.dmattn as kernels
+
+        case = {"dtype": str(dtype), "shape": [batch, heads, kv_heads, length, head_dim], "keep_window": keep_window,
+                "documents": num_documents, "mask": mask_kind, "fused": kernels.FUSED_BACKWARD,
+                "dq_tma_reduce": kernels.DQ_TMA_REDUCE, "tma": [kernels.FORWARD_TMA, kernels.BACKWARD_TMA],
+                "listed_max_fraction": kernels.LISTED_LOOP_MAX_FRACTION, "errors": errors}
+        with open(log, "a") as handle:
+            handle.write(json.dumps(case) + "\n")
     return errors
 
 
@@ -84,6 +97,38 @@ def test_matches_reference_on_gpu(dtype, batch, heads, kv_heads, length, head_di
                                   mask_kind):
     errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window, num_documents, mask_kind,
                       seed=length + (keep_window or 0))
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+# Module settings per schedule (cheems_parallel.kernels.dmattn): the two-kernel backward, the fused one
+# with per-element atomics, the fused one with TMA loads and TMA reduce-add of dQ, and sparse masks forced
+# through the block lists or through the dense loop.
+SCHEDULES = {
+    "two_kernel": {"FUSED_BACKWARD": False, "FORWARD_TMA": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
+    "fused_atomic": {"FUSED_BACKWARD": True, "FORWARD_TMA": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
+    "fused_tma": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+    "fused_tma_lists": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,
+                        "LISTED_LOOP_MAX_FRACTION": 1.0},
+    "fused_tma_dense": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,
+                        "LISTED_LOOP_MAX_FRACTION": -1.0},
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind", [
+    (BF16, 1, 8, 2, 1000, 128, None, None, "random"),     # GQA 4:1, partial tiles
+    (BF16, 1, 4, 2, 1536, 128, 192, None, "clustered"),   # keep-window, heavy skipping
+    (BF16, 1, 4, 4, 1024, 128, 200, 3, "recency"),        # keep-window within documents
+    (FP32, 1, 4, 2, 777, 64, 100, None, "random"),        # float32 (ieee dots), d 64, odd length
+])
+def test_schedules_match_reference_on_gpu(monkeypatch, schedule, dtype, batch, heads, kv_heads, length, head_dim,
+                                          keep_window, num_documents, mask_kind):
+    import cheems_parallel.kernels.dmattn as kernels
+
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setattr(kernels, name, value)
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window, num_documents, mask_kind,
+                      seed=length + 17)
     assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
 
 
