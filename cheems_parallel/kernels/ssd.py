@@ -1002,6 +1002,8 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     if cos is not None:
         # the tables in x's precision, as apply_rope uses them (half the bytes of float32 for bf16 inputs)
         table_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if config.get("rope_tables_fp32", False):
+            table_dtype = torch.float32
         cos = cos.to(table_dtype).contiguous()
         sin = sin.to(table_dtype).contiguous()
     x = x.contiguous()
