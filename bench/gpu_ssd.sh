@@ -15,9 +15,10 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
 start=$(date +%s)
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n 4"   # compile in 4 processes
+  python3 -m pytest -q -rP $parallel -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "^shape|passed|failed|Error|error" "$OUT/gpu_tests.log" | head -30
+  grep -E "^shape|passed|failed|Error|error" "$OUT/gpu_tests.log" | cut -c1-400 | head -40
 fi
 python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | tail -60
 cp bench/results/ssd_h200.json "$OUT/" 2>/dev/null

@@ -2,11 +2,14 @@
 reference, and the memory-bandwidth floor, forward and forward+backward, at B·L = 65 536 tokens.
 
 Two problems per sequence length L (batch = tokens / L, bf16, dt_bias + softplus, D skip on):
-  mamba   h=32 heads × p=128, state n=128, RoPE off. mamba_ssm runs its native one group of B/C
-          (the anchor measured earlier: 8.4 Mtok/s fwd+bwd); ours runs groups = heads (32× the B/C data).
+  mamba   h=32 heads × p=128, state n=128, RoPE off, one group of B/C shared by all heads, for both
+          mamba_ssm (the anchor measured earlier: 8.4 Mtok/s fwd+bwd) and ours (since v3; v2 materialised
+          the group per head, 32× the B/C data).
   cheems  the same sizes with groups = heads and RoPE on B/C. mamba_ssm gets per-head B/C (ngroups = h)
           rotated by torch's apply_rope beforehand (that rotation is timed with it).
-Mtok/s = tokens / median time (triton.testing.do_bench). The floor is the time to move each input once
+Mtok/s = tokens / median time (triton.testing.do_bench). Before the table, the kernel configurations in
+SWEEP (GROUP_SWEEP for the mamba problem) are timed on each problem at --sweep-length; the fastest is used
+for that problem's rows. The floor is the time to move each input once
 and each output once at the copy bandwidth measured in the same run (forward: x, B, C, dt in, y out;
 forward+backward adds dy in and dx, dB, dC, ddt out). Prints a table and writes JSON.
 
@@ -36,12 +39,27 @@ from cheems_parallel.ops import apply_rope, rope_tables  # noqa: E402
 logger = logging.getLogger("bench.ssd")
 DEVICE = "cuda"
 
-# kernel configurations tried on one shape before the table; the fastest forward+backward is used
+# kernel configurations tried on each problem at one length before the table; the fastest forward+backward
+# per problem is used (v2: the defaults of run 2; see bench/ssd_notes.md for each version)
+V2 = {"save_rotated": False, "dqk_merged": False, "fwd_block_p": 64, "fwd_warps": 4}
 SWEEP = [
-    ("t64-wide", 64, {}),  # the module default (won run 2)
-    ("t64", 64, {"bwd_block_p": 64, "bwd_warps": 4, "dqk_block_p": 32}),
-    ("t64-4w", 64, {"bwd_block_p": 64, "bwd_warps": 4, "dqk_block_p": 32, "dqk_warps": 4, "state_stages": 3,
-                    "state_block_p": 32}),
+    ("v2", 64, V2),
+    ("v3-rot", 64, dict(V2, save_rotated=True)),
+    ("v3-rot-fwd8", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8)),
+    ("v3-rot-fwd8-dqk32", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_block_p=32)),
+    ("v3-merged", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True)),
+    ("v3-merged-bp32", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
+                                dqk_block_p=32)),
+]
+# the mamba problem (one B/C group): how dB/dC are summed over the group's heads
+GROUP_SWEEP = [
+    ("v3-rot-fwd8-sum", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, group_reduce="sum")),
+    ("v3-merged-sum", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
+                               group_reduce="sum")),
+    ("v3-merged-atomic", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
+                                  group_reduce="atomic")),
+    ("v3-merged-bp32-atomic", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
+                                       dqk_block_p=32, group_reduce="atomic")),
 ]
 
 
@@ -93,15 +111,16 @@ def make_problem(tokens, length, heads, head_dim, state_dim, rope, groups, dtype
     return problem
 
 
-def floor_seconds(problem, heads, bandwidth, backward):
-    """Each input read once, each output written once, at the measured copy bandwidth."""
-    x, B, C = problem["x"], problem["B"], problem["C"]
-    per_head_bc = B.numel() * B.element_size() * heads // B.shape[2]  # B/C as the per-head kernel sees them
+def floor_seconds(problem, bandwidth, backward):
+    """Each input read once, each output written once, at the measured copy bandwidth. B/C count as given:
+    one group's bytes for the mamba problem (shared by all heads), per head for the cheems problem."""
+    x, B = problem["x"], problem["B"]
+    bc = B.numel() * B.element_size()
     dt_bytes = problem["dt_raw"].numel() * 4
-    forward = 2 * x.numel() * x.element_size() + 2 * per_head_bc + dt_bytes        # x, B, C, dt in; y out
+    forward = 2 * x.numel() * x.element_size() + 2 * bc + dt_bytes        # x, B, C, dt in; y out
     if not backward:
         return forward / bandwidth
-    backward_bytes = 3 * x.numel() * x.element_size() + 4 * per_head_bc + 2 * dt_bytes  # dy, x in; dx out; ...
+    backward_bytes = 3 * x.numel() * x.element_size() + 4 * bc + 2 * dt_bytes  # dy, x, B, C in; dx, dB, dC, ddt out
     return (forward + backward_bytes) / bandwidth
 
 
@@ -170,11 +189,12 @@ def relative_error(value, reference):
     return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
-def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms):
-    """Fastest forward+backward kernel configuration on the cheems problem at one length."""
-    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=True, groups=heads))
+def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_name):
+    """Fastest forward+backward kernel configuration on one problem at one length."""
+    rope, groups, variants = (True, heads, SWEEP) if problem_name == "cheems" else (False, 1, SWEEP[:1] + GROUP_SWEEP)
+    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
     results = {}
-    for name, kernel_chunk, overrides in SWEEP:
+    for name, kernel_chunk, overrides in variants:
         config = dict(ssd_kernels.CONFIG, **overrides)
         try:
             call, leaves = run_ours(problem, kernel_chunk, config, backward=True)
@@ -182,17 +202,18 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms):
         except Exception as error:  # a configuration the compiler rejects (e.g. out of shared memory)
             logger.warning("config %s failed: %s", name, str(error).splitlines()[0][:200])
     for name, ms in results.items():
-        print(f"  sweep L={length}: {name:14s} fwd+bwd {ms:7.3f} ms  {tokens / ms / 1e3:7.2f} Mtok/s")
+        print(f"  sweep {problem_name} L={length}: {name:22s} fwd+bwd {ms:7.3f} ms  {tokens / ms / 1e3:7.2f} Mtok/s")
     best = min(results, key=results.get)
-    for name, kernel_chunk, overrides in SWEEP:
+    for name, kernel_chunk, overrides in variants:
         if name == best:
             return name, kernel_chunk, dict(ssd_kernels.CONFIG, **overrides), results
     raise RuntimeError("no kernel configuration ran")
 
 
-def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, config):
-    """Per-kernel device time of one forward+backward of ours (cheems problem), from torch.profiler."""
-    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=True, groups=heads))
+def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, config, problem_name):
+    """Per-kernel device time of one forward+backward of ours on one problem, from torch.profiler."""
+    rope, groups = (True, heads) if problem_name == "cheems" else (False, 1)
+    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
     call, leaves = run_ours(problem, kernel_chunk, config, backward=True)
     for _ in range(3):
         call()
@@ -209,7 +230,7 @@ def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, co
         if device_us:
             table[event.key] = device_us / 5 / 1e3
     total = sum(table.values())
-    print(f"\nkernel breakdown, ours fwd+bwd, cheems L={length} (ms per step; sum {total:.3f}):")
+    print(f"\nkernel breakdown, ours fwd+bwd, {problem_name} L={length} (ms per step; sum {total:.3f}):")
     for key, ms in sorted(table.items(), key=lambda item: -item[1])[:14]:
         print(f"  {ms:7.3f}  {key[:90]}")
     return table
@@ -244,26 +265,36 @@ def main(argv=None):
     if mamba_fn is None:
         logger.warning("mamba_ssm not importable: anchoring on the torch reference and the floor only")
     h, p, n = args.heads, args.head_dim, args.state
-    if args.no_sweep:
-        config_name, kernel_chunk, config, sweep = "default", ssd_kernels.KERNEL_CHUNK, dict(ssd_kernels.CONFIG), {}
-    else:
-        config_name, kernel_chunk, config, sweep = sweep_configs(args.tokens, args.sweep_length, h, p, n, args.rep_ms)
-    print(f"config: {config_name} (kernel chunk {kernel_chunk}) {config}")
-
-    breakdown = {}
-    if args.profile_length:
-        try:  # diagnostics only: a profiler problem must not cost the table
-            breakdown = profile_kernels(args.tokens, args.profile_length, h, p, n, kernel_chunk, config)
-        except Exception as error:
-            logger.warning("kernel breakdown failed: %s", str(error).splitlines()[0][:200])
+    chosen, sweeps, breakdown = {}, {}, {}
+    for problem_name in ("mamba", "cheems"):
+        if args.no_sweep:
+            chosen[problem_name] = ("default", ssd_kernels.KERNEL_CHUNK, dict(ssd_kernels.CONFIG))
+        else:
+            name, kernel_chunk, config, sweeps[problem_name] = sweep_configs(args.tokens, args.sweep_length, h, p, n,
+                                                                             args.rep_ms, problem_name)
+            chosen[problem_name] = (name, kernel_chunk, config)
+        print(f"config {problem_name}: {chosen[problem_name][0]} (kernel chunk {chosen[problem_name][1]}) "
+              f"{chosen[problem_name][2]}")
+        if args.profile_length:
+            try:  # diagnostics only: a profiler problem must not cost the table
+                breakdown[problem_name] = profile_kernels(args.tokens, args.profile_length, h, p, n,
+                                                          chosen[problem_name][1], chosen[problem_name][2],
+                                                          problem_name)
+            except Exception as error:
+                logger.warning("kernel breakdown failed: %s", str(error).splitlines()[0][:200])
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": importlib.import_module("triton").__version__, "tokens": args.tokens,
               "heads": h, "head_dim": p, "state": n, "dtype": "bfloat16",
-              "copy_bandwidth_GBps": bandwidth / 1e9, "kernel_chunk": kernel_chunk, "config_name": config_name,
-              "config": config, "sweep_fwd_bwd_ms": sweep, "kernel_breakdown_ms": breakdown, "problems": {}}
+              "copy_bandwidth_GBps": bandwidth / 1e9,
+              "config_name": {name: chosen[name][0] for name in chosen},
+              "kernel_chunk": {name: chosen[name][1] for name in chosen},
+              "config": {name: chosen[name][2] for name in chosen},
+              "sweep_fwd_bwd_ms": sweeps, "sweep_length": args.sweep_length,
+              "kernel_breakdown_ms": breakdown, "problems": {}}
     rows = []
     for problem_name, rope in (("mamba", False), ("cheems", True)):
         per_length = {}
+        _, kernel_chunk, config = chosen[problem_name]
         for length in args.lengths:
             groups = 1 if problem_name == "mamba" else h
             entry = {}
@@ -272,11 +303,7 @@ def main(argv=None):
                 problem = make_problem(args.tokens, length, h, p, n, rope, groups)
                 if backward:
                     problem = with_grad(problem)
-                # ours needs per-head B/C: materialise the one group for the mamba problem
-                ours_problem = dict(problem)
-                if groups == 1:
-                    ours_problem["B"] = problem["B"].detach().expand(-1, -1, h, -1).contiguous().requires_grad_(backward)
-                    ours_problem["C"] = problem["C"].detach().expand(-1, -1, h, -1).contiguous().requires_grad_(backward)
+                ours_problem = problem  # the same tensors: one shared B/C group for the mamba problem
                 timings = {}
                 call, leaves = run_ours(ours_problem, kernel_chunk, config, backward)
                 timings["ours"] = time_ms(call, leaves, args.rep_ms)
@@ -293,7 +320,7 @@ def main(argv=None):
                         entry["rel_err_vs_reference"] = relative_error(y_ours, y_ref)
                         if mamba_fn is not None:
                             entry["rel_err_vs_mamba"] = relative_error(y_ours, run_mamba(mamba_fn, problem, False)[0]())
-                floor = floor_seconds(ours_problem, h, bandwidth, backward) * 1e3
+                floor = floor_seconds(problem, bandwidth, backward) * 1e3
                 result = {name + "_ms": ms for name, ms in timings.items()}
                 result.update({name + "_Mtok_s": args.tokens / ms / 1e3 for name, ms in timings.items()})
                 result["floor_ms"] = floor
