@@ -50,18 +50,18 @@ BACKWARD_KEY_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stage
 BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # The fused backward: one kernel per key block computes dK, dV, d(bias) and adds dQ by atomics (5 matmuls
 # per tile pair instead of the two-kernel schedule's 7). block_m: queries per step, block_n: keys.
-FUSED_BACKWARD_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2}
+FUSED_BACKWARD_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3}
 # True: the fused backward (dQ summed by fp32 atomics, so not bitwise deterministic); False: dK/dV kernel
 # then dQ kernel (BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG), deterministic.
-FUSED_BACKWARD = True
+FUSED_BACKWARD = False
 # Sparse schedules: a program walks its block list only when it lists at most this fraction of its causal
 # blocks; otherwise it runs the dense causal loop with the window/document masks (a listed tile costs
 # ~2x a dense one: bench/dmattn_notes.md). 1.0: always the list; -1: never.
 LISTED_LOOP_MAX_FRACTION = 0.5
-# Load K/V in the forward (FORWARD_TMA) and Q/dO in the key kernel (BACKWARD_TMA) through tensor
-# descriptors (TMA on Hopper), where the layout allows it (_tma_allowed); False: pointer loads.
-FORWARD_TMA = False
-BACKWARD_TMA = False
+# Load K/V in the forward (FORWARD_TMA), Q/dO in the key kernel and K/V in the query kernel (BACKWARD_TMA)
+# through tensor descriptors (TMA on Hopper), where the layout allows it (_tma_allowed); False: pointers.
+FORWARD_TMA = True
+BACKWARD_TMA = True
 # The fused backward adds each dQ tile with one TMA bulk reduce-add instead of per-element atomics (needs
 # the same layout conditions and a GPU: Triton's CPU interpreter has no descriptor reduce, so CI runs the
 # per-element atomics; the GPU tests cover this line).
@@ -540,13 +540,21 @@ def _scale_cast_kernel(source, target, scale, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _query_grad_block(grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, cols, col_valid,
-                      key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
+def _query_grad_block(grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, start_n, cols,
+                      col_valid, key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
                       scale_log2,
                       HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_SEGMENTS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block for the program's query block. USE_TMA: key_base / value_base are descriptors."""
     dims = tl.arange(0, HEAD_DIM)
-    if MASKED:
+    if USE_TMA:
+        key_t = tl.trans(key_base.load([start_n, 0]))
+        value_t = tl.trans(value_base.load([start_n, 0]))
+        if MASKED:
+            bias = tl.load(bias_base + cols, mask=col_valid, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        else:
+            bias = tl.load(bias_base + cols).to(tl.float32) * LOG2E_IN_KERNEL
+    elif MASKED:
         key_t = tl.load(key_base + cols[None, :] * key_stride + dims[:, None], mask=col_valid[None, :], other=0.0)
         value_t = tl.load(value_base + cols[None, :] * value_stride + dims[:, None], mask=col_valid[None, :],
                           other=0.0)
@@ -578,7 +586,8 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
                        v_stride_b, v_stride_h, v_stride_l, g_stride_b, g_stride_h, g_stride_l,
                        num_heads, group_size, seq_len, scale_log2, scale, listed_max_fraction,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, USE_TMA: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_M), b·h): dQ of one query block of one head (contiguous (b, h, l, d) output)."""
     num_row_blocks = tl.num_programs(0)
     block_m = num_row_blocks - 1 - tl.program_id(0)  # heaviest first, as in the forward
@@ -598,6 +607,11 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
     delta_rows = tl.load(delta + batch_head * seq_len + rows, mask=row_valid, other=0.0)
     key_base = key + batch * k_stride_b + kv_head * k_stride_h
     value_base = value + batch * v_stride_b + kv_head * v_stride_h
+    if USE_TMA:
+        key_base = tl.make_tensor_descriptor(key_base, shape=[seq_len, HEAD_DIM], strides=[k_stride_l, 1],
+                                             block_shape=[BLOCK_N, HEAD_DIM])
+        value_base = tl.make_tensor_descriptor(value_base, shape=[seq_len, HEAD_DIM], strides=[v_stride_l, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
     bias_base = mask_bias + batch_head * seq_len
     rank_base = key_rank + batch_head * seq_len
     segment_base = segment_ids + batch * seq_len
@@ -621,21 +635,21 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
             grad_query = _query_grad_block(
-                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, block_n * BLOCK_N, cols,
                 cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-                scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+                scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
     for start_n in range(0, below_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         grad_query = _query_grad_block(
-            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, start_n, cols,
             cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-            scale_log2, HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+            scale_log2, HEAD_DIM, False, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
     for start_n in range(start_m, diagonal_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         grad_query = _query_grad_block(
-            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, cols,
+            grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, start_n, cols,
             cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
-            scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, DOT_PRECISION)
+            scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
     out_offsets = batch_head * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_query_out + out_offsets, (grad_query * scale).to(grad_query_out.dtype.element_ty),
              mask=row_valid[:, None])
@@ -685,22 +699,19 @@ def _validate(q, k, v, mask_bias, keep_window, segment_ids):
                              "contiguous run of positions (packed documents)")
 
 
+def _scratch_allocator(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _tma_allowed(*tensors):
     """TMA descriptors need 16-byte aligned bases and row strides; they are built on the device, which
-    needs a global-scratch allocator (set once here)."""
+    needs a global-scratch allocator. Triton keeps that in a context variable, i.e. per thread (autograd
+    runs the backward in its own thread), so it is set on every call that uses descriptors."""
     if any(t.data_ptr() % 16 or any(stride * t.element_size() % 16 for stride in t.stride()[:-1])
            for t in tensors):
         return False
-    global _TMA_ALLOCATOR_SET
-    if not _TMA_ALLOCATOR_SET:
-        def allocate(size, alignment, stream):
-            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-        triton.set_allocator(allocate)
-        _TMA_ALLOCATOR_SET = True
+    triton.set_allocator(_scratch_allocator)
     return True
-
-
-_TMA_ALLOCATOR_SET = False
 
 
 def _rows_last_contiguous(tensor):
@@ -798,7 +809,8 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
         grad_out, lse, delta, grad_query, *strides,
         heads, heads // kv_heads, length, scale * LOG2E, scale, LISTED_LOOP_MAX_FRACTION,
         HEAD_DIM=head_dim, BLOCK_M=query_config["block_m"], BLOCK_N=query_config["block_n"],
-        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, DOT_PRECISION=precision,
+        HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments,
+        USE_TMA=BACKWARD_TMA and _tma_allowed(k, v), DOT_PRECISION=precision,
         num_warps=query_config["num_warps"], num_stages=query_config["num_stages"])
     return grad_query, grad_key, grad_value, grad_bias
 

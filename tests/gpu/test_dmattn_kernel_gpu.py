@@ -100,11 +100,12 @@ def test_matches_reference_on_gpu(dtype, batch, heads, kv_heads, length, head_di
     assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
 
 
-# Module settings per schedule (cheems_parallel.kernels.dmattn): the two-kernel backward, the fused one
-# with per-element atomics, the fused one with TMA loads and TMA reduce-add of dQ, and sparse masks forced
+# Module settings per schedule (cheems_parallel.kernels.dmattn): the two-kernel backward with pointer or
+# TMA loads, the fused one with per-element atomics, the fused one with TMA loads and TMA reduce-add of dQ, and sparse masks forced
 # through the block lists or through the dense loop.
 SCHEDULES = {
     "two_kernel": {"FUSED_BACKWARD": False, "FORWARD_TMA": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
+    "two_kernel_tma": {"FUSED_BACKWARD": False, "FORWARD_TMA": True, "BACKWARD_TMA": True},
     "fused_atomic": {"FUSED_BACKWARD": True, "FORWARD_TMA": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
     "fused_tma": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
     "fused_tma_lists": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,

@@ -88,7 +88,7 @@ def test_matches_reference(kernels, batch, heads, kv_heads, length, head_dim, ke
 
 
 @pytest.mark.parametrize("fused_backward,listed_max_fraction,use_tma",
-                         [(False, 1.0, False), (True, 1.0, True), (True, -1.0, True), (True, -1.0, False)])
+                         [(False, 1.0, False), (False, -1.0, True), (True, 1.0, True), (True, -1.0, False)])
 @pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,keep_window,num_documents", [
     (2, 4, 2, 33, 32, None, None),     # GQA 2:1, odd length
     (2, 2, 1, 47, 16, 7, None),        # keep-window, partial tiles
