@@ -60,13 +60,15 @@ TUNE_CANDIDATES = {
                                       "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True},
         "fused 32x128 w8 s3 tma reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
                                           "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+        "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True},
         "fused 32x128 w8 s4 tma reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 4),
                                           "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
     },
 }
 # What the benchmark records as the kernel's configuration.
 SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
-                 "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "LISTED_LOOP_MAX_FRACTION")
+                 "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
 
 
 class BenchError(Exception):

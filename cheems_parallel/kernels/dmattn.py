@@ -66,6 +66,9 @@ BACKWARD_TMA = True
 # the same layout conditions and a GPU: Triton's CPU interpreter has no descriptor reduce, so CI runs the
 # per-element atomics; the GPU tests cover this line).
 DQ_TMA_REDUCE = True
+# The fused backward computes its dQ share as (K^T dS^T)^T, so that the matmul's M is the key block rather
+# than the few queries of a step (wgmma wants M >= 64 per warp group).
+DQ_TRANSPOSED = False
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -391,7 +394,8 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
                     row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """One query block against the program's key block, in transposed form (keys on rows).
     FUSE_DQ: also add this block's dQ share dS·K into the fp32 buffer at grad_query_base (atomics, since
     every key block of the head adds into the same rows), which saves the dQ kernel's two recomputed
@@ -428,7 +432,10 @@ def _key_grad_block(grad_key, grad_value, grad_bias, key, value, bias_log2, rank
     grad_key += tl.dot(grad_scores_t_low, tl.trans(query_t), input_precision=DOT_PRECISION)
     grad_bias += tl.sum(grad_scores_t, 1)
     if FUSE_DQ:
-        grad_query_part = tl.dot(tl.trans(grad_scores_t_low), key, input_precision=DOT_PRECISION)
+        if DQ_TRANSPOSED:  # dQ^T = K^T dS^T: the key block (128) is the matmul's M, not the few queries
+            grad_query_part = tl.trans(tl.dot(tl.trans(key), grad_scores_t_low, input_precision=DOT_PRECISION))
+        else:
+            grad_query_part = tl.dot(tl.trans(grad_scores_t_low), key, input_precision=DOT_PRECISION)
         if DQ_TMA_REDUCE:
             # One bulk reduce-add of the tile (TMA, done in L2; rows past the end are clipped).
             grad_query_base.atomic_add([start_m, 0], grad_query_part)
@@ -447,7 +454,8 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                      num_heads, num_kv_heads, group_size, seq_len, scale_log2, scale, listed_max_fraction,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSE_DQ: tl.constexpr,
-                     USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     USE_TMA: tl.constexpr, DQ_TMA_REDUCE: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(l, BLOCK_N), b·h_kv): one key block of one key/value head, summed over its query
     heads (so GQA needs no atomics for dK/dV); also writes d(mask_bias) of those query heads (fp32,
     (b, h, l)) and, with FUSE_DQ, adds the dQ shares into grad_query_accum (fp32 (b, h, l, d), zeroed)."""
@@ -511,19 +519,19 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                     row_segment_base, grad_query_base, block_m * BLOCK_M, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
         for start_m in range(start_n, diagonal_end, BLOCK_M):
             grad_key, grad_value, grad_bias = _key_grad_block(
                 grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
+                HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
         for start_m in range(below_start, seq_len, BLOCK_M):
             grad_key, grad_value, grad_bias = _key_grad_block(
                 grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DOT_PRECISION)
+                HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
@@ -795,6 +803,7 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
         HAS_WINDOW=masks.has_window, HAS_SEGMENTS=masks.has_segments, FUSE_DQ=fused,
         USE_TMA=BACKWARD_TMA and _tma_allowed(q, grad_out),
         DQ_TMA_REDUCE=fused and DQ_TMA_REDUCE and q.is_cuda and _tma_allowed(q, grad_out, grad_query_accum),
+        DQ_TRANSPOSED=DQ_TRANSPOSED,
         DOT_PRECISION=precision,
         num_warps=key_config["num_warps"], num_stages=key_config["num_stages"])
     grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)

@@ -108,6 +108,8 @@ SCHEDULES = {
     "two_kernel_tma": {"FUSED_BACKWARD": False, "FORWARD_TMA": True, "BACKWARD_TMA": True},
     "fused_atomic": {"FUSED_BACKWARD": True, "FORWARD_TMA": False, "BACKWARD_TMA": False, "DQ_TMA_REDUCE": False},
     "fused_tma": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+    "fused_reduce_dq_transposed": {"FUSED_BACKWARD": True, "FORWARD_TMA": False, "BACKWARD_TMA": False,
+                                   "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True},
     "fused_tma_lists": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,
                         "LISTED_LOOP_MAX_FRACTION": 1.0},
     "fused_tma_dense": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,

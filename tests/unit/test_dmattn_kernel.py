@@ -87,22 +87,24 @@ def test_matches_reference(kernels, batch, heads, kv_heads, length, head_dim, ke
     assert all(error < TOLERANCE for error in errors.values()), errors
 
 
-@pytest.mark.parametrize("fused_backward,listed_max_fraction,use_tma",
-                         [(False, 1.0, False), (False, -1.0, True), (True, 1.0, True), (True, -1.0, False)])
+@pytest.mark.parametrize("fused_backward,listed_max_fraction,use_tma,dq_transposed",
+                         [(False, 1.0, False, False), (False, -1.0, True, False), (True, 1.0, True, False),
+                          (True, -1.0, False, True)])
 @pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,keep_window,num_documents", [
     (2, 4, 2, 33, 32, None, None),     # GQA 2:1, odd length
     (2, 2, 1, 47, 16, 7, None),        # keep-window, partial tiles
     (2, 2, 1, 53, 16, 9, 3),           # keep-window within documents, GQA
 ])
-def test_schedules_match_reference(kernels, monkeypatch, fused_backward, listed_max_fraction, use_tma, batch,
-                                   heads, kv_heads, length, head_dim, keep_window, num_documents):
+def test_schedules_match_reference(kernels, monkeypatch, fused_backward, listed_max_fraction, use_tma, dq_transposed,
+                                   batch, heads, kv_heads, length, head_dim, keep_window, num_documents):
     """Each schedule forced: the two-kernel backward (dK/dV then dQ) and the fused one (dQ by atomics);
     sparse masks through the block lists only (1.0) and through the dense loop with masks only (-1);
-    tensor-descriptor (TMA) loads on and off."""
+    tensor-descriptor (TMA) loads on and off; the fused dQ share as dS·K or (K^T dS^T)^T."""
     monkeypatch.setattr(kernels, "FUSED_BACKWARD", fused_backward)
     monkeypatch.setattr(kernels, "LISTED_LOOP_MAX_FRACTION", listed_max_fraction)
     monkeypatch.setattr(kernels, "FORWARD_TMA", use_tma)
     monkeypatch.setattr(kernels, "BACKWARD_TMA", use_tma)
+    monkeypatch.setattr(kernels, "DQ_TRANSPOSED", dq_transposed)
     generator = torch.Generator().manual_seed(length * 31 + (keep_window or 0))
     q, k, v, mask_bias = make_inputs(batch, heads, kv_heads, length, head_dim, generator)
     segments = None if num_documents is None else sorted_segments(batch, length, num_documents, generator)
