@@ -45,16 +45,18 @@ from cheems_parallel.ops.ssd import ssd_chunked
 
 # The kernels' chunk length and tile sizes. Tunable (bench/ssd.py sweeps them); the math does not depend on them.
 KERNEL_CHUNK = 64
-# Defaults: v3 of bench/ssd_notes.md. save_rotated: the forward stores B~, C~ for the backward kernels
-# (no RoPE on their loads: no register spills there); dqk_merged: one launch for dB, dC, dg instead of two;
-# group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's heads when groups < heads;
-# rope_tables_fp32: float32 tables for bf16 inputs (default: the input's type, as apply_rope uses them).
+# Defaults: the winners of v3's sweep on the H200 (bench/ssd_notes.md). save_rotated: the forward stores
+# B~, C~ for the backward kernels (no RoPE on their loads: no register spills there); dqk_merged: one launch
+# for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
+# heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
+# heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
+# input's type, as apply_rope uses them).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 128, "fwd_warps": 8, "fwd_stages": 2,
     "bwd_block_p": 128, "bwd_warps": 8, "bwd_stages": 1,
     "dqk_block_p": 64, "dqk_warps": 8, "dqk_stages": 2,
-    "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
+    "save_rotated": True, "dqk_merged": True, "group_reduce": "atomic", "rope_tables_fp32": False,
 }
 
 

@@ -97,7 +97,8 @@ CASES = [
     (1, 16384, 1, 64, 64, torch.float32, True, False, True, False, 1, {}),        # L = 16k, float32
     # shared B/C groups (mamba_ssm's layout) and the non-default backward variants
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {}),      # one group for 8 heads
-    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2, {"dqk_merged": True, "group_reduce": "atomic"}),
+    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2, {"group_reduce": "sum", "dqk_merged": False}),
+    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {}),        # groups with RoPE, bf16
     (3, 2048, 4, 128, 128, torch.bfloat16, True, True, False, True, 4, {"dqk_merged": "not default"}),
     (2, 1000, 4, 64, 128, torch.bfloat16, True, True, True, True, 4, {"save_rotated": "not default"}),
 ]
