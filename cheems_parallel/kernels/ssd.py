@@ -879,7 +879,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
-    atomic = groups < heads and config.get("group_reduce") == "atomic"
+    # (the atomic adds live in the merged kernel; the two-launch backward always sums in torch)
+    atomic = groups < heads and config.get("group_reduce") == "atomic" and config.get("dqk_merged", False)
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out)
@@ -899,8 +900,6 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, **common,
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
     else:
-        if atomic:
-            raise ValueError("ssd_fused: group_reduce='atomic' needs dqk_merged")
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
