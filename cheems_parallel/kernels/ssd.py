@@ -20,7 +20,8 @@ chunk length, so the `chunk_size` argument only matters to the reference):
                      both (b, h, l padded to T) float32; torch autograd differentiates this part.
   _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
                      chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
-  _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x.
+  _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
+                     when gradients are wanted ("save_rotated") it also stores B~, C~ for the backward.
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
                      carried state's share of the gradient w.r.t. g at each chunk's last token.
   _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD.
@@ -28,7 +29,8 @@ chunk length, so the `chunk_size` argument only matters to the reference):
                      into d dt_raw, d dt_bias, dA) from one pass ("dqk_merged"; else `_chunk_bwd_dqk`,
                      launched for C~ then for B~, each side's share). With g < h the per-head dB/dC are
                      summed over each group's heads (float32 sum in torch, or float32 atomics).
-RoPE is applied on load and un-applied on the gradients of B~ and C~; n is handled as its two
+RoPE is applied on load (in the backward only without "save_rotated") and un-applied on the gradients
+of B~ and C~ in-kernel; n is handled as its two
 rotate-half halves throughout, so every C~.B~ product is the sum of two half products. Products take
 bf16 operands for bf16 inputs (float32 "ieee" for float32 inputs) with float32 accumulation.
 bench/ssd_notes.md has the measurements behind this split.
