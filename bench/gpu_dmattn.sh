@@ -20,7 +20,8 @@ import json, sys, collections
 worst = collections.defaultdict(lambda: (0.0, None))
 for line in open(sys.argv[1]):
     case = json.loads(line)
-    key = (case["dtype"], "fused" if case["fused"] else "two-kernel", "tma-reduce" if case["dq_tma_reduce"] else "")
+    fused = case["fused"]
+    key = (case["dtype"], "fused" if fused else "two-kernel", "tma-reduce" if fused and case["dq_tma_reduce"] else "")
     for name, error in case["errors"].items():
         if error > worst[key][0]:
             worst[key] = (error, f"{name} {case['shape']} w={case['keep_window']} docs={case['documents']} {case['mask']}")

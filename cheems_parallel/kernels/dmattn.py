@@ -23,6 +23,13 @@ values in runs) leave most blocks out. Document masking lists a block pair iff t
 With documents, the keep-window ranks only the query's own document prefix (as the reference does);
 the fused form needs each document to be one contiguous run of positions (checked).
 
+Backward: a small kernel computes delta = rowsum(dO ∘ O); by default one kernel per key block (and
+key/value head, looping over its query heads) then computes dK, dV and d(mask_bias) in registers and adds
+each tile pair's dQ share into an fp32 buffer (TMA reduce-add on the GPU, relaxed atomics elsewhere), and a
+last kernel scales and casts dQ: 5 matmuls per tile pair. FUSED_BACKWARD = False instead runs a dK/dV
+kernel and a dQ kernel (7 matmuls, deterministic). Sparse programs whose block list is long run the dense
+causal loop with the masks instead (LISTED_LOOP_MAX_FRACTION).
+
 Numerics: softmax in fp32 in base 2 (scores pre-multiplied by log2 e); the forward saves the base-2
 log-sum-exp per row for the backward, as in FlashAttention-2. A row with no allowed key (which the
 reference's rules no longer produce) would yield 0 and zero gradients rather than NaN.
@@ -52,23 +59,25 @@ BACKWARD_QUERY_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stag
 # per tile pair instead of the two-kernel schedule's 7). block_m: queries per step, block_n: keys.
 FUSED_BACKWARD_CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3}
 # True: the fused backward (dQ summed by fp32 atomics, so not bitwise deterministic); False: dK/dV kernel
-# then dQ kernel (BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG), deterministic.
-FUSED_BACKWARD = False
+# then dQ kernel (BACKWARD_KEY_CONFIG, BACKWARD_QUERY_CONFIG), deterministic. The defaults below are the
+# fastest of the H200 sweep at l = 4096 (bench/dmattn_notes.md, call 4): fused, 32 x 128 tiles, 3 stages,
+# dQ share transposed and added by TMA reduce, pointer loads (TMA loads measured no faster).
+FUSED_BACKWARD = True
 # Sparse schedules: a program walks its block list only when it lists at most this fraction of its causal
 # blocks; otherwise it runs the dense causal loop with the window/document masks (a listed tile costs
 # ~2x a dense one: bench/dmattn_notes.md). 1.0: always the list; -1: never.
 LISTED_LOOP_MAX_FRACTION = 0.5
 # Load K/V in the forward (FORWARD_TMA), Q/dO in the key kernel and K/V in the query kernel (BACKWARD_TMA)
 # through tensor descriptors (TMA on Hopper), where the layout allows it (_tma_allowed); False: pointers.
-FORWARD_TMA = True
-BACKWARD_TMA = True
+FORWARD_TMA = False
+BACKWARD_TMA = False
 # The fused backward adds each dQ tile with one TMA bulk reduce-add instead of per-element atomics (needs
 # the same layout conditions and a GPU: Triton's CPU interpreter has no descriptor reduce, so CI runs the
 # per-element atomics; the GPU tests cover this line).
 DQ_TMA_REDUCE = True
 # The fused backward computes its dQ share as (K^T dS^T)^T, so that the matmul's M is the key block rather
 # than the few queries of a step (wgmma wants M >= 64 per warp group).
-DQ_TRANSPOSED = False
+DQ_TRANSPOSED = True
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
