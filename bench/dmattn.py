@@ -9,10 +9,14 @@ clustered mask (high values in runs of 256 keys, where block skipping works) and
 2·b·h·l²·d (two matmuls over half the square), forward+backward 3.5x that. The keep-window rows use the
 same count, so they read as "effective" throughput; their speedup column is time(full causal)/time(w).
 
+--tune first times the kernel's schedule variants at --tune-length (TUNE_CANDIDATES: forward tiles and TMA
+loads by forward time, then the backward schedules by forward+backward time) and benchmarks the fastest;
+the JSON records the timings ("tuning") and the settings used ("settings").
+
 Writes a JSON (per l: fwd / fwd_bwd / keep_window blocks with ratios, e.g. fwd_bwd.ratio_vs_cudnn) and
 prints a table. Needs CUDA.
 
-Example (one H200, about 4 minutes):
+Example (one H200, about 2 minutes after compilation; bench/gpu_dmattn.sh runs it with the GPU tests):
   python bench/dmattn.py --tune --lengths 1024 2048 4096 8192 16384 --output bench/results/dmattn_h200.json
 """
 import argparse
