@@ -528,19 +528,22 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                     grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                     query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                     row_segment_base, grad_query_base, block_m * BLOCK_M, seq_len, scale_log2,
-                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE,
+                    DQ_TRANSPOSED, DOT_PRECISION)
         for start_m in range(start_n, diagonal_end, BLOCK_M):
             grad_key, grad_value, grad_bias = _key_grad_block(
                 grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
+                HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE,
+                    DQ_TRANSPOSED, DOT_PRECISION)
         for start_m in range(below_start, seq_len, BLOCK_M):
             grad_key, grad_value, grad_bias = _key_grad_block(
                 grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
-                HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE, DQ_TRANSPOSED, DOT_PRECISION)
+                HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE,
+                    DQ_TRANSPOSED, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
@@ -652,8 +655,9 @@ def _query_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, 
             block_n = tl.load(block_list + schedule * tl.cdiv(seq_len, BLOCK_N) + index)
             cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
             grad_query = _query_grad_block(
-                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, block_n * BLOCK_N, cols,
-                cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base, segment_base,
+                grad_query, q, grad_out_tile, lse, delta_rows, rows, row_threshold, row_segment, block_n * BLOCK_N,
+                cols, cols < seq_len, key_base, value_base, k_stride_l, v_stride_l, bias_base, rank_base,
+                segment_base,
                 scale_log2, HEAD_DIM, True, HAS_WINDOW, HAS_SEGMENTS, USE_TMA, DOT_PRECISION)
     for start_n in range(0, below_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
