@@ -536,14 +536,14 @@ def _key_grad_kernel(query, key, value, mask_bias, key_rank, query_threshold, se
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
                 HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE,
-                    DQ_TRANSPOSED, DOT_PRECISION)
+                DQ_TRANSPOSED, DOT_PRECISION)
         for start_m in range(below_start, seq_len, BLOCK_M):
             grad_key, grad_value, grad_bias = _key_grad_block(
                 grad_key, grad_value, grad_bias, key_tile, value_tile, bias_log2, rank, cols, col_segment,
                 query_base, grad_out_base, q_stride_l, g_stride_l, lse_base, delta_base, threshold_base,
                 row_segment_base, grad_query_base, start_m, seq_len, scale_log2,
                 HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_SEGMENTS, FUSE_DQ, USE_TMA, DQ_TMA_REDUCE,
-                    DQ_TRANSPOSED, DOT_PRECISION)
+                DQ_TRANSPOSED, DOT_PRECISION)
         tl.store(grad_bias_out + batch_head * seq_len + cols, grad_bias, mask=col_valid)
     out_offsets = batch_kv_head * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
