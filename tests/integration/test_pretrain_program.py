@@ -257,3 +257,21 @@ def test_config_errors_are_one_line_and_exit_2(data, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: configs/cheems-tiny.yaml: "), completed.stderr
     assert message in lines[0]
     assert not (tmp_path / "run").exists()           # nothing written before validation passed
+
+
+def test_profile_script_attributes_a_step_to_its_phases(data, tmp_path):
+    """bench/profile_pretrain.py (the tool behind the README's trainer-overhead numbers) runs the real
+    trainer loop and splits each profiled step into phases whose host times fit inside the step."""
+    out = tmp_path / "profile.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/profile_pretrain.py", "--model", "cheems-tiny", "--data-prefix", data["prefix"],
+         "--tokenizer", data["tokenizer"], "--seq-length", "64", "--micro-batch", "2", "--skip-steps", "1",
+         "--profile-steps", "2", "--out", str(out)],
+        cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    phases = summary["phases"]
+    for name in ("forward", "backward", "engine_step"):
+        assert phases[name]["ops"] > 0 and phases[name]["host_ms"] > 0, (name, phases.get(name))
+    assert 0 < sum(phase.get("host_ms", 0.0) for phase in phases.values()) <= summary["step_wall_ms"] * 1.02
+    assert "engine_step" in completed.stdout and "launches/step" in completed.stdout
