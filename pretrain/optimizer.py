@@ -10,6 +10,11 @@ an update whose gradient norm is not finite, without calling us. Two cases remai
     is not finite; `overflow` tells the engine the step was skipped (it then leaves the LR
     scheduler alone and counts `skipped_steps`, as for its own optimizers).
   * a non-finite loss whose gradients happen to be finite: the trainer sets `skip_next`.
+And one the trainer opts into: ZeRO-1/2 in bf16 with DeepSpeed's per-tensor overflow check off (see
+`pretrain.config.uses_norm_guard`). DeepSpeed then always calls us, once per parameter group, after
+computing the global grad norm (all-reduced over data and model parallel ranks, so every rank decides
+alike); `norm_guard` returns that norm and a non-finite one skips the step, and `overflow_target` (the
+wrapper) is flagged so that the engine counts the skip and leaves the LR scheduler alone.
 """
 import math
 
@@ -48,6 +53,10 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skip_next = False
         self.overflow = False
         self._global_grad_norm = None
+        self.norm_guard = None          # callable -> DeepSpeed's global grad norm (tensor/float/None)
+        self.overflow_target = None     # the ZeRO optimizer wrapping us: told of a skip, as its own check would be
+        self._guarded_norm = None       # the norm object last checked, and whether it was finite:
+        self._guarded_norm_finite = True  # one host read per step, not one per parameter group
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,12 +68,25 @@ class GuardedAdamW(torch.optim.AdamW):
             self._global_grad_norm = float(norm)
             if not math.isfinite(self._global_grad_norm):
                 self.overflow = True
+        if self.norm_guard is not None and not self._guard_norm_is_finite():
+            self.overflow = True
         if self.skip_next:
             self.overflow = True
             self.skip_next = False
         if self.overflow:
+            if self.overflow_target is not None:
+                # The engine reads the wrapper's flag after its step: skipped_steps, no LR scheduler step.
+                self.overflow_target.overflow = True
             return None
         return super().step(closure)
+
+    def _guard_norm_is_finite(self) -> bool:
+        norm = self.norm_guard()
+        if norm is None:
+            return True
+        if norm is not self._guarded_norm:
+            self._guarded_norm, self._guarded_norm_finite = norm, math.isfinite(float(norm))
+        return self._guarded_norm_finite
 
 
 _register_with_zero()

@@ -152,6 +152,10 @@ class Trainer:
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=make_optimizer(model), lr_scheduler=scheduler, config=ds_config, mpu=mpu,
                 dist_init_required=False)
+            if ds_config["bf16"].get("check_grad_overflow", True) is False:
+                zero_optimizer = self.engine.optimizer
+                self.base_optimizer.norm_guard = lambda: getattr(zero_optimizer, "_global_grad_norm", None)
+                self.base_optimizer.overflow_target = zero_optimizer
         uses_kernels = self.device.type == "cuda" and any(getattr(module, "use_kernels", False) for module in model.modules())
         self.kernel_path = "triton kernels" if uses_kernels else "pytorch reference ops"
 
@@ -278,6 +282,7 @@ class Trainer:
         config, batch, engine = self.config, self.batch, self.engine
         total_steps = config.train.steps
         nonfinite_steps = set(config.debug.nonfinite_loss_at_steps)
+        nonfinite_grad_steps = set(config.debug.nonfinite_grad_at_steps)
         if self.step < total_steps:
             iterator = iter(build_loader(self.data.train_dataset, self.consumed_samples, batch,
                                          self.data_parallel_rank, config.data.num_workers))
@@ -302,6 +307,8 @@ class Trainer:
                 loss = out.loss
                 if step_number in nonfinite_steps:
                     loss = loss * float("nan")
+                if step_number in nonfinite_grad_steps:
+                    loss = _NaNGradient.apply(loss)
                 engine.backward(loss)
                 losses.append(loss.detach().float())
                 for key, value in out.metrics.items():
@@ -377,6 +384,18 @@ class Trainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
         destroy_parallel()
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are all NaN (debug.nonfinite_grad_at_steps)."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def run(config: PretrainConfig, batch: BatchLayout) -> int:

@@ -7,6 +7,7 @@ metrics.jsonl (logged every step); the single-process fp32 run is the reference 
 match: ZeRO 0-3 with two data-parallel ranks, tensor parallel 2, resume, preemption, crashes.
 """
 import json
+import math
 import os
 import signal
 import socket
@@ -237,6 +238,23 @@ def test_nonfinite_losses_are_skipped_and_too_many_in_a_row_stop_the_run(data):
     assert records[2]["train/skipped_steps"] == 1 and records[3]["train/skipped_steps"] == 1
     assert records[5]["train/skipped_steps"] == 3 and 6 not in records
     assert "last good checkpoint" in completed.stderr and "step_00000004" in completed.stderr
+
+
+
+@pytest.mark.parametrize("layout", [["train.precision=fp32", "train.zero_stage=0"],
+                                    ["train.precision=bf16", "train.zero_stage=1"]], ids=["fp32-zero0", "bf16-zero1"])
+def test_nonfinite_gradients_under_a_finite_loss_skip_the_update(data, layout):
+    """NaN gradients with a finite loss: the step is skipped and the weights stay usable. bf16 ZeRO-1 runs
+    with DeepSpeed's per-tensor overflow check off (pretrain.config.uses_norm_guard): there GuardedAdamW's
+    guard on DeepSpeed's global grad norm is what stops the NaN update (without it step 3's loss is NaN)."""
+    run_dir = data["dir"] / ("nonfinite_grad_" + layout[0].split("=")[1])
+    run_pretrain(data, run_dir, extra=layout + ["debug.nonfinite_grad_at_steps=[2]", "train.steps=5"])
+    records = {record["step"]: record for record in train_records(run_dir)}
+    assert math.isfinite(records[2]["train/loss"]) and not math.isfinite(records[2]["train/grad_norm"])
+    assert records[1]["train/skipped_steps"] == 0 and records[2]["train/skipped_steps"] == 1
+    assert records[3]["train/lr"] == records[2]["train/lr"] > records[1]["train/lr"]  # warm-up held for the skip
+    assert all(math.isfinite(records[step]["train/loss"]) for step in (3, 4, 5))
+    assert records[5]["train/skipped_steps"] == 1 and math.isfinite(records[5]["train/grad_norm"])
 
 
 CONFIG_ERRORS = {

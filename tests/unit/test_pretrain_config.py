@@ -119,6 +119,29 @@ def test_deepspeed_json_gets_the_derived_values(data_files):
     assert deepspeed_config_dict(config, batch, clip_in_engine=False)["gradient_clipping"] == 0.0
 
 
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.precision=bf16", "train.zero_stage=1"], False),     # the guard reads DeepSpeed's grad norm
+    (["train.precision=bf16", "train.zero_stage=2"], False),
+    (["train.precision=bf16", "train.zero_stage=3"], None),      # stage 3: DeepSpeed's own check stays
+    (["train.precision=bf16", "train.zero_stage=0"], None),
+    (["train.precision=fp32", "train.zero_stage=1"], None),
+])
+def test_deepspeed_per_tensor_overflow_check_is_off_only_where_the_norm_guard_runs(overrides, expected, data_files):
+    config = load_config(TINY, data_files + overrides)
+    merged = deepspeed_config_dict(config, validate(config, 1), clip_in_engine=True)
+    assert merged["bf16"].get("check_grad_overflow") is expected
+
+
+def test_an_explicit_deepspeed_overflow_check_is_kept(data_files, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"check_grad_overflow": True}}))
+    config = load_config(TINY, data_files + [f"train.deepspeed_config={path}", "train.precision=bf16",
+                                             "train.zero_stage=1"])
+    merged = deepspeed_config_dict(config, validate(config, 1), clip_in_engine=True)
+    assert merged["bf16"]["check_grad_overflow"] is True
+
+
 @pytest.mark.parametrize("content, message", [
     ({"train_batch_size": 64}, 'remove "train_batch_size"'),
     ({"optimizer": {"type": "Adam"}}, 'remove "optimizer"'),

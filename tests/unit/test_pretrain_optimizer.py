@@ -82,3 +82,33 @@ def test_non_finite_gradient_or_skip_flag_leaves_parameters_unchanged(deepspeed_
     optimizer.step()                                   # the flag applies to one step only
     assert not optimizer.overflow
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_norm_guard_skips_every_group_of_a_step_on_one_read(deepspeed_comm):
+    """ZeRO calls the optimizer once per parameter group; a non-finite global norm must skip them all,
+    reading the norm (a host sync) once per step, and a later finite norm steps again."""
+    model = _model_and_grads()
+    groups = parameter_groups(model, 0.01)
+    optimizer = GuardedAdamW(groups, lr=1e-2)
+    reads = []
+
+    class CountingNorm(torch.Tensor):
+        def __float__(self):
+            reads.append(1)
+            return super().__float__()
+
+    norm = torch.tensor(float("nan")).as_subclass(CountingNorm)
+    optimizer.norm_guard = lambda: norm
+    before = [p.detach().clone() for p in model.parameters()]
+    all_groups = optimizer.param_groups
+    for group in all_groups:               # as DeepSpeed's ZeRO-1/2 step does
+        optimizer.param_groups = [group]
+        optimizer.step()
+        assert optimizer.overflow
+    optimizer.param_groups = all_groups
+    assert len(reads) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    norm = torch.tensor(3.0)
+    optimizer.step()
+    assert not optimizer.overflow
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
