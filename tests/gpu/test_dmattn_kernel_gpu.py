@@ -12,16 +12,13 @@ import os
 import pytest
 import torch
 
-from cheems_parallel.ops.dmattn import allowed_mask, dmattn_ref
+from cheems_parallel.ops.dmattn import allowed_mask
+from tests.kernel_oracles import dmattn_kernel_errors
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels)")]
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
-
-
-def relative_error(value, reference):
-    return ((value.double() - reference).norm() / reference.norm()).item()
 
 
 def clustered_bias(batch, heads, length, generator, run=256):
@@ -56,16 +53,8 @@ def run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window=None, 
     if num_documents is not None:
         segments = torch.sort(torch.randint(0, num_documents, (batch, length), generator=generator,
                                             device="cuda"), dim=-1).values
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask_bias)]
-    out = dmattn_fused(*leaves, keep_window=keep_window, segment_ids=segments)
-    grad_out = randn(*out.shape).to(dtype)
-    out.backward(grad_out)
-    oracle_leaves = [t.double().requires_grad_() for t in (q, k, v, mask_bias)]
-    oracle = dmattn_ref(*oracle_leaves, keep_window=keep_window, segment_ids=segments)
-    oracle.backward(grad_out.double())
-    errors = {"out": relative_error(out.detach(), oracle.detach())}
-    for name, leaf, oracle_leaf in zip(["q", "k", "v", "mask_bias"], leaves, oracle_leaves):
-        errors[name] = relative_error(leaf.grad, oracle_leaf.grad)
+    grad_out = randn(*q.shape).to(dtype)
+    errors = dmattn_kernel_errors(dmattn_fused, q, k, v, mask_bias, grad_out, keep_window, segments)
     log = os.environ.get("DMATTN_ERRORS_LOG")  # bench/gpu_dmattn.sh collects the errors for its summary
     if log:
         import cheems_parallel.kernels.dmattn as kernels

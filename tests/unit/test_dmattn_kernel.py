@@ -8,14 +8,13 @@ values, by ||kernel - oracle|| / ||oracle||. Lengths are chosen not to be multip
 interpreter uses 32x16 and 16x32 tiles), so partial blocks, the diagonal split and the block skipping of
 the keep-window and document masks are all exercised.
 """
-import importlib
-import os
 import sys
 
 import pytest
 import torch
 
 from cheems_parallel.ops.dmattn import allowed_mask, dmattn_ref
+from tests.kernel_oracles import dmattn_kernel_errors, interpreted_module, relative_error
 
 TOLERANCE = 2e-5  # float32 kernel vs float64 oracle; measured errors are ~3e-7
 
@@ -23,22 +22,7 @@ TOLERANCE = 2e-5  # float32 kernel vs float64 oracle; measured errors are ~3e-7
 @pytest.fixture(scope="module")
 def kernels():
     """The kernel module decorated for the interpreter (re-imported if something loaded it for a GPU)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("cheems_parallel.kernels.dmattn")
-    if type(module._forward_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)
-    yield module
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-    if torch.cuda.is_available():  # leave a GPU-compiled module behind for tests that follow
-        importlib.reload(sys.modules["cheems_parallel.kernels.dmattn"])
-
-
-def relative_error(value, reference):
-    return ((value.double() - reference).norm() / reference.norm()).item()
+    yield from interpreted_module("cheems_parallel.kernels.dmattn", "_forward_kernel")
 
 
 def sorted_segments(batch, length, num_documents, generator):
@@ -57,17 +41,8 @@ def make_inputs(batch, heads, kv_heads, length, head_dim, generator, bias_scale=
 
 
 def compare_with_reference(kernels, q, k, v, mask_bias, keep_window=None, segment_ids=None, generator=None):
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask_bias)]
-    out = kernels.dmattn_fused(*leaves, keep_window=keep_window, segment_ids=segment_ids)
-    grad_out = torch.randn(out.shape, generator=generator)
-    out.backward(grad_out)
-    oracle_leaves = [t.double().requires_grad_() for t in (q, k, v, mask_bias)]
-    oracle = dmattn_ref(*oracle_leaves, keep_window=keep_window, segment_ids=segment_ids)
-    oracle.backward(grad_out.double())
-    errors = {"out": relative_error(out.detach(), oracle.detach())}
-    for name, leaf, oracle_leaf in zip(["q", "k", "v", "mask_bias"], leaves, oracle_leaves):
-        errors[name] = relative_error(leaf.grad, oracle_leaf.grad)
-    return errors
+    grad_out = torch.randn(q.shape, generator=generator)
+    return dmattn_kernel_errors(kernels.dmattn_fused, q, k, v, mask_bias, grad_out, keep_window, segment_ids)
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,keep_window,num_documents", [

@@ -7,7 +7,6 @@ compares the output, the final state and the gradient of every differentiable in
 so the kernels round every product operand through bf16 and multiply in float32: the bf16 case sees the
 GPU's operand rounding, bf16 loads/stores and the states kept in bf16.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cheems_parallel.ops import apply_rope, rope_tables, ssd_chunked, ssd_scan_ref
-
-GRAD_NAMES = ["x", "dt_raw", "dt_bias", "A", "B", "C", "D", "initial_state"]
+from cheems_parallel.ops import rope_tables, ssd_chunked
+from tests.kernel_oracles import interpreted_module, relative_error, ssd_kernel_errors
+from tests.kernel_oracles import ssd_float64_oracle as float64_oracle
 
 
 def _interpreter_usable():
@@ -39,18 +38,7 @@ def kernels():
     if not _interpreter_usable():
         pytest.skip("triton was imported for compilation earlier in this process: "
                     "test_kernel_tests_in_a_fresh_interpreter_process runs these tests instead")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("cheems_parallel.kernels.ssd")
-    if type(module._chunk_fwd_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)
-    yield module
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-    if torch.cuda.is_available():  # leave a GPU-compiled module behind for tests that follow
-        importlib.reload(sys.modules["cheems_parallel.kernels.ssd"])
+    yield from interpreted_module("cheems_parallel.kernels.ssd", "_chunk_fwd_kernel")
 
 
 @pytest.mark.skipif(IN_CHILD, reason="already the fresh process")
@@ -90,69 +78,9 @@ def make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, u
     return inputs
 
 
-def float64_oracle(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_idx, token_scale=None):
-    """The contract in float64 on the token-by-token recurrence (independent of any chunking). B/C may have
-    g groups (head i reads group i // (h / g)). token_scale (b, l, h) zeros, optional: enters the decay as
-    dt (1 + u) A with the input dt x compensated, so d loss / d u = A * (the per-token terms of dA)."""
-    wide = torch.float64
-    heads = x.shape[2]
-    dt = F.softplus(dt_raw.to(wide) + dt_bias.to(wide))
-    B, C = B.to(wide), C.to(wide)
-    if B.shape[2] != heads:
-        B = B.repeat_interleave(heads // B.shape[2], dim=2)
-        C = C.repeat_interleave(heads // C.shape[2], dim=2)
-    if cos is not None:
-        B = apply_rope(B, cos.to(wide)[:, :, None], sin.to(wide)[:, :, None])
-        C = apply_rope(C, cos.to(wide)[:, :, None], sin.to(wide)[:, :, None])
-    x = x.to(wide)
-    x_in = x
-    if token_scale is not None:
-        dt = dt * (1 + token_scale)
-        x_in = x / (1 + token_scale)[..., None]
-    y, final = ssd_scan_ref(x_in, dt, A.to(wide), B, C, None,
-                            None if initial_state is None else initial_state.to(wide), seq_idx)
-    if D is not None:
-        y = y + x * D.to(wide)[:, None]
-    return y, final
-
-
-def sum_error(value, reference, terms, sum_dims):
-    """Error of a whole-sequence sum (d dt_bias, dA) against the magnitude of its terms,
-    ||value - reference|| / ||sum |terms|||: a relative bound that cancellation among the terms cannot
-    inflate (tests/gpu/test_ssd_kernel_gpu.py and bench/ssd_notes.md, v3, say why)."""
-    scale = terms.double().abs().sum(dim=sum_dims)
-    return ((value.double() - reference.double()).norm() / scale.norm().clamp_min(1e-30)).item()
-
-
-def relative_error(value, reference):
-    value, reference = value.double(), reference.double()
-    return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
-
-
 def compare_with_oracle(kernels, inputs, kernel_chunk, tolerance, config=None):
-    """Every output and gradient by relative error; d dt_bias and dA (sums over all tokens) by `sum_error`."""
-    leaves = {name: inputs[name] for name in GRAD_NAMES if inputs[name] is not None}
-    for tensor in leaves.values():
-        tensor.requires_grad_(True)
-    y, final = kernels.ssd_fused(**inputs, kernel_chunk=kernel_chunk, config=config)
-    assert y.dtype == inputs["x"].dtype and final.dtype == torch.float32
-    assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    # upstream gradient representable in y's dtype, so kernel and oracle differentiate the same loss
-    weight_y = torch.randn(y.shape, dtype=torch.float64).to(y.dtype).double()
-    weight_final = torch.randn(final.shape, dtype=torch.float64)
-    kernel_grads = torch.autograd.grad((y.double() * weight_y).sum() + (final.double() * weight_final).sum(),
-                                       list(leaves.values()))
-    token_scale = torch.zeros(inputs["dt_raw"].shape, dtype=torch.float64, requires_grad=True)
-    y_ref, final_ref = float64_oracle(**inputs, token_scale=token_scale)
-    *ref_grads, d_token_scale = torch.autograd.grad((y_ref * weight_y).sum() + (final_ref * weight_final).sum(),
-                                                    list(leaves.values()) + [token_scale])
-    errors = {"y": relative_error(y, y_ref), "final_state": relative_error(final, final_ref)}
-    for name, grad, ref in zip(leaves, kernel_grads, ref_grads):
-        assert grad.shape == ref.shape and torch.isfinite(grad).all(), name
-        errors["d" + name] = relative_error(grad, ref)
-    kernel, ref = dict(zip(leaves, kernel_grads)), dict(zip(leaves, ref_grads))
-    errors["ddt_bias"] = sum_error(kernel["dt_bias"], ref["dt_bias"], ref["dt_raw"], (0, 1))
-    errors["dA"] = sum_error(kernel["A"], ref["A"], d_token_scale / inputs["A"].double().detach(), (0, 1))
+    """Every output and gradient by relative error; d dt_bias and dA (sums over all tokens) by `ssd_sum_error`."""
+    errors, _ = ssd_kernel_errors(kernels.ssd_fused, inputs, kernel_chunk=kernel_chunk, config=config)
     bad = {name: error for name, error in errors.items() if not error < tolerance}
     assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"
 
@@ -176,7 +104,7 @@ def test_kernel_matches_float64_recurrence_fp32(kernels, batch, length, heads, h
 
 def test_kernel_matches_float64_recurrence_bf16(kernels):
     """bf16 at interpreter sizes: every output and gradient within 2e-2 (measured worst over 8 seeds:
-    1e-2; d dt_bias and dA by `sum_error`). The GPU test holds bf16 to 1e-2 at real sizes."""
+    1e-2; d dt_bias and dA by `ssd_sum_error`). The GPU test holds bf16 to 1e-2 at real sizes."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     inputs = make_inputs(2, 37, 2, 16, 32, torch.bfloat16, True, True, True, True, generator)
     compare_with_oracle(kernels, inputs, 16, tolerance=2e-2)
