@@ -76,13 +76,14 @@ def summarise(events, arguments) -> dict:
             continue
         if event.name.startswith("ProfilerStep"):
             continue
-        phase = phases.setdefault(phase_of(event), Counter())
+        phase_name = phase_of(event)
+        phase = phases.setdefault(phase_name, Counter())
         if event.name in LAUNCH_CALLS:
             phase["launches"] += 1 / steps
         elif event.name.startswith("aten::") and (event.cpu_parent is None
                                                   or not event.cpu_parent.name.startswith("aten::")):
             phase["ops"] += 1 / steps   # outermost aten ops only: what the Python code called
-            op_counts[f"{phase_of(event)}: {event.name}"] += 1 / steps
+            op_counts[f"{phase_name}: {event.name}"] += 1 / steps
     return {
         "model": arguments.model, "micro_batch": arguments.micro_batch, "seq_length": arguments.seq_length,
         "zero_stage": arguments.zero_stage, "profiled_steps": steps,

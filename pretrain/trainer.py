@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointManager
-from .config import BatchLayout, PretrainConfig, deepspeed_config_dict
+from .config import BatchLayout, PretrainConfig, deepspeed_config_dict, uses_norm_guard
 from .data import build_loader, build_run_data, to_model_inputs
 from .distributed_env import discover_ranks
 from .metrics import MetricsLogger, peak_flops_per_device, peak_memory_gib, train_console_line
@@ -152,7 +152,9 @@ class Trainer:
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=make_optimizer(model), lr_scheduler=scheduler, config=ds_config, mpu=mpu,
                 dist_init_required=False)
-            if ds_config["bf16"].get("check_grad_overflow", True) is False:
+            # ZeRO-1/2 bf16 with DeepSpeed's per-tensor check off (the default there, pretrain/config.py):
+            # the non-finite guard reads the global grad norm DeepSpeed computes.
+            if uses_norm_guard(config, ds_config) and ds_config["bf16"]["check_grad_overflow"] is False:
                 zero_optimizer = self.engine.optimizer
                 self.base_optimizer.norm_guard = lambda: getattr(zero_optimizer, "_global_grad_norm", None)
                 self.base_optimizer.overflow_target = zero_optimizer
