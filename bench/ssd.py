@@ -39,28 +39,30 @@ from cheems_parallel.ops import apply_rope, rope_tables  # noqa: E402
 logger = logging.getLogger("bench.ssd")
 DEVICE = "cuda"
 
-# kernel configurations tried on each problem at one length before the table; the fastest forward+backward
-# per problem is used (v2: the defaults of run 2; see bench/ssd_notes.md for each version)
+# kernel configurations tried on each problem at one length before the table (v2/v3: bench/ssd_notes.md).
+# v4 sweep: each variant changes several kernels' tiles at once; the per-kernel profile of every variant
+# (`sweep_configs`) then picks the fastest setting of each kernel group separately (the groups' knobs are
+# independent: fwd_* -> _chunk_fwd, state_* -> _state_fwd + _state_bwd, bwd_* -> _chunk_bwd_dx,
+# dqk_* -> _chunk_bwd_dbc), and that combination is timed as "v4-combined".
 V2 = {"save_rotated": False, "dqk_merged": False, "fwd_block_p": 64, "fwd_warps": 4}
+LOOP = {"fwd_chunks_per_program": 4, "fwd_stages": 2}
+DX_LOOP = {"bwd_chunks_per_program": 4, "bwd_stages": 2}
 SWEEP = [
-    ("v2", 64, V2),
-    ("v3-rot", 64, dict(V2, save_rotated=True)),
-    ("v3-rot-fwd8", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8)),
-    ("v3-rot-fwd8-dqk32", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_block_p=32)),
-    ("v3-merged", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True)),
-    ("v3-merged-bp32", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
-                                dqk_block_p=32)),
+    ("v3", 64, {}),   # v3's defaults
+    ("v4-a", 64, {"fwd_block_p": 64, "fwd_warps": 4, "state_block_nh": 64, "state_warps": 8,
+                  "bwd_block_p": 64, "bwd_warps": 4, "dqk_maxnreg": 128}),
+    ("v4-b", 64, dict(LOOP, **DX_LOOP, state_block_nh=64, state_warps=4, dqk_stages=3)),
+    ("v4-c", 64, dict(LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=4, bwd_block_p=64, bwd_warps=8,
+                      dqk_block_p=32)),
+    ("v4-d", 64, dict(LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=8, bwd_block_p=64, bwd_warps=4,
+                      dqk_stages=1)),
+    ("v4-e", 64, {"fwd_maxnreg": 128, "bwd_maxnreg": 128, "state_maxnreg": 96, "dqk_block_p": 32,
+                  "dqk_maxnreg": 128}),
 ]
-# the mamba problem (one B/C group): how dB/dC are summed over the group's heads
-GROUP_SWEEP = [
-    ("v3-rot-fwd8-sum", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, group_reduce="sum")),
-    ("v3-merged-sum", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
-                               group_reduce="sum")),
-    ("v3-merged-atomic", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
-                                  group_reduce="atomic")),
-    ("v3-merged-bp32-atomic", 64, dict(V2, save_rotated=True, fwd_block_p=128, fwd_warps=8, dqk_merged=True,
-                                       dqk_block_p=32, group_reduce="atomic")),
-]
+GROUP_SWEEP = []   # v3's group-reduction variants: atomic won (bench/ssd_notes.md); the mamba problem uses SWEEP
+# which config keys belong to which kernels (for the per-kernel combination)
+KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
+         "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel",)}
 
 
 def load_mamba_chunk_scan_combined():
@@ -189,37 +191,13 @@ def relative_error(value, reference):
     return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
-def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_name):
-    """Fastest forward+backward kernel configuration on one problem at one length."""
-    rope, groups, variants = (True, heads, SWEEP) if problem_name == "cheems" else (False, 1, SWEEP[:1] + GROUP_SWEEP)
-    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
-    results = {}
-    for name, kernel_chunk, overrides in variants:
-        config = dict(ssd_kernels.CONFIG, **overrides)
-        try:
-            call, leaves = run_ours(problem, kernel_chunk, config, backward=True)
-            results[name] = time_ms(call, leaves, rep_ms)
-        except Exception as error:  # a configuration the compiler rejects (e.g. out of shared memory)
-            logger.warning("config %s failed: %s", name, str(error).splitlines()[0][:200])
-    for name, ms in results.items():
-        print(f"  sweep {problem_name} L={length}: {name:22s} fwd+bwd {ms:7.3f} ms  {tokens / ms / 1e3:7.2f} Mtok/s")
-    best = min(results, key=results.get)
-    for name, kernel_chunk, overrides in variants:
-        if name == best:
-            return name, kernel_chunk, dict(ssd_kernels.CONFIG, **overrides), results
-    raise RuntimeError("no kernel configuration ran")
-
-
-def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, config, problem_name):
-    """Per-kernel device time of one forward+backward of ours on one problem, from torch.profiler."""
-    rope, groups = (True, heads) if problem_name == "cheems" else (False, 1)
-    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
-    call, leaves = run_ours(problem, kernel_chunk, config, backward=True)
-    for _ in range(3):
+def kernel_profile(call, leaves, iterations=5):
+    """Per-kernel device ms of one call (mean over `iterations`), from torch.profiler."""
+    for _ in range(2):
         call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(5):
+        for _ in range(iterations):
             for tensor in leaves:  # no gradient accumulation adds in the breakdown
                 tensor.grad = None
             call()
@@ -228,12 +206,146 @@ def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, co
     for event in profiler.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if device_us:
-            table[event.key] = device_us / 5 / 1e3
-    total = sum(table.values())
-    print(f"\nkernel breakdown, ours fwd+bwd, {problem_name} L={length} (ms per step; sum {total:.3f}):")
-    for key, ms in sorted(table.items(), key=lambda item: -item[1])[:14]:
-        print(f"  {ms:7.3f}  {key[:90]}")
+            table[event.key] = device_us / iterations / 1e3
     return table
+
+
+def print_breakdown(title, table, top=14):
+    print(f"\nkernel breakdown, {title} (ms per call; sum {sum(table.values()):.3f}):")
+    for key, ms in sorted(table.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {ms:7.3f}  {key[:90]}")
+
+
+def _problem_shape(problem_name, heads):
+    return (True, heads) if problem_name == "cheems" else (False, 1)
+
+
+def _precompile_job(job):
+    """Worker: one forward+backward and one no-grad forward of one config on a small problem, so that its
+    kernels land in Triton's on-disk cache (same integer specializations as the timed problems)."""
+    problem_name, tokens, length, heads, head_dim, state_dim, kernel_chunk, overrides = job
+    started = time.time()
+    try:
+        rope, groups = _problem_shape(problem_name, heads)
+        config = dict(ssd_kernels.CONFIG, **overrides)
+        problem = make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups)
+        run_ours(problem, kernel_chunk, config, backward=False)[0]()
+        run_ours(with_grad(problem), kernel_chunk, config, backward=True)[0]()
+        torch.cuda.synchronize()
+        return None, time.time() - started
+    except Exception as error:
+        return str(error).splitlines()[0][:200], time.time() - started
+
+
+def precompile(jobs, processes=12):
+    """Compile many configs at once in worker processes (Triton compiles one kernel at a time per process)."""
+    import multiprocessing
+
+    started = time.time()
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
+        results = pool.map(_precompile_job, jobs, chunksize=1)
+    failed = [(job[0], job[-1], error) for job, (error, _) in zip(jobs, results) if error]
+    print(f"precompiled {len(jobs)} configs in {time.time() - started:.0f} s; failed: {failed or 'none'}")
+
+
+def _close(a, b):
+    return relative_error(a, b) if a is not None and b is not None else float("nan")
+
+
+def _knob_values(config, knob):
+    """Every setting of one kernel group in a config, unset ones at their launcher defaults."""
+    values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
+    values.setdefault(knob + "_maxnreg", None)
+    if knob in ("fwd", "bwd"):
+        values.setdefault(knob + "_chunks_per_program", 1)
+    return values
+
+
+def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_name):
+    """Time every SWEEP variant on one problem (forward+backward and no-grad forward, with per-kernel
+    profiles), combine the fastest setting of each kernel group (KNOBS) into "v4-combined", time that too,
+    and return the fastest forward+backward config, with "fwd_nograd_*" set from the fastest no-grad forward."""
+    rope, groups = _problem_shape(problem_name, heads)
+    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
+    plain = make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups)
+    for name in plain:  # the same values, no gradients wanted: the no-grad forward path
+        if problem.get(name) is not None and name != "dy":
+            plain[name] = problem[name].detach()
+    results, profiles, fwd_profiles, fwd_ms, errors, configs = {}, {}, {}, {}, {}, {}
+    reference_outputs = None
+
+    def measure(name, kernel_chunk, config):
+        try:
+            call, leaves = run_ours(problem, kernel_chunk, config, backward=True)
+            for tensor in leaves:
+                tensor.grad = None
+            y = call()
+            outputs = [y.detach().clone()] + [problem[k].grad.clone() for k in ("x", "B", "C", "dt_raw")]
+            results[name] = time_ms(call, leaves, rep_ms)
+            profiles[name] = kernel_profile(call, leaves)
+            fwd_call, _ = run_ours(plain, kernel_chunk, config, backward=False)
+            fwd_ms[name] = time_ms(fwd_call, [], rep_ms)
+            fwd_profiles[name] = kernel_profile(fwd_call, [])
+            configs[name] = (kernel_chunk, config)
+            return outputs
+        except Exception as error:  # a configuration the compiler rejects (e.g. out of shared memory)
+            logger.warning("config %s failed: %s", name, str(error).splitlines()[0][:200])
+            return None
+
+    for name, kernel_chunk, overrides in SWEEP:
+        outputs = measure(name, kernel_chunk, dict(ssd_kernels.CONFIG, **overrides))
+        if outputs is not None:
+            if reference_outputs is None:
+                reference_outputs = outputs
+            errors[name] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
+
+    def kernel_ms(table, kernels):
+        return sum(ms for key, ms in table.items() if any(key.startswith(k) for k in kernels))
+
+    # the combination: per kernel group, the variant whose kernels of that group were fastest
+    combined, picks = {}, {}
+    for knob, kernels in KNOBS.items():
+        best = min(profiles, key=lambda name: kernel_ms(profiles[name], kernels))
+        picks[knob] = (best, round(kernel_ms(profiles[best], kernels), 4))
+        combined.update(_knob_values(configs[best][1], knob))
+    # no-grad forward: the fastest _chunk_fwd among the variants (state kernels as chosen above)
+    best_fwd = min(fwd_profiles, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
+    picks["fwd_nograd"] = (best_fwd, round(kernel_ms(fwd_profiles[best_fwd], ("_chunk_fwd_kernel",)), 4))
+    combined.update({key.replace("fwd_", "fwd_nograd_", 1): value
+                     for key, value in _knob_values(configs[best_fwd][1], "fwd").items()})
+    combined_config = dict(ssd_kernels.CONFIG, **combined)
+    outputs = measure("v4-combined", 64, combined_config)
+    if outputs is not None:
+        errors["v4-combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
+
+    print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
+          f"rel. diff vs v3 of y, dx, dB, dC, d dt_raw):")
+    short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
+             "_chunk_bwd_dbc_kernel")
+    for name in results:
+        per_kernel = " ".join(f"{kernel_ms(profiles[name], (k,)):6.3f}" for k in short)
+        fwd_kernels = " ".join(f"{kernel_ms(fwd_profiles[name], (k,)):6.3f}" for k in short[:2])
+        print(f"  {name:12s} fwd+bwd {results[name]:7.3f} ms ({tokens / results[name] / 1e3:6.2f} Mtok/s) "
+              f"[{per_kernel}]  fwd {fwd_ms[name]:6.3f} ms ({tokens / fwd_ms[name] / 1e3:6.2f}) [{fwd_kernels}]  "
+              f"diff {errors.get(name)}")
+    print(f"  picks: {picks}")
+    best = min(results, key=results.get)
+    sweep = {"fwd_bwd_ms": results, "fwd_ms": fwd_ms, "picks": picks, "diff_vs_v3": errors,
+             "kernel_ms": profiles, "fwd_kernel_ms": fwd_profiles, "combined": combined}
+    return best, configs[best][0], configs[best][1], sweep
+
+
+def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, config, problem_name, mamba_fn=None):
+    """Per-kernel device time of one forward+backward of ours (and of mamba_ssm) on one problem."""
+    rope, groups = _problem_shape(problem_name, heads)
+    problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
+    table = kernel_profile(*run_ours(problem, kernel_chunk, config, backward=True))
+    print_breakdown(f"ours fwd+bwd, {problem_name} L={length}", table)
+    result = {"ours": table}
+    if mamba_fn is not None:
+        result["mamba_ssm"] = kernel_profile(*run_mamba(mamba_fn, problem, backward=True))
+        print_breakdown(f"mamba_ssm fwd+bwd, {problem_name} L={length}", result["mamba_ssm"], top=16)
+    return result
 
 
 def main(argv=None):
@@ -266,6 +378,10 @@ def main(argv=None):
         logger.warning("mamba_ssm not importable: anchoring on the torch reference and the floor only")
     h, p, n = args.heads, args.head_dim, args.state
     chosen, sweeps, breakdown = {}, {}, {}
+    if not args.no_sweep:
+        small = args.tokens // 4   # batch 16 at L = 1k: the same integer specializations as L = 4k's
+        precompile([(problem_name, small, 1024, h, p, n, kernel_chunk, overrides)
+                    for problem_name in ("mamba", "cheems") for _, kernel_chunk, overrides in SWEEP])
     for problem_name in ("mamba", "cheems"):
         if args.no_sweep:
             chosen[problem_name] = ("default", ssd_kernels.KERNEL_CHUNK, dict(ssd_kernels.CONFIG))
@@ -279,7 +395,7 @@ def main(argv=None):
             try:  # diagnostics only: a profiler problem must not cost the table
                 breakdown[problem_name] = profile_kernels(args.tokens, args.profile_length, h, p, n,
                                                           chosen[problem_name][1], chosen[problem_name][2],
-                                                          problem_name)
+                                                          problem_name, mamba_fn)
             except Exception as error:
                 logger.warning("kernel breakdown failed: %s", str(error).splitlines()[0][:200])
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -273,20 +273,49 @@ def _chunk_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr,
 ):
     """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
     the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
     which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3)."""
     pid_p = tl.program_id(0)
-    c = tl.program_id(1)
+    pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
     bi = pid_bh // H
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
-    chunk_start = c * T
     offs_t = tl.arange(0, T)
+    # CPP consecutive chunks per program: the loop lets the compiler prefetch the next chunk's tiles (it also
+    # keeps loop-invariant offsets live: more registers); CPP = 1: one chunk, no loop
+    if CPP == 1:
+        _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+                       rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+                       sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+                       sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
+                       T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED)
+    else:
+        for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
+            _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+                           rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+                           sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+                           T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
+                           SAVE_ROTATED)
+
+
+@triton.jit
+def _chunk_fwd_one(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+    rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr,
+):
+    """`_chunk_fwd_kernel`'s work on chunk c."""
+    chunk_start = c * T
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -436,21 +465,48 @@ def _chunk_bwd_dx_kernel(
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr,
 ):
     """dx (and the p-block's share of d(dt) and dD) for one chunk, one head, one block of p.
 
     With v = dt x, q = C~, k = B~, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state
     leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T."""
     pid_p = tl.program_id(0)
-    c = tl.program_id(1)
+    pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
     bi = pid_bh // H
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
+    offs_t = tl.arange(0, T)
+    # CPP consecutive chunks per program, as in `_chunk_fwd_kernel`
+    if CPP == 1:
+        _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
+                          dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                          sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+                          sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
+                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+    else:
+        for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
+            _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
+                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                              sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+                              sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
+                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _chunk_bwd_dx_one(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """`_chunk_bwd_dx_kernel`'s work on chunk c."""
     N = 2 * NH
     chunk_start = c * T
-    offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -814,10 +870,16 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         *x.stride(), *B.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        num_warps=config["state_warps"], num_stages=config["state_stages"])
+        num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
-    block_p = min(config["fwd_block_p"], _next_pow2(head_dim))
-    grid = (triton.cdiv(head_dim, block_p), n_chunks, batch * heads)
+    # the forward's tiles: "fwd_*", or "fwd_nograd_*" where set when no backward will follow
+    fwd = {key: config.get(key) for key in ("fwd_block_p", "fwd_warps", "fwd_stages", "fwd_maxnreg")}
+    fwd["fwd_chunks_per_program"] = config.get("fwd_chunks_per_program", 1)
+    if not save_for_backward:
+        fwd = {key: config.get(key.replace("fwd_", "fwd_nograd_", 1), value) for key, value in fwd.items()}
+    block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
+    cpp = fwd["fwd_chunks_per_program"]
+    grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks, cpp), batch * heads)
     # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
     save_rotated = rope and save_for_backward and config.get("save_rotated", False)
     rotated_B = torch.empty_like(B) if save_rotated else None
@@ -829,7 +891,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        SAVE_ROTATED=save_rotated, num_warps=config["fwd_warps"], num_stages=config["fwd_stages"])
+        SAVE_ROTATED=save_rotated, CPP=cpp, num_warps=fwd["fwd_warps"], num_stages=fwd["fwd_stages"],
+        maxnreg=fwd["fwd_maxnreg"])
     return y, final, states, rotated_B, rotated_C
 
 
@@ -862,7 +925,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        num_warps=config["state_warps"], num_stages=config["state_stages"])
+        num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
@@ -871,13 +934,14 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     p_blocks = triton.cdiv(head_dim, block_p)
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
-    _chunk_bwd_dx_kernel[(p_blocks, n_chunks, batch * heads)](
+    cpp = config.get("bwd_chunks_per_program", 1)
+    _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
         x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
         dx, ddt_partial, dD_partial if D is not None else dt,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        BLOCK_P=block_p, HAS_D=D is not None, **dict(common, ROPE=rope_in),
-        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"])
+        BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
+        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
@@ -900,7 +964,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
             *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, **common,
-            num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
+            num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
+                maxnreg=config.get("dqk_maxnreg"))
     else:
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
@@ -908,7 +973,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
                 x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
                 *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
-                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"])
+                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
+                maxnreg=config.get("dqk_maxnreg"))
         dg += dg_from_c
     if groups < heads:
         if not atomic:

@@ -55,6 +55,9 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {}),        # groups with RoPE, bf16
     (3, 2048, 4, 128, 128, torch.bfloat16, True, True, False, True, 4, {"dqk_merged": "not default"}),
     (2, 1000, 4, 64, 128, torch.bfloat16, True, True, True, True, 4, {"save_rotated": "not default"}),
+    # several chunks per program (the last program's share partial: 16 chunks)
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4,
+     {"fwd_chunks_per_program": 3, "bwd_chunks_per_program": 5, "fwd_stages": 2, "bwd_stages": 2}),
 ]
 
 
@@ -76,3 +79,21 @@ def test_kernel_matches_float64_reference(batch, length, heads, head_dim, state_
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < tolerance}
     assert not bad, f"relative error over {tolerance}: {bad}"
+
+
+@pytest.mark.parametrize("groups, rope", [(1, False), (8, True)])
+def test_forward_without_gradients_matches_float64_reference(groups, rope):
+    """The no-grad forward (its own tiles, "fwd_nograd_*", and no saved B~/C~) on fresh inputs: y and the
+    final state within 1e-2 of the float64 oracle (bf16)."""
+    from cheems_parallel.kernels.ssd import ssd_fused
+    from tests.kernel_oracles import relative_error, ssd_float64_oracle
+
+    inputs = make_inputs(2, 1000, 8, 128, 128, torch.bfloat16, rope, True, False, False)
+    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
+    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
+    with torch.no_grad():
+        y, final = ssd_fused(**inputs)
+    y_ref, final_ref = ssd_float64_oracle(**inputs)
+    errors = {"y": relative_error(y.double().cpu(), y_ref.cpu()), "final": relative_error(final.double().cpu(), final_ref.cpu())}
+    print(f"\nno-grad forward g={groups} rope={rope}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    assert all(error < 1e-2 for error in errors.values()), errors

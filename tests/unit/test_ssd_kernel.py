@@ -113,7 +113,8 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
 @pytest.mark.parametrize("groups, config, dtype", [
     (1, {"dqk_merged": True, "group_reduce": "atomic", "save_rotated": True}, torch.float32),  # one group
     (2, {"dqk_merged": False, "save_rotated": True}, torch.float32),   # two groups, two-launch backward
-    (4, {"dqk_merged": True, "save_rotated": False}, torch.float32),   # groups = heads, merged, rotate on load
+    (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
+         "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
