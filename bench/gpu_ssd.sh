@@ -14,12 +14,18 @@ python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index -
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
 start=$(date +%s)
-if [ "${SKIP_TESTS:-0}" != "1" ]; then
+run_tests() {
   parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n 4"   # compile in 4 processes
-  python3 -m pytest -q -rP $parallel -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  # TEST_TIMEOUT: seconds the grid may take (a slow grid must not cost the lease's table)
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -rP $parallel -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py \
+    > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "^shape|passed|failed|Error|error" "$OUT/gpu_tests.log" | cut -c1-400 | head -40
-fi
-python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | tail -60
+  grep -E "^shape|^no-grad|passed|failed|Error|error" "$OUT/gpu_tests.log" | cut -c1-400 | head -40
+}
+# TESTS_LAST=1: the benchmark first (its log and JSON reach $OUT before the tests start)
+if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" != "1" ]; then run_tests; fi
+python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | grep -v "^  [0-9 .]*  " | tail -75
 cp bench/results/ssd_h200.json "$OUT/" 2>/dev/null
+echo "bench done at $(( $(date +%s) - start )) s"
+if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" = "1" ]; then run_tests; fi
 echo "total $(( $(date +%s) - start )) s"
