@@ -1,5 +1,6 @@
 """RMSNorm in float32 (spec §1): g * x / sqrt(mean(x^2) + eps). Works on any (..., dim)."""
 import torch
+import torch.nn.functional as F
 
 
 class RMSNorm(torch.nn.Module):
@@ -11,6 +12,6 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x):
         weight = self.tp_context.sequence_param(self.weight) if self.tp_context else self.weight
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * weight.float()).to(x.dtype)
+        # torch's rms_norm computes in float32 for bf16/fp16 inputs and rounds once at the end, as the
+        # spec asks; one op (a fused kernel on CUDA) instead of nine small ones each way.
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), self.eps)
