@@ -14,4 +14,6 @@ class RMSNorm(torch.nn.Module):
         weight = self.tp_context.sequence_param(self.weight) if self.tp_context else self.weight
         # torch's rms_norm computes in float32 for bf16/fp16 inputs and rounds once at the end, as the
         # spec asks; one op (a fused kernel on CUDA) instead of nine small ones each way.
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), self.eps)
+        if weight.dtype != x.dtype:  # e.g. float32 weights on bf16 activations: keep the weight unrounded
+            return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
