@@ -42,36 +42,42 @@ def _tiles(block_m, block_n, num_warps, num_stages):
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
+# Calls 1-4 swept pointer/TMA loads, 2-4 stages and fused/two-kernel backward schedules (bench/dmattn_notes.md);
+# call 5 keeps their winner (the defaults) beside the warp-specialised kernels (FORWARD/BACKWARD_WARP_SPECIALIZE:
+# 4 warps = one TMA producer and two consumer warp groups, 12 warps in all; ptxas offline: no spills except
+# the noted ones).
+_WS_OFF = {"FORWARD_WARP_SPECIALIZE": False}
+_WS_BWD_OFF = {"BACKWARD_WARP_SPECIALIZE": False}
+
+
+def _ws_backward(key, query):
+    return {"BACKWARD_WARP_SPECIALIZE": True, "BACKWARD_WS_KEY_CONFIG": _tiles(*key), "BACKWARD_WS_QUERY_CONFIG": _tiles(*query)}
+
+
 TUNE_CANDIDATES = {
     "forward": {
-        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False},
-        "fwd 128x64 w8 s3 tma": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": True},
-        "fwd 128x64 w8 s4 tma": {"FORWARD_CONFIG": _tiles(128, 64, 8, 4), "FORWARD_TMA": True},
-        "fwd 128x128 w8 s2 tma": {"FORWARD_CONFIG": _tiles(128, 128, 8, 2), "FORWARD_TMA": True},
+        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False, **_WS_OFF},
+        "fwd ws 128x128 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 128, 4, 2)},  # spills 48 B
+        "fwd ws 128x64 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 2)},
+        "fwd ws 128x64 s3": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 3)},
     },
     "backward": {
-        "two-kernel": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False,
-                       "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3), "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2)},
-        "two-kernel tma": {"FUSED_BACKWARD": False, "BACKWARD_TMA": True,
-                           "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3), "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2)},
-        "two-kernel tma dq s3": {"FUSED_BACKWARD": False, "BACKWARD_TMA": True,
-                                 "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3),
-                                 "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 3)},
-        "two-kernel tma dk s2": {"FUSED_BACKWARD": False, "BACKWARD_TMA": True,
-                                 "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 2),
-                                 "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2)},
-        "fused 32x128 w8 s3 reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
-                                      "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True},
-        "fused 32x128 w8 s3 tma reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
-                                          "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
         "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
-                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True},
-        "fused 32x128 w8 s4 tma reduce": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 4),
-                                          "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True},
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True,
+                                          **_WS_BWD_OFF},
+        "two-kernel": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False, "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3),
+                       "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2), **_WS_BWD_OFF},
+        # block_m = queries, block_n = keys; offline spills of the dK/dV kernel: 32x64 none, 64x64 64 B,
+        # 32x128 104 B, 64x128 280 B (dK, dV and the K, V operands in the consumers' registers).
+        "ws key 32x64 / query 128x64": _ws_backward((32, 64, 4, 2), (128, 64, 4, 2)),
+        "ws key 64x64 / query 128x64": _ws_backward((64, 64, 4, 2), (128, 64, 4, 2)),
+        "ws key 32x128 / query 128x64": _ws_backward((32, 128, 4, 2), (128, 64, 4, 2)),
+        "ws key 64x128 / query 128x64 s3": _ws_backward((64, 128, 4, 2), (128, 64, 4, 3)),
     },
 }
 # What the benchmark records as the kernel's configuration.
-SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
+SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_WARP_SPECIALIZE", "FORWARD_WS_CONFIG",
+                 "BACKWARD_WARP_SPECIALIZE", "BACKWARD_WS_KEY_CONFIG", "BACKWARD_WS_QUERY_CONFIG", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
                  "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
 
 
@@ -94,7 +100,11 @@ def parse_arguments():
                         help="skip the materialised-mask SDPA when its (b, h, l, l) mask would exceed this")
     parser.add_argument("--tune", action="store_true", help="time the tile candidates at --tune-length first and "
                         "use the fastest for each kernel")
-    parser.add_argument("--tune-length", type=int, default=4096, help="sequence length for --tune")
+    parser.add_argument("--tune-length", type=int, nargs="+", default=[4096],
+                        help="sequence length(s) for --tune; the settings are chosen at the first")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="with --tune: time the candidates (and cuDNN causal, for the ratios) at every "
+                             "--tune-length, write the JSON and stop (a sweep, no per-length benchmark)")
     parser.add_argument("--precompile-workers", type=int, default=8,
                         help="processes that compile the Triton variants in parallel before timing (0: none)")
     parser.add_argument("--precompile-only", action="store_true",
@@ -269,12 +279,17 @@ def current_settings():
     return {name: copy.deepcopy(getattr(kernels, name)) for name in SETTING_NAMES}
 
 
-def tune(arguments, batch):
+def tune(arguments, batch, length=None):
     """The forward candidates by forward time, then the backward ones (with the chosen forward) by
     forward+backward time; leaves the fastest of each applied and returns the table of timings."""
-    inputs = make_inputs(batch, arguments.heads, arguments.kv_heads, arguments.tune_length, arguments.head_dim)
+    length = length or arguments.tune_length[0]
+    inputs = make_inputs(batch, arguments.heads, arguments.kv_heads, length, arguments.head_dim)
     base = current_settings()
     table = {}
+    if arguments.tune_only and "cudnn" in arguments.baselines:
+        forward_ms, forward_backward_ms = time_method(cudnn_causal, inputs, arguments.warmup_ms, arguments.rep_ms)
+        table["cudnn_causal"] = {"fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms}
+        logger.info("tune l=%d cuDNN causal fwd %.3f, fwd+bwd %.3f", length, forward_ms, forward_backward_ms)
     for phase, candidates in TUNE_CANDIDATES.items():
         timings = []
         for name, settings in candidates.items():
@@ -288,8 +303,14 @@ def tune(arguments, batch):
             measured = forward_ms if phase == "forward" else forward_backward_ms
             timings.append({"name": name, "settings": settings, "ms": measured,
                             "fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms})
-            logger.info("tune %-8s %-32s %.3f ms (fwd %.3f, fwd+bwd %.3f)", phase, name, measured, forward_ms,
-                        forward_backward_ms)
+            if "cudnn_causal" in table:
+                timings[-1]["fwd_ratio_vs_cudnn"] = table["cudnn_causal"]["fwd_ms"] / forward_ms
+                timings[-1]["fwd_bwd_ratio_vs_cudnn"] = table["cudnn_causal"]["fwd_bwd_ms"] / forward_backward_ms
+            logger.info("tune l=%d %-8s %-34s %.3f ms (fwd %.3f, fwd+bwd %.3f)%s", length, phase, name, measured,
+                        forward_ms, forward_backward_ms,
+                        " ratio vs cuDNN fwd %.3f f+b %.3f" % (timings[-1]["fwd_ratio_vs_cudnn"],
+                                                               timings[-1]["fwd_bwd_ratio_vs_cudnn"])
+                        if "cudnn_causal" in table else "")
         best = min((entry for entry in timings if "ms" in entry), key=lambda entry: entry["ms"])
         base = {**base, **best["settings"]}
         table[phase] = {"candidates": timings, "chosen": best["name"]}
@@ -336,7 +357,23 @@ def run_benchmark(arguments):
         precompile([(current_settings(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)
         return report
     if arguments.tune:
-        report["tuning"] = tune(arguments, arguments.tokens // arguments.tune_length)
+        for length in arguments.tune_length:
+            if arguments.tokens % length:
+                raise BenchError(f"--tune-length: {length} does not divide --tokens {arguments.tokens}")
+        initial = current_settings()
+        report["tuning"] = tune(arguments, arguments.tokens // arguments.tune_length[0])
+        chosen = current_settings()
+        if len(arguments.tune_length) > 1:
+            report["tuning_by_length"] = {str(arguments.tune_length[0]): report["tuning"]}
+            for length in arguments.tune_length[1:]:
+                apply_settings(initial)
+                report["tuning_by_length"][str(length)] = tune(arguments, arguments.tokens // length, length)
+            apply_settings(chosen)
+        if arguments.tune_only:
+            report["settings"] = chosen
+            report["wall_s"] = time.time() - started
+            write_json(report, arguments.output)
+            return report
     report["settings"] = current_settings()
     logger.info("settings: %s", report["settings"])
     # The keep-window variants (one compile each kernel, whatever w) with the chosen settings.

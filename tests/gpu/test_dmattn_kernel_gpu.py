@@ -103,6 +103,8 @@ SCHEDULES = {
                         "LISTED_LOOP_MAX_FRACTION": 1.0},
     "fused_tma_dense": {"FUSED_BACKWARD": True, "FORWARD_TMA": True, "BACKWARD_TMA": True, "DQ_TMA_REDUCE": True,
                         "LISTED_LOOP_MAX_FRACTION": -1.0},
+    # Warp-specialised forward and backward (dense MHA only; every other case must fall back correctly).
+    "warp_specialized": {"FORWARD_WARP_SPECIALIZE": True, "BACKWARD_WARP_SPECIALIZE": True},
 }
 
 
@@ -141,3 +143,52 @@ def test_keep_window_thresholds_on_gpu_match_reference_mask(num_documents):
     if segments is not None:
         kept &= (segments[:, :, None] == segments[:, None, :])[:, None]
     assert torch.equal(kept, allowed_mask(mask_bias, 150, segments).expand_as(kept))
+
+
+# Tile configurations of the warp-specialised kernels that the benchmark sweeps (bench/dmattn.py).
+WS_CONFIGS = {
+    "fwd128x128_key32x64": {"FORWARD_WS_CONFIG": {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2},
+                            "BACKWARD_WS_KEY_CONFIG": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2}},
+    "fwd128x64_key64x128": {"FORWARD_WS_CONFIG": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
+                            "BACKWARD_WS_KEY_CONFIG": {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2},
+                            "BACKWARD_WS_QUERY_CONFIG": {"block_m": 128, "block_n": 64, "num_warps": 4,
+                                                         "num_stages": 3}},
+}
+
+
+@pytest.mark.parametrize("configs", list(WS_CONFIGS))
+@pytest.mark.parametrize("dtype,batch,heads,length,head_dim,bias_scale", [
+    (BF16, 2, 4, 1024, 128, 1.0),     # the benchmark's head shape
+    (BF16, 1, 4, 1000, 128, 1.0),     # partial tiles (rows and keys past the end read as zeros)
+    (torch.float16, 1, 4, 784, 64, 1.0),  # fp16, d 64, partial tiles
+    (BF16, 1, 4, 1000, 128, 30.0),    # large bias values: exp2 of a padded row overflows; it must not make inf * 0
+])
+def test_warp_specialized_kernels_on_gpu(monkeypatch, configs, dtype, batch, heads, length, head_dim, bias_scale):
+    """The warp-specialised forward and backward (FORWARD/BACKWARD_WARP_SPECIALIZE) against the float64 oracle,
+    and run twice on the same inputs: they use no atomics, so any difference between the runs is a race
+    between the producer and consumer warp groups (METHOD.md: a moving error is a race)."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    monkeypatch.setattr(kernels, "FORWARD_WARP_SPECIALIZE", True)
+    monkeypatch.setattr(kernels, "BACKWARD_WARP_SPECIALIZE", True)
+    for name, value in WS_CONFIGS[configs].items():
+        monkeypatch.setattr(kernels, name, value)
+    for name in ("_forward_kernel", "_key_grad_kernel", "_query_grad_kernel"):
+        monkeypatch.setattr(kernels, name, None)  # the dense MHA path must not reach the other kernels
+    generator = torch.Generator(device="cuda").manual_seed(length)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda")
+
+    q, k, v = (randn(batch, heads, length, head_dim).to(dtype) for _ in range(3))
+    mask_bias = bias_scale * randn(batch, heads, length)
+    grad_out = randn(batch, heads, length, head_dim).to(dtype)
+    errors = dmattn_kernel_errors(kernels.dmattn_fused, q, k, v, mask_bias, grad_out, None, None)
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+    results = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask_bias)]
+        out = kernels.dmattn_fused(*leaves)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad_out)))
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "warp-specialised kernels differ between two runs on the same inputs"
