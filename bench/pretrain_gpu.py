@@ -92,7 +92,7 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
         f"schedule.warmup_steps={arguments.steps}", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
         "checkpoint.save_at_exit=false", "logging.interval=1", "logging.tensorboard=false",
         f"logging.run_dir={run_dir}", f"model.kernels={arguments.kernels}",
-    ]
+    ] + arguments.extra
     command = [sys.executable, "-m", "pretrain", "--config", f"configs/{name}.yaml"]
     for override in overrides:
         command += ["--set", override]
@@ -110,12 +110,16 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
     train = [record for record in records if record["kind"] == "train"]
     steady = train[arguments.warmup:]
     tokens_per_second = statistics.median(record["perf/tokens_per_second"] for record in steady)
+    # The mean over the steady steps (tokens / seconds) keeps the occasional slow step the median hides.
+    mean_tokens_per_second = (sum(record["perf/tokens_per_second"] * record["perf/seconds_per_step"] for record in steady)
+                              / sum(record["perf/seconds_per_step"] for record in steady))
     mfu_values = [record["perf/mfu"] for record in steady if record["perf/mfu"] is not None]
     model_line = [line for line in completed.stderr.splitlines() if " model: " in line]
     return {
         "model": name, "ok": True, "micro_batch_size": micro_batch, "seq_length": arguments.seq_length,
         "activation_checkpointing": activation_checkpointing, "steps": len(train), "steady_steps": len(steady),
-        "tokens_per_second": tokens_per_second,
+        "tokens_per_second": tokens_per_second, "mean_tokens_per_second": mean_tokens_per_second,
+        "overrides": arguments.extra,
         "mfu": statistics.median(mfu_values) if mfu_values else None,
         "peak_memory_gib": max(record["perf/peak_memory_gib"] for record in train),
         "first_loss": train[0]["train/loss"], "last_loss": train[-1]["train/loss"],
@@ -138,6 +142,8 @@ def main() -> int:
                         help="model.kernels: Triton kernels when importable (auto) or the PyTorch references")
     parser.add_argument("--bare-model", default=None, help=argparse.SUPPRESS)  # internal: one bare-model timing
     parser.add_argument("--out", default="bench/results/pretrain_h200.json", help="JSON results file")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every run, after the benchmark's own (repeatable)")
     parser.add_argument("--log-dir", default=os.environ.get("OUT"), help="where to keep each run's full log")
     arguments = parser.parse_args()
     if not torch.cuda.is_available():
@@ -189,7 +195,7 @@ def main() -> int:
 
     print(f"\n{device} | bf16 | seq {arguments.seq_length} | {arguments.steps} steps (median of the last "
           f"{arguments.steps - arguments.warmup}) | anchor: bf16 matmul 8192^3 = {anchor:.0f} TFLOP/s")
-    print(f"{'model':<14}{'ops':>10}{'micro':>6}{'ckpt':>6}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'x anchor':>10}"
+    print(f"{'model':<14}{'ops':>10}{'micro':>6}{'ckpt':>6}{'tokens/s':>12}{'mean tok/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'x anchor':>10}"
           f"{'bare f+b tok/s':>16}{'trainer/bare':>14}{'peak GiB':>10}{'loss':>16}")
     for result in results:
         if not result["ok"]:
@@ -198,7 +204,8 @@ def main() -> int:
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
         ops = "triton" if "triton" in (result["kernel_path"] or "") else "reference"
         print(f"{result['model']:<14}{ops:>10}{result['micro_batch_size']:>6}{'on' if result['activation_checkpointing'] else 'off':>6}"
-              f"{result['tokens_per_second']:>12,.0f}{result['model_tflops']:>10.1f}{mfu:>8}"
+              f"{result['tokens_per_second']:>12,.0f}{result['mean_tokens_per_second']:>12,.0f}"
+              f"{result['model_tflops']:>10.1f}{mfu:>8}"
               f"{result['fraction_of_matmul_anchor']:>10.3f}"
               f"{result.get('bare_model_tokens_per_second', float('nan')):>16,.0f}"
               f"{result.get('trainer_over_bare_model', float('nan')):>14.2f}{result['peak_memory_gib']:>10.1f}"

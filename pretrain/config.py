@@ -57,6 +57,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer in backward
     seed: int = 1234                        # weights, data order
     max_consecutive_nonfinite: int = 5      # stop after this many skipped (non-finite) steps in a row
+    gc_interval: int = 50                   # Python GC runs every N steps, never mid-step; 0 = automatic
     exit_at_step: Optional[int] = None      # save and exit after this step (a job shorter than the run)
     deepspeed_config: str = "ds_config.json"  # engine tuning; relative to the working dir or the repository
     device: str = "auto"                    # "auto" (CUDA when available), "cuda" or "cpu"
@@ -228,6 +229,8 @@ def config_problems(config: PretrainConfig, world_size: int) -> list[str]:
         problems.append(f"train.gradient_clipping={train.gradient_clipping} must be >= 0 (0 = off)")
     if train.max_consecutive_nonfinite < 1:
         problems.append(f"train.max_consecutive_nonfinite={train.max_consecutive_nonfinite} must be >= 1")
+    if train.gc_interval < 0:
+        problems.append(f"train.gc_interval={train.gc_interval} must be >= 0 (0 = Python's automatic collection)")
     optimizer = config.optimizer
     if optimizer.lr <= 0:
         problems.append(f"optimizer.lr={optimizer.lr} must be positive")

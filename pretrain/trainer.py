@@ -31,6 +31,7 @@ from .checkpoint import CheckpointManager
 from .config import BatchLayout, PretrainConfig, deepspeed_config_dict, uses_norm_guard
 from .data import build_loader, build_run_data, to_model_inputs
 from .distributed_env import discover_ranks
+from .garbage import ScheduledGarbageCollection
 from .metrics import MetricsLogger, peak_flops_per_device, peak_memory_gib, train_console_line
 from .optimizer import GuardedAdamW, parameter_groups
 from .schedule import build_scheduler
@@ -281,6 +282,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
+        with ScheduledGarbageCollection(self.config.train.gc_interval) as collector:
+            return self._train_loop(collector)
+
+    def _train_loop(self, collector: ScheduledGarbageCollection) -> int:
         config, batch, engine = self.config, self.batch, self.engine
         total_steps = config.train.steps
         nonfinite_steps = set(config.debug.nonfinite_loss_at_steps)
@@ -325,6 +330,7 @@ class Trainer:
             skipped = loss_bad or not engine.was_step_applied() or (grad_norm is not None and not math.isfinite(grad_norm))
             self.step = step_number
             self.consumed_samples += batch.global_batch_size
+            collector.after_step(self.step)  # inside the timed step: its cost shows in tokens/s
             if self.device.type == "cuda":
                 torch.cuda.synchronize()  # step time = device time too, not just the launches
             step_seconds = time.perf_counter() - step_start
