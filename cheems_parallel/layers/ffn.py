@@ -3,7 +3,8 @@
 In/out: u (l, b, D) residual-stream layout. SwiGLU: W_down(silu(W_gate u) * W_up u), width split over TP.
 CDMoE = the shared SwiGLU + private one-neuron experts found by product keys. The expert tables
 (E, D) are split by rows over the TP group (expert parallel = TP): each rank adds the experts it owns,
-and the partial outputs are summed with one all-reduce (or reduce-scatter under SP).
+and their partial outputs are summed together with the shared MLP's, in one all-reduce (or reduce-scatter
+under SP) per layer.
 """
 import math
 
@@ -24,10 +25,17 @@ class SwiGLU(torch.nn.Module):
         self.up_proj = tp.column(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
         self.down_proj = tp.row(cfg.intermediate_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers))
 
-    def forward(self, u, u_full=None):
-        u_full = self.tp.enter_tp(u) if u_full is None else u_full
-        hidden = F.silu(linear_out(self.gate_proj, u_full)) * linear_out(self.up_proj, u_full)
-        return linear_out(self.down_proj, hidden)
+    def forward(self, u):
+        u_full = self.tp.enter_tp(u)
+        return linear_out(self.down_proj, self._hidden(u_full))
+
+    def partial_output(self, u_full):
+        """This rank's share of the output before the TP reduction, for a caller that adds its own
+        partial sums and reduces once (CDMoE)."""
+        return F.linear(self._hidden(u_full), self.down_proj.weight)
+
+    def _hidden(self, u_full):
+        return F.silu(linear_out(self.gate_proj, u_full)) * linear_out(self.up_proj, u_full)
 
 
 class CDMoE(torch.nn.Module):
@@ -46,14 +54,14 @@ class CDMoE(torch.nn.Module):
     def forward(self, u):
         """Returns (output (l, b, D), stats) with stats = expert ids and weights for metrics/aux loss."""
         u_full = self.tp.enter_tp(u)
-        shared = self.shared(u, u_full)
         u_private = self.tp.replicated_param(u_full)
         weights, ids = self.retrieval(u_private)                                    # (l, b, H_x, k)
         down = gather_local_rows(self.down_embed, ids, self.row_start)              # (l, b, H_x, k, D)
         up = gather_local_rows(self.up_embed, ids, self.row_start)
         activation = F.silu(torch.einsum("lbd,lbhkd->lbhk", u_private, down)) * weights
         private = torch.einsum("lbhk,lbhkd->lbd", activation, up)
-        return shared + self.tp.exit_tp(private), (ids, weights)
+        # The shared MLP's and the experts' partial sums go through one reduction, not two.
+        return self.tp.exit_tp(self.shared.partial_output(u_full) + private), (ids, weights)
 
     def load_balance_loss(self, ids, weights):
         """E * sum_e usage_e^2, usage_e = share of the softmax weight routed to expert e: 1 when uniform.
