@@ -47,7 +47,11 @@ from cheems_parallel.ops.ssd import ssd_chunked
 
 # The kernels' chunk length and tile sizes. Tunable (bench/ssd.py sweeps them); the math does not depend on them.
 KERNEL_CHUNK = 64
-# Defaults: the winners of v3's sweep on the H200 (bench/ssd_notes.md). save_rotated: the forward stores
+# Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md). Per kernel: *_block_p, *_warps,
+# *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some spilling), and for
+# the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next tiles the
+# compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
+# backward follows. save_rotated: the forward stores
 # B~, C~ for the backward kernels (no RoPE on their loads: no register spills there); dqk_merged: one launch
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
@@ -55,9 +59,10 @@ KERNEL_CHUNK = 64
 # input's type, as apply_rope uses them).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
-    "fwd_block_p": 128, "fwd_warps": 8, "fwd_stages": 2,
-    "bwd_block_p": 128, "bwd_warps": 8, "bwd_stages": 1,
-    "dqk_block_p": 64, "dqk_warps": 8, "dqk_stages": 2,
+    "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
+    "fwd_save_block_p": 128, "fwd_save_warps": 8,
+    "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
+    "dqk_block_p": 64, "dqk_warps": 8, "dqk_stages": 2, "dqk_maxnreg": 128,
     "save_rotated": True, "dqk_merged": True, "group_reduce": "atomic", "rope_tables_fp32": False,
 }
 
@@ -872,16 +877,18 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
-    # the forward's tiles: "fwd_*", or "fwd_nograd_*" where set when no backward will follow
+    # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
+    save_rotated = rope and save_for_backward and config.get("save_rotated", False)
+    # the forward's tiles: "fwd_*", overridden where set by "fwd_save_*" when it stores B~, C~ (RoPE and
+    # gradients: the rotation and the extra stores want 8 warps) or by "fwd_nograd_*" when no backward follows
     fwd = {key: config.get(key) for key in ("fwd_block_p", "fwd_warps", "fwd_stages", "fwd_maxnreg")}
     fwd["fwd_chunks_per_program"] = config.get("fwd_chunks_per_program", 1)
-    if not save_for_backward:
-        fwd = {key: config.get(key.replace("fwd_", "fwd_nograd_", 1), value) for key, value in fwd.items()}
+    mode = "fwd_save_" if save_rotated else ("fwd_nograd_" if not save_for_backward else None)
+    if mode:
+        fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
     cpp = fwd["fwd_chunks_per_program"]
     grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks, cpp), batch * heads)
-    # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
-    save_rotated = rope and save_for_backward and config.get("save_rotated", False)
     rotated_B = torch.empty_like(B) if save_rotated else None
     rotated_C = torch.empty_like(C) if save_rotated else None
     _chunk_fwd_kernel[grid](
