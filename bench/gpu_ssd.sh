@@ -28,4 +28,10 @@ python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | grep -v
 cp bench/results/ssd_h200.json "$OUT/" 2>/dev/null
 echo "bench done at $(( $(date +%s) - start )) s"
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" = "1" ]; then run_tests; fi
+# SWEEP_AFTER=1: then bench/ssd.py's SWEEP at L = 4k for the notes only ($OUT/sweep.json; the table above stays)
+if [ "${SWEEP_AFTER:-0}" = "1" ]; then
+  python3 bench/ssd.py --lengths 4096 --skip-reference --profile-length 0 --out "$OUT/sweep.json" 2>&1 \
+    | tee "$OUT/sweep.log" | grep -E "^  v|picks|^precompiled|failed" | cut -c1-330
+  echo "sweep done at $(( $(date +%s) - start )) s"
+fi
 echo "total $(( $(date +%s) - start )) s"

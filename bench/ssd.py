@@ -8,8 +8,8 @@ Two problems per sequence length L (batch = tokens / L, bf16, dt_bias + softplus
   cheems  the same sizes with groups = heads and RoPE on B/C. mamba_ssm gets per-head B/C (ngroups = h)
           rotated by torch's apply_rope beforehand (that rotation is timed with it).
 Mtok/s = tokens / median time (triton.testing.do_bench). Before the table, the kernel configurations in
-SWEEP (GROUP_SWEEP for the mamba problem) are timed on each problem at --sweep-length; the fastest is used
-for that problem's rows. The floor is the time to move each input once
+SWEEP are timed on each problem at --sweep-length (per-kernel profiles, and the per-kernel-group
+combination); the fastest is used for that problem's rows (--no-sweep: the module's defaults). The floor is the time to move each input once
 and each output once at the copy bandwidth measured in the same run (forward: x, B, C, dt in, y out;
 forward+backward adds dy in and dx, dB, dC, ddt out). Prints a table and writes JSON.
 
@@ -45,24 +45,35 @@ DEVICE = "cuda"
 # independent: fwd_* -> _chunk_fwd, state_* -> _state_fwd + _state_bwd, bwd_* -> _chunk_bwd_dx,
 # dqk_* -> _chunk_bwd_dbc), and that combination is timed as "v4-combined".
 V2 = {"save_rotated": False, "dqk_merged": False, "fwd_block_p": 64, "fwd_warps": 4}
+V3 = {"fwd_block_p": 128, "fwd_warps": 8, "fwd_save_block_p": 128, "fwd_save_warps": 8, "bwd_block_p": 128,
+      "bwd_warps": 8, "bwd_stages": 1, "bwd_chunks_per_program": 1, "dqk_maxnreg": None}   # v3's defaults
 LOOP = {"fwd_chunks_per_program": 4, "fwd_stages": 2}
 DX_LOOP = {"bwd_chunks_per_program": 4, "bwd_stages": 2}
-SWEEP = [
-    ("v3", 64, {}),   # v3's defaults
-    ("v4-a", 64, {"fwd_block_p": 64, "fwd_warps": 4, "state_block_nh": 64, "state_warps": 8,
-                  "bwd_block_p": 64, "bwd_warps": 4, "dqk_maxnreg": 128}),
-    ("v4-b", 64, dict(LOOP, **DX_LOOP, state_block_nh=64, state_warps=4, dqk_stages=3)),
-    ("v4-c", 64, dict(LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=4, bwd_block_p=64, bwd_warps=8,
+# call 1 of v4 (its variants were relative to V3; the winners are v4's defaults, bench/ssd_notes.md)
+SWEEP_V4_CALL1 = [
+    ("v3", 64, V3),
+    ("v4-a", 64, dict(V3, fwd_block_p=64, fwd_warps=4, state_block_nh=64, state_warps=8,
+                      bwd_block_p=64, bwd_warps=4, dqk_maxnreg=128)),
+    ("v4-b", 64, dict(V3, **LOOP, **DX_LOOP, state_block_nh=64, state_warps=4, dqk_stages=3)),
+    ("v4-c", 64, dict(V3, **LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=4, bwd_block_p=64, bwd_warps=8,
                       dqk_block_p=32)),
-    ("v4-d", 64, dict(LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=8, bwd_block_p=64, bwd_warps=4,
+    ("v4-d", 64, dict(V3, **LOOP, **DX_LOOP, fwd_block_p=64, fwd_warps=8, bwd_block_p=64, bwd_warps=4,
                       dqk_stages=1)),
-    ("v4-e", 64, {"fwd_maxnreg": 128, "bwd_maxnreg": 128, "state_maxnreg": 96, "dqk_block_p": 32,
-                  "dqk_maxnreg": 128}),
+    ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-GROUP_SWEEP = []   # v3's group-reduction variants: atomic won (bench/ssd_notes.md); the mamba problem uses SWEEP
+# call 2: around v4's defaults (the first entry is the reference of the "diff" column)
+SWEEP = [
+    ("v4", 64, {}),
+    ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
+                  "bwd_chunks_per_program": 8, "dqk_stages": 3}),
+    ("v4-g", 64, {"dqk_merged": False, "group_reduce": "sum", "bwd_maxnreg": 168, "fwd_save_maxnreg": 168,
+                  "fwd_save_block_p": 64, "fwd_save_warps": 4, "state_block_p": 32, "state_stages": 3}),
+    ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
+                  "bwd_chunks_per_program": 2}),
+]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel",)}
+         "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel")}
 
 
 def load_mamba_chunk_scan_combined():
@@ -259,6 +270,8 @@ def _close(a, b):
 def _knob_values(config, knob):
     """Every setting of one kernel group in a config, unset ones at their launcher defaults."""
     values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
+    if knob == "dqk":  # the two-launch backward and its group sum come with its tiles
+        values.update(dqk_merged=config.get("dqk_merged"), group_reduce=config.get("group_reduce"))
     values.setdefault(knob + "_maxnreg", None)
     if knob in ("fwd", "bwd"):
         values.setdefault(knob + "_chunks_per_program", 1)
@@ -316,7 +329,7 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
     best_fwd = min(fwd_profiles, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
     picks["fwd_nograd"] = (best_fwd, round(kernel_ms(fwd_profiles[best_fwd], ("_chunk_fwd_kernel",)), 4))
     combined.update({key.replace("fwd_", "fwd_nograd_", 1): value
-                     for key, value in _knob_values(configs[best_fwd][1], "fwd").items()})
+                     for key, value in _knob_values(configs[best_fwd][1], "fwd").items() if "save" not in key})
     combined_config = dict(ssd_kernels.CONFIG, **combined)
     outputs = measure("v4-combined", 64, combined_config)
     if outputs is not None:
@@ -327,7 +340,8 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
     short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
              "_chunk_bwd_dbc_kernel")
     for name in results:
-        per_kernel = " ".join(f"{kernel_ms(profiles[name], (k,)):6.3f}" for k in short)
+        per_kernel = " ".join(f"{kernel_ms(profiles[name], KNOBS['dqk'] if k in KNOBS['dqk'] else (k,)):6.3f}"
+                              for k in short)
         fwd_kernels = " ".join(f"{kernel_ms(fwd_profiles[name], (k,)):6.3f}" for k in short[:2])
         print(f"  {name:12s} fwd+bwd {results[name]:7.3f} ms ({tokens / results[name] / 1e3:6.2f} Mtok/s) "
               f"[{per_kernel}]  fwd {fwd_ms[name]:6.3f} ms ({tokens / fwd_ms[name] / 1e3:6.2f}) [{fwd_kernels}]  "
