@@ -43,21 +43,23 @@ def _tiles(block_m, block_n, num_warps, num_stages):
 
 
 # Calls 1-4 swept pointer/TMA loads, 2-4 stages and fused/two-kernel backward schedules (bench/dmattn_notes.md);
-# call 5 keeps their winner (the defaults) beside the warp-specialised kernels (FORWARD/BACKWARD_WARP_SPECIALIZE:
-# 4 warps = one TMA producer and two consumer warp groups, 12 warps in all; ptxas offline: no spills except
-# the noted ones).
+# call 5 kept their winner (the defaults) beside the warp-specialised kernels (FORWARD/BACKWARD_WARP_SPECIALIZE:
+# 4 warps = one TMA producer and two consumer warp groups, 12 warps in all). Those gave wrong results on the
+# H200 (Triton 3.6, device-side descriptors); they now use host-side descriptors, not yet run on a GPU, so
+# the agreement check in `tune` decides whether they can be chosen.
 _WS_OFF = {"FORWARD_WARP_SPECIALIZE": False}
 _WS_BWD_OFF = {"BACKWARD_WARP_SPECIALIZE": False}
 
 
 def _ws_backward(key, query):
-    return {"BACKWARD_WARP_SPECIALIZE": True, "BACKWARD_WS_KEY_CONFIG": _tiles(*key), "BACKWARD_WS_QUERY_CONFIG": _tiles(*query)}
+    return {"BACKWARD_WARP_SPECIALIZE": True, "BACKWARD_WS_KEY_CONFIG": _tiles(*key),
+            "BACKWARD_WS_QUERY_CONFIG": _tiles(*query)}
 
 
 TUNE_CANDIDATES = {
     "forward": {
         "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False, **_WS_OFF},
-        "fwd ws 128x128 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 128, 4, 2)},  # spills 48 B
+        "fwd ws 128x128 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 128, 4, 2)},
         "fwd ws 128x64 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 2)},
         "fwd ws 128x64 s3": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 3)},
     },
@@ -67,8 +69,8 @@ TUNE_CANDIDATES = {
                                           **_WS_BWD_OFF},
         "two-kernel": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False, "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3),
                        "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2), **_WS_BWD_OFF},
-        # block_m = queries, block_n = keys; offline spills of the dK/dV kernel: 32x64 none, 64x64 64 B,
-        # 32x128 104 B, 64x128 280 B (dK, dV and the K, V operands in the consumers' registers).
+        # block_m = queries, block_n = keys; offline spills of the dK/dV kernel (host descriptors): 32x64 none,
+        # 64x64 8 B, 32x128 120 B, 64x128 272 B (dK, dV and the K, V operands in the consumers' registers).
         "ws key 32x64 / query 128x64": _ws_backward((32, 64, 4, 2), (128, 64, 4, 2)),
         "ws key 64x64 / query 128x64": _ws_backward((64, 64, 4, 2), (128, 64, 4, 2)),
         "ws key 32x128 / query 128x64": _ws_backward((32, 128, 4, 2), (128, 64, 4, 2)),
@@ -279,13 +281,38 @@ def current_settings():
     return {name: copy.deepcopy(getattr(kernels, name)) for name in SETTING_NAMES}
 
 
+# A candidate whose output or gradients differ from the settings in force when tuning starts (which the GPU
+# tests cover) by more than this (relative norm) or hold a non-finite value is recorded as failed, never
+# chosen: a fast wrong kernel must not win (call 5: warp-specialised kernels gave NaN and beat the defaults).
+TUNE_AGREEMENT = 2e-2
+
+
+def forward_backward_values(inputs, grad_out):
+    out = ours()(*inputs)
+    return [out.detach().float()] + [g.float() for g in torch.autograd.grad(out, inputs, grad_out)]
+
+
+def disagreement(values, reference):
+    """None when `values` agree with `reference` (finite, relative norm <= TUNE_AGREEMENT), else why not."""
+    for name, value, expected in zip(("out", "dq", "dk", "dv", "dbias"), values, reference):
+        if not bool(torch.isfinite(value).all()):
+            return f"wrong results: non-finite {name}"
+        error = ((value - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        if error > TUNE_AGREEMENT:
+            return f"wrong results: {name} differs from the current settings' by {error:.2e} (relative)"
+    return None
+
+
 def tune(arguments, batch, length=None):
     """The forward candidates by forward time, then the backward ones (with the chosen forward) by
-    forward+backward time; leaves the fastest of each applied and returns the table of timings."""
+    forward+backward time; leaves the fastest of each applied and returns the table of timings. Each
+    candidate's results are first compared with those of the settings in force (`disagreement`)."""
     length = length or arguments.tune_length[0]
     inputs = make_inputs(batch, arguments.heads, arguments.kv_heads, length, arguments.head_dim)
     base = current_settings()
     table = {}
+    grad_out = torch.randn_like(inputs[0])
+    reference = forward_backward_values(inputs, grad_out)
     if arguments.tune_only and "cudnn" in arguments.baselines:
         forward_ms, forward_backward_ms = time_method(cudnn_causal, inputs, arguments.warmup_ms, arguments.rep_ms)
         table["cudnn_causal"] = {"fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms}
@@ -295,8 +322,11 @@ def tune(arguments, batch, length=None):
         for name, settings in candidates.items():
             apply_settings({**base, **settings})
             try:
+                wrong = disagreement(forward_backward_values(inputs, grad_out), reference)
+                if wrong:
+                    raise RuntimeError(wrong)
                 forward_ms, forward_backward_ms = time_method(ours(), inputs, arguments.warmup_ms, arguments.rep_ms)
-            except Exception as error:  # a variant that fails to compile or launch is recorded, not fatal
+            except Exception as error:  # a variant that fails to compile, launch or agree is recorded, not fatal
                 timings.append({"name": name, "failed": str(error).splitlines()[0][:300] if str(error) else repr(error)})
                 logger.warning("tune %-8s %-32s failed: %s", phase, name, timings[-1]["failed"])
                 continue
