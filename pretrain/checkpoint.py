@@ -65,6 +65,61 @@ def _write_atomically(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+# -- resuming on another layout ------------------------------------------------------------------
+RESHARD_HINT = "convert it once with `python -m pretrain.reshard {path} NEW_DIR` and resume from NEW_DIR/{tag}"
+
+
+def resume_problem(path: Path, meta: dict, layout: dict) -> str | None:
+    """None when the checkpoint at `path` (its meta.json) can be loaded by a run with `layout`, else why not.
+
+    A DeepSpeed checkpoint holds one file per tensor-parallel rank and, under ZeRO-1/2/3, one optimizer
+    partition per data-parallel rank, so it only loads into the layout that wrote it (ZeRO-0 keeps the
+    whole optimizer state per model-parallel rank: any data-parallel size). A universal checkpoint
+    (pretrain.reshard) keeps every parameter whole and loads into any tensor x data-parallel layout.
+    """
+    saved = meta.get("layout")
+    if not saved:
+        return None  # written before layouts were recorded: let DeepSpeed decide
+    if layout["pipeline_parallel"] != saved.get("pipeline_parallel", 1):
+        return (f"{path} was saved with pipeline_parallel={saved.get('pipeline_parallel')}, this run has "
+                f"{layout['pipeline_parallel']}: pipeline stages cannot be resharded")
+    if meta.get("universal"):
+        if layout["pipeline_parallel"] != 1 or layout["zero_stage"] not in (1, 2):
+            return (f"{path} is a universal checkpoint, which loads into ZeRO-1/2 without pipeline parallelism; "
+                    f"this run has zero_stage={layout['zero_stage']}, pipeline_parallel={layout['pipeline_parallel']}")
+        return None
+    hint = RESHARD_HINT.format(path=path, tag=path.name)
+    if saved.get("zero_stage") != layout["zero_stage"]:
+        return (f"{path} was saved with zero_stage={saved.get('zero_stage')}, this run has {layout['zero_stage']}"
+                + ("; " + hint if layout["zero_stage"] in (1, 2) and saved.get("zero_stage") in (1, 2) else ""))
+    if saved.get("tensor_parallel") != layout["tensor_parallel"]:
+        return (f"{path} was saved with tensor_parallel={saved.get('tensor_parallel')}, this run has "
+                f"{layout['tensor_parallel']}; " + hint)
+    if layout["zero_stage"] > 0 and saved.get("data_parallel") != layout["data_parallel"]:
+        return (f"{path} was saved with data_parallel={saved.get('data_parallel')} (ZeRO-{layout['zero_stage']} "
+                f"partitions), this run has {layout['data_parallel']}; " + hint)
+    return None
+
+
+def universal_checkpoint_info(model: torch.nn.Module) -> dict:
+    """How each parameter is split over tensor-parallel ranks, saved with every checkpoint so DeepSpeed's
+    universal converter (pretrain.reshard) can join the slices: row-parallel weights along dim 1,
+    replicated ones taken whole (the converter checks they are equal on every rank, so a sharded parameter
+    missing its TP attributes fails the conversion instead of being merged wrong), the rest along dim 0."""
+    from deepspeed.checkpoint import constants
+
+    row_parallel, replicated = [], []
+    for name, parameter in model.named_parameters():
+        exact = re.escape(name) + "$"
+        if not getattr(parameter, "tensor_model_parallel", False):
+            replicated.append(exact)
+        elif getattr(parameter, "partition_dim", 0) == 1:
+            row_parallel.append(exact)
+    return {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            constants.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+            constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel}
+
+
 def rng_state() -> dict:
     state = {
         "python": random.getstate(),

@@ -39,13 +39,19 @@ def load_model_from_checkpoint(path: str | Path):
     if problem:
         raise CheckpointError(problem)
     meta = read_meta(path)
-    if meta["layout"]["tensor_parallel"] != 1 or meta["layout"]["pipeline_parallel"] != 1:
-        raise CheckpointError(f"{path}: saved with tensor/pipeline parallel > 1; sampling here needs a TP=1 checkpoint")
+    universal = bool(meta.get("universal"))
+    if not universal and (meta["layout"]["tensor_parallel"] != 1 or meta["layout"]["pipeline_parallel"] != 1):
+        raise CheckpointError(f"{path}: saved with tensor/pipeline parallel > 1; sampling here needs a TP=1 checkpoint "
+                              f"or its universal form (python -m pretrain.reshard {path} NEW_DIR)")
     # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt, the other stages mp_rank_00_model_states.pt.
     states_file = sorted(path.glob("*mp_rank_00_model_states.pt"))[0]
     states = torch.load(states_file, map_location="cpu", weights_only=False)
     config = states["config"]
-    if meta["layout"]["zero_stage"] == 3:
+    if universal:  # pretrain.reshard's output: every parameter whole (fp32), whatever layout trained it
+        weights = {folder.name: torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                   for folder in sorted((path / "zero").iterdir()) if (folder / "fp32.pt").is_file()}
+        weights.update({name: None for name, value in states["module"].items() if value is None})  # _extra_state
+    elif meta["layout"]["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:

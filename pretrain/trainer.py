@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager, read_meta, resume_problem, universal_checkpoint_info
 from .config import BatchLayout, PretrainConfig, deepspeed_config_dict, uses_norm_guard
 from .data import build_loader, build_run_data, to_model_inputs
 from .distributed_env import discover_ranks
@@ -142,6 +142,22 @@ class Trainer:
 
         scheduler = lambda wrapped: build_scheduler(wrapped, config.train.steps, config.schedule, config.optimizer)  # noqa: E731
         ds_config = deepspeed_config_dict(config, batch, clip_in_engine)
+
+        # The checkpoint to resume from is found and checked against this layout before anything is built.
+        self.layout = {"world_size": batch.world_size, "data_parallel": batch.data_parallel_size,
+                       "tensor_parallel": config.parallel.tensor_parallel_size,
+                       "pipeline_parallel": config.parallel.pipeline_parallel_size,
+                       "zero_stage": config.train.zero_stage}
+        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
+                                             config.debug.pause_in_save_seconds)
+        resume_path = self.checkpoints.resolve(config.checkpoint.resume)
+        if resume_path is not None:
+            resume_meta = read_meta(resume_path)
+            problem = resume_problem(resume_path, resume_meta, self.layout)
+            if problem:
+                raise CheckpointError(f"checkpoint.resume: {problem}")
+            if resume_meta.get("universal"):  # pretrain.reshard's output: whole parameters, sliced on load
+                ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if self.pipeline:
             from .pipeline import build_pipeline_engine
             self.engine, self.scheduler = build_pipeline_engine(config, make_optimizer, scheduler, ds_config)
@@ -162,17 +178,12 @@ class Trainer:
         uses_kernels = self.device.type == "cuda" and any(getattr(module, "use_kernels", False) for module in model.modules())
         self.kernel_path = "triton kernels" if uses_kernels else "pytorch reference ops"
 
-        self.layout = {"world_size": batch.world_size, "data_parallel": batch.data_parallel_size,
-                       "tensor_parallel": config.parallel.tensor_parallel_size,
-                       "pipeline_parallel": config.parallel.pipeline_parallel_size,
-                       "zero_stage": config.train.zero_stage}
-        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last,
-                                             config.debug.pause_in_save_seconds)
+        # How each parameter is split over TP ranks, saved with every checkpoint for pretrain.reshard.
+        self.universal_info = universal_checkpoint_info(self.engine.module)
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.last_saved: Path | None = None
-        resume_path = self.checkpoints.resolve(config.checkpoint.resume)
         if resume_path is not None:
             state = self.checkpoints.load(self.engine, resume_path, self.layout)
             self.step = int(state["step"])
@@ -213,7 +224,8 @@ class Trainer:
 
     def save(self) -> Path:
         client_state = {"step": self.step, "consumed_samples": self.consumed_samples,
-                        "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
+                        "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
+                        "universal_checkpoint_info": self.universal_info}
         path = self.checkpoints.save(self.engine, self.step, client_state, self.layout)
         self.last_saved = path
         if self.rank == 0:

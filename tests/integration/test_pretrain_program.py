@@ -170,6 +170,51 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(data):
     assert sampled.stdout.startswith("'Return the' -> 'Return the")
 
 
+def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference):
+    """TP=2 (ZeRO-1) to step N -> python -m pretrain.reshard -> DP=2 (ZeRO-2) to step 2N: the same losses as
+    the one-process run, and the universal weights equal its weights at step N. Resuming the original
+    checkpoint on the new layout is refused in one line."""
+    saved, resumed = data["dir"] / "tp2_saved", data["dir"] / "dp2_from_universal"
+    run_pretrain(data, saved, ranks=2, extra=["parallel.tensor_parallel_size=2", "train.zero_stage=1",
+                                              f"train.exit_at_step={STEPS // 2}"])
+    checkpoint = saved / "checkpoints" / f"step_{STEPS // 2:08d}"
+
+    refused = run_pretrain(data, data["dir"] / "refused", ranks=1, expect=2,
+                           extra=["train.zero_stage=1", f"checkpoint.resume={checkpoint}"])
+    last_line = refused.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: checkpoint.resume: ") and "tensor_parallel=2" in last_line, refused.stderr
+    assert "python -m pretrain.reshard" in last_line and "Traceback" not in refused.stderr
+
+    universal_dir = data["dir"] / "universal"
+    command = [sys.executable, "-m", "pretrain.reshard", str(checkpoint), str(universal_dir)]
+    converted = subprocess.run(command, cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True,
+                               timeout=300)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    universal = universal_dir / checkpoint.name
+    assert checkpoint_problem(universal) is None and json.loads((universal / "meta.json").read_text())["universal"]
+    again = subprocess.run(command, cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    # The universal weights are the whole parameters: equal to a one-process run's after the same steps
+    # (this checks the recorded TP split: row-parallel joined along dim 1, replicated taken whole).
+    from pretrain.generate import load_model_from_checkpoint
+    single = data["dir"] / "single_to_half"
+    run_pretrain(data, single, extra=[f"train.exit_at_step={STEPS // 2}"])
+    joined, _ = load_model_from_checkpoint(universal)
+    one_process, _ = load_model_from_checkpoint(single / "checkpoints" / checkpoint.name)
+    one_process_weights = dict(one_process.named_parameters())
+    for name, weight in joined.named_parameters():  # TP=2 and one process round differently: ~1e-5 apart
+        expected = one_process_weights[name]
+        assert weight.shape == expected.shape, name
+        assert ((weight - expected).norm() / expected.norm()).item() < 1e-4, name
+
+    run_pretrain(data, resumed, ranks=2, extra=["train.zero_stage=2", f"checkpoint.resume={universal}"])
+    records = train_records(resumed)
+    assert [record["step"] for record in records] == list(range(STEPS // 2 + 1, STEPS + 1))
+    assert_close([record["train/loss"] for record in records], reference[STEPS // 2:], relative=1e-5)
+
+
 def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
     deadline = time.time() + timeout
     while not predicate():

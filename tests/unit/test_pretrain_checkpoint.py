@@ -66,3 +66,81 @@ def test_newest_valid_checkpoint_skips_broken_ones_with_a_warning(tmp_path, capl
         assert newest_valid_checkpoint(tmp_path) == tmp_path / tag_for_step(10)
     assert "skipping broken checkpoint" in caplog.text and tag_for_step(15) in caplog.text
     assert newest_valid_checkpoint(tmp_path / "missing") is None
+
+
+# -- resuming on another layout (the conversion itself runs in tests/integration/test_pretrain_program.py) --
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pretrain.checkpoint import resume_problem  # noqa: E402
+from pretrain.reshard import main as reshard_main  # noqa: E402
+
+
+def _layout(dp=1, tp=1, pp=1, zero=1):
+    return {"world_size": dp * tp * pp, "data_parallel": dp, "tensor_parallel": tp, "pipeline_parallel": pp,
+            "zero_stage": zero}
+
+
+CKPT = Path("/ckpt/step_00000100")
+
+RESUME_CASES = {
+    # name: (saved layout, universal, this run's layout, None or the words the refusal must contain)
+    "same layout": (_layout(dp=2), False, _layout(dp=2), None),
+    "zero-0 at another data-parallel size": (_layout(dp=2, zero=0), False, _layout(dp=4, zero=0), None),
+    "zero-1 at another data-parallel size": (_layout(dp=2), False, _layout(dp=1),
+                                             ["data_parallel=2", "this run has 1", "pretrain.reshard"]),
+    "another tensor-parallel size": (_layout(tp=2), False, _layout(tp=1), ["tensor_parallel=2", "pretrain.reshard"]),
+    "another zero stage": (_layout(zero=3), False, _layout(zero=1), ["zero_stage=3", "this run has 1"]),
+    "another pipeline": (_layout(pp=2), False, _layout(pp=1), ["pipeline_parallel=2", "cannot be resharded"]),
+    "universal into another tp x dp": (_layout(tp=2), True, _layout(dp=2, zero=2), None),
+    "universal into zero-3": (_layout(tp=2), True, _layout(dp=2, zero=3), ["universal", "zero_stage=3"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_problem_names_the_layout_difference(case):
+    saved, universal, now, words = RESUME_CASES[case]
+    problem = resume_problem(CKPT, {"layout": saved, "universal": universal}, now)
+    if words is None:
+        assert problem is None
+    else:
+        assert problem is not None and str(CKPT) in problem and "\n" not in problem
+        for word in words:
+            assert word in problem, problem
+
+
+def test_resume_problem_leaves_checkpoints_without_a_layout_to_deepspeed():
+    assert resume_problem(CKPT, {}, _layout(dp=8)) is None
+
+
+def _fake_checkpoint(directory, layout, **meta):
+    path = directory / "step_00000007"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": 7, "layout": layout, "files": {}, **meta}))
+    return path
+
+
+@pytest.mark.parametrize("layout, extra, words", [
+    (_layout(pp=2), {}, "pipeline_parallel=2"),
+    (_layout(zero=0), {}, "zero_stage=0"),
+    (_layout(zero=3), {}, "zero_stage=3"),
+    (_layout(), {"universal": True}, "already a universal checkpoint"),
+])
+def test_reshard_refuses_what_it_cannot_convert_in_one_line(tmp_path, capsys, layout, extra, words):
+    source = _fake_checkpoint(tmp_path / "in", layout, **extra)
+    assert reshard_main([str(source), str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_reshard_refuses_incomplete_sources_and_existing_outputs(tmp_path, capsys):
+    broken = tmp_path / "in" / "step_00000009"
+    broken.mkdir(parents=True)
+    assert reshard_main([str(broken), str(tmp_path / "out")]) == 2
+    assert "no meta.json" in capsys.readouterr().err
+    source = _fake_checkpoint(tmp_path / "in", _layout())
+    (tmp_path / "out" / source.name).mkdir(parents=True)
+    assert reshard_main([str(source), str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
