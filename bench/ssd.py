@@ -366,6 +366,96 @@ def profile_kernels(tokens, length, heads, head_dim, state_dim, kernel_chunk, co
     return result
 
 
+def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, head_dim=128, state_dim=128):
+    """Registers, stack (spills), shared memory and HGMMA count of every kernel launch of one forward+backward,
+    compiled for sm_90 on this machine, no GPU needed (needs Triton's bundled cuobjdump). Each `kernel[grid]`
+    of the launchers is intercepted and compiled with the JIT's specialization: integer arguments equal to 1
+    become constants, integers and (16-byte aligned) pointers divisible by 16 get that hint. Without those
+    hints the unit-stride loads are not known to be contiguous and the report shows spills that the GPU's
+    compile does not have (bench/ssd_notes.md, v4)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    pointer_types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.float16: "*fp16"}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    rows = []
+
+    def compile_launch(fn, args, kwargs):
+        values = dict(zip(fn.arg_names, args), **kwargs)
+        options = {"num_warps": values.pop("num_warps", 4), "num_stages": values.pop("num_stages", 3)}
+        if values.get("maxnreg") is not None:
+            options["maxnreg"] = values["maxnreg"]
+        values.pop("maxnreg", None)
+        constexpr_slots = {param.num for param in fn.params if param.is_constexpr}
+        signature, constants, attrs = {}, {}, {}
+        for index, name in enumerate(fn.arg_names):
+            value = values[name]
+            if index in constexpr_slots or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+                signature[name], constants[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name], attrs[(index,)] = pointer_types[value.dtype], [["tt.divisibility", 16]]
+            elif isinstance(value, int):
+                signature[name] = "i32" if abs(value) < 2 ** 31 else "i64"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "fp32"
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+            handle.write(compiled.asm["cubin"])
+            handle.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True,
+                                   text=True).stdout
+            sass = subprocess.run([cuobjdump, "--dump-sass", handle.name], capture_output=True, text=True).stdout
+        rows.append((fn.__name__, options, int(re.search(r"REG:(\d+)", usage).group(1)),
+                     int(re.search(r"STACK:(\d+)", usage).group(1)), compiled.metadata.shared, sass.count("HGMMA")))
+
+    class Intercepted:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: compile_launch(self.fn, args, kwargs)
+
+    saved = {}
+    for name in dir(ssd_kernels):
+        value = getattr(ssd_kernels, name)
+        if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
+            saved[name] = value
+            setattr(ssd_kernels, name, Intercepted(value))
+    try:
+        config = dict(ssd_kernels.CONFIG, **overrides)
+        for problem_name in ("mamba", "cheems"):
+            rope, groups = _problem_shape(problem_name, heads)
+            rows.clear()
+            dtype = torch.bfloat16
+            x = torch.empty(batch, length, heads, head_dim, dtype=dtype)
+            B = torch.empty(batch, length, groups, state_dim, dtype=dtype)
+            C = torch.empty_like(B)
+            cos = torch.empty(batch, length, state_dim, dtype=dtype) if rope else None
+            sin = torch.empty_like(cos) if rope else None
+            lpad = length + (-length) % kernel_chunk
+            dt = torch.empty(batch, heads, lpad)
+            D = torch.empty(heads)
+            for grad in (False, True):
+                _, _, states, rotated_B, rotated_C = ssd_kernels._forward(
+                    x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)
+            ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
+                                  kernel_chunk, config, rotated_B, rotated_C)
+            for name, options, registers, stack, shared, hgmma in rows:
+                print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
+                      f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "
+                      f"shared {shared:6d} B hgmma {hgmma}")
+    finally:
+        for name, value in saved.items():
+            setattr(ssd_kernels, name, value)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=65536, help="B·L tokens per step (default 65536)")
@@ -380,8 +470,14 @@ def main(argv=None):
     parser.add_argument("--profile-length", type=int, default=4096, help="L of the per-kernel breakdown (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
     parser.add_argument("--out", default="bench/results/ssd_h200.json", help="JSON output path")
+    parser.add_argument("--compile-report", metavar="JSON", nargs="?", const="{}",
+                        help="no GPU: compile every kernel of the defaults (with these config overrides) for "
+                             "sm_90 here and print registers / spills / shared memory, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.compile_report is not None:
+        compile_report(json.loads(args.compile_report))
+        return 0
     for length in args.lengths + [args.sweep_length, args.profile_length]:
         if length > args.tokens or (length and args.tokens % length):
             parser.error(f"--tokens {args.tokens} must be a multiple of every length, got {length}")

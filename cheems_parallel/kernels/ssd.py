@@ -24,7 +24,8 @@ chunk length, so the `chunk_size` argument only matters to the reference):
                      when gradients are wanted ("save_rotated") it also stores B~, C~ for the backward.
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
                      carried state's share of the gradient w.r.t. g at each chunk's last token.
-  _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD.
+  _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD (`_chunk_fwd` and this one
+                     can loop over several consecutive chunks per program: "*_chunks_per_program").
   _chunk_bwd_dbc     parallel over (chunk, head): dC and dB and dg (the gradient w.r.t. g; torch turns it
                      into d dt_raw, d dt_bias, dA) from one pass ("dqk_merged"; else `_chunk_bwd_dqk`,
                      launched for C~ then for B~, each side's share). With g < h the per-head dB/dC are
