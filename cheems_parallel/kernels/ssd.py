@@ -48,7 +48,9 @@ from cheems_parallel.ops.ssd import ssd_chunked
 
 # The kernels' chunk length and tile sizes. Tunable (bench/ssd.py sweeps them); the math does not depend on them.
 KERNEL_CHUNK = 64
-# Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md). Per kernel: *_block_p, *_warps,
+# Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md); since v4b the dB/dC backward
+# is the two-launch one at 4 warps (28% / 15% faster than the merged one on mamba's / the Cheems shape, and
+# deterministic: no atomics). Per kernel: *_block_p, *_warps,
 # *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some spilling), and for
 # the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next tiles the
 # compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
@@ -63,8 +65,8 @@ CONFIG = {
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
     "fwd_save_block_p": 128, "fwd_save_warps": 8,
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
-    "dqk_block_p": 64, "dqk_warps": 8, "dqk_stages": 2, "dqk_maxnreg": 128,
-    "save_rotated": True, "dqk_merged": True, "group_reduce": "atomic", "rope_tables_fp32": False,
+    "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
+    "save_rotated": True, "dqk_merged": False, "group_reduce": "atomic", "rope_tables_fp32": False,
 }
 
 

@@ -58,9 +58,9 @@ CASES = [
     # several chunks per program (the last program's share partial: 16 chunks)
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4,
      {"fwd_chunks_per_program": 3, "bwd_chunks_per_program": 5, "fwd_stages": 2, "bwd_stages": 2}),
-    # the two-launch dB/dC at 4 warps (v4's fastest measured backward, not yet the default), one shared group
+    # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
-     {"dqk_merged": False, "dqk_warps": 4, "dqk_maxnreg": None, "group_reduce": "sum"}),
+     {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
 ]
 
 
