@@ -1,4 +1,5 @@
-"""Export a pretrain checkpoint as consolidated safetensors + a JSON model config (TP = PP = 1 checkpoints).
+"""Export a pretrain checkpoint as consolidated safetensors + a JSON model config (TP = PP = 1 checkpoints,
+or any TP through its universal form from `python -m pretrain.reshard`).
 
     python -m pretrain.export --checkpoint runs/tiny/checkpoints/step_00000100 --output exported/tiny
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         description="Export a checkpoint as model.safetensors + config.json.",
         epilog="example: python -m pretrain.export --checkpoint smoke/run/checkpoints/step_00000300 "
                "--output exported/cheems-tiny")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNNN), TP = PP = 1")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNNN): TP = PP = 1, or a universal one (pretrain.reshard)")
     parser.add_argument("--output", required=True, help="new directory to create for the exported files")
     arguments = parser.parse_args(argv)
     try:

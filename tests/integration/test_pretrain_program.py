@@ -208,6 +208,11 @@ def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference
         expected = one_process_weights[name]
         assert weight.shape == expected.shape, name
         assert ((weight - expected).norm() / expected.norm()).item() < 1e-4, name
+    exported = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint", str(universal), "--output",
+                               str(data["dir"] / "exported_universal")], cwd=REPOSITORY_ROOT, env=environment(),
+                              capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0 and (data["dir"] / "exported_universal" / "model.safetensors").is_file(), \
+        exported.stderr[-2000:]
 
     run_pretrain(data, resumed, ranks=2, extra=["train.zero_stage=2", f"checkpoint.resume={universal}"])
     records = train_records(resumed)
