@@ -69,14 +69,28 @@ def _write_atomically(path: Path, text: str) -> None:
 RESHARD_HINT = "convert it once with `python -m pretrain.reshard {path} NEW_DIR` and resume from NEW_DIR/{tag}"
 
 
-def resume_problem(path: Path, meta: dict, layout: dict) -> str | None:
-    """None when the checkpoint at `path` (its meta.json) can be loaded by a run with `layout`, else why not.
+# Model settings that do not change the parameters (how the layers compute, not what they hold).
+MODEL_KEYS_FREE_ON_RESUME = ("kernels",)
+
+
+def resume_problem(path: Path, meta: dict, layout: dict, model: dict | None = None) -> str | None:
+    """None when the checkpoint at `path` (its meta.json) can be loaded by a run with `layout` and the
+    `model` config section, else why not.
 
     A DeepSpeed checkpoint holds one file per tensor-parallel rank and, under ZeRO-1/2/3, one optimizer
     partition per data-parallel rank, so it only loads into the layout that wrote it (ZeRO-0 keeps the
     whole optimizer state per model-parallel rank: any data-parallel size). A universal checkpoint
     (pretrain.reshard) keeps every parameter whole and loads into any tensor x data-parallel layout.
     """
+    saved_model = meta.get("model")
+    if saved_model and model:
+        changed = [key for key in sorted(set(saved_model) | set(model)) if key not in MODEL_KEYS_FREE_ON_RESUME
+                   and saved_model.get(key) != model.get(key)]
+        if changed:
+            shown = ", ".join(f"model.{key}={saved_model.get(key)!r} (this run: {model.get(key)!r})"
+                              for key in changed[:3])
+            return (f"{path} was saved with {shown}{' and more' if len(changed) > 3 else ''}; "
+                    "the model section must match the checkpoint's")
     saved = meta.get("layout")
     if not saved:
         return None  # written before layouts were recorded: let DeepSpeed decide
@@ -216,7 +230,8 @@ class CheckpointManager:
                 _fsync_path(file)
                 files[str(file.relative_to(temporary))] = file.stat().st_size
         meta = {"step": step, "consumed_samples": client_state.get("consumed_samples"),
-                "layout": layout, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+                "layout": layout, "model": (client_state.get("config") or {}).get("model"),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
         _write_atomically(temporary / META_FILE, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. at exit right after an interval save)
             shutil.rmtree(final)

@@ -98,7 +98,7 @@ def convert(source: Path, output_dir: Path, workers: int = 4) -> Path:
     files = {str(file.relative_to(temporary)): file.stat().st_size
              for file in sorted(temporary.rglob("*")) if file.is_file()}
     universal_meta = {"step": meta.get("step"), "consumed_samples": meta.get("consumed_samples"),
-                      "layout": layout, "universal": True, "converted_from": str(source.resolve()),
+                      "layout": layout, "model": meta.get("model"), "universal": True, "converted_from": str(source.resolve()),
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     _write_atomically(temporary / META_FILE, json.dumps(universal_meta, indent=1))
     os.replace(temporary, final)

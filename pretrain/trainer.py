@@ -153,7 +153,7 @@ class Trainer:
         resume_path = self.checkpoints.resolve(config.checkpoint.resume)
         if resume_path is not None:
             resume_meta = read_meta(resume_path)
-            problem = resume_problem(resume_path, resume_meta, self.layout)
+            problem = resume_problem(resume_path, resume_meta, self.layout, config.to_dict()["model"])
             if problem:
                 raise CheckpointError(f"checkpoint.resume: {problem}")
             if resume_meta.get("universal"):  # pretrain.reshard's output: whole parameters, sliced on load

@@ -214,6 +214,11 @@ def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference
     assert exported.returncode == 0 and (data["dir"] / "exported_universal" / "model.safetensors").is_file(), \
         exported.stderr[-2000:]
 
+    other_model = run_pretrain(data, data["dir"] / "other_model", ranks=1, expect=2,
+                               extra=["model.hidden_size=96", f"checkpoint.resume={universal}"])
+    assert other_model.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoint.resume: {universal} was saved with model.hidden_size=64 (this run: 96)")
+
     run_pretrain(data, resumed, ranks=2, extra=["train.zero_stage=2", f"checkpoint.resume={universal}"])
     records = train_records(resumed)
     assert [record["step"] for record in records] == list(range(STEPS // 2 + 1, STEPS + 1))

@@ -144,3 +144,20 @@ def test_reshard_refuses_incomplete_sources_and_existing_outputs(tmp_path, capsy
     (tmp_path / "out" / source.name).mkdir(parents=True)
     assert reshard_main([str(source), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_resume_problem_names_changed_model_settings_but_not_the_kernel_choice():
+    saved = {"hidden_size": 64, "num_layers": 2, "kernels": "auto"}
+    meta = {"layout": _layout(), "model": saved}
+    assert resume_problem(CKPT, meta, _layout(), {**saved, "kernels": "reference"}) is None
+    problem = resume_problem(CKPT, meta, _layout(), {**saved, "hidden_size": 96})
+    assert problem == (f"{CKPT} was saved with model.hidden_size=64 (this run: 96); "
+                       "the model section must match the checkpoint's")
+
+
+def test_commit_records_the_model_section(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    temporary = _write_save(tmp_path, 5)
+    manager._commit(temporary, tmp_path / tag_for_step(5), 5,
+                    {"consumed_samples": 40, "config": {"model": {"hidden_size": 64}}}, {"world_size": 1})
+    assert json.loads((tmp_path / tag_for_step(5) / "meta.json").read_text())["model"] == {"hidden_size": 64}
