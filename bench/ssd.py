@@ -61,8 +61,8 @@ SWEEP_V4_CALL1 = [
                       dqk_stages=1)),
     ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-# call 2: around v4's defaults (the first entry is the reference of the "diff" column)
-SWEEP = [
+# call 2 of v4: around v4's defaults (v4-h's two-launch 4-warp dB/dC became the default in v4b)
+SWEEP_V4_CALL2 = [
     ("v4", 64, {}),
     ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
                   "bwd_chunks_per_program": 8, "dqk_stages": 3}),
@@ -70,6 +70,18 @@ SWEEP = [
                   "fwd_save_block_p": 64, "fwd_save_warps": 4, "state_block_p": 32, "state_stages": 3}),
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
+]
+# v5 candidate (not measured yet): states stored every two kernel chunks (128 tokens), the chunk kernels stepping
+# the stored state / gradient through the pair's other chunk (bench/ssd_notes.md, v5). The first entry (the
+# v4b defaults) is the reference of the "diff" column. Offline compile (--compile-report): with the defaults'
+# tiles the stepping dB/dC launches spill 250-350 B, at 32-wide p-tiles ("dqk_step_block_p") 0-8 B; the even
+# dx launch spills 80-128 B inside the 4-chunk loop and none without the loop.
+STRIDE2 = {"state_stride_chunks": 2}
+SWEEP = [
+    ("v4b", 64, {}),
+    ("v5-s2", 64, STRIDE2),
+    ("v5-s2-step32", 64, dict(STRIDE2, dqk_step_block_p=32)),
+    ("v5-s2-step32-dx1", 64, dict(STRIDE2, dqk_step_block_p=32, bwd_chunks_per_program=1, bwd_stages=1)),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
@@ -269,7 +281,8 @@ def _close(a, b):
 
 def _knob_values(config, knob):
     """Every setting of one kernel group in a config, unset ones at their launcher defaults."""
-    values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
+    values = {key: value for key, value in config.items()
+              if key.startswith(knob + "_") and "nograd" not in key and key != "state_stride_chunks"}
     if knob == "dqk":  # the two-launch backward and its group sum come with its tiles
         values.update(dqk_merged=config.get("dqk_merged"), group_reduce=config.get("group_reduce"))
     values.setdefault(knob + "_maxnreg", None)
@@ -321,12 +334,18 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
 
     # the combination: per kernel group, the variant whose kernels of that group were fastest
     combined, picks = {}, {}
+    # the per-kernel combination compares like with like: variants with the reference's state stride only (with
+    # states every two chunks the chunk kernels do more and the state kernels less; those variants compete
+    # as wholes, by their fwd+bwd time)
+    stride = SWEEP[0][2].get("state_stride_chunks", ssd_kernels.CONFIG.get("state_stride_chunks", 1))
+    comparable = {name: table for name, table in profiles.items()
+                  if configs[name][1].get("state_stride_chunks", 1) == stride}
     for knob, kernels in KNOBS.items():
-        best = min(profiles, key=lambda name: kernel_ms(profiles[name], kernels))
+        best = min(comparable, key=lambda name: kernel_ms(comparable[name], kernels))
         picks[knob] = (best, round(kernel_ms(profiles[best], kernels), 4))
         combined.update(_knob_values(configs[best][1], knob))
     # no-grad forward: the fastest _chunk_fwd among the variants (state kernels as chosen above)
-    best_fwd = min(fwd_profiles, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
+    best_fwd = min(comparable, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
     picks["fwd_nograd"] = (best_fwd, round(kernel_ms(fwd_profiles[best_fwd], ("_chunk_fwd_kernel",)), 4))
     combined.update({key.replace("fwd_", "fwd_nograd_", 1): value
                      for key, value in _knob_values(configs[best_fwd][1], "fwd").items() if "save" not in key})
@@ -336,7 +355,7 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
         errors["v4-combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
 
     print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
-          f"rel. diff vs v3 of y, dx, dB, dC, d dt_raw):")
+          f"rel. diff vs the first variant of y, dx, dB, dC, d dt_raw):")
     short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
              "_chunk_bwd_dbc_kernel")
     for name in results:
@@ -386,6 +405,9 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
 
     def compile_launch(fn, args, kwargs):
         values = dict(zip(fn.arg_names, args), **kwargs)
+        for param in fn.params:   # constexpr defaults (PARITY, DERIVE) where a launch leaves them out
+            if param.name not in values and param.has_default:
+                values[param.name] = param.default
         options = {"num_warps": values.pop("num_warps", 4), "num_stages": values.pop("num_stages", 3)}
         if values.get("maxnreg") is not None:
             options["maxnreg"] = values["maxnreg"]
@@ -412,7 +434,10 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True,
                                    text=True).stdout
             sass = subprocess.run([cuobjdump, "--dump-sass", handle.name], capture_output=True, text=True).stdout
-        rows.append((fn.__name__, options, int(re.search(r"REG:(\d+)", usage).group(1)),
+        name = fn.__name__ + "".join(f" {key}={values[key]}" for key in ("PARITY", "FOR_C", "DERIVE")
+                                     if key in values and values[key] not in (-1, None)
+                                     and not (key == "DERIVE" and not values[key]))
+        rows.append((name, options, int(re.search(r"REG:(\d+)", usage).group(1)),
                      int(re.search(r"STACK:(\d+)", usage).group(1)), compiled.metadata.shared, sass.count("HGMMA")))
 
     class Intercepted:
@@ -448,7 +473,7 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
                                   kernel_chunk, config, rotated_B, rotated_C)
             for name, options, registers, stack, shared, hgmma in rows:
-                print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
+                print(f"{problem_name:7s} {name:50s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "
                       f"shared {shared:6d} B hgmma {hgmma}")
     finally:
