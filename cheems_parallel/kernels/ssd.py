@@ -20,6 +20,9 @@ chunk length, so the `chunk_size` argument only matters to the reference):
                      both (b, h, l padded to T) float32; torch autograd differentiates this part.
   _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
                      chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
+                     (Option "state_stride_chunks" 2: the state kernels step over pairs of chunks and store a
+                     state per pair; each chunk kernel steps the stored state / gradient through the pair's
+                     other chunk itself when its chunk needs it: `_state_after_chunk_t`, `_grad_before_chunk_t`.)
   _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
                      when gradients are wanted ("save_rotated") it also stores B~, C~ for the backward.
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
@@ -60,9 +63,11 @@ KERNEL_CHUNK = 64
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
 # heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
 # input's type, as apply_rope uses them); state_stride_chunks: kernel chunks per stored state, 1 (a state every
-# T = 64 tokens) or 2 (v5 candidate, not the default: every 128 tokens, the state kernels stepping 128 tokens at a
-# time; the chunk kernels keep T and step the stored state / gradient through the pair's other chunk themselves,
-# one p x n x T product; two-launch dB/dC only; bench/ssd_notes.md v5).
+# T = 64 tokens) or 2 (v5 candidate, not the default, not yet measured: every 128 tokens, the state kernels stepping
+# 128 tokens at a time; the chunk kernels keep T and step the stored state / gradient through the pair's other
+# chunk themselves, one p x n x T product; two-launch dB/dC only; bench/ssd_notes.md v5), with
+# state_stride_launch "one" (default: one launch per chunk kernel, branching on the chunk's parity) or "split"
+# (even and odd chunks launched apart) and dqk_step_block_p (p-tile width of the dB/dC launches that step).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -191,7 +196,7 @@ def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ
     return same_doc, sees_carried, reaches_end, crosses
 
 
-# ---- states every two chunks ("state_stride_chunks": 2; launched per chunk parity, PARITY = 0 / 1) ----------
+# ---- states every two chunks ("state_stride_chunks": 2; PARITY 0 / 1: the even / odd chunks, 2: all) -------
 @triton.jit
 def _state_row(bi, c, H, hi, NCHUNK, PARITY: tl.constexpr):
     """(batch, slot, head) row of states / dstates for chunk c: slot c (PARITY < 0, a state per chunk), or slot
@@ -379,7 +384,8 @@ def _chunk_fwd_kernel(
     the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
     which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3).
     PARITY 0 / 1 (states stored every two chunks): this launch does the even / odd chunks 2 i + PARITY; an odd
-    chunk steps the stored state through the chunk before it (`_state_after_chunk_t`)."""
+    chunk steps the stored state through the chunk before it (`_state_after_chunk_t`). PARITY 2: all chunks in
+    one launch, the odd ones stepping (a branch at run time)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -391,7 +397,7 @@ def _chunk_fwd_kernel(
     # CPP consecutive chunks per program: the loop lets the compiler prefetch the next chunk's tiles (it also
     # keeps loop-invariant offsets live: more registers); CPP = 1: one chunk, no loop
     if CPP == 1:
-        if PARITY >= 0:
+        if (PARITY >= 0) & (PARITY <= 1):
             pid_c = 2 * pid_c + PARITY
         _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                        rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
@@ -399,7 +405,7 @@ def _chunk_fwd_kernel(
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
                        T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
                        PARITY)
-    elif PARITY < 0:
+    elif (PARITY < 0) | (PARITY == 2):
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                            rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
@@ -440,9 +446,10 @@ def _chunk_fwd_one(
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
-    if PARITY == 1:
+    if PARITY >= 1:
         # states every two chunks: the state entering the chunk pair, which an odd chunk steps through the chunk
-        # before it; first, so that the step's tiles are dead before this chunk's are loaded
+        # before it; first, so that the step's tiles are dead before this chunk's are loaded (PARITY 2: one launch
+        # over all chunks, the step taken by the odd ones)
         state_ptrs = (states_ptr + _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
                       + offs_p[None, :] * N + offs_nh[:, None])
         mask_np = mask_nh[:, None] & mask_p[None, :]
@@ -455,6 +462,14 @@ def _chunk_fwd_one(
                 sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, dt_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
                 chunk_start - T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
                 DOT_DTYPE, ROUND_BF16)
+        else:
+            if c % 2 == 1:
+                state_first_t, state_second_t = _state_after_chunk_t(
+                    state_first_t, state_second_t, x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h, sx_l, sx_p,
+                    b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h, sb_l, sb_n, cos_ptr + bi.to(tl.int64) * sc_b,
+                    sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, dt_ptr, gdt_row, seq_ptr,
+                    bi.to(tl.int64) * LPAD, chunk_start - T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE,
+                    HAS_SEQ, DOT_PREC, DOT_DTYPE, ROUND_BF16)
         state_first_t = _op(state_first_t, DOT_DTYPE, ROUND_BF16)
         state_second_t = _op(state_second_t, DOT_DTYPE, ROUND_BF16)
 
@@ -609,7 +624,8 @@ def _chunk_bwd_dx_kernel(
     With v = dt x, q = C~, k = B~, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state
     leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T.
     PARITY 0 / 1 (states every two chunks): chunks 2 i + PARITY; an even chunk steps the stored gradient
-    (leaving the pair) back through the chunk after it (`_grad_before_chunk_t`)."""
+    (leaving the pair) back through the chunk after it (`_grad_before_chunk_t`). PARITY 2: all chunks in one
+    launch, the even ones stepping (a branch at run time)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -619,14 +635,14 @@ def _chunk_bwd_dx_kernel(
     offs_t = tl.arange(0, T)
     # CPP consecutive chunks per program, as in `_chunk_fwd_kernel`
     if CPP == 1:
-        if PARITY >= 0:
+        if (PARITY >= 0) & (PARITY <= 1):
             pid_c = 2 * pid_c + PARITY
         _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
                           dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                           sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
                           T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, PARITY)
-    elif PARITY < 0:
+    elif (PARITY < 0) | (PARITY == 2):
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
                               dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
@@ -683,6 +699,14 @@ def _chunk_bwd_dx_one(
                 sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
                 chunk_start + T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
                 DOT_DTYPE, ROUND_BF16)
+        elif PARITY == 2:   # one launch over all chunks: the even ones step
+            if c % 2 == 0:
+                grad_first_t, grad_second_t = _grad_before_chunk_t(
+                    grad_first_t, grad_second_t, dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h, sd_l, sd_p,
+                    c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h, scc_l, scc_n, cos_ptr + bi.to(tl.int64) * sc_b,
+                    sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
+                    chunk_start + T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
+                    DOT_DTYPE, ROUND_BF16)
         grad_first_t = _op(grad_first_t, DOT_DTYPE, ROUND_BF16)
         grad_second_t = _op(grad_second_t, DOT_DTYPE, ROUND_BF16)
 
@@ -732,6 +756,61 @@ def _chunk_bwd_dx_one(
 
 
 @triton.jit
+def _side_operands(b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
+                   side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
+                   scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   FOR_C: tl.constexpr, ROPE_IN: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """`_chunk_bwd_dqk_kernel`'s side chunk (before it for FOR_C, after it else): its weights, the decay across
+    it and its B~ (weighted by dt exp(g_last - g), as `_state_fwd_kernel` does) or C~ operand halves."""
+    seq_row = bi.to(tl.int64) * LPAD
+    if FOR_C:
+        side_weight, side_decay = _chunk_step_weights(g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, side_start, offs_t,
+                                                      T, HAS_SEQ)
+        side_ptr = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + side_start * sb_l
+        side_sl = sb_l
+        side_sn = sb_n
+    else:
+        side_weight, side_decay = _chunk_back_weights(g_ptr, gdt_row, seq_ptr, seq_row, side_start, offs_t, T,
+                                                      HAS_SEQ)
+        side_ptr = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + side_start * scc_l
+        side_sl = scc_l
+        side_sn = scc_n
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + (side_start - chunk_start) * sc_l,
+                                              sin_base + (side_start - chunk_start) * sc_l, sc_l, sc_n, offs_t,
+                                              offs_nh, side_mask_t, mask_nh, NH, ROPE_IN)
+    side_first, side_second = _load_rotated(side_ptr, side_sl, side_sn, cos1, cos2, sin1, sin2, offs_t, offs_nh,
+                                            side_mask_t, mask_nh, NH, ROPE_IN)
+    if FOR_C:   # the dt x B~ weights ride on B~, as in `_state_fwd_kernel`
+        side_first = side_first * side_weight[:, None]
+        side_second = side_second * side_weight[:, None]
+    return side_weight, side_decay, _op(side_first, DOT_DTYPE, ROUND_BF16), _op(side_second, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _step_tile(tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_base, side_l, side_mask_t,
+               offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay, side_first, side_second,
+               FOR_C: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """One (p, n) tile of S (FOR_C) or G stepped through the side chunk (float32 halves), and its share of
+    <G, S> with the stored partner tile (G resp. S at partner_base)."""
+    side_tp = side_mask_t[:, None] & mask_p[None, :]
+    if FOR_C:
+        side = _op(tl.load(x_base + side_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=side_tp, other=0.0),
+                   DOT_DTYPE, ROUND_BF16)
+    else:
+        side = tl.load(dy_base + side_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=side_tp, other=0.0)
+        side = _op(side.to(tl.float32) * side_weight[:, None], DOT_DTYPE, ROUND_BF16)
+    side_t = tl.trans(side)
+    # one half at a time: the stepped tile and its share of <G, S> with the stored partner
+    partner = partner_base + offs_p[:, None] * N + offs_nh[None, :]
+    tile_first = tile_first * side_decay + tl.dot(side_t, side_first, input_precision=DOT_PREC)
+    share = tl.sum(tl.sum(tile_first * tl.load(partner, mask=mask_pn, other=0.0).to(tl.float32), axis=1), axis=0)
+    tile_second = tile_second * side_decay + tl.dot(side_t, side_second, input_precision=DOT_PREC)
+    share += tl.sum(tl.sum(tile_second * tl.load(partner + NH, mask=mask_pn, other=0.0).to(tl.float32), axis=1),
+                    axis=0)
+    return tile_first, tile_second, share
+
+
+@triton.jit
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dbc_ptr, dg_ptr, ov_ptr,
@@ -756,12 +835,13 @@ def _chunk_bwd_dqk_kernel(
     kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk.
     M is summed by rows and by columns of one matrix, so its diagonal cancels exactly; q.dq - k.dk
     would leave bf16 rounding of the large diagonal terms in dt's gradient.
-    PARITY 0 / 1 (states every two chunks): chunks 2 i + PARITY. DERIVE (FOR_C on odd chunks, the B side on
-    even ones): the chunk's S (resp. G) is not stored; each p-tile of it is stepped from the stored one through
-    the chunk before (after) it with one p x n x T product, and this program also stores the chunk's
+    PARITY 0 / 1 (states every two chunks): chunks 2 i + PARITY; PARITY 2: all chunks. A chunk that steps (FOR_C:
+    odd chunks, the B side: even ones; DERIVE 1: every program of this launch, 2: decided per program by its
+    chunk's parity) has no stored S (resp. G): each p-tile of it is stepped from the stored one through the chunk
+    before (after) it with one p x n x T product (`_step_tile`), and the program also stores the chunk's
     exp(g_last) <G, S> (which the state kernel gives per stored state only) at ov_ptr (b, h, chunk)."""
     c = tl.program_id(0)
-    if PARITY >= 0:
+    if (PARITY >= 0) & (PARITY <= 1):
         c = 2 * c + PARITY
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
@@ -811,39 +891,38 @@ def _chunk_bwd_dqk_kernel(
         state_base = _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    if DERIVE:
+    if DERIVE > 0:
         # the side chunk: the one before (FOR_C: S entering c = stored S stepped through it, x and weighted
         # k~ of it) or after (else: G leaving c = stored G stepped back through it, dy weighted and q~ of it)
-        seq_row = bi.to(tl.int64) * LPAD
         if FOR_C:
             side_start = chunk_start - T
-            side_weight, side_decay = _chunk_step_weights(g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, side_start,
-                                                          offs_t, T, HAS_SEQ)
-            side_ptr = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + side_start * sb_l
-            side_sl = sb_l
-            side_sn = sb_n
             partner_ptr = dstates_ptr
         else:
             side_start = chunk_start + T
-            side_weight, side_decay = _chunk_back_weights(g_ptr, gdt_row, seq_ptr, seq_row, side_start, offs_t, T,
-                                                          HAS_SEQ)
-            side_ptr = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + side_start * scc_l
-            side_sl = scc_l
-            side_sn = scc_n
             partner_ptr = states_ptr
         side_l = side_start + offs_t
         side_mask_t = side_l < L
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + (side_start - chunk_start) * sc_l,
-                                                  sin_base + (side_start - chunk_start) * sc_l, sc_l, sc_n, offs_t,
-                                                  offs_nh, side_mask_t, mask_nh, NH, ROPE_IN)
-        side_first, side_second = _load_rotated(side_ptr, side_sl, side_sn, cos1, cos2, sin1, sin2, offs_t, offs_nh,
-                                                side_mask_t, mask_nh, NH, ROPE_IN)
-        if FOR_C:   # the dt x B~ weights ride on B~, as in `_state_fwd_kernel`
-            side_first = side_first * side_weight[:, None]
-            side_second = side_second * side_weight[:, None]
-        side_first = _op(side_first, DOT_DTYPE, ROUND_BF16)
-        side_second = _op(side_second, DOT_DTYPE, ROUND_BF16)
-        overlap = 0.0
+        if DERIVE == 1:
+            side_weight, side_decay, side_first, side_second = _side_operands(
+                b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
+                side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
+                scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T, HAS_SEQ, FOR_C, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+            overlap = 0.0
+        else:   # one launch over all chunks: this program steps only if its chunk is the pair's odd (even) one
+            if FOR_C:
+                steps = (c % 2) == 1
+            else:
+                steps = (c % 2) == 0
+            side_weight = g * 0.0
+            side_decay = g_last * 0.0
+            side_first = tl.zeros((T, BLOCK_NH), dtype=DOT_DTYPE)
+            side_second = tl.zeros((T, BLOCK_NH), dtype=DOT_DTYPE)
+            if steps:
+                side_weight, side_decay, side_first, side_second = _side_operands(
+                    b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
+                    side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
+                    scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T, HAS_SEQ, FOR_C, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+            overlap = tl.sum(g * 0.0, axis=0)
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
@@ -856,26 +935,23 @@ def _chunk_bwd_dqk_kernel(
         dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
         pn_ptrs = state_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
         mask_pn = mask_p[:, None] & mask_nh[None, :]
-        if DERIVE:
+        if DERIVE > 0:
             tile_first = tl.load(pn_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
             tile_second = tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0).to(tl.float32)
-            side_tp = side_mask_t[:, None] & mask_p[None, :]
-            if FOR_C:
-                side = _op(tl.load(x_base + side_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=side_tp, other=0.0),
-                           DOT_DTYPE, ROUND_BF16)
+            if DERIVE == 1:
+                tile_first, tile_second, share = _step_tile(
+                    tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_ptr + state_base,
+                    side_l, side_mask_t, offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay, side_first,
+                    side_second, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+                overlap += share
             else:
-                side = tl.load(dy_base + side_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=side_tp, other=0.0)
-                side = _op(side.to(tl.float32) * side_weight[:, None], DOT_DTYPE, ROUND_BF16)
-            side_t = tl.trans(side)
-            # one half at a time: the stepped tile, its share of <G, S> with the stored partner, the operand
-            partner = partner_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
-            tile_first = tile_first * side_decay + tl.dot(side_t, side_first, input_precision=DOT_PREC)
-            overlap += tl.sum(tl.sum(tile_first * tl.load(partner, mask=mask_pn, other=0.0).to(tl.float32), axis=1),
-                              axis=0)
+                if steps:
+                    tile_first, tile_second, share = _step_tile(
+                        tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_ptr + state_base,
+                        side_l, side_mask_t, offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay,
+                        side_first, side_second, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+                    overlap += share
             tile_first = _op(tile_first, DOT_DTYPE, ROUND_BF16)
-            tile_second = tile_second * side_decay + tl.dot(side_t, side_second, input_precision=DOT_PREC)
-            overlap += tl.sum(tl.sum(tile_second * tl.load(partner + NH, mask=mask_pn, other=0.0).to(tl.float32),
-                                     axis=1), axis=0)
             tile_second = _op(tile_second, DOT_DTYPE, ROUND_BF16)
         else:
             tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
@@ -936,8 +1012,13 @@ def _chunk_bwd_dqk_kernel(
                          cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
                          mask_nh, NH, ROPE, False)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
-    if DERIVE:   # d loss / d g_last through the decay of the carried state: exp(g_last) <G, S>
+    # d loss / d g_last through the decay of the carried state: exp(g_last) <G, S>, by the program that stepped
+    if DERIVE == 1:
         tl.store(ov_ptr + (bi * H + hi).to(tl.int64) * NCHUNK + c, overlap * tl.where(crosses, tl.exp(g_last), 0.0))
+    elif DERIVE == 2:
+        if steps:
+            tl.store(ov_ptr + (bi * H + hi).to(tl.int64) * NCHUNK + c,
+                     overlap * tl.where(crosses, tl.exp(g_last), 0.0))
 
 
 @triton.jit
@@ -1116,9 +1197,18 @@ def _pair_cumsum(g, T):
     return pairs.view_as(g)
 
 
-def _parities(stride):
-    """The launches of a chunk kernel: one over all chunks (PARITY -1), or the even then the odd chunks."""
-    return (-1,) if stride == 1 else (0, 1)
+def _parities(stride, config):
+    """The launches of a chunk kernel: (PARITY, chunks it covers). A state per chunk: one launch over all chunks
+    (PARITY -1). States every two chunks: "state_stride_launch" "one" (default), one launch over all chunks whose
+    programs step or not by their chunk's parity at run time (PARITY 2; a pair's two programs run side by side,
+    so the second read of the pair's state and of the stepped chunk's inputs can come from L2), or "split", the
+    even then the odd chunks (PARITY 0, 1; each launch compiled for its own work, no branch)."""
+    if stride == 1:
+        return ((-1, 1),)
+    launch = config.get("state_stride_launch", "one")
+    if launch not in ("one", "split"):
+        raise ValueError(f"ssd_fused: state_stride_launch must be 'one' or 'split', got {launch!r}")
+    return ((2, 1),) if launch == "one" else ((0, 2), (1, 2))
 
 
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
@@ -1165,12 +1255,12 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
     cpp = fwd["fwd_chunks_per_program"]
-    grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks // stride, cpp), batch * heads)
     rotated_B = torch.empty_like(B) if save_rotated else None
     rotated_C = torch.empty_like(C) if save_rotated else None
-    for parity in _parities(stride):
+    for parity, every in _parities(stride, config):
         # PARITY only where it is used, so the default launch is specialised exactly as before it existed
         extra = {} if parity < 0 else {"PARITY": parity}
+        grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks // every, cpp), batch * heads)
         _chunk_fwd_kernel[grid](
             x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
             rotated_B if save_rotated else y, rotated_C if save_rotated else y,
@@ -1226,9 +1316,9 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
     cpp = config.get("bwd_chunks_per_program", 1)
-    for parity in _parities(stride):
+    for parity, every in _parities(stride, config):
         extra = {} if parity < 0 else {"PARITY": parity}
-        _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks // stride, cpp), batch * heads)](
+        _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks // every, cpp), batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
             dx, ddt_partial, dD_partial if D is not None else dt,
             batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
@@ -1266,13 +1356,15 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         # stride 2: each chunk's exp(g_last) <G, S>, from the launch that steps its S (odd) or G (even)
         chunk_overlap = torch.empty(batch, heads, n_chunks, device=x.device, dtype=torch.float32) if stride == 2 else dg
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            for parity in _parities(stride):
-                extra = {} if parity < 0 else {"PARITY": parity, "DERIVE": parity == (1 if for_c else 0)}
+            for parity, every in _parities(stride, config):
+                # DERIVE: 0 no step, 1 every program steps (split launches), 2 by the chunk's parity at run time
+                derive = 2 if parity == 2 else int(parity == (1 if for_c else 0))
+                extra = {} if parity < 0 else {"PARITY": parity, "DERIVE": derive}
                 # the launches that step S or G: "dqk_step_block_p" (p-tile width) where set
                 tile_p = block_p
-                if extra.get("DERIVE") and config.get("dqk_step_block_p"):
+                if derive and parity >= 0 and config.get("dqk_step_block_p"):
                     tile_p = min(config["dqk_step_block_p"], _next_pow2(head_dim))
-                _chunk_bwd_dqk_kernel[(n_chunks // stride, batch * heads)](
+                _chunk_bwd_dqk_kernel[(n_chunks // every, batch * heads)](
                     x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
                     chunk_overlap, *shape_args, BLOCK_P=tile_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
                     num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],

@@ -71,6 +71,10 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2,                              # groups < heads
      {"state_stride_chunks": 2, "dqk_step_block_p": 32, "bwd_chunks_per_program": 1, "bwd_stages": 1,
       "fwd_chunks_per_program": 3}),
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,                           # even and odd
+     {"state_stride_chunks": 2, "state_stride_launch": "split", "dqk_step_block_p": 32}),         # chunks apart
+    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2,
+     {"state_stride_chunks": 2, "state_stride_launch": "split", "fwd_chunks_per_program": 3}),
     (1, 16384, 2, 64, 128, torch.bfloat16, True, True, True, True, 2, {"state_stride_chunks": 2}),  # L = 16k
 ]
 
