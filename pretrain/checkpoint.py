@@ -97,10 +97,10 @@ def resume_problem(path: Path, meta: dict, layout: dict, model: dict | None = No
     if layout["pipeline_parallel"] != saved.get("pipeline_parallel", 1):
         return (f"{path} was saved with pipeline_parallel={saved.get('pipeline_parallel')}, this run has "
                 f"{layout['pipeline_parallel']}: pipeline stages cannot be resharded")
-    if meta.get("universal"):
-        if layout["pipeline_parallel"] != 1 or layout["zero_stage"] not in (1, 2):
-            return (f"{path} is a universal checkpoint, which loads into ZeRO-1/2 without pipeline parallelism; "
-                    f"this run has zero_stage={layout['zero_stage']}, pipeline_parallel={layout['pipeline_parallel']}")
+    if meta.get("universal"):  # written from a pipeline_parallel=1 run, so the check above covers pipelines
+        if layout["zero_stage"] not in (1, 2):
+            return (f"{path} is a universal checkpoint, which loads into ZeRO-1/2; "
+                    f"this run has zero_stage={layout['zero_stage']}")
         return None
     hint = RESHARD_HINT.format(path=path, tag=path.name)
     if saved.get("zero_stage") != layout["zero_stage"]:
@@ -132,6 +132,21 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict:
     return {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             constants.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
             constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel}
+
+
+def publish(temporary: Path, final: Path, meta: dict) -> None:
+    """Complete a checkpoint written into `temporary`: fsync its files, write meta.json (`meta` plus the save
+    time and every file's size), rename it to `final` and point `latest` at it. `final` must not exist."""
+    files = {}
+    for file in sorted(temporary.rglob("*")):
+        if file.is_file():
+            _fsync_path(file)
+            files[str(file.relative_to(temporary))] = file.stat().st_size
+    meta = {**meta, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    _write_atomically(temporary / META_FILE, json.dumps(meta, indent=1))
+    os.replace(temporary, final)
+    _fsync_path(final.parent)
+    _write_atomically(final.parent / "latest", final.name)
 
 
 def rng_state() -> dict:
@@ -224,20 +239,10 @@ class CheckpointManager:
             logger.warning("debug.pause_in_save_seconds: pausing %.1f s inside the save of %s",
                            self.pause_in_save_seconds, final.name)
             time.sleep(self.pause_in_save_seconds)
-        files = {}
-        for file in sorted(temporary.rglob("*")):
-            if file.is_file():
-                _fsync_path(file)
-                files[str(file.relative_to(temporary))] = file.stat().st_size
-        meta = {"step": step, "consumed_samples": client_state.get("consumed_samples"),
-                "layout": layout, "model": (client_state.get("config") or {}).get("model"),
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-        _write_atomically(temporary / META_FILE, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. at exit right after an interval save)
             shutil.rmtree(final)
-        os.replace(temporary, final)
-        _fsync_path(self.directory)
-        _write_atomically(self.directory / "latest", final.name)
+        publish(temporary, final, {"step": step, "consumed_samples": client_state.get("consumed_samples"),
+                                   "layout": layout, "model": (client_state.get("config") or {}).get("model")})
         self._prune()
 
     def _prune(self) -> None:

@@ -13,7 +13,6 @@ The output is written under `<name>.tmp` and renamed when complete, with the sam
 position, the layout it came from, every file's size) as the trainer's checkpoints; the source is only read.
 """
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import (META_FILE, CheckpointError, _write_atomically, checkpoint_problem, read_meta)
+from .checkpoint import CheckpointError, checkpoint_problem, publish, read_meta
 
 logger = logging.getLogger("pretrain.reshard")
 
@@ -95,14 +94,9 @@ def convert(source: Path, output_dir: Path, workers: int = 4) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    files = {str(file.relative_to(temporary)): file.stat().st_size
-             for file in sorted(temporary.rglob("*")) if file.is_file()}
-    universal_meta = {"step": meta.get("step"), "consumed_samples": meta.get("consumed_samples"),
-                      "layout": layout, "model": meta.get("model"), "universal": True, "converted_from": str(source.resolve()),
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-    _write_atomically(temporary / META_FILE, json.dumps(universal_meta, indent=1))
-    os.replace(temporary, final)
-    _write_atomically(output_dir / "latest", final.name)
+    publish(temporary, final, {"step": meta.get("step"), "consumed_samples": meta.get("consumed_samples"),
+                               "layout": layout, "model": meta.get("model"), "universal": True,
+                               "converted_from": str(source.resolve())})
     logger.info("wrote universal checkpoint %s (step %s, from layout %s) in %.1f s", final, meta.get("step"),
                 layout, time.perf_counter() - started)
     return final
