@@ -19,7 +19,7 @@ class ScheduledGarbageCollection:
         if interval < 0:
             raise ValueError(f"garbage collection interval {interval} must be >= 0")
         self.interval = interval
-        self._was_enabled = gc.isenabled()
+        self._was_enabled = True  # read on entry
 
     def __enter__(self):
         if self.interval:
