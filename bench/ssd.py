@@ -61,8 +61,8 @@ SWEEP_V4_CALL1 = [
                       dqk_stages=1)),
     ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-# call 2 of v4: around v4's defaults (v4-h's two-launch 4-warp dB/dC became the default in v4b)
-SWEEP_V4_CALL2 = [
+# call 2: around v4's defaults (the first entry is the reference of the "diff" column)
+SWEEP = [
     ("v4", 64, {}),
     ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
                   "bwd_chunks_per_program": 8, "dqk_stages": 3}),
@@ -70,24 +70,6 @@ SWEEP_V4_CALL2 = [
                   "fwd_save_block_p": 64, "fwd_save_warps": 4, "state_block_p": 32, "state_stages": 3}),
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
-]
-# v5 candidate (not measured yet): states stored every two kernel chunks (128 tokens), the chunk kernels stepping
-# the stored state / gradient through the pair's other chunk (bench/ssd_notes.md, v5). The first entry (the
-# v4b defaults) is the reference of the "diff" column. "one": one launch per chunk kernel, programs branch on
-# their chunk's parity (a pair's programs run side by side: the pair's state and the stepped chunk's inputs
-# are read twice, the second time likely from L2); "split": even and odd chunks in two launches, each compiled
-# for its own work. Offline compile (--compile-report; registers / stack per thread): with the defaults' tiles
-# the stepping dB/dC launches spill 270-430 B, at 32-wide p-tiles ("dqk_step_block_p") 0-16 B; the dx kernel's
-# 4-chunk loop spills 40-130 B with stepping, none without the loop.
-STRIDE2 = {"state_stride_chunks": 2}
-SWEEP = [
-    ("v4b", 64, {}),
-    ("v5-one", 64, STRIDE2),
-    ("v5-one-step32", 64, dict(STRIDE2, dqk_step_block_p=32)),
-    ("v5-one-step32-dx1", 64, dict(STRIDE2, dqk_step_block_p=32, bwd_chunks_per_program=1, bwd_stages=1)),
-    ("v5-split-step32", 64, dict(STRIDE2, state_stride_launch="split", dqk_step_block_p=32)),
-    # the 128-token state steps hold 152 / 253 registers (mamba / cheems) at n 32-wide, 121 / 145 at 16-wide
-    ("v5-one-step32-nh16", 64, dict(STRIDE2, dqk_step_block_p=32, state_block_nh=16)),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
@@ -287,8 +269,7 @@ def _close(a, b):
 
 def _knob_values(config, knob):
     """Every setting of one kernel group in a config, unset ones at their launcher defaults."""
-    values = {key: value for key, value in config.items()
-              if key.startswith(knob + "_") and "nograd" not in key and key != "state_stride_chunks"}
+    values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
     if knob == "dqk":  # the two-launch backward and its group sum come with its tiles
         values.update(dqk_merged=config.get("dqk_merged"), group_reduce=config.get("group_reduce"))
     values.setdefault(knob + "_maxnreg", None)
@@ -340,29 +321,22 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
 
     # the combination: per kernel group, the variant whose kernels of that group were fastest
     combined, picks = {}, {}
-    # the per-kernel combination compares like with like: variants with the reference's state stride only (with
-    # states every two chunks the chunk kernels do more and the state kernels less; those variants compete
-    # as wholes, by their fwd+bwd time)
-    stride = SWEEP[0][2].get("state_stride_chunks", ssd_kernels.CONFIG.get("state_stride_chunks", 1))
-    comparable = {name: table for name, table in profiles.items()
-                  if configs[name][1].get("state_stride_chunks", 1) == stride}
     for knob, kernels in KNOBS.items():
-        best = min(comparable, key=lambda name: kernel_ms(comparable[name], kernels))
+        best = min(profiles, key=lambda name: kernel_ms(profiles[name], kernels))
         picks[knob] = (best, round(kernel_ms(profiles[best], kernels), 4))
         combined.update(_knob_values(configs[best][1], knob))
     # no-grad forward: the fastest _chunk_fwd among the variants (state kernels as chosen above)
-    best_fwd = min(comparable, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
+    best_fwd = min(fwd_profiles, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
     picks["fwd_nograd"] = (best_fwd, round(kernel_ms(fwd_profiles[best_fwd], ("_chunk_fwd_kernel",)), 4))
     combined.update({key.replace("fwd_", "fwd_nograd_", 1): value
                      for key, value in _knob_values(configs[best_fwd][1], "fwd").items() if "save" not in key})
     combined_config = dict(ssd_kernels.CONFIG, **combined)
-    if len(comparable) > 1:   # (one comparable variant: the combination is that variant again)
-        outputs = measure("v4-combined", 64, combined_config)
-        if outputs is not None:
-            errors["v4-combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
+    outputs = measure("v4-combined", 64, combined_config)
+    if outputs is not None:
+        errors["v4-combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
 
     print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
-          f"rel. diff vs the first variant of y, dx, dB, dC, d dt_raw):")
+          f"rel. diff vs v3 of y, dx, dB, dC, d dt_raw):")
     short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
              "_chunk_bwd_dbc_kernel")
     for name in results:
@@ -412,9 +386,6 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
 
     def compile_launch(fn, args, kwargs):
         values = dict(zip(fn.arg_names, args), **kwargs)
-        for param in fn.params:   # constexpr defaults (PARITY, DERIVE) where a launch leaves them out
-            if param.name not in values and param.has_default:
-                values[param.name] = param.default
         options = {"num_warps": values.pop("num_warps", 4), "num_stages": values.pop("num_stages", 3)}
         if values.get("maxnreg") is not None:
             options["maxnreg"] = values["maxnreg"]
@@ -441,10 +412,7 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True,
                                    text=True).stdout
             sass = subprocess.run([cuobjdump, "--dump-sass", handle.name], capture_output=True, text=True).stdout
-        name = fn.__name__ + "".join(f" {key}={values[key]}" for key in ("PARITY", "FOR_C", "DERIVE")
-                                     if key in values and values[key] not in (-1, None)
-                                     and not (key == "DERIVE" and not values[key]))
-        rows.append((name, options, int(re.search(r"REG:(\d+)", usage).group(1)),
+        rows.append((fn.__name__, options, int(re.search(r"REG:(\d+)", usage).group(1)),
                      int(re.search(r"STACK:(\d+)", usage).group(1)), compiled.metadata.shared, sass.count("HGMMA")))
 
     class Intercepted:
@@ -480,7 +448,7 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
                                   kernel_chunk, config, rotated_B, rotated_C)
             for name, options, registers, stack, shared, hgmma in rows:
-                print(f"{problem_name:7s} {name:50s} warps {options['num_warps']} stages {options['num_stages']} "
+                print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "
                       f"shared {shared:6d} B hgmma {hgmma}")
     finally:

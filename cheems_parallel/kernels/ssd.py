@@ -20,9 +20,6 @@ chunk length, so the `chunk_size` argument only matters to the reference):
                      both (b, h, l padded to T) float32; torch autograd differentiates this part.
   _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
                      chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
-                     (Option "state_stride_chunks" 2: the state kernels step over pairs of chunks and store a
-                     state per pair; each chunk kernel steps the stored state / gradient through the pair's
-                     other chunk itself when its chunk needs it: `_state_after_chunk_t`, `_grad_before_chunk_t`.)
   _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
                      when gradients are wanted ("save_rotated") it also stores B~, C~ for the backward.
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
@@ -62,12 +59,7 @@ KERNEL_CHUNK = 64
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
 # heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
-# input's type, as apply_rope uses them); state_stride_chunks: kernel chunks per stored state, 1 (a state every
-# T = 64 tokens) or 2 (v5 candidate, not the default, not yet measured: every 128 tokens, the state kernels stepping
-# 128 tokens at a time; the chunk kernels keep T and step the stored state / gradient through the pair's other
-# chunk themselves, one p x n x T product; two-launch dB/dC only; bench/ssd_notes.md v5), with
-# state_stride_launch "one" (default: one launch per chunk kernel, branching on the chunk's parity) or "split"
-# (even and odd chunks launched apart) and dqk_step_block_p (p-tile width of the dB/dC launches that step).
+# input's type, as apply_rope uses them).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -75,7 +67,6 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "atomic", "rope_tables_fp32": False,
-    "state_stride_chunks": 1,
 }
 
 
@@ -196,94 +187,6 @@ def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ
     return same_doc, sees_carried, reaches_end, crosses
 
 
-# ---- states every two chunks ("state_stride_chunks": 2; PARITY 0 / 1: the even / odd chunks, 2: all) -------
-@triton.jit
-def _state_row(bi, c, H, hi, NCHUNK, PARITY: tl.constexpr):
-    """(batch, slot, head) row of states / dstates for chunk c: slot c (PARITY < 0, a state per chunk), or slot
-    c // 2 of the NCHUNK // 2 + 1 slots when they are stored every two chunks (the pair's entering state in
-    states, its leaving gradient in dstates)."""
-    if PARITY < 0:
-        return ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64)
-    else:
-        return ((bi * (NCHUNK // 2 + 1) + c // 2) * H + hi).to(tl.int64)
-
-
-@triton.jit
-def _chunk_step_weights(g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, T: tl.constexpr,
-                        HAS_SEQ: tl.constexpr):
-    """What one step of `_state_fwd_kernel` over the chunk at `start` needs: the weight of each token's
-    dt x B~ in the state leaving the chunk, and the decay of the state entering it."""
-    offs_l = start + offs_t
-    g = tl.load(g_ptr + gdt_row + offs_l)
-    dt = tl.load(dt_ptr + gdt_row + offs_l)
-    g_last = tl.load(g_ptr + gdt_row + start + T - 1)
-    _, _, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, start, offs_t, T, HAS_SEQ)
-    weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)
-    decay = tl.where(crosses, tl.exp(g_last), 0.0)
-    return weight, decay
-
-
-@triton.jit
-def _chunk_back_weights(g_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, T: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """What one step of `_state_bwd_kernel` over the chunk at `start` needs: the weight of each token's
-    dy^T C~ in the gradient of the state entering the chunk, and the decay of the gradient leaving it."""
-    offs_l = start + offs_t
-    g = tl.load(g_ptr + gdt_row + offs_l)
-    g_last = tl.load(g_ptr + gdt_row + start + T - 1)
-    _, sees_carried, _, crosses = _chunk_masks(seq_ptr, seq_row, start, offs_t, T, HAS_SEQ)
-    into = tl.where(sees_carried, tl.exp(g), 0.0)
-    decay = tl.where(crosses, tl.exp(g_last), 0.0)
-    return into, decay
-
-
-@triton.jit
-def _state_after_chunk_t(first_t, second_t, x_base, sx_l, sx_p, b_base, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n,
-                         g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, offs_p, mask_p, offs_nh, mask_nh,
-                         L, NH, T: tl.constexpr, ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """The state leaving the chunk at `start` from the state entering it (float32 halves of its transposed
-    (n, p) tile), exactly as `_state_fwd_kernel` steps: one p x n x T product. *_base point at token 0 of
-    the head (x), the group (B) and the batch row (cos, sin)."""
-    weight, decay = _chunk_step_weights(g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, T, HAS_SEQ)
-    offs_l = start + offs_t
-    mask_t = offs_l < L
-    x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                    mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + start * sc_l, sin_base + start * sc_l, sc_l, sc_n,
-                                              offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    b_first, b_second = _load_rotated(b_base + start * sb_l, sb_l, sb_n, cos1, cos2, sin1, sin2,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    b_first = _op(b_first * weight[:, None], DOT_DTYPE, ROUND_BF16)
-    b_second = _op(b_second * weight[:, None], DOT_DTYPE, ROUND_BF16)
-    first_t = first_t * decay + tl.dot(tl.trans(b_first), x, input_precision=DOT_PREC)
-    second_t = second_t * decay + tl.dot(tl.trans(b_second), x, input_precision=DOT_PREC)
-    return first_t, second_t
-
-
-@triton.jit
-def _grad_before_chunk_t(first_t, second_t, dy_base, sd_l, sd_p, c_base, scc_l, scc_n, cos_base, sin_base, sc_l,
-                         sc_n, g_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, offs_p, mask_p, offs_nh, mask_nh,
-                         L, NH, T: tl.constexpr, ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
-                         DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """d loss / d(state entering the chunk at `start`) from d loss / d(state leaving it) (float32 halves of
-    the transposed (n, p) tile), exactly as `_state_bwd_kernel` steps: one p x n x T product."""
-    into, decay = _chunk_back_weights(g_ptr, gdt_row, seq_ptr, seq_row, start, offs_t, T, HAS_SEQ)
-    offs_l = start + offs_t
-    mask_t = offs_l < L
-    dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                 mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-    dy_into = _op(dy * into[:, None], DOT_DTYPE, ROUND_BF16)
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + start * sc_l, sin_base + start * sc_l, sc_l, sc_n,
-                                              offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first, c_second = _load_rotated(c_base + start * scc_l, scc_l, scc_n, cos1, cos2, sin1, sin2,
-                                      offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    first_t = first_t * decay + tl.dot(tl.trans(_op(c_first, DOT_DTYPE, ROUND_BF16)), dy_into,
-                                       input_precision=DOT_PREC)
-    second_t = second_t * decay + tl.dot(tl.trans(_op(c_second, DOT_DTYPE, ROUND_BF16)), dy_into,
-                                         input_precision=DOT_PREC)
-    return first_t, second_t
-
-
 # --------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------
@@ -378,14 +281,11 @@ def _chunk_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr, PARITY: tl.constexpr = -1,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr,
 ):
     """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
     the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
-    which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3).
-    PARITY 0 / 1 (states stored every two chunks): this launch does the even / odd chunks 2 i + PARITY; an odd
-    chunk steps the stored state through the chunk before it (`_state_after_chunk_t`). PARITY 2: all chunks in
-    one launch, the odd ones stepping (a branch at run time)."""
+    which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -397,30 +297,19 @@ def _chunk_fwd_kernel(
     # CPP consecutive chunks per program: the loop lets the compiler prefetch the next chunk's tiles (it also
     # keeps loop-invariant offsets live: more registers); CPP = 1: one chunk, no loop
     if CPP == 1:
-        if (PARITY >= 0) & (PARITY <= 1):
-            pid_c = 2 * pid_c + PARITY
         _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                        rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
-                       T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
-                       PARITY)
-    elif (PARITY < 0) | (PARITY == 2):
+                       T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED)
+    else:
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                            rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                            sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                            sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
                            T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                           SAVE_ROTATED, PARITY)
-    else:
-        for i in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK // 2)):
-            _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-                           rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
-                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-                           sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, 2 * i + PARITY, bi, hi, gi, N, offs_t,
-                           T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                           SAVE_ROTATED, PARITY)
+                           SAVE_ROTATED)
 
 
 @triton.jit
@@ -431,7 +320,7 @@ def _chunk_fwd_one(
     sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, PARITY: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr,
 ):
     """`_chunk_fwd_kernel`'s work on chunk c."""
     chunk_start = c * T
@@ -446,32 +335,6 @@ def _chunk_fwd_one(
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
-    if PARITY >= 1:
-        # states every two chunks: the state entering the chunk pair, which an odd chunk steps through the chunk
-        # before it; first, so that the step's tiles are dead before this chunk's are loaded (PARITY 2: one launch
-        # over all chunks, the step taken by the odd ones)
-        state_ptrs = (states_ptr + _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
-                      + offs_p[None, :] * N + offs_nh[:, None])
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        state_first_t = tl.load(state_ptrs, mask=mask_np, other=0.0).to(tl.float32)
-        state_second_t = tl.load(state_ptrs + NH, mask=mask_np, other=0.0).to(tl.float32)
-        if PARITY == 1:
-            state_first_t, state_second_t = _state_after_chunk_t(
-                state_first_t, state_second_t, x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h, sx_l, sx_p,
-                b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h, sb_l, sb_n, cos_ptr + bi.to(tl.int64) * sc_b,
-                sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, dt_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
-                chunk_start - T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
-                DOT_DTYPE, ROUND_BF16)
-        else:
-            if c % 2 == 1:
-                state_first_t, state_second_t = _state_after_chunk_t(
-                    state_first_t, state_second_t, x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h, sx_l, sx_p,
-                    b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h, sb_l, sb_n, cos_ptr + bi.to(tl.int64) * sc_b,
-                    sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, dt_ptr, gdt_row, seq_ptr,
-                    bi.to(tl.int64) * LPAD, chunk_start - T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE,
-                    HAS_SEQ, DOT_PREC, DOT_DTYPE, ROUND_BF16)
-        state_first_t = _op(state_first_t, DOT_DTYPE, ROUND_BF16)
-        state_second_t = _op(state_second_t, DOT_DTYPE, ROUND_BF16)
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
@@ -503,18 +366,11 @@ def _chunk_fwd_one(
     xf = x.to(tl.float32)
     y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
 
-    if PARITY < 0:
-        state_ptrs = (states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                      + offs_p[None, :] * N + offs_nh[:, None])        # (n, p) view: transposed state
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        state_first_t = _op(tl.load(state_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        state_second_t = _op(tl.load(state_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-    elif PARITY == 0:   # an even chunk enters with the stored state of its pair
-        state_ptrs = (states_ptr + _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
-                      + offs_p[None, :] * N + offs_nh[:, None])
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        state_first_t = _op(tl.load(state_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        state_second_t = _op(tl.load(state_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    state_ptrs = (states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                  + offs_p[None, :] * N + offs_nh[:, None])        # (n, p) view: transposed state
+    mask_np = mask_nh[:, None] & mask_p[None, :]
+    state_first_t = _op(tl.load(state_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    state_second_t = _op(tl.load(state_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
     carried = tl.dot(c_first, state_first_t, input_precision=DOT_PREC)
     carried += tl.dot(c_second, state_second_t, input_precision=DOT_PREC)
     into = tl.where(sees_carried, tl.exp(g), 0.0)
@@ -617,15 +473,12 @@ def _chunk_bwd_dx_kernel(
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr, PARITY: tl.constexpr = -1,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr,
 ):
     """dx (and the p-block's share of d(dt) and dD) for one chunk, one head, one block of p.
 
     With v = dt x, q = C~, k = B~, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state
-    leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T.
-    PARITY 0 / 1 (states every two chunks): chunks 2 i + PARITY; an even chunk steps the stored gradient
-    (leaving the pair) back through the chunk after it (`_grad_before_chunk_t`). PARITY 2: all chunks in one
-    launch, the even ones stepping (a branch at run time)."""
+    leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -635,27 +488,18 @@ def _chunk_bwd_dx_kernel(
     offs_t = tl.arange(0, T)
     # CPP consecutive chunks per program, as in `_chunk_fwd_kernel`
     if CPP == 1:
-        if (PARITY >= 0) & (PARITY <= 1):
-            pid_c = 2 * pid_c + PARITY
         _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
                           dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                           sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
-                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, PARITY)
-    elif (PARITY < 0) | (PARITY == 2):
+                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+    else:
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
                               dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                               sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                               sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
-                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, PARITY)
-    else:
-        for i in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK // 2)):
-            _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
-                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
-                              sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-                              sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, 2 * i + PARITY, bi, hi, gi, offs_t,
-                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, PARITY)
+                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
@@ -666,7 +510,7 @@ def _chunk_bwd_dx_one(
     sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, PARITY: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """`_chunk_bwd_dx_kernel`'s work on chunk c."""
     N = 2 * NH
@@ -684,31 +528,6 @@ def _chunk_bwd_dx_one(
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
     same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
     weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
-    if PARITY >= 0:
-        # states every two chunks: the gradient leaving the chunk pair, which an even chunk steps back through
-        # the chunk after it; first, so that the step's tiles are dead before this chunk's are loaded
-        grad_ptrs = (dstates_ptr + _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
-                     + offs_p[None, :] * N + offs_nh[:, None])
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        grad_first_t = tl.load(grad_ptrs, mask=mask_np, other=0.0).to(tl.float32)
-        grad_second_t = tl.load(grad_ptrs + NH, mask=mask_np, other=0.0).to(tl.float32)
-        if PARITY == 0:
-            grad_first_t, grad_second_t = _grad_before_chunk_t(
-                grad_first_t, grad_second_t, dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h, sd_l, sd_p,
-                c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h, scc_l, scc_n, cos_ptr + bi.to(tl.int64) * sc_b,
-                sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
-                chunk_start + T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
-                DOT_DTYPE, ROUND_BF16)
-        elif PARITY == 2:   # one launch over all chunks: the even ones step
-            if c % 2 == 0:
-                grad_first_t, grad_second_t = _grad_before_chunk_t(
-                    grad_first_t, grad_second_t, dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h, sd_l, sd_p,
-                    c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h, scc_l, scc_n, cos_ptr + bi.to(tl.int64) * sc_b,
-                    sin_ptr + bi.to(tl.int64) * sc_b, sc_l, sc_n, g_ptr, gdt_row, seq_ptr, bi.to(tl.int64) * LPAD,
-                    chunk_start + T, offs_t, offs_p, mask_p, offs_nh, mask_nh, L, NH, T, ROPE, HAS_SEQ, DOT_PREC,
-                    DOT_DTYPE, ROUND_BF16)
-        grad_first_t = _op(grad_first_t, DOT_DTYPE, ROUND_BF16)
-        grad_second_t = _op(grad_second_t, DOT_DTYPE, ROUND_BF16)
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
@@ -732,12 +551,11 @@ def _chunk_bwd_dx_one(
     x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=mask_tp, other=0.0).to(tl.float32)
     # G^T tile (n, p) of the state leaving chunk c, both halves
-    if PARITY < 0:
-        grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                     + offs_p[None, :] * N + offs_nh[:, None])
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                 + offs_p[None, :] * N + offs_nh[:, None])
+    mask_np = mask_nh[:, None] & mask_p[None, :]
+    grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
 
     dv = tl.dot(scores_t, _op(dy, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
     dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
@@ -756,64 +574,9 @@ def _chunk_bwd_dx_one(
 
 
 @triton.jit
-def _side_operands(b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
-                   side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
-                   scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   FOR_C: tl.constexpr, ROPE_IN: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """`_chunk_bwd_dqk_kernel`'s side chunk (before it for FOR_C, after it else): its weights, the decay across
-    it and its B~ (weighted by dt exp(g_last - g), as `_state_fwd_kernel` does) or C~ operand halves."""
-    seq_row = bi.to(tl.int64) * LPAD
-    if FOR_C:
-        side_weight, side_decay = _chunk_step_weights(g_ptr, dt_ptr, gdt_row, seq_ptr, seq_row, side_start, offs_t,
-                                                      T, HAS_SEQ)
-        side_ptr = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + side_start * sb_l
-        side_sl = sb_l
-        side_sn = sb_n
-    else:
-        side_weight, side_decay = _chunk_back_weights(g_ptr, gdt_row, seq_ptr, seq_row, side_start, offs_t, T,
-                                                      HAS_SEQ)
-        side_ptr = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + side_start * scc_l
-        side_sl = scc_l
-        side_sn = scc_n
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + (side_start - chunk_start) * sc_l,
-                                              sin_base + (side_start - chunk_start) * sc_l, sc_l, sc_n, offs_t,
-                                              offs_nh, side_mask_t, mask_nh, NH, ROPE_IN)
-    side_first, side_second = _load_rotated(side_ptr, side_sl, side_sn, cos1, cos2, sin1, sin2, offs_t, offs_nh,
-                                            side_mask_t, mask_nh, NH, ROPE_IN)
-    if FOR_C:   # the dt x B~ weights ride on B~, as in `_state_fwd_kernel`
-        side_first = side_first * side_weight[:, None]
-        side_second = side_second * side_weight[:, None]
-    return side_weight, side_decay, _op(side_first, DOT_DTYPE, ROUND_BF16), _op(side_second, DOT_DTYPE, ROUND_BF16)
-
-
-@triton.jit
-def _step_tile(tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_base, side_l, side_mask_t,
-               offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay, side_first, side_second,
-               FOR_C: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """One (p, n) tile of S (FOR_C) or G stepped through the side chunk (float32 halves), and its share of
-    <G, S> with the stored partner tile (G resp. S at partner_base)."""
-    side_tp = side_mask_t[:, None] & mask_p[None, :]
-    if FOR_C:
-        side = _op(tl.load(x_base + side_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=side_tp, other=0.0),
-                   DOT_DTYPE, ROUND_BF16)
-    else:
-        side = tl.load(dy_base + side_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=side_tp, other=0.0)
-        side = _op(side.to(tl.float32) * side_weight[:, None], DOT_DTYPE, ROUND_BF16)
-    side_t = tl.trans(side)
-    # one half at a time: the stepped tile and its share of <G, S> with the stored partner
-    partner = partner_base + offs_p[:, None] * N + offs_nh[None, :]
-    tile_first = tile_first * side_decay + tl.dot(side_t, side_first, input_precision=DOT_PREC)
-    share = tl.sum(tl.sum(tile_first * tl.load(partner, mask=mask_pn, other=0.0).to(tl.float32), axis=1), axis=0)
-    tile_second = tile_second * side_decay + tl.dot(side_t, side_second, input_precision=DOT_PREC)
-    share += tl.sum(tl.sum(tile_second * tl.load(partner + NH, mask=mask_pn, other=0.0).to(tl.float32), axis=1),
-                    axis=0)
-    return tile_first, tile_second, share
-
-
-@triton.jit
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr, ov_ptr,
+    dbc_ptr, dg_ptr,
     L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -823,8 +586,7 @@ def _chunk_bwd_dqk_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, PARITY: tl.constexpr = -1,
-    DERIVE: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
 ):
     """dC (FOR_C) or dB of one chunk of one head, and that side's share of dg (the gradient w.r.t. the
     within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u] (dy_t.v_u), e_t = exp(g_t), S = state
@@ -834,15 +596,8 @@ def _chunk_bwd_dqk_kernel(
     The chunk's last token also gets sum_u k_u.(w_u (x G)_u) dt_u here and exp(g_last) <G, S> from the state
     kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk.
     M is summed by rows and by columns of one matrix, so its diagonal cancels exactly; q.dq - k.dk
-    would leave bf16 rounding of the large diagonal terms in dt's gradient.
-    PARITY 0 / 1 (states every two chunks): chunks 2 i + PARITY; PARITY 2: all chunks. A chunk that steps (FOR_C:
-    odd chunks, the B side: even ones; DERIVE 1: every program of this launch, 2: decided per program by its
-    chunk's parity) has no stored S (resp. G): each p-tile of it is stepped from the stored one through the chunk
-    before (after) it with one p x n x T product (`_step_tile`), and the program also stores the chunk's
-    exp(g_last) <G, S> (which the state kernel gives per stored state only) at ov_ptr (b, h, chunk)."""
+    would leave bf16 rounding of the large diagonal terms in dt's gradient."""
     c = tl.program_id(0)
-    if (PARITY >= 0) & (PARITY <= 1):
-        c = 2 * c + PARITY
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
     hi = pid_bh % H
@@ -859,23 +614,22 @@ def _chunk_bwd_dqk_kernel(
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t,
-                                                                T, HAS_SEQ)
+    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
+                                                          HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    if PARITY < 0:
-        # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                                  ROPE_IN)
-        q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                          scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                          ROPE_IN)
-        k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                          sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN)
-        q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
-        q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
-        k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
-        k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
+    # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
+                                              ROPE_IN)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
+                                      ROPE_IN)
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN)
+    q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
+    q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
+    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
+    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
 
     dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
     acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
@@ -885,44 +639,9 @@ def _chunk_bwd_dqk_kernel(
         state_ptr = states_ptr
     else:
         state_ptr = dstates_ptr
-    if PARITY < 0:
-        state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-    else:
-        state_base = _state_row(bi, c, H, hi, NCHUNK, PARITY) * P * N
+    state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
     x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    if DERIVE > 0:
-        # the side chunk: the one before (FOR_C: S entering c = stored S stepped through it, x and weighted
-        # k~ of it) or after (else: G leaving c = stored G stepped back through it, dy weighted and q~ of it)
-        if FOR_C:
-            side_start = chunk_start - T
-            partner_ptr = dstates_ptr
-        else:
-            side_start = chunk_start + T
-            partner_ptr = states_ptr
-        side_l = side_start + offs_t
-        side_mask_t = side_l < L
-        if DERIVE == 1:
-            side_weight, side_decay, side_first, side_second = _side_operands(
-                b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
-                side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
-                scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T, HAS_SEQ, FOR_C, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-            overlap = 0.0
-        else:   # one launch over all chunks: this program steps only if its chunk is the pair's odd (even) one
-            if FOR_C:
-                steps = (c % 2) == 1
-            else:
-                steps = (c % 2) == 0
-            side_weight = g * 0.0
-            side_decay = g_last * 0.0
-            side_first = tl.zeros((T, BLOCK_NH), dtype=DOT_DTYPE)
-            side_second = tl.zeros((T, BLOCK_NH), dtype=DOT_DTYPE)
-            if steps:
-                side_weight, side_decay, side_first, side_second = _side_operands(
-                    b_ptr, c_ptr, cos_base, sin_base, g_ptr, dt_ptr, gdt_row, seq_ptr, bi, gi, LPAD, chunk_start,
-                    side_start, offs_t, offs_nh, side_mask_t, mask_nh, NH, sb_b, sb_l, sb_h, sb_n,
-                    scc_b, scc_l, scc_h, scc_n, sc_l, sc_n, T, HAS_SEQ, FOR_C, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-            overlap = tl.sum(g * 0.0, axis=0)
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
@@ -935,27 +654,8 @@ def _chunk_bwd_dqk_kernel(
         dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
         pn_ptrs = state_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
         mask_pn = mask_p[:, None] & mask_nh[None, :]
-        if DERIVE > 0:
-            tile_first = tl.load(pn_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
-            tile_second = tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0).to(tl.float32)
-            if DERIVE == 1:
-                tile_first, tile_second, share = _step_tile(
-                    tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_ptr + state_base,
-                    side_l, side_mask_t, offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay, side_first,
-                    side_second, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
-                overlap += share
-            else:
-                if steps:
-                    tile_first, tile_second, share = _step_tile(
-                        tile_first, tile_second, x_base, sx_l, sx_p, dy_base, sd_l, sd_p, partner_ptr + state_base,
-                        side_l, side_mask_t, offs_p, mask_p, offs_nh, mask_pn, N, NH, side_weight, side_decay,
-                        side_first, side_second, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
-                    overlap += share
-            tile_first = _op(tile_first, DOT_DTYPE, ROUND_BF16)
-            tile_second = _op(tile_second, DOT_DTYPE, ROUND_BF16)
-        else:
-            tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
-            tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
         if FOR_C:
             acc_first += tl.dot(dy, tile_first, input_precision=DOT_PREC)
             acc_second += tl.dot(dy, tile_second, input_precision=DOT_PREC)
@@ -963,21 +663,6 @@ def _chunk_bwd_dqk_kernel(
             acc_first += tl.dot(x, tile_first, input_precision=DOT_PREC)
             acc_second += tl.dot(x, tile_second, input_precision=DOT_PREC)
 
-    if PARITY >= 0:
-        # q = C~, k = B~ only now (as in `_chunk_bwd_dbc_kernel`): through the loop they would hold registers
-        # that the stepped state tiles need
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh,
-                                                  NH, ROPE_IN)
-        q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                          scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                          ROPE_IN)
-        k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                          sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                          ROPE_IN)
-        q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
-        q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
-        k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
-        k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
@@ -1012,13 +697,6 @@ def _chunk_bwd_dqk_kernel(
                          cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
                          mask_nh, NH, ROPE, False)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
-    # d loss / d g_last through the decay of the carried state: exp(g_last) <G, S>, by the program that stepped
-    if DERIVE == 1:
-        tl.store(ov_ptr + (bi * H + hi).to(tl.int64) * NCHUNK + c, overlap * tl.where(crosses, tl.exp(g_last), 0.0))
-    elif DERIVE == 2:
-        if steps:
-            tl.store(ov_ptr + (bi * H + hi).to(tl.int64) * NCHUNK + c,
-                     overlap * tl.where(crosses, tl.exp(g_last), 0.0))
 
 
 @triton.jit
@@ -1174,43 +852,6 @@ def _rope_args(cos, sin, fallback):
     return cos, sin, cos.stride(), True
 
 
-def _state_stride(config, n_chunks):
-    """Chunks per stored state (config "state_stride_chunks": 1 or 2), checked against the padded length."""
-    stride = config.get("state_stride_chunks", 1)
-    if stride not in (1, 2):
-        raise ValueError(f"ssd_fused: state_stride_chunks must be 1 or 2, got {stride}")
-    if stride == 2:
-        if n_chunks % 2:
-            raise ValueError("ssd_fused: state_stride_chunks 2 needs the length padded to two kernel chunks")
-        if config.get("dqk_merged", False):
-            raise ValueError("ssd_fused: state_stride_chunks 2 runs with the two-launch dB/dC backward only "
-                             "(set dqk_merged False)")
-    return stride
-
-
-def _pair_cumsum(g, T):
-    """The within-pair cumsum of dt*A (pairs of chunks of T) from the within-chunk one: what the state
-    kernels, stepping 2T tokens at a time, use as their g (no gradient flows through it: the chunk kernels
-    produce d loss / d g for the within-chunk g, with each chunk's carried-state term)."""
-    pairs = g.view(*g.shape[:-1], -1, 2, T).clone()
-    pairs[..., 1, :] += pairs[..., 0, -1:]
-    return pairs.view_as(g)
-
-
-def _parities(stride, config):
-    """The launches of a chunk kernel: (PARITY, chunks it covers). A state per chunk: one launch over all chunks
-    (PARITY -1). States every two chunks: "state_stride_launch" "one" (default), one launch over all chunks whose
-    programs step or not by their chunk's parity at run time (PARITY 2; a pair's two programs run side by side,
-    so the second read of the pair's state and of the stepped chunk's inputs can come from L2), or "split", the
-    even then the odd chunks (PARITY 0, 1; each launch compiled for its own work, no branch)."""
-    if stride == 1:
-        return ((-1, 1),)
-    launch = config.get("state_stride_launch", "one")
-    if launch not in ("one", "split"):
-        raise ValueError(f"ssd_fused: state_stride_launch must be 'one' or 'split', got {launch!r}")
-    return ((2, 1),) if launch == "one" else ((0, 2), (1, 2))
-
-
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
     """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None.
     Returns y, final, states, and B~, C~ (rotated; None unless config "save_rotated" and RoPE on)."""
@@ -1218,13 +859,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
-    stride = _state_stride(config, n_chunks)
-    n_states = n_chunks // stride
-    # slot c holds the state entering chunk c (with stride 2: entering chunks 2c and 2c + 1); the last slot
-    # the final state. With stride 2 the state kernel steps over pairs of chunks (2T tokens, its g the
-    # within-pair cumsum)
-    state_g = g if stride == 1 else _pair_cumsum(g, T)
-    states = torch.empty(batch, n_states + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
+    # slot c holds the state entering chunk c; slot n_chunks the final state
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
@@ -1236,11 +872,11 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     grid = (triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh), batch * heads)
     _state_fwd_kernel[grid](
-        x, B, cos_arg, sin_arg, dt, state_g, seq_arg,
+        x, B, cos_arg, sin_arg, dt, g, seq_arg,
         initial_state if initial_state is not None else dt, states, final,
-        length, heads, heads_per_group, head_dim, half, n_states, dt.shape[-1],
+        length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *cos_strides,
-        T=T * stride, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
@@ -1255,21 +891,18 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
     cpp = fwd["fwd_chunks_per_program"]
+    grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks, cpp), batch * heads)
     rotated_B = torch.empty_like(B) if save_rotated else None
     rotated_C = torch.empty_like(C) if save_rotated else None
-    for parity, every in _parities(stride, config):
-        # PARITY only where it is used, so the default launch is specialised exactly as before it existed
-        extra = {} if parity < 0 else {"PARITY": parity}
-        grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks // every, cpp), batch * heads)
-        _chunk_fwd_kernel[grid](
-            x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
-            rotated_B if save_rotated else y, rotated_C if save_rotated else y,
-            length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-            *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
-            T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
-            HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-            SAVE_ROTATED=save_rotated, CPP=cpp, num_warps=fwd["fwd_warps"], num_stages=fwd["fwd_stages"],
-            maxnreg=fwd["fwd_maxnreg"], **extra)
+    _chunk_fwd_kernel[grid](
+        x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
+        rotated_B if save_rotated else y, rotated_C if save_rotated else y,
+        length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
+        T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
+        HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        SAVE_ROTATED=save_rotated, CPP=cpp, num_warps=fwd["fwd_warps"], num_stages=fwd["fwd_stages"],
+        maxnreg=fwd["fwd_maxnreg"])
     return y, final, states, rotated_B, rotated_C
 
 
@@ -1280,9 +913,6 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     heads_per_group = heads // groups
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
-    stride = _state_stride(config, n_chunks)
-    n_states = n_chunks // stride
-    state_g = g if stride == 1 else _pair_cumsum(g, T)
     dstates = torch.empty_like(states)
     dinit = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
@@ -1298,13 +928,12 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
-    # (with stride 2 the pair-level overlaps it writes are not used: the dB/dC launches give every chunk's)
-    overlap = torch.empty(pn_blocks, batch, heads, n_states, device=x.device, dtype=torch.float32)
+    overlap = torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
     _state_bwd_kernel[(pn_blocks, batch * heads)](
-        dy, C_in, cos_arg, sin_arg, state_g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit,
-        overlap, batch, length, heads, heads_per_group, head_dim, half, n_states, dt.shape[-1],
+        dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
+        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
-        T=T * stride, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
@@ -1316,16 +945,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
     cpp = config.get("bwd_chunks_per_program", 1)
-    for parity, every in _parities(stride, config):
-        extra = {} if parity < 0 else {"PARITY": parity}
-        _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks // every, cpp), batch * heads)](
-            x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
-            dx, ddt_partial, dD_partial if D is not None else dt,
-            batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-            *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-            BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
-            num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"),
-            **extra)
+    _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
+        x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
+        dx, ddt_partial, dD_partial if D is not None else dt,
+        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
+        BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
+        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
@@ -1353,22 +979,12 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     else:
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
-        # stride 2: each chunk's exp(g_last) <G, S>, from the launch that steps its S (odd) or G (even)
-        chunk_overlap = torch.empty(batch, heads, n_chunks, device=x.device, dtype=torch.float32) if stride == 2 else dg
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            for parity, every in _parities(stride, config):
-                # DERIVE: 0 no step, 1 every program steps (split launches), 2 by the chunk's parity at run time
-                derive = 2 if parity == 2 else int(parity == (1 if for_c else 0))
-                extra = {} if parity < 0 else {"PARITY": parity, "DERIVE": derive}
-                # the launches that step S or G: "dqk_step_block_p" (p-tile width) where set
-                tile_p = block_p
-                if derive and parity >= 0 and config.get("dqk_step_block_p"):
-                    tile_p = min(config["dqk_step_block_p"], _next_pow2(head_dim))
-                _chunk_bwd_dqk_kernel[(n_chunks // every, batch * heads)](
-                    x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                    chunk_overlap, *shape_args, BLOCK_P=tile_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
-                    num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
-                    maxnreg=config.get("dqk_maxnreg"), **extra)
+            _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
+                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
+                maxnreg=config.get("dqk_maxnreg"))
         dg += dg_from_c
     if groups < heads:
         if not atomic:
@@ -1378,10 +994,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     else:
         dB, dC = dB_out, dC_out
     # d loss / d g_last through the carried state: exp(g_last) <G_c, S_c-1>, at each chunk's last token
-    if stride == 1:
-        dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
-    else:
-        dg.view(batch, heads, n_chunks, T)[..., -1] += chunk_overlap
+    dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
     ddt = ddt_partial.sum(dim=0)
     dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
     return dx, dB, dC, ddt, dg, dD, dinit
@@ -1458,7 +1071,7 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     T = kernel_chunk or KERNEL_CHUNK
     config = dict(CONFIG, **(config or {}))
     batch, length, heads, _ = x.shape
-    pad = (-length) % (T * config.get("state_stride_chunks", 1))   # whole chunks, whole pairs with stride 2
+    pad = (-length) % T
     # prologue: (b, h, lpad) float32 dt and within-chunk cumsum of dt*A; zero dt on padding keeps g flat there
     dt = F.softplus(dt_raw.float() + dt_bias.float()).transpose(1, 2)
     dt = F.pad(dt, (0, pad)).contiguous()

@@ -126,51 +126,6 @@ def test_groups_and_backward_variants(kernels, groups, config, dtype):
     compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2, config=config)
 
 
-@pytest.mark.parametrize("length, groups, head_dim, rope, use_init, use_seq, config, dtype", [
-    # L = 40: 3 chunks of 16 padded to 4 (2 pairs); everything on, one group for 2 heads; one launch per kernel
-    (40, 1, 16, True, True, True, {}, torch.float32),
-    # L = 33: the last pair's odd chunk is all padding; RoPE off, no initial state, no documents; even and odd
-    # chunks in separate launches
-    (33, 1, 16, False, False, False, {"state_stride_launch": "split"}, torch.float32),
-    # rotate on load (no saved B~/C~), chunk loops (3 > chunks per program), groups = heads, p = 24 with the
-    # stepping dB/dC launches at 16-wide p-tiles (two p-tiles, the second masked)
-    (37, 2, 24, True, True, True, {"save_rotated": False, "fwd_chunks_per_program": 3, "bwd_chunks_per_program": 3,
-                                   "dqk_block_p": 32, "dqk_step_block_p": 16}, torch.float32),
-    (37, 1, 16, True, True, True, {}, torch.bfloat16),   # bf16, documents, groups < heads
-])
-def test_states_every_two_chunks(kernels, length, groups, head_dim, rope, use_init, use_seq, config, dtype):
-    """"state_stride_chunks": 2 (states stored every two kernel chunks, each chunk kernel stepping the stored
-    state or gradient through the pair's other chunk): every output and gradient against the float64 oracle
-    within the bounds of the tests above (1e-3 float32, 2e-2 bf16)."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    inputs = make_inputs(1, length, 2, head_dim, 32, dtype, rope, True, use_init, use_seq, generator)
-    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
-    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2,
-                        config=dict(config, state_stride_chunks=2))
-
-
-def test_states_every_two_chunks_equals_every_chunk(kernels):
-    """The stride changes rounding only: float32 outputs and gradients of stride 2 and stride 1 agree to 1e-5;
-    the merged dB/dC launch (not written for stride 2) and other strides are refused by name."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    inputs = make_inputs(1, 50, 2, 16, 32, torch.float32, True, True, True, True, generator)
-    results = []
-    for stride in (1, 2):
-        leaves = {name: inputs[name].detach().clone().requires_grad_(True) for name in ("x", "B", "C", "dt_raw")}
-        y, final = kernels.ssd_fused(**dict(inputs, **leaves), kernel_chunk=16, config={"state_stride_chunks": stride})
-        (y.square().sum() + final.sum()).backward()
-        results.append([y, final] + [leaves[name].grad for name in leaves])
-    for one, two in zip(*results):
-        assert relative_error(one, two) < 1e-5
-    with pytest.raises(ValueError, match="dqk_merged"):
-        kernels.ssd_fused(**inputs, kernel_chunk=16, config={"state_stride_chunks": 2, "dqk_merged": True})
-    with pytest.raises(ValueError, match="state_stride_chunks"):
-        kernels.ssd_fused(**inputs, kernel_chunk=16, config={"state_stride_chunks": 4})
-    with pytest.raises(ValueError, match="state_stride_launch"):
-        kernels.ssd_fused(**inputs, kernel_chunk=16, config={"state_stride_chunks": 2, "state_stride_launch": "two"})
-
-
 def test_reference_composition_equals_oracle(kernels):
     """ssd_fused_reference (what the layer runs on CPU) is the same function as the float64 oracle."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
