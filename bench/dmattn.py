@@ -42,44 +42,21 @@ def _tiles(block_m, block_n, num_warps, num_stages):
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-# Calls 1-4 swept pointer/TMA loads, 2-4 stages and fused/two-kernel backward schedules (bench/dmattn_notes.md);
-# call 5 kept their winner (the defaults) beside the warp-specialised kernels (FORWARD/BACKWARD_WARP_SPECIALIZE:
-# 4 warps = one TMA producer and two consumer warp groups, 12 warps in all). Those gave wrong results on the
-# H200 (Triton 3.6, device-side descriptors); they now use host-side descriptors, not yet run on a GPU, so
-# the agreement check in `tune` decides whether they can be chosen.
-_WS_OFF = {"FORWARD_WARP_SPECIALIZE": False}
-_WS_BWD_OFF = {"BACKWARD_WARP_SPECIALIZE": False}
-
-
-def _ws_backward(key, query):
-    return {"BACKWARD_WARP_SPECIALIZE": True, "BACKWARD_WS_KEY_CONFIG": _tiles(*key),
-            "BACKWARD_WS_QUERY_CONFIG": _tiles(*query)}
-
-
+# Calls 1-4 swept pointer/TMA loads, 2-4 stages and fused/two-kernel backward schedules; calls 5-7 tried
+# Triton's Hopper auto warp specialisation (wrong results, then a hang: removed; bench/dmattn_notes.md).
 TUNE_CANDIDATES = {
     "forward": {
-        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False, **_WS_OFF},
-        "fwd ws 128x128 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 128, 4, 2)},
-        "fwd ws 128x64 s2": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 2)},
-        "fwd ws 128x64 s3": {"FORWARD_WARP_SPECIALIZE": True, "FORWARD_WS_CONFIG": _tiles(128, 64, 4, 3)},
+        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False},
     },
     "backward": {
         "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
-                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True,
-                                          **_WS_BWD_OFF},
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True},
         "two-kernel": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False, "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3),
-                       "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2), **_WS_BWD_OFF},
-        # block_m = queries, block_n = keys; offline spills of the dK/dV kernel (host descriptors): 32x64 none,
-        # 64x64 8 B, 32x128 120 B, 64x128 272 B (dK, dV and the K, V operands in the consumers' registers).
-        "ws key 32x64 / query 128x64": _ws_backward((32, 64, 4, 2), (128, 64, 4, 2)),
-        "ws key 64x64 / query 128x64": _ws_backward((64, 64, 4, 2), (128, 64, 4, 2)),
-        "ws key 32x128 / query 128x64": _ws_backward((32, 128, 4, 2), (128, 64, 4, 2)),
-        "ws key 64x128 / query 128x64 s3": _ws_backward((64, 128, 4, 2), (128, 64, 4, 3)),
+                       "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2)},
     },
 }
 # What the benchmark records as the kernel's configuration.
-SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_WARP_SPECIALIZE", "FORWARD_WS_CONFIG",
-                 "BACKWARD_WARP_SPECIALIZE", "BACKWARD_WS_KEY_CONFIG", "BACKWARD_WS_QUERY_CONFIG", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
+SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
                  "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
 
 

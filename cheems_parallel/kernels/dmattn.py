@@ -71,22 +71,6 @@ LISTED_LOOP_MAX_FRACTION = 0.5
 # through tensor descriptors (TMA on Hopper), where the layout allows it (_tma_allowed); False: pointers.
 FORWARD_TMA = False
 BACKWARD_TMA = False
-# The dense forward (no keep-window, no documents; bf16/fp16 on a GPU) as a warp-specialised kernel: Triton's
-# Hopper autoWS pass (capability 9, Triton >= 3.5) splits `tl.range(..., warp_specialize=True)` into a TMA
-# producer warp group and two consumer warp groups of BLOCK_M/2 query rows each (12 warps for num_warps 4,
-# setmaxnreg). The pass needs num_warps 4, every load of the kernel through a tensor descriptor, one key loop
-# (it rejects the masked-diagonal second loop, so every tile takes the causal mask) and no `if`/`else`.
-# NOT VALIDATED ON A GPU: with in-kernel descriptors these kernels gave NaN and run-to-run differences on the
-# H200 (Triton 3.6, bench/dmattn_notes.md, calls 5-6); this host-side-descriptor form has only run in the
-# interpreter. Keep False until tests/gpu/test_dmattn_kernel_gpu.py::test_warp_specialized_kernels_on_gpu passes.
-FORWARD_WARP_SPECIALIZE = False
-FORWARD_WS_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2}
-# The dense backward (MHA only: h == h_kv) in the same form: a dK/dV kernel (keys split over the consumer warp
-# groups, a loop over query blocks) and a dQ kernel (a loop over key blocks), i.e. the two-kernel schedule's
-# 7 matmuls per tile pair, each kernel warp-specialised. block_m: queries, block_n: keys.
-BACKWARD_WARP_SPECIALIZE = False
-BACKWARD_WS_KEY_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2}
-BACKWARD_WS_QUERY_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # The fused backward adds each dQ tile with one TMA bulk reduce-add instead of per-element atomics (needs
 # the same layout conditions and a GPU: Triton's CPU interpreter has no descriptor reduce, so CI runs the
 # per-element atomics; the GPU tests cover this line).
@@ -388,51 +372,6 @@ def _forward_kernel(query, key, value, mask_bias, key_rank, query_threshold, seg
     tl.store(log_sum_exp + batch_head * seq_len + rows, lse, mask=row_valid)
 
 
-@triton.jit
-def _forward_ws_kernel(query_desc, key_desc, value_desc, bias_desc, out, log_sum_exp,
-                       o_stride_b, o_stride_h, o_stride_l, num_heads, group_size, seq_len, scale_log2,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       WARP_SPECIALIZE: tl.constexpr):
-    """The dense causal forward in the form Triton's Hopper warp specialisation accepts (FORWARD_WARP_SPECIALIZE):
-    host-side tensor descriptors over q, k, v as (rows, d) with rows = (b·h)·l (k, v: (b·h_kv)·l) and over the
-    bias as (b·h·l,), one key loop with the causal mask on every tile. A tile that runs past the end of its
-    head reads the next head's rows (or zeros past the tensor): keys there lie above every valid query's
-    diagonal (masked), queries there are not stored. Grid and outputs as `_forward_kernel`."""
-    num_row_blocks = tl.num_programs(0)
-    block_m = num_row_blocks - 1 - tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
-    start_m = block_m * BLOCK_M
-    row_base = batch_head * seq_len  # this head's first row in q and the bias
-    key_row_base = (batch * (num_heads // group_size) + head // group_size) * seq_len
-    rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    q = query_desc.load([row_base + start_m, 0])
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in tl.range(0, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        bias = bias_desc.load([row_base + start_n]).to(tl.float32) * LOG2E_IN_KERNEL
-        scores = tl.dot(q, tl.trans(key_desc.load([key_row_base + start_n, 0]))) * scale_log2 + bias[None, :]
-        scores = tl.where(rows[:, None] >= cols[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))  # finite from the first tile on: key 0 is always allowed
-        probs = tl.math.exp2(scores - new_max[:, None])
-        correction = tl.math.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(probs, 1)
-        acc = acc * correction[:, None]
-        value_tile = value_desc.load([key_row_base + start_n, 0])
-        acc = tl.dot(probs.to(value_tile.dtype), value_tile, acc)
-        row_max = new_max
-    row_valid = rows < seq_len
-    batch_head_64 = batch_head.to(tl.int64)
-    tl.store(out + (batch_head_64 // num_heads) * o_stride_b + (batch_head_64 % num_heads) * o_stride_h
-             + rows[:, None] * o_stride_l + dims[None, :], (acc / row_sum[:, None]).to(out.dtype.element_ty),
-             mask=row_valid[:, None])
-    tl.store(log_sum_exp + batch_head_64 * seq_len + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
-
-
 # ----------------------------------------------------------------------------------------------
 # Backward kernels: delta = rowsum(dO ∘ O); dK, dV and d(mask_bias) per key block; dQ per query block.
 # ----------------------------------------------------------------------------------------------
@@ -621,80 +560,6 @@ def _scale_cast_kernel(source, target, scale, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_grad_ws_kernel(query_desc, key_desc, value_desc, bias_desc, grad_out_desc, lse_desc, delta_desc,
-                        grad_key_out, grad_value_out, grad_bias_out, seq_len, scale_log2, scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        WARP_SPECIALIZE: tl.constexpr):
-    """Grid (cdiv(l, BLOCK_N), b·h), MHA: dK, dV (contiguous (b, h, l, d)) and d(mask_bias) of one key block,
-    every load through a host-side descriptor over (b·h·l) rows (as `_forward_ws_kernel`) and one query loop
-    from the diagonal on with the causal mask on every tile (BACKWARD_WARP_SPECIALIZE). Query rows past the
-    end of the head (the next head's, or zeros) are masked out of the probabilities."""
-    block_n = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    row_base = batch_head * seq_len
-    start_n = block_n * BLOCK_N
-    cols = start_n + tl.arange(0, BLOCK_N)
-    col_valid = cols < seq_len
-    dims = tl.arange(0, HEAD_DIM)
-    key_tile = key_desc.load([row_base + start_n, 0])
-    value_tile = value_desc.load([row_base + start_n, 0])
-    bias_log2 = bias_desc.load([row_base + start_n]).to(tl.float32) * LOG2E_IN_KERNEL
-    grad_key = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    grad_value = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in tl.range(start_n, seq_len, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        query_tile = query_desc.load([row_base + start_m, 0])
-        scores_t = tl.dot(key_tile, tl.trans(query_tile)) * scale_log2 + bias_log2[:, None]
-        probs_t = tl.math.exp2(scores_t - lse_desc.load([row_base + start_m])[None, :])
-        probs_t = tl.where((rows[None, :] >= cols[:, None]) & (rows < seq_len)[None, :], probs_t, 0.0)
-        grad_out_tile = grad_out_desc.load([row_base + start_m, 0])
-        grad_value += tl.dot(probs_t.to(grad_out_tile.dtype), grad_out_tile)
-        grad_probs_t = tl.dot(value_tile, tl.trans(grad_out_tile))
-        grad_scores_t = probs_t * (grad_probs_t - delta_desc.load([row_base + start_m])[None, :])
-        grad_key += tl.dot(grad_scores_t.to(query_tile.dtype), query_tile)
-        grad_bias += tl.sum(grad_scores_t, 1)
-    batch_head_64 = batch_head.to(tl.int64)
-    tl.store(grad_bias_out + batch_head_64 * seq_len + cols, grad_bias, mask=col_valid)
-    out_offsets = batch_head_64 * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(grad_key_out + out_offsets, (grad_key * scale).to(grad_key_out.dtype.element_ty), mask=col_valid[:, None])
-    tl.store(grad_value_out + out_offsets, grad_value.to(grad_value_out.dtype.element_ty), mask=col_valid[:, None])
-
-
-@triton.jit
-def _query_grad_ws_kernel(query_desc, key_desc, value_desc, bias_desc, grad_out_desc, lse_desc, delta_desc,
-                          grad_query_out, seq_len, scale_log2, scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WARP_SPECIALIZE: tl.constexpr):
-    """Grid (cdiv(l, BLOCK_M), b·h), MHA: dQ of one query block (contiguous (b, h, l, d)), in the form of
-    `_forward_ws_kernel` (host-side descriptors only, one key loop with the causal mask on every tile)."""
-    num_row_blocks = tl.num_programs(0)
-    block_m = num_row_blocks - 1 - tl.program_id(0)  # heaviest first
-    batch_head = tl.program_id(1)
-    row_base = batch_head * seq_len
-    start_m = block_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    query_tile = query_desc.load([row_base + start_m, 0])
-    grad_out_tile = grad_out_desc.load([row_base + start_m, 0])
-    lse = lse_desc.load([row_base + start_m])
-    delta_rows = delta_desc.load([row_base + start_m])
-    grad_query = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in tl.range(0, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        key_tile = key_desc.load([row_base + start_n, 0])
-        bias_log2 = bias_desc.load([row_base + start_n]).to(tl.float32) * LOG2E_IN_KERNEL
-        scores = tl.dot(query_tile, tl.trans(key_tile)) * scale_log2 + bias_log2[None, :]
-        probs = tl.where(rows[:, None] >= cols[None, :], tl.math.exp2(scores - lse[:, None]), 0.0)
-        grad_probs = tl.dot(grad_out_tile, tl.trans(value_desc.load([row_base + start_n, 0])))
-        grad_scores = probs * (grad_probs - delta_rows[:, None])
-        grad_query += tl.dot(grad_scores.to(key_tile.dtype), key_tile)
-    out_offsets = batch_head.to(tl.int64) * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(grad_query_out + out_offsets, (grad_query * scale).to(grad_query_out.dtype.element_ty),
-             mask=(rows < seq_len)[:, None])
-
-
-@triton.jit
 def _query_grad_block(grad_query, q, grad_out, lse, delta, rows, row_threshold, row_segment, start_n, cols,
                       col_valid, key_base, value_base, key_stride, value_stride, bias_base, rank_base, segment_base,
                       scale_log2,
@@ -870,24 +735,6 @@ def _tma_allowed(*tensors):
     return True
 
 
-def _row_descriptor(tensor, block_rows):
-    """A host-side tensor descriptor over a (b, h, l[, d]) tensor as (b·h·l[, d]) rows, or None when its
-    layout does not collapse to rows (then the warp-specialised kernels are not used)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if tensor.dim() == 3:
-        if not tensor.is_contiguous() or tensor.data_ptr() % 16:
-            return None
-        return TensorDescriptor(tensor, [tensor.numel()], [1], [block_rows])
-    batch, heads, length, head_dim = tensor.shape
-    row_stride = tensor.stride(2)
-    if ((heads > 1 and tensor.stride(1) != length * row_stride)
-            or (batch > 1 and tensor.stride(0) != heads * tensor.stride(1))
-            or tensor.data_ptr() % 16 or row_stride * tensor.element_size() % 16):
-        return None
-    return TensorDescriptor(tensor, [batch * heads * length, head_dim], [row_stride, 1], [block_rows, head_dim])
-
-
 def _rows_last_contiguous(tensor):
     """Kernels take any (b, h, l) strides but need the head dimension contiguous."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
@@ -923,17 +770,6 @@ def _forward(q, k, v, mask_bias, masks):
     config = _configs(q.dtype, q.device)[0]
     out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    if FORWARD_WARP_SPECIALIZE and not masks.sparse and (q.dtype != torch.float32 or not q.is_cuda):
-        ws_config = FORWARD_WS_CONFIG if q.is_cuda else config
-        descriptors = (_row_descriptor(q, ws_config["block_m"]), _row_descriptor(k, ws_config["block_n"]),
-                       _row_descriptor(v, ws_config["block_n"]), _row_descriptor(mask_bias, ws_config["block_n"]))
-        if all(descriptor is not None for descriptor in descriptors):
-            _forward_ws_kernel[(triton.cdiv(length, ws_config["block_m"]), batch * heads)](
-                *descriptors, out, lse, out.stride(0), out.stride(1), out.stride(2), heads, heads // k.shape[1],
-                length, LOG2E / math.sqrt(head_dim),
-                HEAD_DIM=head_dim, BLOCK_M=ws_config["block_m"], BLOCK_N=ws_config["block_n"],
-                WARP_SPECIALIZE=q.is_cuda, num_warps=ws_config["num_warps"], num_stages=ws_config["num_stages"])
-            return out, lse
     block_count, block_list = masks.schedule(config["block_m"], config["block_n"], by_query=True)
     grid = (triton.cdiv(length, config["block_m"]), batch * heads)
     _forward_kernel[grid](
@@ -953,15 +789,7 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     _, key_config, query_config, fused_config = _configs(q.dtype, q.device)
-    # The warp-specialised pair (BACKWARD_WARP_SPECIALIZE) where it applies (delta shares lse's layout).
-    warp_specialized = (BACKWARD_WARP_SPECIALIZE and not masks.sparse and kv_heads == heads
-                        and (q.dtype != torch.float32 or not q.is_cuda))
-    if warp_specialized:
-        ws_key, ws_query = ((BACKWARD_WS_KEY_CONFIG, BACKWARD_WS_QUERY_CONFIG) if q.is_cuda
-                            else (key_config, query_config))
-        # host-side descriptors need layouts that collapse to rows (delta is made below like lse)
-        warp_specialized = all(_row_descriptor(t, 16) is not None for t in (q, k, v, grad_out, mask_bias, lse))
-    fused = FUSED_BACKWARD and not warp_specialized
+    fused = FUSED_BACKWARD
     if fused:
         key_config = fused_config
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -977,22 +805,6 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     grad_key = torch.empty((batch, kv_heads, length, head_dim), dtype=k.dtype, device=q.device)
     grad_value = torch.empty_like(grad_key, dtype=v.dtype)
     grad_bias = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    if warp_specialized:
-        rows = _row_descriptor
-        _key_grad_ws_kernel[(triton.cdiv(length, ws_key["block_n"]), batch * heads)](
-            rows(q, ws_key["block_m"]), rows(k, ws_key["block_n"]), rows(v, ws_key["block_n"]),
-            rows(mask_bias, ws_key["block_n"]), rows(grad_out, ws_key["block_m"]), rows(lse, ws_key["block_m"]),
-            rows(delta, ws_key["block_m"]), grad_key, grad_value, grad_bias, length, scale * LOG2E, scale,
-            HEAD_DIM=head_dim, BLOCK_M=ws_key["block_m"], BLOCK_N=ws_key["block_n"], WARP_SPECIALIZE=q.is_cuda,
-            num_warps=ws_key["num_warps"], num_stages=ws_key["num_stages"])
-        grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
-        _query_grad_ws_kernel[(triton.cdiv(length, ws_query["block_m"]), batch * heads)](
-            rows(q, ws_query["block_m"]), rows(k, ws_query["block_n"]), rows(v, ws_query["block_n"]),
-            rows(mask_bias, ws_query["block_n"]), rows(grad_out, ws_query["block_m"]),
-            rows(lse, ws_query["block_m"]), rows(delta, ws_query["block_m"]), grad_query, length, scale * LOG2E,
-            scale, HEAD_DIM=head_dim, BLOCK_M=ws_query["block_m"], BLOCK_N=ws_query["block_n"],
-            WARP_SPECIALIZE=q.is_cuda, num_warps=ws_query["num_warps"], num_stages=ws_query["num_stages"])
-        return grad_query, grad_key, grad_value, grad_bias
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
     block_count, block_list = masks.schedule(key_config["block_n"], key_config["block_m"], by_query=False)

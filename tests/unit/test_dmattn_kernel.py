@@ -87,24 +87,6 @@ def test_schedules_match_reference(kernels, monkeypatch, fused_backward, listed_
     assert all(error < TOLERANCE for error in errors.values()), errors
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim", [
-    (2, 2, 2, 36, 16),   # MHA, partial tiles: the warp-specialised forward and backward
-    (1, 4, 2, 40, 32),   # GQA: the warp-specialised forward, the backward falls back to the fused kernel
-])
-def test_warp_specialized_kernels_match_reference(kernels, monkeypatch, batch, heads, kv_heads, length, head_dim):
-    """FORWARD/BACKWARD_WARP_SPECIALIZE (the interpreter runs their loops without the specialisation); the
-    other dense kernels are removed where the warp-specialised ones must replace them."""
-    monkeypatch.setattr(kernels, "FORWARD_WARP_SPECIALIZE", True)
-    monkeypatch.setattr(kernels, "BACKWARD_WARP_SPECIALIZE", True)
-    monkeypatch.setattr(kernels, "_forward_kernel", None)
-    if heads == kv_heads:
-        monkeypatch.setattr(kernels, "_key_grad_kernel", None)
-    generator = torch.Generator().manual_seed(length)
-    q, k, v, mask_bias = make_inputs(batch, heads, kv_heads, length, head_dim, generator)
-    errors = compare_with_reference(kernels, q, k, v, mask_bias, generator=generator)
-    assert all(error < TOLERANCE for error in errors.values()), errors
-
-
 @pytest.mark.parametrize("documents", [[0] * 10 + [1] * 20 + [2] * 15, [4] * 5 + [9] * 30 + [3] * 10])
 def test_keep_window_with_documents_and_ties(kernels, documents):
     """Both masks together, with tied mask values: the window ranks only the query's own document prefix
