@@ -44,9 +44,22 @@ def _tiles(block_m, block_n, num_warps, num_stages):
 
 # Calls 1-4 swept pointer/TMA loads, 2-4 stages and fused/two-kernel backward schedules; calls 5-7 tried
 # Triton's Hopper auto warp specialisation (wrong results, then a hang: removed; bench/dmattn_notes.md).
+# Session 5: the Gluon forward (cheems_parallel/kernels/dmattn_gluon.py; FORWARD_GLUON) beside the Triton one:
+# "split" = two 4-warp consumer partitions of 64 query rows each (else one 8-warp consumer of 128 rows),
+# "overlap" = FA3's intra-warpgroup pipelining of QK^T(j+1) with PV(j), stages = K/V ring depth.
+def _gluon(block_n, stages, split, overlap):
+    return {"FORWARD_GLUON": True, "GLUON_FORWARD_CONFIG": {"block_m": 128, "block_n": block_n, "stages": stages,
+                                                            "split": split, "overlap": overlap}}
+
+
 TUNE_CANDIDATES = {
     "forward": {
-        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False},
+        "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False, "FORWARD_GLUON": False},
+        "gluon 128x128 s2 split overlap": _gluon(128, 2, True, True),
+        "gluon 128x128 s2 one-consumer overlap": _gluon(128, 2, False, True),
+        "gluon 128x128 s2 split no-overlap": _gluon(128, 2, True, False),
+        "gluon 128x64 s3 split overlap": _gluon(64, 3, True, True),
+        "gluon 128x128 s3 split overlap": _gluon(128, 3, True, True),
     },
     "backward": {
         "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
@@ -56,8 +69,9 @@ TUNE_CANDIDATES = {
     },
 }
 # What the benchmark records as the kernel's configuration.
-SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FUSED_BACKWARD", "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG",
-                 "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA", "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
+SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_GLUON", "GLUON_FORWARD_CONFIG", "FUSED_BACKWARD",
+                 "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG", "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA",
+                 "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
 
 
 class BenchError(Exception):
@@ -81,6 +95,10 @@ def parse_arguments():
                         "use the fastest for each kernel")
     parser.add_argument("--tune-length", type=int, nargs="+", default=[4096],
                         help="sequence length(s) for --tune; the settings are chosen at the first")
+    parser.add_argument("--tune-phases", nargs="+", default=None, choices=["forward", "backward"],
+                        help="with --tune: only these phases of TUNE_CANDIDATES (default: all)")
+    parser.add_argument("--tune-match", nargs="+", default=None,
+                        help="with --tune: only candidates whose name contains one of these strings")
     parser.add_argument("--tune-only", action="store_true",
                         help="with --tune: time the candidates (and cuDNN causal, for the ratios) at every "
                              "--tune-length, write the JSON and stop (a sweep, no per-length benchmark)")
@@ -295,8 +313,12 @@ def tune(arguments, batch, length=None):
         table["cudnn_causal"] = {"fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms}
         logger.info("tune l=%d cuDNN causal fwd %.3f, fwd+bwd %.3f", length, forward_ms, forward_backward_ms)
     for phase, candidates in TUNE_CANDIDATES.items():
+        if arguments.tune_phases and phase not in arguments.tune_phases:
+            continue
         timings = []
         for name, settings in candidates.items():
+            if arguments.tune_match and not any(part in name for part in arguments.tune_match):
+                continue
             apply_settings({**base, **settings})
             try:
                 wrong = disagreement(forward_backward_values(inputs, grad_out), reference)
@@ -357,8 +379,11 @@ def run_benchmark(arguments):
     jobs = []
     if arguments.tune:
         base = current_settings()
-        for candidates in TUNE_CANDIDATES.values():
-            jobs += [({**base, **settings}, heads, kv_heads, head_dim, None) for settings in candidates.values()]
+        for phase, candidates in TUNE_CANDIDATES.items():
+            if arguments.tune_phases and phase not in arguments.tune_phases:
+                continue
+            jobs += [({**base, **settings}, heads, kv_heads, head_dim, None) for name, settings in candidates.items()
+                     if not arguments.tune_match or any(part in name for part in arguments.tune_match)]
     precompile(jobs, arguments.precompile_workers)
     if arguments.precompile_only:
         precompile([(current_settings(), heads, kv_heads, head_dim, windows[0])], arguments.precompile_workers)

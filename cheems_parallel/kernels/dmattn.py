@@ -23,6 +23,11 @@ values in runs) leave most blocks out. Document masking lists a block pair iff t
 With documents, the keep-window ranks only the query's own document prefix (as the reference does);
 the fused form needs each document to be one contiguous run of positions (checked).
 
+Forward on Hopper: the dense path (no keep-window, no documents; bf16/fp16, head dim 64/128) runs the Gluon
+kernel of dmattn_gluon.py (FA3-style warp specialisation: a TMA producer warp, two wgmma consumer warp
+groups) when FORWARD_GLUON is set (the default); it writes the same out and lse, so the backward below is
+shared. Elsewhere (CPU, the interpreter, sparse masks, fp32) the Triton forward of this file runs.
+
 Backward: a small kernel computes delta = rowsum(dO ∘ O); by default one kernel per key block (and
 key/value head, looping over its query heads) then computes dK, dV and d(mask_bias) in registers and adds
 each tile pair's dQ share into an fp32 buffer (TMA reduce-add on the GPU, relaxed atomics elsewhere), and a
@@ -37,7 +42,9 @@ reference's rules no longer produce) would yield 0 and zero gradients rather tha
 On a machine without CUDA, set TRITON_INTERPRET=1 before this module is imported (the decorator reads
 it); the interpreter computes bf16 wrongly, so test it with float32 inputs.
 """
+import logging
 import math
+import os
 
 import torch
 import triton
@@ -78,6 +85,15 @@ DQ_TMA_REDUCE = True
 # The fused backward computes its dQ share as (K^T dS^T)^T, so that the matmul's M is the key block rather
 # than the few queries of a step (wgmma wants M >= 64 per warp group).
 DQ_TRANSPOSED = True
+# The dense forward (no keep-window, no documents) on Hopper by the Gluon kernel of dmattn_gluon.py (FA3-style:
+# a TMA producer warp, wgmma consumer warp groups), for bf16/fp16 with head dim 64 or 128 and contiguous
+# inputs; it writes the same out and base-2 lse, so the backward is unchanged. Anything else (CPU, the
+# interpreter, sparse masks, fp32, other head dims, Gluon missing) runs the Triton forward.
+# GLUON_FORWARD_CONFIG overrides dmattn_gluon.CONFIGS[head_dim] (bench/dmattn.py --tune sweeps it).
+# On by default since session 5: on the H200 (Triton 3.6) it passed the GPU tests and ran the forward 1.2-1.4x
+# faster than the Triton kernel (0.74x cuDNN causal at l = 1k, 0.86-1.0x at 4k-16k; bench/dmattn_notes.md).
+FORWARD_GLUON = True
+GLUON_FORWARD_CONFIG = {}
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -765,8 +781,39 @@ class _Masks:
                               *self.shape, row_block, col_block, by_query)
 
 
+_GLUON_MODULE = []  # [module or None], filled on first use
+
+
+def _gluon_module():
+    """cheems_parallel.kernels.dmattn_gluon, imported on first use (needs triton.experimental.gluon with the
+    Hopper API); None when the import fails."""
+    if not _GLUON_MODULE:
+        try:
+            from cheems_parallel.kernels import dmattn_gluon
+        except Exception:  # an older/newer Triton without the Gluon Hopper API: the Triton forward runs
+            dmattn_gluon = None
+        _GLUON_MODULE.append(dmattn_gluon)
+    return _GLUON_MODULE[0]
+
+
+def _gluon_forward_usable(q, k, v, mask_bias, masks):
+    """FORWARD_GLUON is set and this call can take the Gluon forward (dense, CUDA, bf16/fp16, d 64/128)."""
+    if not (FORWARD_GLUON and q.is_cuda and not masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        return False
+    module = _gluon_module()
+    return module is not None and module.supported(q, k, v, mask_bias.float())
+
+
 def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
+    if _gluon_forward_usable(q, k, v, mask_bias, masks):
+        try:
+            return _gluon_module().forward(q, k, v, mask_bias.float(), GLUON_FORWARD_CONFIG)
+        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
+            logging.getLogger(__name__).warning("dmattn: Gluon forward does not compile (%s); using the Triton "
+                                                "forward", str(error).splitlines()[0][:200])
+            _GLUON_MODULE[0] = None
     config = _configs(q.dtype, q.device)[0]
     out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)

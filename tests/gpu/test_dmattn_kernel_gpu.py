@@ -68,7 +68,7 @@ def run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window=None, 
     return errors
 
 
-BF16, FP32 = torch.bfloat16, torch.float32
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind", [
@@ -141,3 +141,70 @@ def test_keep_window_thresholds_on_gpu_match_reference_mask(num_documents):
     if segments is not None:
         kept &= (segments[:, :, None] == segments[:, None, :])[:, None]
     assert torch.equal(kept, allowed_mask(mask_bias, 150, segments).expand_as(kept))
+
+
+# The Gluon forward (cheems_parallel/kernels/dmattn_gluon.py, FORWARD_GLUON) with the existing Triton backward:
+# tile/schedule variants as dmattn.GLUON_FORWARD_CONFIG overrides.
+GLUON_VARIANTS = {
+    "split_overlap_s2": {"split": True, "overlap": True, "stages": 2, "block_n": 128},
+    "one_consumer_overlap_s2": {"split": False, "overlap": True, "stages": 2, "block_n": 128},
+    "split_simple_s2": {"split": True, "overlap": False, "stages": 2, "block_n": 128},
+    "split_overlap_n64_s3": {"split": True, "overlap": True, "stages": 3, "block_n": 64},
+}
+
+
+def use_gluon_forward(monkeypatch, variant):
+    """Sets the flag and the variant; returns the list that counts the Gluon forward's calls."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    module = kernels._gluon_module()
+    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
+    monkeypatch.setattr(kernels, "FORWARD_GLUON", True)
+    monkeypatch.setattr(kernels, "GLUON_FORWARD_CONFIG", dict(GLUON_VARIANTS[variant]))
+    calls = []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(module, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim", [
+    (BF16, 2, 4, 4, 1024, 128),   # MHA, the benchmark's head shape
+    (BF16, 1, 8, 2, 1000, 128),   # GQA 4:1, l not a multiple of the tile
+    (BF16, 2, 4, 2, 777, 64),     # d 64, odd length (bias rows not 16-byte aligned: padded)
+    (BF16, 2, 4, 2, 777, 128),    # the same with d 128
+    (BF16, 2, 4, 2, 1024, 64),    # d 64, aligned
+    (FP16, 1, 4, 4, 1100, 128),   # float16
+])
+def test_gluon_forward_matches_reference_on_gpu(monkeypatch, variant, dtype, batch, heads, kv_heads, length,
+                                                head_dim):
+    """Outputs and gradients (the existing Triton backward on the Gluon forward's out and lse) vs float64."""
+    calls = use_gluon_forward(monkeypatch, variant)
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, seed=length + 3)
+    assert calls, "the Gluon forward did not run"
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
+def test_gluon_forward_agrees_with_triton_forward_and_is_deterministic(monkeypatch, variant):
+    """out and the base-2 lse equal the Triton forward's up to rounding; two runs are bitwise equal."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(3))
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    mask_bias = torch.randn(2, 8, 1000, generator=generator, device="cuda")
+    masks = kernels._Masks(mask_bias, None, None, 2, 8, 1000)
+    out_triton, lse_triton = kernels._forward(q, k, v, mask_bias, masks)
+    calls = use_gluon_forward(monkeypatch, variant)
+    out_first, lse_first = kernels._forward(q, k, v, mask_bias, masks)
+    out_second, lse_second = kernels._forward(q, k, v, mask_bias, masks)
+    assert len(calls) == 2
+    assert torch.isfinite(out_first).all() and torch.isfinite(lse_first).all()
+    assert (lse_first - lse_triton).abs().max().item() < 1e-2
+    assert ((out_first.float() - out_triton.float()).norm() / out_triton.float().norm()).item() < 1e-2
+    assert torch.equal(out_first, out_second) and torch.equal(lse_first, lse_second)

@@ -168,3 +168,19 @@ def test_benchmark_script_smoke(kernels, tmp_path):
     entry = report["results"]["32"]
     assert entry["fwd_bwd"]["ratio_vs_cudnn"] > 0 and entry["keep_window"]["w"] == 4
     assert not (tmp_path / "dmattn.json.partial").exists()
+
+
+def test_gluon_forward_flag_falls_back_on_cpu(kernels, monkeypatch):
+    """FORWARD_GLUON on a CPU machine: the Gluon forward is not usable for CPU tensors, the Triton forward
+    runs (and matches the oracle), and the Gluon module is not imported for it."""
+    import sys as system
+
+    monkeypatch.setattr(kernels, "FORWARD_GLUON", True)
+    imported_before = "cheems_parallel.kernels.dmattn_gluon" in system.modules
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, mask_bias = make_inputs(1, 4, 2, 37, 16, generator)
+    masks = kernels._Masks(mask_bias, None, None, 1, 4, 37)
+    assert not kernels._gluon_forward_usable(q, k, v, mask_bias, masks)
+    errors = compare_with_reference(kernels, q, k, v, mask_bias, None, None, generator)
+    assert all(error < TOLERANCE for error in errors.values()), errors
+    assert imported_before or "cheems_parallel.kernels.dmattn_gluon" not in system.modules
