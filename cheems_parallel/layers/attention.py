@@ -65,9 +65,6 @@ class DMAttention(torch.nn.Module):
         q, k, v, mask = self._qkvm(self.tp.enter_tp(u), cos, sin)
         if self.use_kernels and q.is_cuda:
             from ..kernels.dmattn import dmattn_fused
-            # q, k, v, mask are permuted views of (l, b, ...) projections; the Hopper (Gluon) forward loads whole
-            # (b·h·l, d) row tiles by TMA and takes contiguous inputs only (a copy costs ~1% of the attention).
-            q, k, v, mask = (t.contiguous() for t in (q, k, v, mask))
             out = dmattn_fused(q, k, v, mask, self.keep_window, segment_ids)
         else:
             out = dmattn_ref(q, k, v, mask, self.keep_window, segment_ids)
