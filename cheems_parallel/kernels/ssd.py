@@ -60,7 +60,11 @@ KERNEL_CHUNK = 64
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
 # heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
-# input's type, as apply_rope uses them).
+# input's type, as apply_rope uses them). dqk_group_loop (two-launch backward, groups < heads only): one
+# program per (chunk, group) loops over the group's heads and writes the group's dB/dC rows once (no per-head
+# rows, no torch sum; dqk_group_split programs per group give float32 partials that torch adds), with its own
+# dqk_group_{warps, maxnreg, block_p, stages}; off: on the H200 it was 0.19 ms slower than the per-head
+# launches + torch sum on mamba's one-group shape (v6 in bench/ssd_notes.md: 255 registers, spills).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
