@@ -61,8 +61,8 @@ SWEEP_V4_CALL1 = [
                       dqk_stages=1)),
     ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-# call 2 of v4: around v4's defaults (the first entry is the reference of the "diff" column)
-SWEEP_V4_CALL2 = [
+# call 2: around v4's defaults (the first entry is the reference of the "diff" column)
+SWEEP = [
     ("v4", 64, {}),
     ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
                   "bwd_chunks_per_program": 8, "dqk_stages": 3}),
@@ -71,23 +71,9 @@ SWEEP_V4_CALL2 = [
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
 ]
-# v6 (session 5): the group-looped dB/dC ("dqk_group_loop"; only the mamba problem has groups < heads, so on
-# the cheems problem every v6 entry runs v4b's kernels: their spread there is the noise). Measured slower than
-# v4b on the mamba problem (bench/ssd_notes.md, v6): the sweep keeps v4b and the best v6 variant only.
-GROUP = {"dqk_group_loop": True}
-SWEEP_V6 = [
-    ("v4b", 64, {}),
-    ("v6-g4", 64, dict(GROUP)),
-    ("v6-g8", 64, dict(GROUP, dqk_group_warps=8)),
-    ("v6-g8-p32", 64, dict(GROUP, dqk_group_warps=8, dqk_group_block_p=32)),
-    ("v6-g8-s2", 64, dict(GROUP, dqk_group_warps=8, dqk_group_split=2)),
-    ("v6-g8-cap128", 64, dict(GROUP, dqk_group_warps=8, dqk_group_maxnreg=128)),
-]
-SWEEP = [("v4b", 64, {}), ("v6-g4", 64, dict(GROUP))]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel",),
-         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
+         "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel")}
 
 
 def load_mamba_chunk_scan_combined():

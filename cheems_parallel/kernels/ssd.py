@@ -36,7 +36,6 @@ rotate-half halves throughout, so every C~.B~ product is the sum of two half pro
 bf16 operands for bf16 inputs (float32 "ieee" for float32 inputs) with float32 accumulation.
 bench/ssd_notes.md has the measurements behind this split.
 """
-import math
 import os
 
 import torch
@@ -60,11 +59,7 @@ KERNEL_CHUNK = 64
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
 # heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
-# input's type, as apply_rope uses them). dqk_group_loop (two-launch backward, groups < heads only): one
-# program per (chunk, group) loops over the group's heads and writes the group's dB/dC rows once (no per-head
-# rows, no torch sum; dqk_group_split programs per group give float32 partials that torch adds), with its own
-# dqk_group_{warps, maxnreg, block_p, stages}; off: on the H200 it was 0.19 ms slower than the per-head
-# launches + torch sum on mamba's one-group shape (v6 in bench/ssd_notes.md: 255 registers, spills).
+# input's type, as apply_rope uses them).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -72,8 +67,6 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "atomic", "rope_tables_fp32": False,
-    "dqk_group_loop": False, "dqk_group_split": 1, "dqk_group_warps": None, "dqk_group_maxnreg": None,
-    "dqk_group_block_p": None, "dqk_group_stages": None,
 }
 
 
@@ -707,149 +700,6 @@ def _chunk_bwd_dqk_kernel(
 
 
 @triton.jit
-def _dqk_p_tile(dy_v, acc_first, acc_second, p_start, x_base, dy_base, state_base_ptr, x_rows, dy_rows, state_cols,
-                offs_nh, mask_t, mask_nh, P, N, NH, sx_p, sd_p, BLOCK_P: tl.constexpr, FOR_C: tl.constexpr,
-                DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """One p-tile of `_chunk_bwd_dqk_kernel`'s loop: dy x^T and dy S (FOR_C) or x G added to the accumulators.
-    x_rows, dy_rows (T,) and state_cols (BLOCK_P,) are the head's element offsets, passed in so that the
-    (T, BLOCK_P) offset tensors depend on the head: the compiler cannot hoist them out of a head loop and
-    keep them in registers across it (it did: 255 registers at 8 warps, 134-162 without the loop)."""
-    offs_p = p_start + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    x = _op(tl.load(x_base + x_rows[:, None] + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0),
-            DOT_DTYPE, ROUND_BF16)
-    dy = _op(tl.load(dy_base + dy_rows[:, None] + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0),
-             DOT_DTYPE, ROUND_BF16)
-    dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
-    pn_ptrs = state_base_ptr + (state_cols + offs_p * N)[:, None] + offs_nh[None, :]
-    mask_pn = mask_p[:, None] & mask_nh[None, :]
-    tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
-    tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
-    if FOR_C:
-        acc_first += tl.dot(dy, tile_first, input_precision=DOT_PREC)
-        acc_second += tl.dot(dy, tile_second, input_precision=DOT_PREC)
-    else:
-        acc_first += tl.dot(x, tile_first, input_precision=DOT_PREC)
-        acc_second += tl.dot(x, tile_second, input_precision=DOT_PREC)
-    return dy_v, acc_first, acc_second
-
-
-@triton.jit
-def _chunk_bwd_dqk_group_kernel(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr,
-    L, H, HPG, P, NH, NCHUNK, LPAD,
-    sx_b, sx_l, sx_h, sx_p,
-    sb_b, sb_l, sb_h, sb_n,
-    scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n,
-    sd_b, sd_l, sd_h, sd_p,
-    sg_b, sg_l, sg_h, sg_n,
-    SPLIT, HPS,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, ONE_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
-):
-    """`_chunk_bwd_dqk_kernel` for B/C groups shared by several heads (groups < heads, "dqk_group_loop"):
-    one program per (chunk, group, split) loops over HPS = HPG / SPLIT heads of its group, does each head's
-    work exactly as the per-head kernel (its dg row is stored per head), and adds the head's dC (FOR_C) or
-    dB into one float32 (T, n) accumulator; after the loop the group's rows are stored once (un-rotated),
-    into row gi * SPLIT + s of dbc_ptr (strides sg_*): the output dtype when SPLIT = 1, else float32
-    partials the launcher sums. No per-head dB/dC rows, no group sum in torch. q = C~, k = B~ are the
-    group's and are re-read per head after the p-loop (from L1/L2), as in `_chunk_bwd_dbc_kernel`, so
-    that the loop's accumulators and the group accumulator fit in registers."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    G = H // HPG
-    s = pid % SPLIT
-    bi = (pid // SPLIT) // G
-    gi = (pid // SPLIT) % G
-    N = 2 * NH
-    chunk_start = c * T
-    offs_t = tl.arange(0, T)
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_nh = tl.arange(0, BLOCK_NH)
-    mask_nh = offs_nh < NH
-    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    k_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l
-    # the (batch, chunk) parts of the bases; the head's part is added per head (`_dqk_p_tile`)
-    x_base = x_ptr + bi.to(tl.int64) * sx_b
-    dy_base = dy_ptr + bi.to(tl.int64) * sd_b
-    state_row = ((bi * (NCHUNK + 1) + c) * H).to(tl.int64) * P * N
-    if FOR_C:
-        state_base = states_ptr + state_row
-    else:
-        state_base = dstates_ptr + state_row
-
-    q_first, q_second = _load_rotated_operands(q_base, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n, offs_t,
-                                               offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-    k_first, k_second = _load_rotated_operands(k_base, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n, offs_t,
-                                               offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-    group_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)   # the group's dC (FOR_C) or dB, rotated side
-    group_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    for j in range(HPS):
-        hi = gi * HPG + s * HPS + j
-        gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-        g = tl.load(g_ptr + gdt_row + offs_l)
-        dt = tl.load(dt_ptr + gdt_row + offs_l)
-        g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-
-        dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
-        acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
-        acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-        # per-head offsets inside the head loop's (chunk, batch) bases (see `_dqk_p_tile`)
-        x_rows = offs_l * sx_l + hi * sx_h
-        dy_rows = offs_l * sd_l + hi * sd_h
-        state_cols = tl.zeros((BLOCK_P,), dtype=tl.int32) + hi * P * N
-        if ONE_P:   # the whole p in one tile: no inner loop, so the pipeliner prefetches the next head's tiles
-            dy_v, acc_first, acc_second = _dqk_p_tile(
-                dy_v, acc_first, acc_second, 0, x_base, dy_base, state_base, x_rows, dy_rows, state_cols, offs_nh,
-                mask_t, mask_nh, P, N, NH, sx_p, sd_p, BLOCK_P, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
-        else:
-            for p_start in range(0, P, BLOCK_P):
-                dy_v, acc_first, acc_second = _dqk_p_tile(
-                    dy_v, acc_first, acc_second, p_start, x_base, dy_base, state_base, x_rows, dy_rows, state_cols,
-                    offs_nh, mask_t, mask_nh, P, N, NH, sx_p, sd_p, BLOCK_P, FOR_C, DOT_PREC, DOT_DTYPE, ROUND_BF16)
-
-        # the masks per head: a (T, T) mask held across the head loop costs registers the loop needs
-        same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t,
-                                                              T, HAS_SEQ)
-        allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-        decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-        scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-        scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
-        dy_v = dy_v * decay * dt[None, :]
-        products = scores * dy_v                              # M[t, u]
-        dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
-        if FOR_C:
-            into = tl.where(sees_carried, tl.exp(g), 0.0)
-            acc_first = acc_first * into[:, None]
-            acc_second = acc_second * into[:, None]
-            dg = tl.sum(products, axis=1) + tl.sum(q_first.to(tl.float32) * acc_first
-                                                   + q_second.to(tl.float32) * acc_second, axis=1)
-            group_first = tl.dot(dy_v, k_first, group_first + acc_first, input_precision=DOT_PREC)
-            group_second = tl.dot(dy_v, k_second, group_second + acc_second, input_precision=DOT_PREC)
-        else:
-            weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
-            acc_first = acc_first * weight[:, None]
-            acc_second = acc_second * weight[:, None]
-            end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
-            dg = -tl.sum(products, axis=0) - end_terms
-            dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
-            dy_v_t = tl.trans(dy_v)
-            group_first = tl.dot(dy_v_t, q_first, group_first + acc_first, input_precision=DOT_PREC)
-            group_second = tl.dot(dy_v_t, q_second, group_second + acc_second, input_precision=DOT_PREC)
-        tl.store(dg_ptr + gdt_row + offs_l, dg)
-    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + (gi * SPLIT + s) * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, group_first, group_second, offs_t, offs_nh, mask_t,
-                     mask_nh, NH, ROPE, False)
-
-
-@triton.jit
 def _chunk_bwd_dbc_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     db_ptr, dc_ptr, dg_ptr,
@@ -1107,18 +957,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
     # (the atomic adds live in the merged kernel; the two-launch backward always sums in torch)
     atomic = groups < heads and config.get("group_reduce") == "atomic" and config.get("dqk_merged", False)
-    # "dqk_group_loop" (two-launch backward, groups < heads): one program per (chunk, group, split) loops over
-    # its heads and writes the group's rows once (split 1: in B's dtype; else float32 partials summed here)
-    group_loop = groups < heads and config.get("dqk_group_loop", False) and not config.get("dqk_merged", False)
-    split = math.gcd(max(1, int(config.get("dqk_group_split", 1))), heads_per_group) if group_loop else 1
-    if group_loop:
-        if split == 1:
-            dB_out = torch.empty_like(B)
-        else:
-            dB_out = torch.empty(batch, length, groups, split, 2 * half, device=x.device, dtype=torch.float32)
-            dB_out = dB_out.view(batch, length, groups * split, 2 * half)
-        dC_out = torch.empty_like(dB_out)
-    elif atomic:
+    if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out)
     elif groups < heads:
@@ -1130,7 +969,6 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
     shape_args = (length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
                   *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
-    group_block_p = min(config.get("dqk_group_block_p") or config["dqk_block_p"], _next_pow2(head_dim))
     if config.get("dqk_merged", False):
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
@@ -1142,27 +980,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            if group_loop:
-                _chunk_bwd_dqk_group_kernel[(n_chunks, batch * groups * split)](
-                    x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                    *shape_args, split, heads_per_group // split, BLOCK_P=group_block_p,
-                    ONE_P=group_block_p >= head_dim, FOR_C=for_c, ROPE_IN=rope_in,
-                    **common, num_warps=config.get("dqk_group_warps") or config["dqk_warps"],
-                    num_stages=config.get("dqk_group_stages") or config["dqk_stages"],
-                    maxnreg=config.get("dqk_group_maxnreg"))
-            else:
-                _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
-                    x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                    *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
-                    num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
-                    maxnreg=config.get("dqk_maxnreg"))
+            _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, **common,
+                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
+                maxnreg=config.get("dqk_maxnreg"))
         dg += dg_from_c
-    if group_loop:
-        if split > 1:
-            dB_out = dB_out.view(batch, length, groups, split, -1).sum(dim=3).to(B.dtype)
-            dC_out = dC_out.view(batch, length, groups, split, -1).sum(dim=3).to(C.dtype)
-        dB, dC = dB_out, dC_out
-    elif groups < heads:
+    if groups < heads:
         if not atomic:
             dB_out = dB_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
             dC_out = dC_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)

@@ -61,16 +61,6 @@ CASES = [
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
-    # v6: the group-looped two-launch dB/dC (one program per chunk and group loops over the group's heads)
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group_loop": True}),
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1,
-     {"dqk_group_loop": True, "dqk_group_warps": 8, "dqk_group_split": 2}),
-    (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"dqk_group_loop": True, "dqk_group_warps": 8}),
-    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2,
-     {"dqk_group_loop": True, "dqk_group_block_p": 32, "save_rotated": "not default"}),
-    (2, 1000, 4, 96, 128, torch.float32, True, True, True, True, 1,
-     {"dqk_group_loop": True, "dqk_group_split": 4, "dqk_group_block_p": 128}),   # p = 96 in one masked tile
-    (1, 16384, 4, 64, 128, torch.bfloat16, True, True, True, True, 1, {"dqk_group_loop": True, "dqk_group_warps": 8}),
 ]
 
 

@@ -116,10 +116,6 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
          "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
-    # the group-looped two-launch dB/dC (one program per chunk and group loops over the group's heads)
-    (1, {"dqk_group_loop": True}, torch.float32),                      # one group of 4 heads
-    (2, {"dqk_group_loop": True, "dqk_group_split": 2, "save_rotated": False}, torch.float32),  # split, RoPE on load
-    (1, {"dqk_group_loop": True, "dqk_group_split": 2}, torch.bfloat16),  # bf16, float32 partials
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
     """B/C shared by groups of heads (dB/dC summed over each group's heads) and each backward variant."""
@@ -128,17 +124,6 @@ def test_groups_and_backward_variants(kernels, groups, config, dtype):
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2, config=config)
-
-
-def test_group_loop_with_p_tiles(kernels):
-    """The group-looped dB/dC with p over several tiles (p = 24 in 16-wide tiles: the last one masked), the
-    heads split over two programs per group (float32 partials), documents, initial state, RoPE off, b = 2."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    inputs = make_inputs(2, 21, 4, 24, 16, torch.float32, False, True, True, True, generator)
-    inputs["B"] = inputs["B"][:, :, :1].contiguous()
-    inputs["C"] = inputs["C"][:, :, :1].contiguous()
-    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3,
-                        config={"dqk_group_loop": True, "dqk_group_block_p": 16, "dqk_group_split": 2})
 
 
 def test_reference_composition_equals_oracle(kernels):
