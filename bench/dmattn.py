@@ -52,6 +52,14 @@ def _gluon(block_n, stages, split, overlap):
                                                             "split": split, "overlap": overlap}}
 
 
+# Session 5 (backward): the Gluon backward (cheems_parallel/kernels/dmattn_gluon_bwd.py; BACKWARD_GLUON) beside the
+# Triton fused one: "split" = both warp groups' dS^T in one 128-key buffer, each computing half of dQ's columns
+# (else each warp group multiplies its own 64 keys and reduce-adds a whole dQ tile), stages = Q/dO ring depth.
+# The Triton candidates set BACKWARD_GLUON False so that they time the Triton backward.
+def _gluon_backward(dq_split, stages):
+    return {"BACKWARD_GLUON": True, "GLUON_BACKWARD_CONFIG": {"dq_split": dq_split, "stages": stages}}
+
+
 TUNE_CANDIDATES = {
     "forward": {
         "fwd 128x64 w8 s3": {"FORWARD_CONFIG": _tiles(128, 64, 8, 3), "FORWARD_TMA": False, "FORWARD_GLUON": False},
@@ -63,13 +71,18 @@ TUNE_CANDIDATES = {
     },
     "backward": {
         "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),
-                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True},
+                                          "BACKWARD_TMA": False, "DQ_TMA_REDUCE": True, "DQ_TRANSPOSED": True,
+                                          "BACKWARD_GLUON": False},
         "two-kernel": {"FUSED_BACKWARD": False, "BACKWARD_TMA": False, "BACKWARD_KEY_CONFIG": _tiles(32, 128, 8, 3),
-                       "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2)},
+                       "BACKWARD_QUERY_CONFIG": _tiles(64, 64, 4, 2), "BACKWARD_GLUON": False},
+        "gluon-bwd 128x64 s2 split": _gluon_backward(True, 2),
+        "gluon-bwd 128x64 s2 own-keys": _gluon_backward(False, 2),
+        "gluon-bwd 128x64 s3 split": _gluon_backward(True, 3),
     },
 }
 # What the benchmark records as the kernel's configuration.
-SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_GLUON", "GLUON_FORWARD_CONFIG", "FUSED_BACKWARD",
+SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_GLUON", "GLUON_FORWARD_CONFIG", "BACKWARD_GLUON",
+                 "GLUON_BACKWARD_CONFIG", "FUSED_BACKWARD",
                  "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG", "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA",
                  "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION")
 

@@ -28,6 +28,10 @@ kernel of dmattn_gluon.py (FA3-style warp specialisation: a TMA producer warp, t
 groups) when FORWARD_GLUON is set (the default); it writes the same out and lse, so the backward below is
 shared. Elsewhere (CPU, the interpreter, sparse masks, fp32) the Triton forward of this file runs.
 
+Backward on Hopper: the same dense path runs the Gluon kernel of dmattn_gluon_bwd.py when BACKWARD_GLUON is set
+(the default; FA3-style, dK/dV/d(bias) per 128-key block, dQ added into an fp32 buffer by TMA reduce-add, then
+scaled and cast as below). Elsewhere:
+
 Backward: a small kernel computes delta = rowsum(dO ∘ O); by default one kernel per key block (and
 key/value head, looping over its query heads) then computes dK, dV and d(mask_bias) in registers and adds
 each tile pair's dQ share into an fp32 buffer (TMA reduce-add on the GPU, relaxed atomics elsewhere), and a
@@ -94,6 +98,15 @@ DQ_TRANSPOSED = True
 # faster than the Triton kernel (0.74x cuDNN causal at l = 1k, 0.86-1.0x at 4k-16k; bench/dmattn_notes.md).
 FORWARD_GLUON = True
 GLUON_FORWARD_CONFIG = {}
+# The dense backward on Hopper by the Gluon kernel of dmattn_gluon_bwd.py (FA3-style: a TMA producer warp, two
+# wgmma consumer warp groups of 64 keys holding dK/dV, dQ by TMA reduce-add into the fused backward's fp32 buffer),
+# under the same conditions as FORWARD_GLUON (dense, CUDA, bf16/fp16, d 64/128, contiguous); MHA and GQA. Anything
+# else runs the Triton backward. GLUON_BACKWARD_CONFIG overrides dmattn_gluon_bwd.CONFIGS[head_dim].
+# On by default since session 5 (backward): on the H200 (Triton 3.6) it passed the GPU tests and ran fwd+bwd
+# 1.18-1.28x faster than with the Triton backward (0.88x cuDNN causal at l = 1k, 0.93-0.97x at 4k-16k;
+# bench/dmattn_notes.md).
+BACKWARD_GLUON = True
+GLUON_BACKWARD_CONFIG = {}
 # float32 tiles take twice the shared memory and registers.
 FLOAT32_CONFIGS = ({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
                    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -805,6 +818,29 @@ def _gluon_forward_usable(q, k, v, mask_bias, masks):
     return module is not None and module.supported(q, k, v, mask_bias.float())
 
 
+_GLUON_BACKWARD_MODULE = []  # [module or None], filled on first use
+
+
+def _gluon_backward_module():
+    """cheems_parallel.kernels.dmattn_gluon_bwd, imported on first use; None when the import fails."""
+    if not _GLUON_BACKWARD_MODULE:
+        try:
+            from cheems_parallel.kernels import dmattn_gluon_bwd
+        except Exception:  # a Triton without the Gluon Hopper API: the Triton backward runs
+            dmattn_gluon_bwd = None
+        _GLUON_BACKWARD_MODULE.append(dmattn_gluon_bwd)
+    return _GLUON_BACKWARD_MODULE[0]
+
+
+def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
+    """BACKWARD_GLUON is set and this call can take the Gluon backward (dense, CUDA, bf16/fp16, d 64/128)."""
+    if not (BACKWARD_GLUON and q.is_cuda and not masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        return False
+    module = _gluon_backward_module()
+    return module is not None and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+
+
 def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
     if _gluon_forward_usable(q, k, v, mask_bias, masks):
@@ -832,8 +868,35 @@ def _forward(q, k, v, mask_bias, masks):
     return out, lse
 
 
+def _gluon_backward(grad_out, q, k, v, mask_bias, out, lse):
+    """The dense backward by dmattn_gluon_bwd: delta and the zeroed fp32 dQ buffer from `_delta_kernel`, dK, dV,
+    d(bias) and the dQ sums from the Gluon kernel, dQ scaled and cast by `_scale_cast_kernel`."""
+    batch, heads, length, head_dim = q.shape
+    grad_out = grad_out.contiguous()
+    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    grad_query_accum = torch.empty((batch, heads, length, head_dim), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+        out, grad_out, delta, grad_query_accum, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), heads, length,
+        HEAD_DIM=head_dim, BLOCK_M=64, ZERO_DQ=True)
+    grad_key, grad_value, grad_bias = _gluon_backward_module().backward(
+        q, k, v, mask_bias.float(), grad_out, lse, delta, grad_query_accum, GLUON_BACKWARD_CONFIG)
+    grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    cast_block = 4096
+    _scale_cast_kernel[(triton.cdiv(grad_query.numel(), cast_block),)](
+        grad_query_accum, grad_query, 1.0 / math.sqrt(head_dim), grad_query.numel(), BLOCK=cast_block)
+    return grad_query, grad_key, grad_value, grad_bias
+
+
 def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
+    if _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
+        try:
+            return _gluon_backward(grad_out, q, k, v, mask_bias, out, lse)
+        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
+            logging.getLogger(__name__).warning("dmattn: Gluon backward does not compile (%s); using the Triton "
+                                                "backward", str(error).splitlines()[0][:200])
+            _GLUON_BACKWARD_MODULE[0] = None
     kv_heads = k.shape[1]
     _, key_config, query_config, fused_config = _configs(q.dtype, q.device)
     fused = FUSED_BACKWARD

@@ -208,3 +208,75 @@ def test_gluon_forward_agrees_with_triton_forward_and_is_deterministic(monkeypat
     assert (lse_first - lse_triton).abs().max().item() < 1e-2
     assert ((out_first.float() - out_triton.float()).norm() / out_triton.float().norm()).item() < 1e-2
     assert torch.equal(out_first, out_second) and torch.equal(lse_first, lse_second)
+
+
+# The Gluon backward (cheems_parallel/kernels/dmattn_gluon_bwd.py, BACKWARD_GLUON) on the Gluon forward's out and
+# lse: variants as dmattn.GLUON_BACKWARD_CONFIG overrides. dq_split: the two warp groups share one 128-key dS^T
+# buffer and each computes half of dQ's columns (else each multiplies its own 64 keys).
+GLUON_BACKWARD_VARIANTS = {
+    "split_s2": {"dq_split": True, "stages": 2},
+    "own_keys_s2": {"dq_split": False, "stages": 2},
+}
+
+
+def use_gluon_backward(monkeypatch, variant):
+    """Sets the flag and the variant; returns the list that counts the Gluon backward's calls."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    module = kernels._gluon_backward_module()
+    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
+    monkeypatch.setattr(kernels, "BACKWARD_GLUON", True)
+    monkeypatch.setattr(kernels, "GLUON_BACKWARD_CONFIG", dict(GLUON_BACKWARD_VARIANTS[variant]))
+    calls = []
+    backward = module.backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return backward(*args, **kwargs)
+    monkeypatch.setattr(module, "backward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", list(GLUON_BACKWARD_VARIANTS))
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim", [
+    (BF16, 2, 4, 4, 1024, 128),   # MHA, the benchmark's head shape
+    (BF16, 1, 8, 2, 1000, 128),   # GQA 4:1, l not a multiple of the tile
+    (BF16, 2, 4, 4, 777, 128),    # l % 4 != 0 (lse / delta rows padded for the 1-D TMA)
+    (BF16, 2, 4, 2, 777, 64),     # d 64, GQA 2:1, odd length
+    (BF16, 1, 2, 2, 100, 128),    # one partial key block
+    (FP16, 1, 4, 4, 1100, 128),   # float16
+])
+def test_gluon_backward_matches_reference_on_gpu(monkeypatch, variant, dtype, batch, heads, kv_heads, length,
+                                                 head_dim):
+    """Output and the four gradients (Gluon forward + Gluon backward) vs the float64 oracle."""
+    calls = use_gluon_backward(monkeypatch, variant)
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, seed=length + 5)
+    assert calls, "the Gluon backward did not run"
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("variant", list(GLUON_BACKWARD_VARIANTS))
+def test_gluon_backward_agrees_with_triton_backward(monkeypatch, variant):
+    """The gradients equal the Triton backward's up to rounding (both add dQ by reduce-add in any order, so
+    runs are compared with a tolerance, not bitwise), and two Gluon runs agree to the same tolerance."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    q = torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16)
+    k, v = (torch.randn(2, 2, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(2))
+    mask_bias = torch.randn(2, 8, 1000, generator=generator, device="cuda")
+    grad_out = torch.randn_like(q)
+    masks = kernels._Masks(mask_bias, None, None, 2, 8, 1000)
+    out, lse = kernels._forward(q, k, v, mask_bias, masks)
+    monkeypatch.setattr(kernels, "BACKWARD_GLUON", False)
+    triton_grads = kernels._backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+    calls = use_gluon_backward(monkeypatch, variant)
+    first = kernels._backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+    second = kernels._backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+    assert len(calls) == 2
+    for name, expected, got, again in zip(("dq", "dk", "dv", "dbias"), triton_grads, first, second):
+        assert got.shape == expected.shape and got.dtype == expected.dtype, name
+        assert torch.isfinite(got).all(), name
+        scale = expected.float().norm()
+        assert ((got.float() - expected.float()).norm() / scale).item() < 1e-2, name
+        assert ((got.float() - again.float()).norm() / scale).item() < 1e-3, name

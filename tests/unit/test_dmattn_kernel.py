@@ -184,3 +184,19 @@ def test_gluon_forward_flag_falls_back_on_cpu(kernels, monkeypatch):
     errors = compare_with_reference(kernels, q, k, v, mask_bias, None, None, generator)
     assert all(error < TOLERANCE for error in errors.values()), errors
     assert imported_before or "cheems_parallel.kernels.dmattn_gluon" not in system.modules
+
+
+def test_gluon_backward_flag_falls_back_on_cpu(kernels, monkeypatch):
+    """BACKWARD_GLUON on a CPU machine: the Gluon backward is not usable for CPU tensors, the Triton backward
+    runs (the gradients match the oracle), and the Gluon backward module is not imported for it."""
+    import sys as system
+
+    monkeypatch.setattr(kernels, "BACKWARD_GLUON", True)
+    imported_before = "cheems_parallel.kernels.dmattn_gluon_bwd" in system.modules
+    generator = torch.Generator().manual_seed(6)
+    q, k, v, mask_bias = make_inputs(1, 4, 2, 37, 16, generator)
+    masks = kernels._Masks(mask_bias, None, None, 1, 4, 37)
+    assert not kernels._gluon_backward_usable(torch.randn_like(q), q, k, v, mask_bias, masks)
+    errors = compare_with_reference(kernels, q, k, v, mask_bias, None, None, generator)
+    assert all(error < TOLERANCE for error in errors.values()), errors
+    assert imported_before or "cheems_parallel.kernels.dmattn_gluon_bwd" not in system.modules
