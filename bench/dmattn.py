@@ -47,9 +47,11 @@ def _tiles(block_m, block_n, num_warps, num_stages):
 # Session 5: the Gluon forward (cheems_parallel/kernels/dmattn_gluon.py; FORWARD_GLUON) beside the Triton one:
 # "split" = two 4-warp consumer partitions of 64 query rows each (else one 8-warp consumer of 128 rows),
 # "overlap" = FA3's intra-warpgroup pipelining of QK^T(j+1) with PV(j), stages = K/V ring depth.
-def _gluon(block_n, stages, split, overlap):
+# "persistent" = a grid of one program per SM looping over the tiles (persistent_max_length: up to which l).
+def _gluon(block_n, stages, split, overlap, persistent_max_length=0):
     return {"FORWARD_GLUON": True, "GLUON_FORWARD_CONFIG": {"block_m": 128, "block_n": block_n, "stages": stages,
-                                                            "split": split, "overlap": overlap}}
+                                                            "split": split, "overlap": overlap,
+                                                            "persistent_max_length": persistent_max_length}}
 
 
 # Session 5 (backward): the Gluon backward (cheems_parallel/kernels/dmattn_gluon_bwd.py; BACKWARD_GLUON) beside the
@@ -68,6 +70,9 @@ TUNE_CANDIDATES = {
         "gluon 128x128 s2 split no-overlap": _gluon(128, 2, True, False),
         "gluon 128x64 s3 split overlap": _gluon(64, 3, True, True),
         "gluon 128x128 s3 split overlap": _gluon(128, 3, True, True),
+        "gluon 128x128 s2 split overlap persistent": _gluon(128, 2, True, True, 1 << 30),
+        "gluon 128x128 s3 split overlap persistent": _gluon(128, 3, True, True, 1 << 30),
+        "gluon 128x128 s2 split overlap persistent<=2k": _gluon(128, 2, True, True, 2048),  # the d 128 default
     },
     "backward": {
         "fused 32x128 w8 s3 reduce dqT": {"FUSED_BACKWARD": True, "FUSED_BACKWARD_CONFIG": _tiles(32, 128, 8, 3),

@@ -94,6 +94,7 @@ DQ_TRANSPOSED = True
 # inputs; it writes the same out and base-2 lse, so the backward is unchanged. Anything else (CPU, the
 # interpreter, sparse masks, fp32, other head dims, Gluon missing) runs the Triton forward.
 # GLUON_FORWARD_CONFIG overrides dmattn_gluon.CONFIGS[head_dim] (bench/dmattn.py --tune sweeps it).
+# (d 128 runs a persistent grid up to l = 2048: dmattn_gluon.CONFIGS' persistent_max_length.)
 # On by default since session 5: on the H200 (Triton 3.6) it passed the GPU tests and ran the forward 1.2-1.4x
 # faster than the Triton kernel (0.74x cuDNN causal at l = 1k, 0.86-1.0x at 4k-16k; bench/dmattn_notes.md).
 FORWARD_GLUON = True

@@ -5,7 +5,9 @@ MHA or GQA, no keep-window, no documents): out (b, h, l, d) in q's dtype and the
 lse (b, h, l) fp32 = row_max + log2(row_sum) over scores s = (q·k)·scale·log2(e) + m_key·log2(e), which
 the Triton backward consumes unchanged.
 
-Structure (one program per (query block of BLOCK_M rows, b·h), heaviest query blocks first):
+Structure (one program per (query block of BLOCK_M rows, b·h), heaviest query blocks first; or, for
+l <= CONFIGS[d]["persistent_max_length"], a persistent grid of one program per SM looping over these tiles,
+`_forward_persistent_kernel`, barriers set up once and the next tile's Q/K/V loaded under the current epilogue):
 - producer partition, 1 warp: TMA loads of the Q tile once, then per key block of BLOCK_N keys the K tile
   with its BLOCK_N bias values (one mbarrier) and the V tile (another), into a STAGES-deep shared-memory
   ring; it waits on the ring's "empty" barriers before reusing a slot.
@@ -41,9 +43,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 # Tile shapes per head dim (bf16/fp16). BLOCK_M rows are split between the consumer's two warp groups.
+# persistent_max_length: lengths up to this run on the persistent grid (`_forward_persistent_kernel`) of
+# persistent_grid programs (absent or 0: one per SM; the tests set a few so that each program loops over many tiles).
+# d 128: persistent up to l = 2048 (H200, b·l = 65 536, 16 heads: 0.726 vs 0.852 ms at 1k, 1.245 vs 1.340 at 2k, but
+# 8.06 vs 7.89 ms at 16k; bench/dmattn_notes.md "Session 5: forward at short l"); d 64 not timed, left off.
 CONFIGS = {
-    128: {"block_m": 128, "block_n": 128, "stages": 2, "overlap": True, "split": True},
-    64: {"block_m": 128, "block_n": 128, "stages": 2, "overlap": True, "split": True},
+    128: {"block_m": 128, "block_n": 128, "stages": 2, "overlap": True, "split": True, "persistent_max_length": 2048},
+    64: {"block_m": 128, "block_n": 128, "stages": 2, "overlap": True, "split": True, "persistent_max_length": 0},
 }
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240  # the second consumer's (SPLIT); the first gets what is left
@@ -115,14 +121,17 @@ def _softmax_step(s, row_max, row_sum):
 def _consumer_simple(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      start_m, num_blocks, num_full, scale_log2, acc, row_max, row_sum,
                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Both matmuls waited on at once (no intra-warpgroup overlap): the reference schedule."""
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     base, q_phase, q_empty, RELEASE_Q: gl.constexpr):
+    """Both matmuls waited on at once (no intra-warpgroup overlap): the reference schedule. `base`: ring
+    position of this tile's first key block (persistent grid; 0 otherwise); RELEASE_Q: arrive on q_empty
+    once the last Q Kᵀ is done (persistent grid: the producer then loads the next tile's Q)."""
     rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, q_phase)
     for block in range(num_blocks):
-        slot = block % STAGES
-        phase = (block // STAGES) & 1
+        slot = (base + block) % STAGES
+        phase = ((base + block) // STAGES) & 1
         mbarrier.wait(k_ready.index(slot), phase)
         s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, ))
@@ -131,6 +140,9 @@ def _consumer_simple(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
         else:
             s = _scores(s, bias_smem, slot, block * BLOCK_N, rows, scale_log2, s_layout, BLOCK_N, True)
         mbarrier.arrive(k_empty.index(slot))
+        if RELEASE_Q:
+            if block == num_blocks - 1:
+                mbarrier.arrive(q_empty)
         probs, correction, row_max, row_sum = _softmax_step(s, row_max, row_sum)
         acc = acc * gl.expand_dims(gl.convert_layout(correction, gl.SliceLayout(1, o_layout)), 1)
         p = gl.convert_layout(probs.to(q_smem.dtype), p_layout)
@@ -145,28 +157,34 @@ def _consumer_simple(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
 def _consumer_overlap(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                       start_m, num_blocks, num_full, scale_log2, acc, row_max, row_sum,
                       s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      base, q_phase, q_empty, RELEASE_Q: gl.constexpr):
     """FA3's intra-warpgroup pipelining: S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j are in flight together,
-    and the softmax of block j+1 runs while P_j V_j finishes. wgmma groups complete in issue order."""
+    and the softmax of block j+1 runs while P_j V_j finishes. wgmma groups complete in issue order.
+    `base`, `q_phase`, RELEASE_Q as in `_consumer_simple`."""
     rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, q_phase)
     # Block 0.
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    first = base % STAGES
+    mbarrier.wait(k_ready.index(first), (base // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     if num_full > 0:
-        s = _scores(s, bias_smem, 0, 0, rows, scale_log2, s_layout, BLOCK_N, False)
+        s = _scores(s, bias_smem, first, 0, rows, scale_log2, s_layout, BLOCK_N, False)
     else:
-        s = _scores(s, bias_smem, 0, 0, rows, scale_log2, s_layout, BLOCK_N, True)
-    mbarrier.arrive(k_empty.index(0))
+        s = _scores(s, bias_smem, first, 0, rows, scale_log2, s_layout, BLOCK_N, True)
+    mbarrier.arrive(k_empty.index(first))
+    if RELEASE_Q:
+        if num_blocks == 1:
+            mbarrier.arrive(q_empty)
     probs, correction, row_max, row_sum = _softmax_step(s, row_max, row_sum)
     p = gl.convert_layout(probs.to(q_smem.dtype), p_layout)
     for block in range(1, num_blocks):
-        slot = block % STAGES
-        phase = (block // STAGES) & 1
-        previous = (block - 1) % STAGES
-        previous_phase = ((block - 1) // STAGES) & 1
+        slot = (base + block) % STAGES
+        phase = ((base + block) // STAGES) & 1
+        previous = (base + block - 1) % STAGES
+        previous_phase = ((base + block - 1) // STAGES) & 1
         mbarrier.wait(k_ready.index(slot), phase)
         s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(previous), previous_phase)
@@ -177,14 +195,17 @@ def _consumer_overlap(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty
         else:
             s = _scores(s, bias_smem, slot, block * BLOCK_N, rows, scale_log2, s_layout, BLOCK_N, True)
         mbarrier.arrive(k_empty.index(slot))
+        if RELEASE_Q:
+            if block == num_blocks - 1:
+                mbarrier.arrive(q_empty)
         probs, correction, row_max, row_sum = _softmax_step(s, row_max, row_sum)
         # P (a register operand of the PV wgmma) stays live until here.
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(v_empty.index(previous))
         acc = acc * gl.expand_dims(gl.convert_layout(correction, gl.SliceLayout(1, o_layout)), 1)
         p = gl.convert_layout(probs.to(q_smem.dtype), p_layout)
-    last = (num_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((num_blocks - 1) // STAGES) & 1)
+    last = (base + num_blocks - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((base + num_blocks - 1) // STAGES) & 1)
     acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(v_empty.index(last))
@@ -198,6 +219,17 @@ def _consumer(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_read
               OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr, PART: gl.constexpr):
     """The query rows of this partition: all BLOCK_M (one 8-warp consumer) or half (SPLIT: partition PART
     of two 4-warp consumers, each with its own Q buffer, arriving separately on the empty barriers)."""
+    _consumer_tile(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out, log_sum_exp,
+                   batch_head, start_m, seq_len, num_blocks, num_full, scale_log2, 0, 0, q_bar, HEAD_DIM, BLOCK_N,
+                   STAGES, OVERLAP, NUM_WARPS, PART, False)
+
+
+@gluon.jit
+def _consumer_tile(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                   out, log_sum_exp, batch_head, start_m, seq_len, num_blocks, num_full, scale_log2,
+                   base, q_phase, q_empty, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr, PART: gl.constexpr, RELEASE_Q: gl.constexpr):
+    """One (query block, b·h) tile of `_consumer`, its key blocks at ring positions base, base + 1, ..."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     start_m = start_m + PART * BLOCK_M
     q_smem = q_smem.index(PART)
@@ -212,11 +244,13 @@ def _consumer(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_read
     if OVERLAP:
         acc, row_max, row_sum = _consumer_overlap(
             q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty, start_m, num_blocks,
-            num_full, scale_log2, acc, row_max, row_sum, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES)
+            num_full, scale_log2, acc, row_max, row_sum, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES,
+            base, q_phase, q_empty, RELEASE_Q)
     else:
         acc, row_max, row_sum = _consumer_simple(
             q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty, start_m, num_blocks,
-            num_full, scale_log2, acc, row_max, row_sum, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES)
+            num_full, scale_log2, acc, row_max, row_sum, s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES,
+            base, q_phase, q_empty, RELEASE_Q)
     # Epilogue, as the Triton forward: out = acc / row_sum, lse = row_max + log2(row_sum) (+inf if empty).
     empty = row_sum == 0.0
     safe_sum = gl.where(empty, 1.0, row_sum)
@@ -300,6 +334,149 @@ def _forward_ws_kernel(q_desc, k_desc, v_desc, bias_desc, out, log_sum_exp, seq_
         ], [1], [PRODUCER_REGS])
 
 
+# ----------------------------------------------------------------------------------------------
+# Persistent grid (PERSISTENT): one program per SM, each looping over (query block, b·h) tiles.
+# ----------------------------------------------------------------------------------------------
+@gluon.jit
+def _tile_coordinates(tile, num_row_blocks, seq_len, num_heads, group_size, bias_row_stride,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t -> (b·h, first query row, key blocks, unmasked key blocks, q row, kv row, bias index). Tiles run
+    head by head (so the programs in flight share their heads' K/V in L2), and within a head the query blocks
+    alternate direction from one head to the next (light-to-heavy, then heavy-to-light), so that a program
+    striding by the grid size meets both ends and the programs' loads even out."""
+    batch_head = tile // num_row_blocks
+    position = tile % num_row_blocks
+    block_m = gl.where(batch_head % 2 == 0, num_row_blocks - 1 - position, position)
+    batch = batch_head // num_heads
+    kv_head = (batch_head % num_heads) // group_size
+    start_m = block_m * BLOCK_M
+    num_blocks = gl.cdiv(gl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N)
+    num_full = start_m // BLOCK_N
+    q_row = batch_head * seq_len + start_m
+    kv_row = (batch * (num_heads // group_size) + kv_head) * seq_len
+    bias_index = batch_head * bias_row_stride
+    return batch_head, start_m, num_blocks, num_full, q_row, kv_row, bias_index
+
+
+@gluon.jit
+def _producer_persistent(q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty,
+                         k_ready, k_empty, v_ready, v_empty, num_tiles, num_row_blocks, seq_len, num_heads,
+                         group_size, bias_row_stride, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         STAGES: gl.constexpr):
+    """`_producer` over this program's tiles: the ring position runs on across tiles; the next tile's Q is
+    loaded as soon as both consumers have issued their last Q Kᵀ of the current one (q_empty), i.e. under the
+    current tile's last P V and epilogue, and its first K/V blocks follow into the free ring slots."""
+    halves: gl.constexpr = q_smem.type.shape[0]
+    count = 0
+    iteration = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch_head, start_m, num_blocks, num_full, q_row, kv_row, bias_index = _tile_coordinates(
+            tile, num_row_blocks, seq_len, num_heads, group_size, bias_row_stride, BLOCK_M, BLOCK_N)
+        mbarrier.wait(q_empty, (iteration & 1) ^ 1)
+        mbarrier.expect(q_bar, halves * q_desc.block_type.nbytes)
+        for half in gl.static_range(halves):
+            tma.async_copy_global_to_shared(q_desc, [q_row + half * q_desc.block_type.shape[0], 0], q_bar,
+                                            q_smem.index(half))
+        for block in range(num_blocks):
+            slot = (count + block) % STAGES
+            phase = ((count + block) // STAGES) & 1
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)
+            ready = k_ready.index(slot)
+            mbarrier.expect(ready, k_desc.block_type.nbytes + bias_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv_row + block * BLOCK_N, 0], ready, k_smem.index(slot))
+            tma.async_copy_global_to_shared(bias_desc, [bias_index + block * BLOCK_N], ready,
+                                            bias_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            ready = v_ready.index(slot)
+            mbarrier.expect(ready, v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [kv_row + block * BLOCK_N, 0], ready, v_smem.index(slot))
+        count += num_blocks
+        iteration += 1
+
+
+@gluon.jit
+def _consumer_persistent(q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         out, log_sum_exp, num_tiles, num_row_blocks, seq_len, num_heads, group_size,
+                         bias_row_stride, scale_log2, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                         NUM_WARPS: gl.constexpr, PART: gl.constexpr):
+    count = 0
+    iteration = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch_head, start_m, num_blocks, num_full, q_row, kv_row, bias_index = _tile_coordinates(
+            tile, num_row_blocks, seq_len, num_heads, group_size, bias_row_stride, BLOCK_M, BLOCK_N)
+        _consumer_tile(q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out,
+                       log_sum_exp, batch_head, start_m, seq_len, num_blocks, num_full, scale_log2, count,
+                       iteration & 1, q_empty, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, NUM_WARPS, PART, True)
+        count += num_blocks
+        iteration += 1
+
+
+@gluon.jit
+def _second_consumer_persistent(q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
+                                v_empty, out, log_sum_exp, num_tiles, num_row_blocks, seq_len, num_heads,
+                                group_size, bias_row_stride, scale_log2, HEAD_DIM: gl.constexpr,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                                OVERLAP: gl.constexpr):
+    _consumer_persistent(q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         out, log_sum_exp, num_tiles, num_row_blocks, seq_len, num_heads, group_size,
+                         bias_row_stride, scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, 4, 1)
+
+
+@gluon.jit(do_not_specialize=["num_tiles", "num_row_blocks"])
+def _forward_persistent_kernel(q_desc, k_desc, v_desc, bias_desc, out, log_sum_exp, seq_len, bias_row_stride,
+                               num_heads, group_size, scale_log2, num_tiles, num_row_blocks,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               STAGES: gl.constexpr, OVERLAP: gl.constexpr, SPLIT: gl.constexpr,
+                               PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """`_forward_ws_kernel` on a persistent grid of min(#SMs, tiles) programs, program p taking tiles p,
+    p + grid, ... (`_tile_coordinates`); shared memory and barriers are set up once per program."""
+    CONSUMERS: gl.constexpr = 2 if SPLIT else 1
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [STAGES] + bias_desc.block_type.shape, bias_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=CONSUMERS)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    fence_async_shared()
+
+    if SPLIT:
+        gl.warp_specialize([
+            (_consumer_persistent, (q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
+                                    v_empty, out, log_sum_exp, num_tiles, num_row_blocks, seq_len, num_heads,
+                                    group_size, bias_row_stride, scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                                    OVERLAP, num_warps, 0)),
+            (_second_consumer_persistent, (q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty,
+                                           v_ready, v_empty, out, log_sum_exp, num_tiles, num_row_blocks, seq_len,
+                                           num_heads, group_size, bias_row_stride, scale_log2, HEAD_DIM, BLOCK_M,
+                                           BLOCK_N, STAGES, OVERLAP)),
+            (_producer_persistent, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar,
+                                    q_empty, k_ready, k_empty, v_ready, v_empty, num_tiles, num_row_blocks, seq_len,
+                                    num_heads, group_size, bias_row_stride, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer_persistent, (q_smem, k_smem, v_smem, bias_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
+                                    v_empty, out, log_sum_exp, num_tiles, num_row_blocks, seq_len, num_heads,
+                                    group_size, bias_row_stride, scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                                    OVERLAP, num_warps, 0)),
+            (_producer_persistent, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar,
+                                    q_empty, k_ready, k_empty, v_ready, v_empty, num_tiles, num_row_blocks, seq_len,
+                                    num_heads, group_size, bias_row_stride, BLOCK_M, BLOCK_N, STAGES)),
+        ], [1], [PRODUCER_REGS])
+
+
 # Pad each (b, h) row of the bias to a multiple of 4 floats, so that every bias tile the TMA reads starts
 # 16-byte aligned (the first H200 run failed with "illegal instruction" exactly in the cases whose rows
 # were not: l = 777; bench/dmattn_notes.md, session 5).
@@ -334,6 +511,16 @@ def descriptors(q, k, v, mask_bias, block_m, block_n, split=False):
             TensorDescriptor(bias_flat, list(bias_flat.shape), [1], [block_n], bias_layout))
 
 
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def forward(q, k, v, mask_bias, config=None):
     """(out, lse) as `dmattn._forward_kernel` writes them for the dense schedule; see `supported`."""
     batch, heads, length, head_dim = q.shape
@@ -342,8 +529,19 @@ def forward(q, k, v, mask_bias, config=None):
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     q_desc, k_desc, v_desc, bias_desc = descriptors(q, k, v, mask_bias, config["block_m"], config["block_n"],
                                                     config["split"])
-    grid = (triton.cdiv(length, config["block_m"]), batch * heads)
     bias_row_stride = length if not PAD_BIAS_ROWS or length % 4 == 0 else (length + 3) // 4 * 4
+    num_row_blocks = triton.cdiv(length, config["block_m"])
+    if length <= config.get("persistent_max_length", 0):
+        num_tiles = num_row_blocks * batch * heads
+        programs = config.get("persistent_grid", 0) or _sm_count(q.device)
+        _forward_persistent_kernel[(min(num_tiles, programs), )](
+            q_desc, k_desc, v_desc, bias_desc, out, lse, length, bias_row_stride, heads, heads // k.shape[1],
+            LOG2E / math.sqrt(head_dim), num_tiles, num_row_blocks,
+            HEAD_DIM=head_dim, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], STAGES=config["stages"],
+            OVERLAP=config["overlap"], SPLIT=config["split"], PRODUCER_REGS=PRODUCER_REGISTERS,
+            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4 if config["split"] else 8)
+        return out, lse
+    grid = (num_row_blocks, batch * heads)
     _forward_ws_kernel[grid](
         q_desc, k_desc, v_desc, bias_desc, out, lse, length, bias_row_stride, heads, heads // k.shape[1],
         LOG2E / math.sqrt(head_dim),

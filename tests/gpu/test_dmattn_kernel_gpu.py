@@ -146,10 +146,18 @@ def test_keep_window_thresholds_on_gpu_match_reference_mask(num_documents):
 # The Gluon forward (cheems_parallel/kernels/dmattn_gluon.py, FORWARD_GLUON) with the existing Triton backward:
 # tile/schedule variants as dmattn.GLUON_FORWARD_CONFIG overrides.
 GLUON_VARIANTS = {
-    "split_overlap_s2": {"split": True, "overlap": True, "stages": 2, "block_n": 128},
-    "one_consumer_overlap_s2": {"split": False, "overlap": True, "stages": 2, "block_n": 128},
-    "split_simple_s2": {"split": True, "overlap": False, "stages": 2, "block_n": 128},
-    "split_overlap_n64_s3": {"split": True, "overlap": True, "stages": 3, "block_n": 64},
+    # one program per tile (persistent_max_length 0: the default grid of d 128 at long l)
+    "split_overlap_s2": {"split": True, "overlap": True, "stages": 2, "block_n": 128, "persistent_max_length": 0},
+    "one_consumer_overlap_s2": {"split": False, "overlap": True, "stages": 2, "block_n": 128,
+                                "persistent_max_length": 0},
+    "split_simple_s2": {"split": True, "overlap": False, "stages": 2, "block_n": 128, "persistent_max_length": 0},
+    "split_overlap_n64_s3": {"split": True, "overlap": True, "stages": 3, "block_n": 64, "persistent_max_length": 0},
+    # the persistent grid at every length, on 7 / 3 programs so that each loops over many tiles (the ring and the Q
+    # barrier phases carried across tiles of odd and even key-block counts)
+    "persistent_split_overlap_s2": {"split": True, "overlap": True, "stages": 2, "block_n": 128,
+                                    "persistent_max_length": 1 << 30, "persistent_grid": 7},
+    "persistent_split_overlap_s3": {"split": True, "overlap": True, "stages": 3, "block_n": 128,
+                                    "persistent_max_length": 1 << 30, "persistent_grid": 3},
 }
 
 
