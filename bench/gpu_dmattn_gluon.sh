@@ -6,12 +6,16 @@
 # Usage, through the device tool from the repository root:
 #   bash bench/gpu_dmattn_gluon.sh forward      # tests -k gluon_forward, forward sweep
 #   bash bench/gpu_dmattn_gluon.sh backward     # tests -k gluon_backward, backward sweep
+#   bash bench/gpu_dmattn_gluon.sh sparse       # tests -k gluon_sparse, bench/dmattn_sparse.py (keep-window/documents:
+#                                               # full causal vs Triton sparse vs Gluon sparse forward)
 set -uo pipefail
 PHASE=${1:-forward}
 case "$PHASE" in
-  forward) TESTS=${TESTS:-"gluon and not gluon_backward"}; MATCH=${MATCH:-"fwd gluon"}; LENGTHS=${LENGTHS:-"1024 4096 16384"} ;;
+  forward) TESTS=${TESTS:-"gluon and not gluon_backward and not gluon_sparse"}; MATCH=${MATCH:-"fwd gluon"}; LENGTHS=${LENGTHS:-"1024 4096 16384"} ;;
   backward) TESTS=${TESTS:-"gluon_backward"}; MATCH=${MATCH:-"fused gluon-bwd"}; LENGTHS=${LENGTHS:-"4096 16384 8192 1024"} ;;
-  *) echo "error: phase must be 'forward' or 'backward', got '$PHASE'" >&2; exit 2 ;;
+  sparse) TESTS=${TESTS:-"gluon_sparse"}; MATCH=""; LENGTHS=${LENGTHS:-"1024 4096 16384 2048 8192"}
+          TEST_TIMEOUT=${TEST_TIMEOUT:-150}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-330} ;;
+  *) echo "error: phase must be 'forward', 'backward' or 'sparse', got '$PHASE'" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/dmattn_gluon_$PHASE}
 mkdir -p "$OUT"
@@ -23,6 +27,14 @@ timeout ${TEST_TIMEOUT:-75} python3 -m pytest -v -n 8 -p no:cacheprovider tests/
 echo "gpu tests rc=$? after $(( $(date +%s) - start )) s"
 grep -E "FAILED|passed|failed|crashed" "$OUT/tests.log" | sed -E 's/^\[gw[0-9]+\] *\[ *[0-9]+%\] *//' | sort -u | tail -n 30
 grep -E "^E  " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 8
+if [ "$PHASE" = sparse ]; then
+  timeout ${BENCH_TIMEOUT} python3 bench/dmattn_sparse.py --lengths $LENGTHS --output "$OUT/gluon_sparse.json" \
+      >"$OUT/bench.log" 2>&1
+  echo "bench rc=$? after $(( $(date +%s) - start )) s"
+  grep -E "failed|Error" "$OUT/bench.log" | head -n 10
+  grep -E "sparse l=" "$OUT/bench.log" | sed -E 's/^[0-9:]+ //' | tail -n 60
+  exit 0
+fi
 timeout ${BENCH_TIMEOUT:-85} python3 bench/dmattn.py --tune --tune-only --tune-phases "$PHASE" --tune-match $MATCH \
     --tune-length $LENGTHS --baselines cudnn --precompile-workers 0 --warmup-ms 10 --rep-ms 50 \
     --output "$OUT/gluon_${PHASE}_tune.json" >"$OUT/bench.log" 2>&1

@@ -26,7 +26,7 @@ the fused form needs each document to be one contiguous run of positions (checke
 Forward on Hopper: the dense path (no keep-window, no documents; bf16/fp16, head dim 64/128) runs the Gluon
 kernel of dmattn_gluon.py (FA3-style warp specialisation: a TMA producer warp, two wgmma consumer warp
 groups) when FORWARD_GLUON is set (the default); it writes the same out and lse, so the backward below is
-shared. Elsewhere (CPU, the interpreter, sparse masks, fp32) the Triton forward of this file runs.
+shared. Elsewhere (CPU, the interpreter, sparse masks unless GLUON_SPARSE, fp32) the Triton forward of this file runs.
 
 Backward on Hopper: the same dense path runs the Gluon kernel of dmattn_gluon_bwd.py when BACKWARD_GLUON is set
 (the default; FA3-style, dK/dV/d(bias) per 128-key block, dQ added into an fp32 buffer by TMA reduce-add, then
@@ -842,8 +842,68 @@ def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
     return module is not None and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
 
 
+# The SPARSE forward (keep-window and/or documents) on Hopper by the Gluon kernel of dmattn_gluon_sparse.py (the
+# dense Gluon forward's producer/consumer structure; the producer TMA-loads only the key blocks of the sparse schedule,
+# the consumers apply the keep-window and document masks per element), under the dense Gluon forward's input
+# conditions (CUDA sm_90, bf16/fp16, d 64/128, contiguous). It writes the same out and lse, so the Triton sparse
+# backward runs unchanged. Off by default: built and compiled offline (Triton 3.6, sm_90), not yet run on a GPU
+# (bench/dmattn_notes.md, "Session 5: Gluon sparse path"). GLUON_SPARSE_CONFIG overrides
+# dmattn_gluon_sparse.CONFIGS[head_dim].
+GLUON_SPARSE = False
+GLUON_SPARSE_CONFIG = {}
+
+
+def fold_documents_into_thresholds(key_rank, query_threshold, segment_ids):
+    """With keep-window AND documents (each document one contiguous run, as `_validate` checks), a threshold that
+    also applies the document mask: query i keeps key j <= i iff key_rank[j] <= result[i], with no segment compare.
+
+    Why: `keep_window_thresholds` ranks later documents first, so every key of i's document D ranks below every key
+    of an earlier document, and keys of later documents lie beyond i (causal). Capping the threshold at the largest
+    rank among D's keys therefore removes exactly the earlier documents' keys, and changes nothing when D's prefix
+    holds >= w keys (the w-th smallest rank of i's prefix is then one of D's). key_rank, query_threshold (b, h, l)
+    int32; segment_ids (b, l). Returns (b, h, l) int32."""
+    batch, heads, length = key_rank.shape
+    changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).to(torch.int64)
+    document = torch.nn.functional.pad(changes.cumsum(-1), (1, 0))  # run index of every position, (b, l)
+    index = document[:, None, :].expand(batch, heads, length).contiguous()
+    largest = torch.full((batch, heads, length), -1, dtype=key_rank.dtype, device=key_rank.device)
+    largest.scatter_reduce_(-1, index, key_rank, reduce="amax", include_self=True)
+    return torch.minimum(query_threshold, largest.gather(-1, index))
+
+
+_GLUON_SPARSE_MODULE = []  # [module or None], filled on first use
+
+
+def _gluon_sparse_module():
+    """cheems_parallel.kernels.dmattn_gluon_sparse, imported on first use; None when the import fails."""
+    if not _GLUON_SPARSE_MODULE:
+        try:
+            from cheems_parallel.kernels import dmattn_gluon_sparse
+        except Exception:  # a Triton without the Gluon Hopper API: the Triton sparse forward runs
+            dmattn_gluon_sparse = None
+        _GLUON_SPARSE_MODULE.append(dmattn_gluon_sparse)
+    return _GLUON_SPARSE_MODULE[0]
+
+
+def _gluon_sparse_usable(q, k, v, mask_bias, masks):
+    """GLUON_SPARSE is set and this call can take the Gluon sparse forward (keep-window and/or documents, CUDA,
+    bf16/fp16, d 64/128)."""
+    if not (GLUON_SPARSE and q.is_cuda and masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        return False
+    module = _gluon_sparse_module()
+    return module is not None and module.supported(q, k, v, mask_bias.float())
+
+
 def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
+    if _gluon_sparse_usable(q, k, v, mask_bias, masks):
+        try:
+            return _gluon_sparse_module().forward(q, k, v, mask_bias.float(), masks, GLUON_SPARSE_CONFIG)
+        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
+            logging.getLogger(__name__).warning("dmattn: Gluon sparse forward does not compile (%s); using the "
+                                                "Triton forward", str(error).splitlines()[0][:200])
+            _GLUON_SPARSE_MODULE[0] = None
     if _gluon_forward_usable(q, k, v, mask_bias, masks):
         try:
             return _gluon_module().forward(q, k, v, mask_bias.float(), GLUON_FORWARD_CONFIG)

@@ -288,3 +288,96 @@ def test_gluon_backward_agrees_with_triton_backward(monkeypatch, variant):
         scale = expected.float().norm()
         assert ((got.float() - expected.float()).norm() / scale).item() < 1e-2, name
         assert ((got.float() - again.float()).norm() / scale).item() < 1e-3, name
+
+
+# The Gluon SPARSE forward (cheems_parallel/kernels/dmattn_gluon_sparse.py, GLUON_SPARSE): keep-window and/or documents,
+# the producer loading only the listed key blocks; the Triton sparse backward on its out and lse. Variants as
+# dmattn.GLUON_SPARSE_CONFIG overrides.
+GLUON_SPARSE_VARIANTS = {
+    "split_s2": {},                                         # the default: two consumer warp groups, 2 stages
+    "split_s2_segment_compare": {"fold_documents": False},  # documents compared per element even with keep-window
+    "one_consumer_s2": {"split": False},
+}
+
+
+def use_gluon_sparse(monkeypatch, variant):
+    """Sets the flag and the variant; returns the list that counts the Gluon sparse forward's calls."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    module = kernels._gluon_sparse_module()
+    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
+    monkeypatch.setattr(kernels, "GLUON_SPARSE", True)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_CONFIG", dict(GLUON_SPARSE_VARIANTS[variant]))
+    calls = []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(module, "forward", counted)
+    return calls
+
+
+GLUON_SPARSE_CASES = [
+    (BF16, 1, 4, 4, 1024, 128, 128, None, "random"),     # keep-window w = l/8, random mask: every block listed
+    (BF16, 1, 4, 2, 1536, 128, 192, None, "clustered"),  # keep-window, clustered mask: heavy skipping, GQA 2:1
+    (BF16, 2, 4, 2, 1000, 128, None, 3, "random"),       # documents only, l not a multiple of the tile
+    (BF16, 1, 8, 2, 1100, 128, 96, 4, "clustered"),      # keep-window within documents, GQA 4:1
+    (BF16, 2, 4, 2, 777, 128, 64, None, "random"),       # l % 4 != 0: padded bias / rank rows
+    (BF16, 2, 4, 2, 777, 64, 64, 3, "recency"),          # d 64, both masks, odd length
+    (FP16, 1, 4, 4, 1100, 128, 100, None, "clustered"),  # float16
+    (BF16, 1, 4, 4, 300, 128, 1, 5, "random"),           # w = 1, many short documents
+]
+
+
+@pytest.mark.parametrize("variant", list(GLUON_SPARSE_VARIANTS))
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind",
+                         GLUON_SPARSE_CASES)
+def test_gluon_sparse_matches_reference_on_gpu(monkeypatch, variant, dtype, batch, heads, kv_heads, length, head_dim,
+                                               keep_window, num_documents, mask_kind):
+    """Output and gradients (Triton sparse backward on the Gluon sparse forward's out and lse) vs float64."""
+    calls = use_gluon_sparse(monkeypatch, variant)
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window, num_documents, mask_kind,
+                      seed=length + 11)
+    assert calls, "the Gluon sparse forward did not run"
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("variant", list(GLUON_SPARSE_VARIANTS))
+@pytest.mark.parametrize("keep_window,num_documents,mask_kind", [
+    (125, None, "random"), (125, None, "clustered"), (None, 4, "random"), (125, 4, "clustered")])
+def test_gluon_sparse_agrees_with_triton_sparse_forward(monkeypatch, variant, keep_window, num_documents, mask_kind):
+    """out and lse equal the Triton sparse forward's up to rounding (GQA 4:1, l = 1000); two runs bitwise equal."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    q, k, v = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(3))
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    mask_bias = (clustered_bias(2, 8, 1000, generator) if mask_kind == "clustered"
+                 else torch.randn(2, 8, 1000, generator=generator, device="cuda"))
+    segments = None
+    if num_documents:
+        segments = torch.sort(torch.randint(0, num_documents, (2, 1000), generator=generator, device="cuda"),
+                              dim=-1).values
+    masks = kernels._Masks(mask_bias, keep_window, segments, 2, 8, 1000)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE", False)
+    out_triton, lse_triton = kernels._forward(q, k, v, mask_bias, masks)
+    calls = use_gluon_sparse(monkeypatch, variant)
+    out_first, lse_first = kernels._forward(q, k, v, mask_bias, masks)
+    out_second, lse_second = kernels._forward(q, k, v, mask_bias, masks)
+    assert len(calls) == 2
+    assert torch.isfinite(out_first).all() and torch.isfinite(lse_first).all()
+    assert (lse_first - lse_triton).abs().max().item() < 1e-2
+    assert ((out_first.float() - out_triton.float()).norm() / out_triton.float().norm()).item() < 1e-2
+    assert torch.equal(out_first, out_second) and torch.equal(lse_first, lse_second)
+
+
+def test_gluon_sparse_flag_off_leaves_sparse_path_unchanged(monkeypatch):
+    """GLUON_SPARSE False (the default): a keep-window call never enters the Gluon sparse module."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    assert kernels.GLUON_SPARSE is False
+    module = kernels._gluon_sparse_module()
+    if module is not None:
+        monkeypatch.setattr(module, "forward", lambda *args, **kwargs: pytest.fail("Gluon sparse forward ran"))
+    run_case(1, 4, 4, 512, 128, BF16, keep_window=64, mask_kind="clustered")

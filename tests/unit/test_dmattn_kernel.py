@@ -200,3 +200,115 @@ def test_gluon_backward_flag_falls_back_on_cpu(kernels, monkeypatch):
     errors = compare_with_reference(kernels, q, k, v, mask_bias, None, None, generator)
     assert all(error < TOLERANCE for error in errors.values()), errors
     assert imported_before or "cheems_parallel.kernels.dmattn_gluon_bwd" not in system.modules
+
+
+def test_gluon_sparse_flag_falls_back_on_cpu(kernels, monkeypatch):
+    """GLUON_SPARSE on a CPU machine: the Gluon sparse forward is not usable for CPU tensors, the Triton sparse
+    forward runs (and matches the oracle), and the Gluon sparse module is not imported for it."""
+    import sys as system
+
+    monkeypatch.setattr(kernels, "GLUON_SPARSE", True)
+    imported_before = "cheems_parallel.kernels.dmattn_gluon_sparse" in system.modules
+    generator = torch.Generator().manual_seed(7)
+    q, k, v, mask_bias = make_inputs(1, 4, 2, 45, 16, generator)
+    segments = sorted_segments(1, 45, 3, generator)
+    masks = kernels._Masks(mask_bias, 6, segments, 1, 4, 45)
+    assert masks.sparse and not kernels._gluon_sparse_usable(q, k, v, mask_bias, masks)
+    errors = compare_with_reference(kernels, q, k, v, mask_bias, 6, segments, generator)
+    assert all(error < TOLERANCE for error in errors.values()), errors
+    assert imported_before or "cheems_parallel.kernels.dmattn_gluon_sparse" not in system.modules
+
+
+@pytest.mark.parametrize("length,keep_window,levels,num_documents", [
+    (61, 7, 3, 4), (40, 12, 2, 2), (50, 30, 1000, 5), (64, 3, 1, 8), (33, 1, 4, 3),
+])
+def test_folded_document_thresholds_reproduce_reference_mask(kernels, length, keep_window, levels, num_documents):
+    """fold_documents_into_thresholds (the Gluon sparse forward's keep-window-within-documents form): rank_j <=
+    folded_i with j <= i and NO document compare is exactly the reference's allowed set, ties included, also for
+    documents shorter than the window (where the plain threshold admits earlier documents' keys)."""
+    generator = torch.Generator().manual_seed(length * 100 + keep_window)
+    mask_bias = torch.randint(0, levels, (2, 3, length), generator=generator).float()
+    segments = sorted_segments(2, length, num_documents, generator)
+    key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments)
+    folded = kernels.fold_documents_into_thresholds(key_rank, threshold, segments)
+    positions = torch.arange(length)
+    kept = (key_rank[:, :, None, :] <= folded[:, :, :, None]) & (positions[None, :] <= positions[:, None])
+    assert torch.equal(kept, allowed_mask(mask_bias, keep_window, segments).expand_as(kept))
+
+
+def emulate_gluon_sparse_forward(kernels, q, k, v, mask_bias, keep_window, segments, block_m, block_n, fold):
+    """What dmattn_gluon_sparse._sparse_forward_kernel computes, in float64 torch: per (b·h, query block) only the
+    listed key blocks of `block_schedule` (tiles block_m x block_n), the causal mask only on listed blocks from
+    start_m // block_n on, the window compare (folded thresholds when `fold`) and the document compare per element,
+    the online softmax shifting by 0 while a row is empty. Returns (out, base-2 lse)."""
+    import math
+
+    batch, heads, length, head_dim = q.shape
+    group = heads // k.shape[1]
+    masks = kernels._Masks(mask_bias, keep_window, segments, batch, heads, length)
+    counts, lists = masks.schedule(block_m, block_n, by_query=True)
+    has_window, has_segments, threshold = masks.has_window, masks.has_segments, masks.query_threshold
+    if fold and has_window and has_segments:
+        threshold = kernels.fold_documents_into_thresholds(masks.key_rank, threshold, masks.segment_ids)
+        has_segments = False
+    scale_log2 = 1.4426950408889634 / math.sqrt(head_dim)
+    out = torch.zeros(batch, heads, length, head_dim, dtype=torch.float64)
+    lse = torch.zeros(batch, heads, length, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            row = b * heads + h
+            for block_m_index in range(triton_cdiv(length, block_m)):
+                start_m = block_m_index * block_m
+                rows = torch.arange(start_m, min(start_m + block_m, length))
+                acc = torch.zeros(len(rows), head_dim, dtype=torch.float64)
+                row_max = torch.full((len(rows),), float("-inf"), dtype=torch.float64)
+                row_sum = torch.zeros(len(rows), dtype=torch.float64)
+                for index in range(int(counts[row, block_m_index])):
+                    block = int(lists[row, block_m_index, index])
+                    cols = torch.arange(block * block_n, min(block * block_n + block_n, length))
+                    s = (q[b, h, rows].double() @ k[b, h // group, cols].double().T) * scale_log2
+                    s = s + mask_bias[b, h, cols].double() * 1.4426950408889634
+                    keep = torch.ones_like(s, dtype=torch.bool)
+                    if block >= start_m // block_n:
+                        keep &= rows[:, None] >= cols[None, :]
+                    if has_window:
+                        keep &= masks.key_rank[b, h, cols][None, :] <= threshold[b, h, rows][:, None]
+                    if has_segments:
+                        keep &= segments[b, cols][None, :] == segments[b, rows][:, None]
+                    s = s.masked_fill(~keep, float("-inf"))
+                    new_max = torch.maximum(row_max, s.max(1).values)
+                    shift = torch.where(new_max == float("-inf"), 0.0, new_max)
+                    probs = torch.exp2(s - shift[:, None])
+                    correction = torch.exp2(row_max - shift)
+                    row_sum = row_sum * correction + probs.sum(1)
+                    acc = acc * correction[:, None] + probs @ v[b, h // group, cols].double()
+                    row_max = new_max
+                empty = row_sum == 0
+                out[b, h, rows] = acc / torch.where(empty, 1.0, row_sum)[:, None]
+                safe_sum = torch.where(empty, 1.0, row_sum)
+                lse[b, h, rows] = torch.where(empty, float("inf"), row_max + torch.log2(safe_sum))
+    return out, lse
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.mark.parametrize("length,keep_window,num_documents,bias_levels,fold", [
+    (77, 9, None, None, True),      # keep-window, l % 4 != 0, partial last blocks
+    (64, None, 3, None, True),      # documents only
+    (70, 8, 4, None, True),         # keep-window within documents, folded
+    (70, 8, 4, None, False),        # the same with the document compare
+    (53, 5, 2, 3, True),            # ties
+])
+def test_gluon_sparse_schedule_emulation_matches_reference(kernels, length, keep_window, num_documents, bias_levels,
+                                                           fold):
+    """The Gluon sparse forward's schedule and masking logic (emulated in torch at 16 x 16 tiles: the kernel itself
+    needs an sm_90 GPU) against the float64 oracle, GQA 2:1."""
+    generator = torch.Generator().manual_seed(length + 17)
+    q, k, v, mask_bias = make_inputs(1, 4, 2, length, 16, generator, bias_levels=bias_levels)
+    segments = None if num_documents is None else sorted_segments(1, length, num_documents, generator)
+    out, lse = emulate_gluon_sparse_forward(kernels, q, k, v, mask_bias, keep_window, segments, 16, 16, fold)
+    oracle = dmattn_ref(q.double(), k.double(), v.double(), mask_bias.double(), keep_window, segments)
+    assert torch.isfinite(lse).all()
+    assert relative_error(out, oracle) < 1e-10

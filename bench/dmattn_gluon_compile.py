@@ -1,0 +1,104 @@
+"""Offline sm_90 compile report of the Gluon DMAttn forward kernels (dense `_forward_ws_kernel`, sparse
+`_sparse_forward_kernel`): registers at launch, stack (spills), STL/LDL, shared memory, HGMMA count. No GPU needed:
+`triton.compile` with GPUTarget("cuda", 90, 32), ptxas and cuobjdump from the Triton wheel.
+
+  PYTHONPATH=/tmp/t36site .venv/bin/python bench/dmattn_gluon_compile.py sparse   # Triton 3.6, the GPU's version
+  PYTHONPATH=/tmp/t36site .venv/bin/python bench/dmattn_gluon_compile.py dense    # + a SASS hash per head dim
+"""
+import hashlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import mangle_type
+from triton.experimental.gluon._runtime import GluonASTSource
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def compile_kernel(kernel, args, constexprs, num_warps):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature, constants = {}, {}
+    bound = dict(zip(names, args))
+    bound.update(constexprs)
+    for name in names:
+        value = bound[name]
+        if name in constexprs:
+            signature[name] = "constexpr"
+            constants[(names.index(name),)] = value
+        else:
+            signature[name] = mangle_type(value)
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"]); handle.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", handle.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    setmaxnreg = sorted({int(value, 16) for value in re.findall(r"USETMAXREG\.\S+ (?:UP0, )?(0x[0-9a-f]+)", sass)})
+    return {"regs": int(regs), "stack": int(stack), "smem": compiled.metadata.shared,
+            "hgmma": len(re.findall(r"HGMMA", sass)), "stl": len(re.findall(r"\bSTL", sass)),
+            "ldl": len(re.findall(r"\bLDL", sass)), "setmaxnreg": setmaxnreg,
+            "sass_lines": len(sass.splitlines())}, sass
+
+
+def sparse_case(head_dim, has_window, has_segments, config=None, length=1024):
+    from cheems_parallel.kernels import dmattn_gluon, dmattn_gluon_sparse as m
+    cfg = dict(m.CONFIGS[head_dim], **(config or {}))
+    b, h, hk = 2, 4, 2
+    q = torch.empty(b, h, length, head_dim, dtype=torch.bfloat16)
+    k = torch.empty(b, hk, length, head_dim, dtype=torch.bfloat16)
+    bias = torch.empty(b, h, length)
+    descs = dmattn_gluon.descriptors(q, k, k, bias, cfg["block_m"], cfg["block_n"], cfg["split"])
+    i32 = torch.empty(4, dtype=torch.int32)
+    key_rank = torch.zeros(b, h, length, dtype=torch.int32) if has_window else None
+    segment_ids = torch.zeros(b, length, dtype=torch.int32) if has_segments else None
+    rank_desc, seg_desc, _, _ = m.key_descriptors(key_rank, segment_ids, bias, cfg["block_n"], descs[3])
+    args = (*descs, rank_desc, seg_desc, q, bias, i32, i32, i32, i32, length, length, length, h, 2, 8, 0.1)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"],
+                      SPLIT=cfg["split"], HAS_WINDOW=has_window, HAS_SEGMENTS=has_segments,
+                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS,
+                      num_warps=4 if cfg["split"] else 8)
+    return compile_kernel(m._sparse_forward_kernel, args, constexprs, constexprs["num_warps"])
+
+
+def dense_case(head_dim, config=None, length=1024):
+    from cheems_parallel.kernels import dmattn_gluon as m
+    cfg = dict(m.CONFIGS[head_dim], **(config or {}))
+    b, h = 2, 4
+    q = torch.empty(b, h, length, head_dim, dtype=torch.bfloat16)
+    bias = torch.empty(b, h, length)
+    descs = m.descriptors(q, q, q, bias, cfg["block_m"], cfg["block_n"], cfg["split"])
+    args = (*descs, q, bias, length, length, h, 1, 0.1)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"],
+                      OVERLAP=cfg["overlap"], SPLIT=cfg["split"], PRODUCER_REGS=m.PRODUCER_REGISTERS,
+                      CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4 if cfg["split"] else 8)
+    return compile_kernel(m._forward_ws_kernel, args, constexprs, constexprs["num_warps"])
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "sparse"
+    if what == "dense":
+        for d in (128, 64):
+            r, sass = dense_case(d)
+            body = "\n".join(l for l in sass.splitlines() if "/*" in l)
+            print("dense", d, json.dumps(r), hashlib.sha1(body.encode()).hexdigest()[:12])
+    else:
+        for d, w, s, cfg in [(128, True, False, None), (128, False, True, None), (128, True, True, None),
+                             (128, True, True, {"stages": 3}), (128, True, False, {"split": False}),
+                             (128, True, False, {"block_n": 64, "stages": 3}), (64, True, False, None),
+                             (64, False, True, None), (64, True, True, None)]:
+            try:
+                r, _ = sparse_case(d, w, s, cfg)
+                print("sparse d", d, "window", w, "segments", s, cfg, json.dumps(r))
+            except Exception as e:
+                print("sparse d", d, "window", w, "segments", s, cfg, "FAILED", type(e).__name__, str(e)[:1500])
