@@ -7,9 +7,10 @@ Per l (b·l tokens fixed, bench/dmattn.py's shapes and inputs) and per case:
   documents   8 packed documents of l/8 keys, no keep-window
   both        keep-window w = l/8 on the clustered mask within 8 documents
 it times forward and forward+backward (pre-pass and schedules included, as a user pays them) of: full causal
-with the default settings ("causal"), the sparse case with GLUON_SPARSE False ("triton") and True ("gluon"; the
-backward is the Triton sparse backward in both). x = time(causal) / time(method): > 1 is faster than full causal.
-Before timing, the Gluon run's out and gradients are compared with the Triton run's (bench/dmattn.py's
+with the default settings ("causal"), and the sparse case with the Triton sparse kernels ("triton"), the Gluon sparse
+forward + Triton sparse backward ("gluon": GLUON_SPARSE) and both Gluon sparse kernels ("gluon+bwd": GLUON_SPARSE and
+GLUON_SPARSE_BACKWARD). x = time(causal) / time(method): > 1 is faster than full causal.
+Before timing, each Gluon run's out and gradients are compared with the Triton run's (bench/dmattn.py's
 `disagreement`, 2e-2 relative): a disagreeing Gluon row is recorded as failed, never timed.
 
   python bench/dmattn_sparse.py --lengths 1024 4096 16384 --output /tmp/dmattn_sparse.json
@@ -42,6 +43,8 @@ def parse_arguments():
     parser.add_argument("--keep-window-fraction", type=float, default=0.125)
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--gluon-config", default="{}", help="JSON: dmattn.GLUON_SPARSE_CONFIG for the gluon rows")
+    parser.add_argument("--gluon-backward-config", default="{}",
+                        help="JSON: dmattn.GLUON_SPARSE_BACKWARD_CONFIG for the gluon+bwd rows")
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--output", default="/tmp/dmattn_sparse.json")
@@ -74,15 +77,17 @@ def main():
     import cheems_parallel.kernels.dmattn as kernels
 
     gluon_config = json.loads(arguments.gluon_config)
+    gluon_backward_config = json.loads(arguments.gluon_backward_config)
     report = {"device": torch.cuda.get_device_name() if arguments.device == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "triton": triton.__version__,
               "tokens": arguments.tokens, "heads": arguments.heads, "kv_heads": arguments.kv_heads,
-              "head_dim": arguments.head_dim, "gluon_config": gluon_config, "results": {}}
+              "head_dim": arguments.head_dim, "gluon_config": gluon_config,
+              "gluon_backward_config": gluon_backward_config, "results": {}}
     started = time.time()
     rows = []
     for length in arguments.lengths:
         batch = arguments.tokens // length
         window = max(1, int(length * arguments.keep_window_fraction))
-        kernels.GLUON_SPARSE = False
+        kernels.GLUON_SPARSE = kernels.GLUON_SPARSE_BACKWARD = False
         inputs = bench.make_inputs(batch, arguments.heads, arguments.kv_heads, length, arguments.head_dim)
         causal_fwd, causal_fb = bench.time_method(method(None, None), inputs, arguments.warmup_ms, arguments.rep_ms)
         logger.info("sparse l=%d causal fwd %.3f f+b %.3f", length, causal_fwd, causal_fb)
@@ -98,13 +103,15 @@ def main():
             run = method(None if case == "documents" else window, segments if case in ("documents", "both") else None)
             grad_out = torch.randn_like(inputs[0])
             entry[case] = {}
-            kernels.GLUON_SPARSE = False
+            kernels.GLUON_SPARSE = kernels.GLUON_SPARSE_BACKWARD = False
             reference = values(run, inputs, grad_out)
-            for name in ("triton", "gluon"):
-                kernels.GLUON_SPARSE = name == "gluon"
-                kernels.GLUON_SPARSE_CONFIG = dict(gluon_config) if name == "gluon" else {}
+            for name in ("triton", "gluon", "gluon+bwd"):
+                kernels.GLUON_SPARSE = name != "triton"
+                kernels.GLUON_SPARSE_BACKWARD = name == "gluon+bwd"
+                kernels.GLUON_SPARSE_CONFIG = dict(gluon_config)
+                kernels.GLUON_SPARSE_BACKWARD_CONFIG = dict(gluon_backward_config)
                 try:
-                    if name == "gluon":
+                    if name != "triton":
                         wrong = bench.disagreement(values(run, inputs, grad_out), reference)
                         if wrong:
                             raise RuntimeError(wrong)
@@ -112,23 +119,23 @@ def main():
                                                                         arguments.rep_ms)
                 except Exception as error:  # recorded, not fatal
                     entry[case][name] = {"failed": str(error).splitlines()[0][:300] if str(error) else repr(error)}
-                    logger.warning("sparse l=%d %-9s %-6s failed: %s", length, case, name, entry[case][name]["failed"])
+                    logger.warning("sparse l=%d %-9s %-9s failed: %s", length, case, name, entry[case][name]["failed"])
                     continue
                 entry[case][name] = {"fwd_ms": forward_ms, "fwd_bwd_ms": forward_backward_ms,
                                      "x_fwd": causal_fwd / forward_ms, "x_fwd_bwd": causal_fb / forward_backward_ms}
                 rows.append((length, case, name, forward_ms, forward_backward_ms, causal_fwd / forward_ms,
                              causal_fb / forward_backward_ms))
-                logger.info("sparse l=%d %-9s %-6s fwd %.3f f+b %.3f x fwd %.2f f+b %.2f", *rows[-1])
-            kernels.GLUON_SPARSE = False
+                logger.info("sparse l=%d %-9s %-9s fwd %.3f f+b %.3f x fwd %.2f f+b %.2f", *rows[-1])
+            kernels.GLUON_SPARSE = kernels.GLUON_SPARSE_BACKWARD = False
             del inputs, reference
             if arguments.device == "cuda":
                 torch.cuda.empty_cache()
         report["results"][str(length)] = entry
     report["wall_s"] = time.time() - started
     bench.write_json(report, arguments.output)
-    print(f"{'l':>6} | {'case':<9} | {'method':<6} | {'fwd ms':>7} | {'f+b ms':>7} | {'x fwd':>5} | {'x f+b':>5}")
+    print(f"{'l':>6} | {'case':<9} | {'method':<9} | {'fwd ms':>7} | {'f+b ms':>7} | {'x fwd':>5} | {'x f+b':>5}")
     for row in rows:
-        print(f"{row[0]:>6} | {row[1]:<9} | {row[2]:<6} | {row[3]:>7.3f} | {row[4]:>7.3f} | {row[5]:>5.2f} | "
+        print(f"{row[0]:>6} | {row[1]:<9} | {row[2]:<9} | {row[3]:>7.3f} | {row[4]:>7.3f} | {row[5]:>5.2f} | "
               f"{row[6]:>5.2f}")
 
 

@@ -6,15 +6,15 @@
 # Usage, through the device tool from the repository root:
 #   bash bench/gpu_dmattn_gluon.sh forward      # tests -k gluon_forward, forward sweep
 #   bash bench/gpu_dmattn_gluon.sh backward     # tests -k gluon_backward, backward sweep
-#   bash bench/gpu_dmattn_gluon.sh sparse       # tests -k gluon_sparse, bench/dmattn_sparse.py (keep-window/documents:
-#                                               # full causal vs Triton sparse vs Gluon sparse forward)
+#   bash bench/gpu_dmattn_gluon.sh sparse       # tests -k gluon_sparse (forward and backward), bench/dmattn_sparse.py
+#                                               # (keep-window/documents: causal vs Triton vs Gluon sparse)
 set -uo pipefail
 PHASE=${1:-forward}
 case "$PHASE" in
   forward) TESTS=${TESTS:-"gluon and not gluon_backward and not gluon_sparse"}; MATCH=${MATCH:-"fwd gluon"}; LENGTHS=${LENGTHS:-"1024 4096 16384"} ;;
   backward) TESTS=${TESTS:-"gluon_backward"}; MATCH=${MATCH:-"fused gluon-bwd"}; LENGTHS=${LENGTHS:-"4096 16384 8192 1024"} ;;
   sparse) TESTS=${TESTS:-"gluon_sparse"}; MATCH=""; LENGTHS=${LENGTHS:-"1024 4096 16384 2048 8192"}
-          TEST_TIMEOUT=${TEST_TIMEOUT:-150}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-330} ;;
+          TEST_TIMEOUT=${TEST_TIMEOUT:-200}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-330} ;;
   *) echo "error: phase must be 'forward', 'backward' or 'sparse', got '$PHASE'" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/dmattn_gluon_$PHASE}

@@ -851,6 +851,11 @@ def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
 # dmattn_gluon_sparse.CONFIGS[head_dim].
 GLUON_SPARSE = False
 GLUON_SPARSE_CONFIG = {}
+# The same for the sparse BACKWARD (dmattn_gluon_sparse_bwd.py: the Gluon dense backward's kernel walking the per-key-
+# block lists, masks per element); independent of GLUON_SPARSE (either runs on the other's out / lse). Off by default:
+# compiled offline, not yet run. GLUON_SPARSE_BACKWARD_CONFIG overrides dmattn_gluon_sparse_bwd.CONFIGS[head_dim].
+GLUON_SPARSE_BACKWARD = False
+GLUON_SPARSE_BACKWARD_CONFIG = {}
 
 
 def fold_documents_into_thresholds(key_rank, query_threshold, segment_ids):
@@ -893,6 +898,48 @@ def _gluon_sparse_usable(q, k, v, mask_bias, masks):
         return False
     module = _gluon_sparse_module()
     return module is not None and module.supported(q, k, v, mask_bias.float())
+
+
+_GLUON_SPARSE_BACKWARD_MODULE = []  # [module or None], filled on first use
+
+
+def _gluon_sparse_backward_module():
+    """cheems_parallel.kernels.dmattn_gluon_sparse_bwd, imported on first use; None when the import fails."""
+    if not _GLUON_SPARSE_BACKWARD_MODULE:
+        try:
+            from cheems_parallel.kernels import dmattn_gluon_sparse_bwd
+        except Exception:  # a Triton without the Gluon Hopper API: the Triton sparse backward runs
+            dmattn_gluon_sparse_bwd = None
+        _GLUON_SPARSE_BACKWARD_MODULE.append(dmattn_gluon_sparse_bwd)
+    return _GLUON_SPARSE_BACKWARD_MODULE[0]
+
+
+def _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
+    """GLUON_SPARSE_BACKWARD is set and this call can take the Gluon sparse backward."""
+    if not (GLUON_SPARSE_BACKWARD and q.is_cuda and masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        return False
+    module = _gluon_sparse_backward_module()
+    return module is not None and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+
+
+def _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks):
+    """As `_gluon_backward`, with the Gluon sparse kernel walking `masks`' per-key-block lists."""
+    batch, heads, length, head_dim = q.shape
+    grad_out = grad_out.contiguous()
+    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    grad_query_accum = torch.empty((batch, heads, length, head_dim), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+        out, grad_out, delta, grad_query_accum, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), heads, length,
+        HEAD_DIM=head_dim, BLOCK_M=64, ZERO_DQ=True)
+    grad_key, grad_value, grad_bias = _gluon_sparse_backward_module().backward(
+        q, k, v, mask_bias.float(), grad_out, lse, delta, grad_query_accum, masks, GLUON_SPARSE_BACKWARD_CONFIG)
+    grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    cast_block = 4096
+    _scale_cast_kernel[(triton.cdiv(grad_query.numel(), cast_block),)](
+        grad_query_accum, grad_query, 1.0 / math.sqrt(head_dim), grad_query.numel(), BLOCK=cast_block)
+    return grad_query, grad_key, grad_value, grad_bias
 
 
 def _forward(q, k, v, mask_bias, masks):
@@ -951,6 +998,13 @@ def _gluon_backward(grad_out, q, k, v, mask_bias, out, lse):
 
 def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
+    if _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
+        try:
+            return _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
+            logging.getLogger(__name__).warning("dmattn: Gluon sparse backward does not compile (%s); using the "
+                                                "Triton backward", str(error).splitlines()[0][:200])
+            _GLUON_SPARSE_BACKWARD_MODULE[0] = None
     if _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
         try:
             return _gluon_backward(grad_out, q, k, v, mask_bias, out, lse)

@@ -381,3 +381,91 @@ def test_gluon_sparse_flag_off_leaves_sparse_path_unchanged(monkeypatch):
     if module is not None:
         monkeypatch.setattr(module, "forward", lambda *args, **kwargs: pytest.fail("Gluon sparse forward ran"))
     run_case(1, 4, 4, 512, 128, BF16, keep_window=64, mask_kind="clustered")
+
+
+# The Gluon SPARSE backward (cheems_parallel/kernels/dmattn_gluon_sparse_bwd.py, GLUON_SPARSE_BACKWARD) on the Triton
+# sparse forward's out and lse (GLUON_SPARSE off, so that a failure points at the backward); variants as
+# dmattn.GLUON_SPARSE_BACKWARD_CONFIG overrides.
+GLUON_SPARSE_BACKWARD_VARIANTS = {
+    "split_s2": {},                                         # the default: dSᵀ shared by both warp groups (d 128)
+    "own_keys_s2": {"dq_split": False},
+    "split_s2_segment_compare": {"fold_documents": False},  # documents compared per element even with keep-window
+}
+
+
+def use_gluon_sparse_backward(monkeypatch, variant):
+    """Sets the flag and the variant; returns the list that counts the Gluon sparse backward's calls."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    module = kernels._gluon_sparse_backward_module()
+    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD", True)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_CONFIG", dict(GLUON_SPARSE_BACKWARD_VARIANTS[variant]))
+    calls = []
+    backward = module.backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return backward(*args, **kwargs)
+    monkeypatch.setattr(module, "backward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", list(GLUON_SPARSE_BACKWARD_VARIANTS))
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,length,head_dim,keep_window,num_documents,mask_kind",
+                         GLUON_SPARSE_CASES)
+def test_gluon_sparse_backward_matches_reference_on_gpu(monkeypatch, variant, dtype, batch, heads, kv_heads, length,
+                                                        head_dim, keep_window, num_documents, mask_kind):
+    """Gradients of the Gluon sparse backward (on the Triton sparse forward) vs float64."""
+    calls = use_gluon_sparse_backward(monkeypatch, variant)
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window, num_documents, mask_kind,
+                      seed=length + 12)
+    assert calls, "the Gluon sparse backward did not run"
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("case", [
+    (BF16, 1, 8, 2, 1100, 128, 96, 4, "clustered"),  # keep-window within documents, GQA 4:1
+    (BF16, 1, 4, 4, 1024, 128, 128, None, "random"),  # keep-window, every block listed
+])
+def test_gluon_sparse_forward_and_backward_together_on_gpu(monkeypatch, case):
+    """Both Gluon sparse kernels (the defaults) in one call vs float64."""
+    dtype, batch, heads, kv_heads, length, head_dim, keep_window, num_documents, mask_kind = case
+    forward_calls = use_gluon_sparse(monkeypatch, "split_s2")
+    backward_calls = use_gluon_sparse_backward(monkeypatch, "split_s2")
+    errors = run_case(batch, heads, kv_heads, length, head_dim, dtype, keep_window, num_documents, mask_kind,
+                      seed=length + 13)
+    assert forward_calls and backward_calls
+    assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("variant", list(GLUON_SPARSE_BACKWARD_VARIANTS))
+@pytest.mark.parametrize("keep_window,num_documents,mask_kind", [
+    (125, None, "random"), (125, None, "clustered"), (None, 4, "random"), (125, 4, "clustered")])
+def test_gluon_sparse_backward_agrees_with_triton_sparse_backward(monkeypatch, variant, keep_window, num_documents,
+                                                                  mask_kind):
+    """dQ, dK, dV, d bias of the Gluon sparse backward equal the Triton sparse backward's up to rounding (GQA 4:1,
+    l = 1000, the same Triton forward's out and lse)."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(14)
+    q, k, v, grad_out = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(4))
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    mask_bias = (clustered_bias(2, 8, 1000, generator) if mask_kind == "clustered"
+                 else torch.randn(2, 8, 1000, generator=generator, device="cuda"))
+    segments = None
+    if num_documents:
+        segments = torch.sort(torch.randint(0, num_documents, (2, 1000), generator=generator, device="cuda"),
+                              dim=-1).values
+    masks = kernels._Masks(mask_bias, keep_window, segments, 2, 8, 1000)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE", False)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD", False)
+    out, lse = kernels._forward(q, k, v, mask_bias, masks)
+    reference = kernels._backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+    calls = use_gluon_sparse_backward(monkeypatch, variant)
+    gradients = kernels._backward(grad_out, q, k, v, mask_bias, out, lse, masks)
+    assert calls
+    for name, value, expected in zip(("dq", "dk", "dv", "dbias"), gradients, reference):
+        assert torch.isfinite(value).all(), name
+        error = ((value.float() - expected.float()).norm() / expected.float().norm()).item()
+        assert error < 1e-2, (name, error)

@@ -203,8 +203,8 @@ def test_gluon_backward_flag_falls_back_on_cpu(kernels, monkeypatch):
 
 
 def test_gluon_sparse_flag_falls_back_on_cpu(kernels, monkeypatch):
-    """GLUON_SPARSE on a CPU machine: the Gluon sparse forward is not usable for CPU tensors, the Triton sparse
-    forward runs (and matches the oracle), and the Gluon sparse module is not imported for it."""
+    """GLUON_SPARSE / GLUON_SPARSE_BACKWARD on a CPU machine: the Gluon sparse kernels are not usable for CPU tensors,
+    the Triton sparse path runs (and matches the oracle), and the Gluon sparse modules are not imported for it."""
     import sys as system
 
     monkeypatch.setattr(kernels, "GLUON_SPARSE", True)
@@ -214,9 +214,12 @@ def test_gluon_sparse_flag_falls_back_on_cpu(kernels, monkeypatch):
     segments = sorted_segments(1, 45, 3, generator)
     masks = kernels._Masks(mask_bias, 6, segments, 1, 4, 45)
     assert masks.sparse and not kernels._gluon_sparse_usable(q, k, v, mask_bias, masks)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD", True)
+    assert not kernels._gluon_sparse_backward_usable(torch.randn_like(q), q, k, v, mask_bias, masks)
     errors = compare_with_reference(kernels, q, k, v, mask_bias, 6, segments, generator)
     assert all(error < TOLERANCE for error in errors.values()), errors
     assert imported_before or "cheems_parallel.kernels.dmattn_gluon_sparse" not in system.modules
+    assert "cheems_parallel.kernels.dmattn_gluon_sparse_bwd" not in system.modules or imported_before
 
 
 @pytest.mark.parametrize("length,keep_window,levels,num_documents", [
@@ -312,3 +315,43 @@ def test_gluon_sparse_schedule_emulation_matches_reference(kernels, length, keep
     oracle = dmattn_ref(q.double(), k.double(), v.double(), mask_bias.double(), keep_window, segments)
     assert torch.isfinite(lse).all()
     assert relative_error(out, oracle) < 1e-10
+
+
+@pytest.mark.parametrize("length,keep_window,num_documents,bias_levels,fold", [
+    (77, 9, None, None, True), (64, None, 3, None, True), (70, 8, 4, None, True), (70, 8, 4, None, False),
+    (53, 5, 2, 3, True), (45, 1, 6, None, True),
+])
+def test_gluon_sparse_backward_walk_covers_exactly_the_allowed_pairs(kernels, length, keep_window, num_documents,
+                                                                     bias_levels, fold):
+    """dmattn_gluon_sparse_bwd's walk (per key block of 16 and query head: the listed query steps of 8 of
+    `block_schedule(..., by_query=False)`, the causal compare only on steps before (start_n + 16) / 8, the window
+    compare with the (folded) thresholds, the document compare) visits and keeps exactly the reference's allowed
+    pairs: no kept pair outside the lists, no allowed pair dropped."""
+    generator = torch.Generator().manual_seed(length * 7 + 1)
+    _, _, _, mask_bias = make_inputs(2, 3, 1, length, 16, generator, bias_levels=bias_levels)
+    segments = None if num_documents is None else sorted_segments(2, length, num_documents, generator)
+    masks = kernels._Masks(mask_bias, keep_window, segments, 2, 3, length)
+    key_block, query_block = 16, 8
+    counts, lists = masks.schedule(key_block, query_block, by_query=False)
+    has_window, has_segments, threshold = masks.has_window, masks.has_segments, masks.query_threshold
+    if fold and has_window and has_segments:
+        threshold = kernels.fold_documents_into_thresholds(masks.key_rank, threshold, masks.segment_ids)
+        has_segments = False
+    kept = torch.zeros(2, 3, length, length, dtype=torch.bool)
+    for b in range(2):
+        for h in range(3):
+            for block_n in range(triton_cdiv(length, key_block)):
+                start_n = block_n * key_block
+                cols = torch.arange(start_n, min(start_n + key_block, length))
+                for index in range(int(counts[b * 3 + h, block_n])):
+                    step = int(lists[b * 3 + h, block_n, index])
+                    rows = torch.arange(step * query_block, min(step * query_block + query_block, length))
+                    keep = torch.ones(len(rows), len(cols), dtype=torch.bool)
+                    if step < (start_n + key_block) // query_block:
+                        keep &= rows[:, None] >= cols[None, :]
+                    if has_window:
+                        keep &= masks.key_rank[b, h, cols][None, :] <= threshold[b, h, rows][:, None]
+                    if has_segments:
+                        keep &= segments[b, cols][None, :] == segments[b, rows][:, None]
+                    kept[b, h, rows[:, None], cols[None, :]] |= keep
+    assert torch.equal(kept, allowed_mask(mask_bias, keep_window, segments).expand_as(kept))
