@@ -46,6 +46,7 @@ reference's rules no longer produce) would yield 0 and zero gradients rather tha
 On a machine without CUDA, set TRITON_INTERPRET=1 before this module is imported (the decorator reads
 it); the interpreter computes bf16 wrongly, so test it with float32 inputs.
 """
+import importlib
 import logging
 import math
 import os
@@ -795,51 +796,53 @@ class _Masks:
                               *self.shape, row_block, col_block, by_query)
 
 
-_GLUON_MODULE = []  # [module or None], filled on first use
+# Gluon kernel files (Hopper), imported on first use: None when the import fails (a Triton without the Gluon
+# Hopper API) or after a compile error (`_run_gluon`); the Triton kernels run instead.
+_GLUON_MODULES = {}
+
+
+def _gluon_kernels(name):
+    if name not in _GLUON_MODULES:
+        try:
+            _GLUON_MODULES[name] = importlib.import_module(f"cheems_parallel.kernels.{name}")
+        except Exception:
+            _GLUON_MODULES[name] = None
+    return _GLUON_MODULES[name]
 
 
 def _gluon_module():
-    """cheems_parallel.kernels.dmattn_gluon, imported on first use (needs triton.experimental.gluon with the
-    Hopper API); None when the import fails."""
-    if not _GLUON_MODULE:
-        try:
-            from cheems_parallel.kernels import dmattn_gluon
-        except Exception:  # an older/newer Triton without the Gluon Hopper API: the Triton forward runs
-            dmattn_gluon = None
-        _GLUON_MODULE.append(dmattn_gluon)
-    return _GLUON_MODULE[0]
-
-
-def _gluon_forward_usable(q, k, v, mask_bias, masks):
-    """FORWARD_GLUON is set and this call can take the Gluon forward (dense, CUDA, bf16/fp16, d 64/128)."""
-    if not (FORWARD_GLUON and q.is_cuda and not masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
-        return False
-    module = _gluon_module()
-    return module is not None and module.supported(q, k, v, mask_bias.float())
-
-
-_GLUON_BACKWARD_MODULE = []  # [module or None], filled on first use
+    return _gluon_kernels("dmattn_gluon")
 
 
 def _gluon_backward_module():
-    """cheems_parallel.kernels.dmattn_gluon_bwd, imported on first use; None when the import fails."""
-    if not _GLUON_BACKWARD_MODULE:
-        try:
-            from cheems_parallel.kernels import dmattn_gluon_bwd
-        except Exception:  # a Triton without the Gluon Hopper API: the Triton backward runs
-            dmattn_gluon_bwd = None
-        _GLUON_BACKWARD_MODULE.append(dmattn_gluon_bwd)
-    return _GLUON_BACKWARD_MODULE[0]
+    return _gluon_kernels("dmattn_gluon_bwd")
+
+
+def _gluon_sparse_module():
+    return _gluon_kernels("dmattn_gluon_sparse")
+
+
+def _gluon_sparse_backward_module():
+    return _gluon_kernels("dmattn_gluon_sparse_bwd")
+
+
+def _gluon_applies(enabled, sparse, q, masks):
+    """What every Gluon kernel needs of a call: its flag, CUDA outside the interpreter, the dense or the sparse path,
+    bf16/fp16, head dim 64/128 (each module's `supported` checks the rest: capability, layouts, alignment)."""
+    return (enabled and q.is_cuda and masks.sparse == sparse and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def _gluon_forward_usable(q, k, v, mask_bias, masks):
+    """FORWARD_GLUON is set and this call can take the Gluon forward (dense)."""
+    module = _gluon_applies(FORWARD_GLUON, False, q, masks) and _gluon_module()
+    return bool(module) and module.supported(q, k, v, mask_bias.float())
 
 
 def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
-    """BACKWARD_GLUON is set and this call can take the Gluon backward (dense, CUDA, bf16/fp16, d 64/128)."""
-    if not (BACKWARD_GLUON and q.is_cuda and not masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
-        return False
-    module = _gluon_backward_module()
-    return module is not None and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+    """BACKWARD_GLUON is set and this call can take the Gluon backward (dense)."""
+    module = _gluon_applies(BACKWARD_GLUON, False, q, masks) and _gluon_backward_module()
+    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
 
 
 # The SPARSE forward (keep-window and/or documents) on Hopper by the Gluon kernel of dmattn_gluon_sparse.py (the
@@ -876,55 +879,34 @@ def fold_documents_into_thresholds(key_rank, query_threshold, segment_ids):
     return torch.minimum(query_threshold, largest.gather(-1, index))
 
 
-_GLUON_SPARSE_MODULE = []  # [module or None], filled on first use
-
-
-def _gluon_sparse_module():
-    """cheems_parallel.kernels.dmattn_gluon_sparse, imported on first use; None when the import fails."""
-    if not _GLUON_SPARSE_MODULE:
-        try:
-            from cheems_parallel.kernels import dmattn_gluon_sparse
-        except Exception:  # a Triton without the Gluon Hopper API: the Triton sparse forward runs
-            dmattn_gluon_sparse = None
-        _GLUON_SPARSE_MODULE.append(dmattn_gluon_sparse)
-    return _GLUON_SPARSE_MODULE[0]
-
-
 def _gluon_sparse_usable(q, k, v, mask_bias, masks):
-    """GLUON_SPARSE is set and this call can take the Gluon sparse forward (keep-window and/or documents, CUDA,
-    bf16/fp16, d 64/128)."""
-    if not (GLUON_SPARSE and q.is_cuda and masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
-        return False
-    module = _gluon_sparse_module()
-    return module is not None and module.supported(q, k, v, mask_bias.float())
-
-
-_GLUON_SPARSE_BACKWARD_MODULE = []  # [module or None], filled on first use
-
-
-def _gluon_sparse_backward_module():
-    """cheems_parallel.kernels.dmattn_gluon_sparse_bwd, imported on first use; None when the import fails."""
-    if not _GLUON_SPARSE_BACKWARD_MODULE:
-        try:
-            from cheems_parallel.kernels import dmattn_gluon_sparse_bwd
-        except Exception:  # a Triton without the Gluon Hopper API: the Triton sparse backward runs
-            dmattn_gluon_sparse_bwd = None
-        _GLUON_SPARSE_BACKWARD_MODULE.append(dmattn_gluon_sparse_bwd)
-    return _GLUON_SPARSE_BACKWARD_MODULE[0]
+    """GLUON_SPARSE is set and this call can take the Gluon sparse forward (keep-window and/or documents)."""
+    module = _gluon_applies(GLUON_SPARSE, True, q, masks) and _gluon_sparse_module()
+    return bool(module) and module.supported(q, k, v, mask_bias.float())
 
 
 def _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
     """GLUON_SPARSE_BACKWARD is set and this call can take the Gluon sparse backward."""
-    if not (GLUON_SPARSE_BACKWARD and q.is_cuda and masks.sparse and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
-        return False
-    module = _gluon_sparse_backward_module()
-    return module is not None and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+    module = _gluon_applies(GLUON_SPARSE_BACKWARD, True, q, masks) and _gluon_sparse_backward_module()
+    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
 
 
-def _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks):
-    """As `_gluon_backward`, with the Gluon sparse kernel walking `masks`' per-key-block lists."""
+def _run_gluon(name, call):
+    """call() with the Gluon kernels of module `name`; None (and that module off for good, with a warning) when it
+    does not compile: a Triton whose Gluon API differs."""
+    try:
+        return call()
+    except triton.compiler.errors.CompilationError as error:
+        logging.getLogger(__name__).warning("dmattn: %s does not compile (%s); using the Triton kernel", name,
+                                            str(error).splitlines()[0][:200])
+        _GLUON_MODULES[name] = None
+        return None
+
+
+def _gluon_backward(module, grad_out, q, k, v, mask_bias, out, lse, *schedule, config):
+    """A Gluon backward (`module`: dense, or sparse with `schedule` = (masks,)): delta and the zeroed fp32 dQ buffer
+    from `_delta_kernel`, dK, dV, d(bias) and the dQ sums from the Gluon kernel, dQ scaled and cast by
+    `_scale_cast_kernel`."""
     batch, heads, length, head_dim = q.shape
     grad_out = grad_out.contiguous()
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
@@ -933,8 +915,8 @@ def _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks):
         out, grad_out, delta, grad_query_accum, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), heads, length,
         HEAD_DIM=head_dim, BLOCK_M=64, ZERO_DQ=True)
-    grad_key, grad_value, grad_bias = _gluon_sparse_backward_module().backward(
-        q, k, v, mask_bias.float(), grad_out, lse, delta, grad_query_accum, masks, GLUON_SPARSE_BACKWARD_CONFIG)
+    grad_key, grad_value, grad_bias = module.backward(
+        q, k, v, mask_bias.float(), grad_out, lse, delta, grad_query_accum, *schedule, config)
     grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     cast_block = 4096
     _scale_cast_kernel[(triton.cdiv(grad_query.numel(), cast_block),)](
@@ -945,19 +927,15 @@ def _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks):
 def _forward(q, k, v, mask_bias, masks):
     batch, heads, length, head_dim = q.shape
     if _gluon_sparse_usable(q, k, v, mask_bias, masks):
-        try:
-            return _gluon_sparse_module().forward(q, k, v, mask_bias.float(), masks, GLUON_SPARSE_CONFIG)
-        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
-            logging.getLogger(__name__).warning("dmattn: Gluon sparse forward does not compile (%s); using the "
-                                                "Triton forward", str(error).splitlines()[0][:200])
-            _GLUON_SPARSE_MODULE[0] = None
+        result = _run_gluon("dmattn_gluon_sparse", lambda: _gluon_sparse_module().forward(
+            q, k, v, mask_bias.float(), masks, GLUON_SPARSE_CONFIG))
+        if result is not None:
+            return result
     if _gluon_forward_usable(q, k, v, mask_bias, masks):
-        try:
-            return _gluon_module().forward(q, k, v, mask_bias.float(), GLUON_FORWARD_CONFIG)
-        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
-            logging.getLogger(__name__).warning("dmattn: Gluon forward does not compile (%s); using the Triton "
-                                                "forward", str(error).splitlines()[0][:200])
-            _GLUON_MODULE[0] = None
+        result = _run_gluon("dmattn_gluon", lambda: _gluon_module().forward(
+            q, k, v, mask_bias.float(), GLUON_FORWARD_CONFIG))
+        if result is not None:
+            return result
     config = _configs(q.dtype, q.device)[0]
     out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
@@ -976,42 +954,19 @@ def _forward(q, k, v, mask_bias, masks):
     return out, lse
 
 
-def _gluon_backward(grad_out, q, k, v, mask_bias, out, lse):
-    """The dense backward by dmattn_gluon_bwd: delta and the zeroed fp32 dQ buffer from `_delta_kernel`, dK, dV,
-    d(bias) and the dQ sums from the Gluon kernel, dQ scaled and cast by `_scale_cast_kernel`."""
-    batch, heads, length, head_dim = q.shape
-    grad_out = grad_out.contiguous()
-    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    grad_query_accum = torch.empty((batch, heads, length, head_dim), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(length, 64), batch * heads)](
-        out, grad_out, delta, grad_query_accum, out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), heads, length,
-        HEAD_DIM=head_dim, BLOCK_M=64, ZERO_DQ=True)
-    grad_key, grad_value, grad_bias = _gluon_backward_module().backward(
-        q, k, v, mask_bias.float(), grad_out, lse, delta, grad_query_accum, GLUON_BACKWARD_CONFIG)
-    grad_query = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
-    cast_block = 4096
-    _scale_cast_kernel[(triton.cdiv(grad_query.numel(), cast_block),)](
-        grad_query_accum, grad_query, 1.0 / math.sqrt(head_dim), grad_query.numel(), BLOCK=cast_block)
-    return grad_query, grad_key, grad_value, grad_bias
-
-
 def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
     batch, heads, length, head_dim = q.shape
     if _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
-        try:
-            return _gluon_sparse_backward(grad_out, q, k, v, mask_bias, out, lse, masks)
-        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
-            logging.getLogger(__name__).warning("dmattn: Gluon sparse backward does not compile (%s); using the "
-                                                "Triton backward", str(error).splitlines()[0][:200])
-            _GLUON_SPARSE_BACKWARD_MODULE[0] = None
+        result = _run_gluon("dmattn_gluon_sparse_bwd", lambda: _gluon_backward(
+            _gluon_sparse_backward_module(), grad_out, q, k, v, mask_bias, out, lse, masks,
+            config=GLUON_SPARSE_BACKWARD_CONFIG))
+        if result is not None:
+            return result
     if _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
-        try:
-            return _gluon_backward(grad_out, q, k, v, mask_bias, out, lse)
-        except triton.compiler.errors.CompilationError as error:  # a Triton whose Gluon API differs: stop trying
-            logging.getLogger(__name__).warning("dmattn: Gluon backward does not compile (%s); using the Triton "
-                                                "backward", str(error).splitlines()[0][:200])
-            _GLUON_BACKWARD_MODULE[0] = None
+        result = _run_gluon("dmattn_gluon_bwd", lambda: _gluon_backward(
+            _gluon_backward_module(), grad_out, q, k, v, mask_bias, out, lse, config=GLUON_BACKWARD_CONFIG))
+        if result is not None:
+            return result
     kv_heads = k.shape[1]
     _, key_config, query_config, fused_config = _configs(q.dtype, q.device)
     fused = FUSED_BACKWARD

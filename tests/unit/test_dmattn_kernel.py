@@ -222,6 +222,75 @@ def test_gluon_sparse_flag_falls_back_on_cpu(kernels, monkeypatch):
     assert "cheems_parallel.kernels.dmattn_gluon_sparse_bwd" not in system.modules or imported_before
 
 
+class _StandInGluonKernels:
+    """Stands in for a Gluon kernel file on the CPU (Gluon does not run in the interpreter) so that the glue around
+    the Gluon kernels runs: its `forward` / `backward` are the Triton path's (the flags off inside), its backward
+    fills the fp32 dQ buffer with unscaled sums as the Gluon kernels do, and `fail` makes it raise a compile error."""
+
+    busy = []  # non-empty while a stand-in runs the Triton path: its inner calls must not come back here
+
+    def __init__(self, kernels, fail=False):
+        self.kernels, self.fail, self.calls = kernels, fail, 0
+
+    def supported(self, *tensors):
+        return True
+
+    def _call(self, run):
+        import triton
+
+        self.calls += 1
+        if self.fail:
+            raise triton.compiler.errors.CompilationError("stand-in", None, "no such Gluon API")
+        self.busy.append(True)
+        try:
+            return run()
+        finally:
+            self.busy.pop()
+
+    def forward(self, q, k, v, mask_bias, *schedule_and_config):
+        masks = schedule_and_config[0] if len(schedule_and_config) == 2 else self.kernels._Masks(
+            mask_bias, None, None, *q.shape[:3])
+        return self._call(lambda: self.kernels._forward(q, k, v, mask_bias, masks))
+
+    def backward(self, q, k, v, mask_bias, grad_out, lse, delta, grad_query_accum, *schedule_and_config):
+        masks = schedule_and_config[0] if len(schedule_and_config) == 2 else self.kernels._Masks(
+            mask_bias, None, None, *q.shape[:3])
+
+        def run():
+            out, _ = self.kernels._forward(q, k, v, mask_bias, masks)
+            grad_query, grad_key, grad_value, grad_bias = self.kernels._backward(
+                grad_out, q, k, v, mask_bias, out, lse, masks)
+            grad_query_accum.copy_(grad_query.float() * q.shape[-1] ** 0.5)  # unscaled, as the kernels leave it
+            return grad_key, grad_value, grad_bias
+        return self._call(run)
+
+
+@pytest.mark.parametrize("keep_window,num_documents", [(None, None), (6, 3)])
+@pytest.mark.parametrize("fail", [False, True])
+def test_gluon_dispatch_glue(kernels, monkeypatch, keep_window, num_documents, fail):
+    """The code around the Gluon kernels (dense and sparse): which module a call reaches, the delta / dQ
+    scale-and-cast around their backward, and, when a module does not compile, the warning and the Triton kernels
+    for that call and every later one; the gradients match the float64 oracle either way."""
+    generator = torch.Generator().manual_seed(11)
+    q, k, v, mask_bias = make_inputs(1, 4, 2, 45, 16, generator)
+    segments = None if num_documents is None else sorted_segments(1, 45, num_documents, generator)
+    names = ["dmattn_gluon_sparse", "dmattn_gluon_sparse_bwd"] if keep_window else ["dmattn_gluon", "dmattn_gluon_bwd"]
+    stand_ins = {name: _StandInGluonKernels(kernels, fail) for name in names}
+    monkeypatch.setattr(kernels, "_GLUON_MODULES", dict(stand_ins))
+    for flag in ("FORWARD_GLUON", "BACKWARD_GLUON", "GLUON_SPARSE", "GLUON_SPARSE_BACKWARD"):
+        monkeypatch.setattr(kernels, flag, True)
+
+    def applies(enabled, sparse, q, masks):  # the real one also wants CUDA outside the interpreter
+        return enabled and masks.sparse == sparse and not _StandInGluonKernels.busy
+    monkeypatch.setattr(kernels, "_gluon_applies", applies)
+
+    errors = compare_with_reference(kernels, q, k, v, mask_bias, keep_window, segments, generator)
+    assert all(error < TOLERANCE for error in errors.values()), errors
+    for name in names:
+        assert stand_ins[name].calls >= 1, name
+        assert (kernels._GLUON_MODULES[name] is None) == fail, name
+
+
 @pytest.mark.parametrize("length,keep_window,levels,num_documents", [
     (61, 7, 3, 4), (40, 12, 2, 2), (50, 30, 1000, 5), (64, 3, 1, 8), (33, 1, 4, 3),
 ])
