@@ -10,19 +10,14 @@ import hashlib
 import inspect
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import mangle_type
 from triton.experimental.gluon._runtime import GluonASTSource
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+from sm90_compile import compile_sm90
 
 
 def compile_kernel(kernel, args, constexprs, num_warps):
@@ -38,18 +33,7 @@ def compile_kernel(kernel, args, constexprs, num_warps):
         else:
             signature[name] = mangle_type(value)
     src = GluonASTSource(fn=kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(compiled.asm["cubin"]); handle.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([CUOBJDUMP, "--dump-sass", handle.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage).group(1)
-    stack = re.search(r"STACK:(\d+)", usage).group(1)
-    setmaxnreg = sorted({int(value, 16) for value in re.findall(r"USETMAXREG\.\S+ (?:UP0, )?(0x[0-9a-f]+)", sass)})
-    return {"regs": int(regs), "stack": int(stack), "smem": compiled.metadata.shared,
-            "hgmma": len(re.findall(r"HGMMA", sass)), "stl": len(re.findall(r"\bSTL", sass)),
-            "ldl": len(re.findall(r"\bLDL", sass)), "setmaxnreg": setmaxnreg,
-            "sass_lines": len(sass.splitlines())}, sass
+    return compile_sm90(src, {"num_warps": num_warps})
 
 
 def sparse_case(head_dim, has_window, has_segments, config=None, length=1024):

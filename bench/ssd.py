@@ -373,15 +373,11 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
     become constants, integers and (16-byte aligned) pointers divisible by 16 get that hint. Without those
     hints the unit-stride loads are not known to be contiguous and the report shows spills that the GPU's
     compile does not have (bench/ssd_notes.md, v4)."""
-    import re
-    import subprocess
-    import tempfile
-
     import triton
-    from triton.backends.compiler import GPUTarget
+
+    from sm90_compile import compile_sm90
 
     pointer_types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.float16: "*fp16"}
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     rows = []
 
     def compile_launch(fn, args, kwargs):
@@ -405,15 +401,8 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             else:
                 signature[name] = "fp32"
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-            handle.write(compiled.asm["cubin"])
-            handle.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True,
-                                   text=True).stdout
-            sass = subprocess.run([cuobjdump, "--dump-sass", handle.name], capture_output=True, text=True).stdout
-        rows.append((fn.__name__, options, int(re.search(r"REG:(\d+)", usage).group(1)),
-                     int(re.search(r"STACK:(\d+)", usage).group(1)), compiled.metadata.shared, sass.count("HGMMA")))
+        report, _ = compile_sm90(source, options)
+        rows.append((fn.__name__, options, report["regs"], report["stack"], report["smem"], report["hgmma"]))
 
     class Intercepted:
         def __init__(self, fn):
