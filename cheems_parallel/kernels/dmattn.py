@@ -827,10 +827,19 @@ def _gluon_sparse_backward_module():
 
 
 def _gluon_applies(enabled, sparse, q, masks):
-    """What every Gluon kernel needs of a call: its flag, CUDA outside the interpreter, the dense or the sparse path,
-    bf16/fp16, head dim 64/128 (each module's `supported` checks the rest: capability, layouts, alignment)."""
+    """What every Gluon kernel needs of a call: its flag, a Hopper GPU outside the interpreter, the dense or the
+    sparse path, bf16/fp16, head dim 64/128 (each module's `supported` checks the rest: layouts, alignment)."""
     return (enabled and q.is_cuda and masks.sparse == sparse and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+            and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
+def _gluon_wants_rows(q, masks):
+    """A Gluon kernel would take this call: they load (b·h·l, d) row tiles by TMA, so permuted q, k, v (the layer's
+    views of its (l, b, ...) projections) are copied to rows first (~50 us at cheems-320m's attention shapes, against
+    ~1.2x on the attention itself); the Triton kernels take any strides and get no copy."""
+    enabled = (GLUON_SPARSE or GLUON_SPARSE_BACKWARD) if masks.sparse else (FORWARD_GLUON or BACKWARD_GLUON)
+    return _gluon_applies(enabled, masks.sparse, q, masks)
 
 
 def _gluon_forward_usable(q, k, v, mask_bias, masks):
@@ -842,7 +851,7 @@ def _gluon_forward_usable(q, k, v, mask_bias, masks):
 def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
     """BACKWARD_GLUON is set and this call can take the Gluon backward (dense)."""
     module = _gluon_applies(BACKWARD_GLUON, False, q, masks) and _gluon_backward_module()
-    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out)
 
 
 # The SPARSE forward (keep-window and/or documents) on Hopper by the Gluon kernel of dmattn_gluon_sparse.py (the
@@ -888,7 +897,7 @@ def _gluon_sparse_usable(q, k, v, mask_bias, masks):
 def _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
     """GLUON_SPARSE_BACKWARD is set and this call can take the Gluon sparse backward."""
     module = _gluon_applies(GLUON_SPARSE_BACKWARD, True, q, masks) and _gluon_sparse_backward_module()
-    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out.contiguous())
+    return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out)
 
 
 def _run_gluon(name, call):
@@ -1020,19 +1029,20 @@ def _backward(grad_out, q, k, v, mask_bias, out, lse, masks):
 class _DynamicMaskAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_bias, keep_window, segment_ids):
-        q, k, v = (_rows_last_contiguous(t) for t in (q, k, v))
         mask_bias = mask_bias.contiguous()
         masks = _Masks(mask_bias, keep_window, segment_ids, q.shape[0], q.shape[1], q.shape[2])
+        rows = torch.Tensor.contiguous if _gluon_wants_rows(q, masks) else _rows_last_contiguous
+        q, k, v = (rows(t) for t in (q, k, v))
         out, lse = _forward(q, k, v, mask_bias, masks)
         ctx.save_for_backward(q, k, v, mask_bias, out, lse)
-        ctx.masks = masks
+        ctx.masks, ctx.rows = masks, rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, mask_bias, out, lse = ctx.saved_tensors
         grad_query, grad_key, grad_value, grad_bias = _backward(
-            _rows_last_contiguous(grad_out), q, k, v, mask_bias, out, lse, ctx.masks)
+            ctx.rows(grad_out), q, k, v, mask_bias, out, lse, ctx.masks)
         return grad_query, grad_key, grad_value, grad_bias.to(mask_bias.dtype), None, None
 
 

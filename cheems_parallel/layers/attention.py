@@ -65,10 +65,6 @@ class DMAttention(torch.nn.Module):
         q, k, v, mask = self._qkvm(self.tp.enter_tp(u), cos, sin)
         if self.use_kernels and q.is_cuda:
             from ..kernels.dmattn import dmattn_fused
-            # q, k, v, mask are permuted views of (l, b, ...) projections; the Hopper (Gluon) kernels load whole
-            # (b·h·l, d) row tiles by TMA and take contiguous inputs only. The copies (~50 us for q, k, v at
-            # cheems-320m's b 8, l 2048, 8 heads) buy the Gluon forward+backward, ~1.2x the Triton path's speed.
-            q, k, v, mask = (t.contiguous() for t in (q, k, v, mask))
             out = dmattn_fused(q, k, v, mask, self.keep_window, segment_ids)
         else:
             out = dmattn_ref(q, k, v, mask, self.keep_window, segment_ids)

@@ -232,8 +232,8 @@ class _StandInGluonKernels:
     def __init__(self, kernels, fail=False):
         self.kernels, self.fail, self.calls = kernels, fail, 0
 
-    def supported(self, *tensors):
-        return True
+    def supported(self, *tensors):  # as the real kernels: contiguous rows only
+        return all(t.is_contiguous() for t in tensors)
 
     def _call(self, run):
         import triton
@@ -268,11 +268,14 @@ class _StandInGluonKernels:
 @pytest.mark.parametrize("keep_window,num_documents", [(None, None), (6, 3)])
 @pytest.mark.parametrize("fail", [False, True])
 def test_gluon_dispatch_glue(kernels, monkeypatch, keep_window, num_documents, fail):
-    """The code around the Gluon kernels (dense and sparse): which module a call reaches, the delta / dQ
-    scale-and-cast around their backward, and, when a module does not compile, the warning and the Triton kernels
-    for that call and every later one; the gradients match the float64 oracle either way."""
+    """The code around the Gluon kernels (dense and sparse): which module a call reaches (permuted q, k, v copied to
+    the rows the kernels need), the delta / dQ scale-and-cast around their backward, and, when a module does not
+    compile, the warning and the Triton kernels for that call and every later one; the gradients match the float64
+    oracle either way."""
     generator = torch.Generator().manual_seed(11)
     q, k, v, mask_bias = make_inputs(1, 4, 2, 45, 16, generator)
+    # q, k, v as the attention layer passes them: permuted views of (l, b, h, d); the glue must copy them to rows
+    q, k, v = (t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for t in (q, k, v))
     segments = None if num_documents is None else sorted_segments(1, 45, num_documents, generator)
     names = ["dmattn_gluon_sparse", "dmattn_gluon_sparse_bwd"] if keep_window else ["dmattn_gluon", "dmattn_gluon_bwd"]
     stand_ins = {name: _StandInGluonKernels(kernels, fail) for name in names}
