@@ -161,22 +161,28 @@ GLUON_VARIANTS = {
 }
 
 
-def use_gluon_forward(monkeypatch, variant):
-    """Sets the flag and the variant; returns the list that counts the Gluon forward's calls."""
+def use_gluon(monkeypatch, module_getter, flag, config_name, config, entry):
+    """Turns on one Gluon kernel file (its flag and config variant); returns the list that counts calls of its
+    `entry` ("forward" / "backward"), so a test can check that the Gluon kernel, not the Triton one, ran."""
     import cheems_parallel.kernels.dmattn as kernels
 
-    module = kernels._gluon_module()
+    module = getattr(kernels, module_getter)()
     assert module is not None, "triton.experimental.gluon (Hopper) not importable"
-    monkeypatch.setattr(kernels, "FORWARD_GLUON", True)
-    monkeypatch.setattr(kernels, "GLUON_FORWARD_CONFIG", dict(GLUON_VARIANTS[variant]))
+    monkeypatch.setattr(kernels, flag, True)
+    monkeypatch.setattr(kernels, config_name, dict(config))
     calls = []
-    forward = module.forward
+    original = getattr(module, entry)
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return forward(*args, **kwargs)
-    monkeypatch.setattr(module, "forward", counted)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, entry, counted)
     return calls
+
+
+def use_gluon_forward(monkeypatch, variant):
+    return use_gluon(monkeypatch, "_gluon_module", "FORWARD_GLUON", "GLUON_FORWARD_CONFIG",
+                     GLUON_VARIANTS[variant], "forward")
 
 
 @pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
@@ -228,21 +234,8 @@ GLUON_BACKWARD_VARIANTS = {
 
 
 def use_gluon_backward(monkeypatch, variant):
-    """Sets the flag and the variant; returns the list that counts the Gluon backward's calls."""
-    import cheems_parallel.kernels.dmattn as kernels
-
-    module = kernels._gluon_backward_module()
-    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
-    monkeypatch.setattr(kernels, "BACKWARD_GLUON", True)
-    monkeypatch.setattr(kernels, "GLUON_BACKWARD_CONFIG", dict(GLUON_BACKWARD_VARIANTS[variant]))
-    calls = []
-    backward = module.backward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return backward(*args, **kwargs)
-    monkeypatch.setattr(module, "backward", counted)
-    return calls
+    return use_gluon(monkeypatch, "_gluon_backward_module", "BACKWARD_GLUON", "GLUON_BACKWARD_CONFIG",
+                     GLUON_BACKWARD_VARIANTS[variant], "backward")
 
 
 @pytest.mark.parametrize("variant", list(GLUON_BACKWARD_VARIANTS))
@@ -301,21 +294,8 @@ GLUON_SPARSE_VARIANTS = {
 
 
 def use_gluon_sparse(monkeypatch, variant):
-    """Sets the flag and the variant; returns the list that counts the Gluon sparse forward's calls."""
-    import cheems_parallel.kernels.dmattn as kernels
-
-    module = kernels._gluon_sparse_module()
-    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
-    monkeypatch.setattr(kernels, "GLUON_SPARSE", True)
-    monkeypatch.setattr(kernels, "GLUON_SPARSE_CONFIG", dict(GLUON_SPARSE_VARIANTS[variant]))
-    calls = []
-    forward = module.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-    monkeypatch.setattr(module, "forward", counted)
-    return calls
+    return use_gluon(monkeypatch, "_gluon_sparse_module", "GLUON_SPARSE", "GLUON_SPARSE_CONFIG",
+                     GLUON_SPARSE_VARIANTS[variant], "forward")
 
 
 GLUON_SPARSE_CASES = [
@@ -394,21 +374,8 @@ GLUON_SPARSE_BACKWARD_VARIANTS = {
 
 
 def use_gluon_sparse_backward(monkeypatch, variant):
-    """Sets the flag and the variant; returns the list that counts the Gluon sparse backward's calls."""
-    import cheems_parallel.kernels.dmattn as kernels
-
-    module = kernels._gluon_sparse_backward_module()
-    assert module is not None, "triton.experimental.gluon (Hopper) not importable"
-    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD", True)
-    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_CONFIG", dict(GLUON_SPARSE_BACKWARD_VARIANTS[variant]))
-    calls = []
-    backward = module.backward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return backward(*args, **kwargs)
-    monkeypatch.setattr(module, "backward", counted)
-    return calls
+    return use_gluon(monkeypatch, "_gluon_sparse_backward_module", "GLUON_SPARSE_BACKWARD", "GLUON_SPARSE_BACKWARD_CONFIG",
+                     GLUON_SPARSE_BACKWARD_VARIANTS[variant], "backward")
 
 
 @pytest.mark.parametrize("variant", list(GLUON_SPARSE_BACKWARD_VARIANTS))
