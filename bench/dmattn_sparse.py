@@ -47,6 +47,8 @@ def parse_arguments():
                         help="JSON: dmattn.GLUON_SPARSE_BACKWARD_CONFIG for the gluon+bwd rows")
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the host-side pre-pass per case: keep-window thresholds and the block schedules")
     parser.add_argument("--output", default="/tmp/dmattn_sparse.json")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the logic under TRITON_INTERPRET=1 (tiny --tokens; times meaningless)")
@@ -59,6 +61,21 @@ def method(keep_window, segment_ids):
     def run(q, k, v, bias):
         return dmattn_fused(q, k, v, bias, keep_window=keep_window, segment_ids=segment_ids)
     return run
+
+
+def prepass_breakdown(kernels, inputs, window, segments, warmup_ms, rep_ms):
+    """ms of what a sparse call computes before its kernels: the thresholds (keep-window only) and the block
+    schedules of the Gluon forward (128 x 128 tiles, by query) and backward (by key)."""
+    q, mask_bias = inputs[0], inputs[3].detach()
+    batch, heads, length, _ = q.shape
+    masks = kernels._Masks(mask_bias, window, segments, batch, heads, length)
+    times = {"thresholds_ms": 0.0}
+    if masks.has_window:
+        times["thresholds_ms"] = bench.median_ms(lambda: kernels.keep_window_thresholds(mask_bias, window, segments),
+                                                 warmup_ms, rep_ms)
+    times["schedule_fwd_ms"] = bench.median_ms(lambda: masks.schedule(128, 128, True), warmup_ms, rep_ms)
+    times["schedule_bwd_ms"] = bench.median_ms(lambda: masks.schedule(128, 64, False), warmup_ms, rep_ms)
+    return times
 
 
 def values(run, inputs, grad_out):
@@ -103,11 +120,18 @@ def main():
             run = method(None if case == "documents" else window, segments if case in ("documents", "both") else None)
             grad_out = torch.randn_like(inputs[0])
             entry[case] = {}
+            if arguments.breakdown:
+                entry[case]["prepass"] = prepass_breakdown(kernels, inputs, None if case == "documents" else window,
+                                                           segments if case in ("documents", "both") else None,
+                                                           arguments.warmup_ms, arguments.rep_ms)
+                logger.info("sparse l=%d %-9s prepass %s", length, case,
+                            " ".join(f"{key[:-3]} {value:.3f}" for key, value in entry[case]["prepass"].items()))
             kernels.GLUON_SPARSE = kernels.GLUON_SPARSE_BACKWARD = False
             reference = values(run, inputs, grad_out)
             for name in ("triton", "gluon", "gluon+bwd"):
                 kernels.GLUON_SPARSE = name != "triton"
                 kernels.GLUON_SPARSE_BACKWARD = name == "gluon+bwd"
+                kernels.GLUON_SPARSE_BACKWARD_MIN_LENGTH = 0  # the kernel itself at every length
                 kernels.GLUON_SPARSE_CONFIG = dict(gluon_config)
                 kernels.GLUON_SPARSE_BACKWARD_CONFIG = dict(gluon_backward_config)
                 try:

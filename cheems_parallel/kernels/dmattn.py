@@ -26,7 +26,7 @@ the fused form needs each document to be one contiguous run of positions (checke
 Forward on Hopper: the dense path (no keep-window, no documents; bf16/fp16, head dim 64/128) runs the Gluon
 kernel of dmattn_gluon.py (FA3-style warp specialisation: a TMA producer warp, two wgmma consumer warp
 groups) when FORWARD_GLUON is set (the default); it writes the same out and lse, so the backward below is
-shared. Elsewhere (CPU, the interpreter, sparse masks unless GLUON_SPARSE, fp32) the Triton forward of this file runs.
+shared. The sparse path has its own Gluon kernels (GLUON_SPARSE, GLUON_SPARSE_BACKWARD). Elsewhere (CPU, the\ninterpreter, fp32, other GPUs) the Triton kernels of this file run.
 
 Backward on Hopper: the same dense path runs the Gluon kernel of dmattn_gluon_bwd.py when BACKWARD_GLUON is set
 (the default; FA3-style, dK/dV/d(bias) per 128-key block, dQ added into an fp32 buffer by TMA reduce-add, then
@@ -122,44 +122,72 @@ INTERPRETER_CONFIGS = ({"block_m": 32, "block_n": 16, "num_warps": 4, "num_stage
 
 
 # ----------------------------------------------------------------------------------------------
-# Keep-window pre-pass: key ranks (torch sort) and per-query thresholds (torch table + Triton scan).
+# Keep-window pre-pass: key ranks (torch sort) and per-query thresholds (two Triton kernels).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _threshold_kernel(key_rank, candidate_rank, candidate_count, threshold, seq_len, num_chunks, keep_window,
-                      CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
-    """Grid (num_chunks, b·h). For the CHUNK queries of one chunk, walk them in order, counting for every
-    candidate rank how many keys of the prefix rank at or below it; a query's threshold is the smallest
-    candidate present in its prefix whose count reaches w.
+def _prefix_scan_kernel(key_by_rank, candidate_rank, candidate_count, seq_len, num_chunks, keep_window,
+                        CHUNK: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    """Grid (num_chunks, b·h). Walks the row's keys in rank order, RANK_BLOCK at a time, counting the keys that
+    lie before this chunk ("earlier keys"), and records:
+      candidate_rank[u], u = 0..CHUNK: the rank of the (w-u)-th earlier key (left at KEEP_ALL when absent);
+      candidate_count[t]: how many earlier keys rank at or below the chunk's own key t (left at -1 when the walk
+      stops before reaching that key's rank: it then has at least min(w, #earlier keys) below it).
+    It stops once min(w, #earlier keys) earlier keys are seen: no later rank can be a threshold of this chunk."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    start = chunk * CHUNK
+    needed = tl.minimum(keep_window, start)
+    table_row = row * num_chunks + chunk
+    offsets = tl.arange(0, RANK_BLOCK)
+    seen = 0
+    rank_start = 0
+    while seen < needed:
+        ranks = rank_start + offsets
+        inside = ranks < seq_len
+        position = tl.load(key_by_rank + row * seq_len + ranks, mask=inside, other=0)
+        earlier = inside & (position < start)
+        count = seen + tl.cumsum(earlier.to(tl.int32), 0)  # earlier keys ranked at or below this rank
+        slot = keep_window - count
+        tl.store(candidate_rank + table_row * (CHUNK + 1) + slot, ranks,
+                 mask=earlier & (slot >= 0) & (slot <= CHUNK))
+        own = inside & (position >= start) & (position < start + CHUNK)
+        tl.store(candidate_count + table_row * CHUNK + (position - start), count, mask=own)
+        seen += tl.sum(earlier.to(tl.int32), 0)
+        rank_start += RANK_BLOCK
 
-    candidate_rank (b·h, chunks, CHUNK+1): the (w-u)-th smallest rank among keys before the chunk, u = 0..CHUNK
-    (KEEP_ALL when absent); their counts start at w-u. The chunk's own keys are the other candidates; their
-    counts start at candidate_count (b·h, chunks, CHUNK): keys before the chunk with a rank at or below."""
+
+@triton.jit
+def _chunk_threshold_kernel(key_rank, candidate_rank, candidate_count, threshold, seq_len, num_chunks, keep_window,
+                            CHUNK: tl.constexpr):
+    """Grid (num_chunks, b·h). Query o of the chunk (offset o) keeps the w smallest ranks of its prefix; its
+    threshold is the smallest candidate x (an earlier-key candidate of the scan, or an own key t <= o) whose
+    count reaches w, count(x) = (earlier keys ranked <= x) + #{own keys t' <= o ranked <= x}: one cumsum over
+    t' for all (o, x) at once."""
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
     table_row = row * num_chunks + chunk
-    prefix_offsets = tl.arange(0, PREFIX_BLOCK)
-    prefix_rank = tl.load(candidate_rank + table_row * (CHUNK + 1) + prefix_offsets,
-                          mask=prefix_offsets < CHUNK + 1, other=KEEP_ALL_IN_KERNEL)
-    prefix_count = keep_window - prefix_offsets
-    own_offsets = tl.arange(0, CHUNK)
-    own_rank = tl.load(key_rank + row * seq_len + start + own_offsets, mask=start + own_offsets < seq_len,
-                       other=KEEP_ALL_IN_KERNEL)
-    own_count = tl.load(candidate_count + table_row * CHUNK + own_offsets)
-    for offset in range(0, CHUNK):
-        inside = start + offset < seq_len
-        rank = tl.load(key_rank + row * seq_len + start + offset, mask=inside, other=KEEP_ALL_IN_KERNEL)
-        prefix_count += (rank <= prefix_rank).to(tl.int32)
-        own_count += (rank <= own_rank).to(tl.int32)
-        prefix_ok = (prefix_count >= keep_window) & (prefix_rank < KEEP_ALL_IN_KERNEL)
-        own_ok = (own_count >= keep_window) & (own_offsets <= offset) & (own_rank < KEEP_ALL_IN_KERNEL)
-        best = tl.minimum(tl.min(tl.where(prefix_ok, prefix_rank, KEEP_ALL_IN_KERNEL), 0),
-                          tl.min(tl.where(own_ok, own_rank, KEEP_ALL_IN_KERNEL), 0))
-        tl.store(threshold + row * seq_len + start + offset, best, mask=inside)
+    offsets = tl.arange(0, CHUNK)
+    inside = start + offsets < seq_len
+    own_rank = tl.load(key_rank + row * seq_len + start + offsets, mask=inside, other=KEEP_ALL_IN_KERNEL)
+    own_earlier = tl.load(candidate_count + table_row * CHUNK + offsets)
+    own_earlier = tl.where(own_earlier < 0, tl.minimum(keep_window, start), own_earlier)
+    prefix_rank = tl.load(candidate_rank + table_row * (CHUNK + 1) + 1 + offsets)  # u = 1..CHUNK
+    prefix_earlier = keep_window - 1 - offsets
+    best_earlier = tl.load(candidate_rank + table_row * (CHUNK + 1))  # u = 0: already w earlier keys
+    own_count = own_earlier[None, :] + tl.cumsum((own_rank[:, None] <= own_rank[None, :]).to(tl.int32), 0)
+    prefix_count = prefix_earlier[None, :] + tl.cumsum((own_rank[:, None] <= prefix_rank[None, :]).to(tl.int32), 0)
+    own_ok = ((own_count >= keep_window) & (offsets[None, :] <= offsets[:, None])
+              & (own_rank[None, :] < KEEP_ALL_IN_KERNEL))
+    prefix_ok = (prefix_count >= keep_window) & (prefix_rank[None, :] < KEEP_ALL_IN_KERNEL)
+    best = tl.minimum(tl.min(tl.where(own_ok, own_rank[None, :], KEEP_ALL_IN_KERNEL), 1),
+                      tl.min(tl.where(prefix_ok, prefix_rank[None, :], KEEP_ALL_IN_KERNEL), 1))
+    best = tl.minimum(best, best_earlier)
+    tl.store(threshold + row * seq_len + start + offsets, best, mask=inside)
 
 
 def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_ids: torch.Tensor | None = None,
-                           chunk_size: int = 128, max_elements: int = 2**28):
+                           chunk_size: int = 128, rank_block: int = 1024):
     """(b, h, l) mask -> (key_rank, query_threshold), both int32 (b, h, l).
 
     key_rank[j]: position of key j when the whole row is sorted by (m desc, j desc).
@@ -173,9 +201,10 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_id
     documents that the threshold admits are removed by the document mask.
 
     Method, per chunk of `chunk_size` queries: the w-th smallest rank of a query's prefix is one of the
-    chunk's own ranks or the (w-u)-th smallest rank of the keys before the chunk, u <= chunk size. A count
-    table T[c, r] = #{keys before chunk c with rank <= r} (b·h·l²/chunk_size int32, built in slices of at
-    most `max_elements`) gives those candidates and their starting counts; `_threshold_kernel` finishes.
+    chunk's own ranks or the (w-u)-th smallest rank of the keys before the chunk, u <= chunk size.
+    `_prefix_scan_kernel` finds those candidates and the own keys' starting counts by walking the ranks in
+    order, `rank_block` at a time (it stops after w earlier keys: about w·l/start ranks for an unstructured mask),
+    and `_chunk_threshold_kernel` finishes.
     """
     batch, heads, length = mask_bias.shape
     device = mask_bias.device
@@ -189,37 +218,23 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_id
         document = document[:, None, :].expand(batch, heads, length).reshape(batch * heads, length)
         later_first = torch.sort(document.gather(-1, key_by_rank), dim=-1, descending=True, stable=True).indices
         key_by_rank = key_by_rank.gather(-1, later_first)
-    positions = torch.arange(length, device=device).expand(batch * heads, length)
-    key_rank = torch.empty_like(key_by_rank).scatter_(-1, key_by_rank, positions).to(torch.int32)
+    positions = torch.arange(length, device=device, dtype=torch.int32).expand(batch * heads, length)
+    key_rank = torch.empty(batch * heads, length, dtype=torch.int32, device=device).scatter_(-1, key_by_rank, positions)
     if keep_window >= length:
         threshold = torch.full_like(key_rank, KEEP_ALL)
         return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
     chunk = min(triton.next_power_of_2(chunk_size), triton.next_power_of_2(length))
     num_chunks = triton.cdiv(length, chunk)
-    chunk_index = torch.arange(num_chunks, device=device, dtype=torch.int32)
-    targets = (keep_window - torch.arange(chunk + 1, device=device, dtype=torch.int32))
-    candidate_rank = torch.empty(batch * heads, num_chunks, chunk + 1, dtype=torch.int32, device=device)
-    candidate_count = torch.zeros(batch * heads, num_chunks, chunk, dtype=torch.int32, device=device)
-    padded_rank = torch.zeros(batch * heads, num_chunks * chunk, dtype=torch.int64, device=device)
-    padded_rank[:, :length] = key_rank
-    padded_rank = padded_rank.reshape(batch * heads, num_chunks, chunk)
-    rows_per_slice = max(1, max_elements // (num_chunks * length))
-    for start in range(0, batch * heads, rows_per_slice):
-        stop = min(start + rows_per_slice, batch * heads)
-        chunk_of_rank = (key_by_rank[start:stop] // chunk).to(torch.int32)  # (n, l): chunk of the key at rank r
-        # table[n, c, r] = #{keys before chunk c with rank <= r}; non-decreasing in r.
-        table = (chunk_of_rank[:, None, :] < chunk_index[None, :, None]).cumsum(-1, dtype=torch.int32)
-        flat = table.reshape(-1, length)
-        # The (w-u)-th smallest pre-chunk rank is the first r where the count reaches w-u.
-        found = torch.searchsorted(flat, targets.expand(flat.shape[0], chunk + 1).contiguous())
-        present = (targets >= 1) & (found < length)
-        candidate_rank[start:stop] = torch.where(present, found, KEEP_ALL).reshape(stop - start, num_chunks, chunk + 1)
-        candidate_count[start:stop] = table.gather(-1, padded_rank[start:stop])
+    candidate_rank = torch.full((batch * heads, num_chunks, chunk + 1), KEEP_ALL, dtype=torch.int32, device=device)
+    candidate_count = torch.full((batch * heads, num_chunks, chunk), -1, dtype=torch.int32, device=device)
     threshold = torch.empty(batch * heads, length, dtype=torch.int32, device=device)
-    _threshold_kernel[(num_chunks, batch * heads)](
-        key_rank, candidate_rank, candidate_count, threshold, length, num_chunks, keep_window,
-        CHUNK=chunk, PREFIX_BLOCK=triton.next_power_of_2(chunk + 1))
+    _prefix_scan_kernel[(num_chunks, batch * heads)](
+        key_by_rank.to(torch.int32), candidate_rank, candidate_count, length, num_chunks, keep_window,
+        CHUNK=chunk, RANK_BLOCK=min(triton.next_power_of_2(rank_block), triton.next_power_of_2(length)), num_warps=4)
+    _chunk_threshold_kernel[(num_chunks, batch * heads)](
+        key_rank, candidate_rank, candidate_count, threshold, length, num_chunks, keep_window, CHUNK=chunk,
+        num_warps=8)
     return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
 
@@ -857,17 +872,19 @@ def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
 # The SPARSE forward (keep-window and/or documents) on Hopper by the Gluon kernel of dmattn_gluon_sparse.py (the
 # dense Gluon forward's producer/consumer structure; the producer TMA-loads only the key blocks of the sparse schedule,
 # the consumers apply the keep-window and document masks per element), under the dense Gluon forward's input
-# conditions (CUDA sm_90, bf16/fp16, d 64/128, contiguous). It writes the same out and lse, so the Triton sparse
-# backward runs unchanged. Off by default: built and compiled offline (Triton 3.6, sm_90), not yet run on a GPU
-# (bench/dmattn_notes.md, "Session 5: Gluon sparse path"). GLUON_SPARSE_CONFIG overrides
-# dmattn_gluon_sparse.CONFIGS[head_dim].
-GLUON_SPARSE = False
+# conditions (CUDA sm_90, bf16/fp16, d 64/128, contiguous). It writes the same out and lse as the Triton sparse
+# forward. On by default since session 6's H200 sweep (bench/dmattn_notes.md): forward+backward 1.0-1.3x the Triton
+# sparse forward's at 1k-16k. GLUON_SPARSE_CONFIG overrides dmattn_gluon_sparse.CONFIGS[head_dim].
+GLUON_SPARSE = True
 GLUON_SPARSE_CONFIG = {}
 # The same for the sparse BACKWARD (dmattn_gluon_sparse_bwd.py: the Gluon dense backward's kernel walking the per-key-
-# block lists, masks per element); independent of GLUON_SPARSE (either runs on the other's out / lse). Off by default:
-# compiled offline, not yet run. GLUON_SPARSE_BACKWARD_CONFIG overrides dmattn_gluon_sparse_bwd.CONFIGS[head_dim].
-GLUON_SPARSE_BACKWARD = False
+# block lists, masks per element); independent of GLUON_SPARSE (either runs on the other's out / lse). On by default
+# from l = GLUON_SPARSE_BACKWARD_MIN_LENGTH: the same sweep measured it 1.2-1.4x the Triton sparse backward's
+# forward+backward from 2k, but 0.75-0.95x at 1k (short block lists: its per-program set-up is not repaid).
+# GLUON_SPARSE_BACKWARD_CONFIG overrides dmattn_gluon_sparse_bwd.CONFIGS[head_dim].
+GLUON_SPARSE_BACKWARD = True
 GLUON_SPARSE_BACKWARD_CONFIG = {}
+GLUON_SPARSE_BACKWARD_MIN_LENGTH = 2048
 
 
 def fold_documents_into_thresholds(key_rank, query_threshold, segment_ids):
@@ -895,8 +912,10 @@ def _gluon_sparse_usable(q, k, v, mask_bias, masks):
 
 
 def _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
-    """GLUON_SPARSE_BACKWARD is set and this call can take the Gluon sparse backward."""
-    module = _gluon_applies(GLUON_SPARSE_BACKWARD, True, q, masks) and _gluon_sparse_backward_module()
+    """GLUON_SPARSE_BACKWARD is set, l >= GLUON_SPARSE_BACKWARD_MIN_LENGTH and this call can take the Gluon sparse
+    backward."""
+    enabled = GLUON_SPARSE_BACKWARD and q.shape[2] >= GLUON_SPARSE_BACKWARD_MIN_LENGTH
+    module = _gluon_applies(enabled, True, q, masks) and _gluon_sparse_backward_module()
     return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out)
 
 

@@ -105,13 +105,28 @@ def test_keep_window_with_documents_and_ties(kernels, documents):
 def test_keep_window_thresholds_reproduce_reference_mask(kernels, length, keep_window, chunk_size, levels,
                                                          num_documents):
     """rank_j <= threshold_i (with j <= i and the document mask) must be exactly the reference's allowed set,
-    ties included; a tiny slice budget (about one (b, h) row per slice) also exercises the slicing."""
+    ties included; small chunks and rank blocks give many of each per row (the scan's early stop, partial blocks)."""
     generator = torch.Generator().manual_seed(length * 1000 + keep_window)
     mask_bias = torch.randint(0, levels, (2, 2, length), generator=generator).float()
     segments = None if num_documents is None else sorted_segments(2, length, num_documents, generator)
     key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments, chunk_size=chunk_size,
-                                                         max_elements=300)
+                                                         rank_block=8)
     positions = torch.arange(length)
+    kept = (key_rank[:, :, None, :] <= threshold[:, :, :, None]) & (positions[None, :] <= positions[:, None])
+    if segments is not None:
+        kept &= (segments[:, :, None] == segments[:, None, :])[:, None]
+    assert torch.equal(kept, allowed_mask(mask_bias, keep_window, segments).expand_as(kept))
+
+
+@pytest.mark.parametrize("keep_window,num_documents", [(13, None), (21, None), (10, 3)])
+def test_keep_window_thresholds_where_the_window_fills_inside_a_chunk(kernels, keep_window, num_documents):
+    """The chunk holding query w: the scan stops after the last earlier key, so own keys ranked above every earlier
+    key start from the default count (all earlier keys); many rows of continuous values make that case frequent."""
+    generator = torch.Generator().manual_seed(keep_window)
+    mask_bias = torch.randn(4, 8, 64, generator=generator)
+    segments = None if num_documents is None else sorted_segments(4, 64, num_documents, generator)
+    key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments, chunk_size=8, rank_block=8)
+    positions = torch.arange(64)
     kept = (key_rank[:, :, None, :] <= threshold[:, :, :, None]) & (positions[None, :] <= positions[:, None])
     if segments is not None:
         kept &= (segments[:, :, None] == segments[:, None, :])[:, None]
@@ -282,6 +297,7 @@ def test_gluon_dispatch_glue(kernels, monkeypatch, keep_window, num_documents, f
     monkeypatch.setattr(kernels, "_GLUON_MODULES", dict(stand_ins))
     for flag in ("FORWARD_GLUON", "BACKWARD_GLUON", "GLUON_SPARSE", "GLUON_SPARSE_BACKWARD"):
         monkeypatch.setattr(kernels, flag, True)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_MIN_LENGTH", 0)
 
     def applies(enabled, sparse, q, masks):  # the real one also wants CUDA outside the interpreter
         return enabled and masks.sparse == sparse and not _StandInGluonKernels.busy
