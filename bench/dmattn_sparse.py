@@ -49,6 +49,9 @@ def parse_arguments():
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the host-side pre-pass per case: keep-window thresholds and the block schedules")
+    parser.add_argument("--profile", type=int, default=0, metavar="L",
+                        help="only profile (torch.profiler) forward+backward of each case at this l with the default "
+                             "flags: the top kernels by GPU time and the host time per call")
     parser.add_argument("--output", default="/tmp/dmattn_sparse.json")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the logic under TRITON_INTERPRET=1 (tiny --tokens; times meaningless)")
@@ -78,6 +81,41 @@ def prepass_breakdown(kernels, inputs, window, segments, warmup_ms, rep_ms):
     return times
 
 
+def profile(arguments, length):
+    """GPU time per kernel and host time of forward+backward with the default flags, per case, at l."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch = arguments.tokens // length
+    window = max(1, int(length * arguments.keep_window_fraction))
+    segments = (torch.arange(length, device="cuda") // max(1, length // arguments.documents)).to(torch.int32)
+    segments = segments[None].expand(batch, length).contiguous()
+    for case in (None,) + tuple(arguments.cases):
+        inputs = bench.make_inputs(batch, arguments.heads, arguments.kv_heads, length, arguments.head_dim,
+                                   mask_kind="random" if case == "random" else "clustered", seed=1)
+        run = method(None if case in (None, "documents") else window, segments if case in ("documents", "both") else None)
+        grad_out = torch.randn_like(inputs[0])
+        for _ in range(3):
+            values(run, inputs, grad_out)
+        torch.cuda.synchronize()
+        repeats = 5
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            started = time.perf_counter()
+            for _ in range(repeats):
+                values(run, inputs, grad_out)
+            host_ms = (time.perf_counter() - started) * 1e3 / repeats
+            torch.cuda.synchronize()
+        events = [event for event in profiler.key_averages()  # the kernels themselves, not the ops that launch them
+                  if str(event.device_type).endswith("CUDA") and event.device_time_total > 0]
+        events.sort(key=lambda event: -event.device_time_total)
+        gpu_ms = sum(event.device_time_total for event in events) / 1e3 / repeats
+        print(f"profile l={length} {case or 'causal'}: GPU {gpu_ms:.3f} ms per f+b (kernels summed), host "
+              f"{host_ms:.3f} ms per call (profiled)")
+        for event in events[:12]:
+            print(f"  {event.device_time_total / 1e3 / repeats:8.3f} ms {event.count // repeats:4d}x  {event.key[:90]}")
+        del inputs
+
+
 def values(run, inputs, grad_out):
     out = run(*inputs)
     return [out.detach().float()] + [g.float() for g in torch.autograd.grad(out, inputs, grad_out)]
@@ -93,6 +131,9 @@ def main():
 
     import cheems_parallel.kernels.dmattn as kernels
 
+    if arguments.profile:
+        profile(arguments, arguments.profile)
+        return
     gluon_config = json.loads(arguments.gluon_config)
     gluon_backward_config = json.loads(arguments.gluon_backward_config)
     report = {"device": torch.cuda.get_device_name() if arguments.device == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "triton": triton.__version__,

@@ -238,14 +238,113 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_id
     return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
 
+@triton.jit
+def _block_summary_kernel(key_rank, query_threshold, segment_ids, key_min_rank, query_max_threshold, key_segments,
+                          query_segments, heads, seq_len, num_key_blocks, num_query_blocks,
+                          KEY_BLOCK: tl.constexpr, QUERY_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_SEGMENTS: tl.constexpr):
+    """Grid (b·h, max(key blocks, query blocks)). Program i summarises key block i (smallest rank; lowest and
+    highest document id) and query block i (largest threshold; lowest and highest document id)."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    far = KEEP_ALL_IN_KERNEL  # beyond any int32 document id
+    if block < num_key_blocks:
+        keys = block * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
+        inside = keys < seq_len
+        if HAS_WINDOW:
+            rank = tl.load(key_rank + row * seq_len + keys, mask=inside, other=KEEP_ALL_IN_KERNEL)
+            tl.store(key_min_rank + row * num_key_blocks + block, tl.min(rank, 0))
+        if HAS_SEGMENTS:
+            ids = tl.load(segment_ids + (row // heads) * seq_len + keys, mask=inside, other=0)
+            tl.store(key_segments + (row * num_key_blocks + block) * 2, tl.min(tl.where(inside, ids, far), 0))
+            tl.store(key_segments + (row * num_key_blocks + block) * 2 + 1, tl.max(tl.where(inside, ids, -far), 0))
+    if block < num_query_blocks:
+        queries = block * QUERY_BLOCK + tl.arange(0, QUERY_BLOCK)
+        inside = queries < seq_len
+        if HAS_WINDOW:
+            threshold = tl.load(query_threshold + row * seq_len + queries, mask=inside, other=-1)
+            tl.store(query_max_threshold + row * num_query_blocks + block, tl.max(threshold, 0))
+        if HAS_SEGMENTS:
+            ids = tl.load(segment_ids + (row // heads) * seq_len + queries, mask=inside, other=0)
+            tl.store(query_segments + (row * num_query_blocks + block) * 2, tl.min(tl.where(inside, ids, far), 0))
+            tl.store(query_segments + (row * num_query_blocks + block) * 2 + 1,
+                     tl.max(tl.where(inside, ids, -far), 0))
+
+
+@triton.jit
+def _block_list_kernel(key_min_rank, query_max_threshold, key_segments, query_segments, block_count, block_list,
+                       seq_len, num_key_blocks, num_query_blocks, num_rows, num_cols,
+                       KEY_BLOCK: tl.constexpr, QUERY_BLOCK: tl.constexpr, COLS: tl.constexpr, BY_QUERY: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """Grid (b·h, rows). One row of the schedule: which column blocks it visits (causal, keep-window and document
+    tests on the block summaries), listed in ascending order, then the others in ascending order."""
+    head = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1)
+    cols = tl.arange(0, COLS)
+    if BY_QUERY:
+        query, key, valid = row + 0 * cols, cols, cols < num_key_blocks
+    else:
+        query, key, valid = cols, row + 0 * cols, cols < num_query_blocks
+    query_end = tl.minimum(query * QUERY_BLOCK + QUERY_BLOCK - 1, seq_len - 1)
+    visit = valid & (key * KEY_BLOCK <= query_end)
+    if HAS_WINDOW:
+        smallest = tl.load(key_min_rank + head * num_key_blocks + key, mask=valid, other=KEEP_ALL_IN_KERNEL)
+        largest = tl.load(query_max_threshold + head * num_query_blocks + query, mask=valid, other=-1)
+        visit &= smallest <= largest
+    if HAS_SEGMENTS:
+        key_low = tl.load(key_segments + (head * num_key_blocks + key) * 2, mask=valid, other=0)
+        key_high = tl.load(key_segments + (head * num_key_blocks + key) * 2 + 1, mask=valid, other=0)
+        query_low = tl.load(query_segments + (head * num_query_blocks + query) * 2, mask=valid, other=0)
+        query_high = tl.load(query_segments + (head * num_query_blocks + query) * 2 + 1, mask=valid, other=0)
+        visit &= (key_low <= query_high) & (key_high >= query_low)
+    visited = visit.to(tl.int32)
+    count = tl.sum(visited, 0)
+    skipped = (valid & ~visit).to(tl.int32)
+    slot = tl.where(visit, tl.cumsum(visited, 0) - 1, count + tl.cumsum(skipped, 0) - 1)
+    schedule = head * num_rows + row
+    tl.store(block_list + schedule * num_cols + slot, cols, mask=valid)
+    tl.store(block_count + schedule, count)
+
+
 def block_schedule(key_rank, query_threshold, segment_ids, batch, heads, length, row_block, col_block, by_query):
     """The sparse schedule: which column blocks each (b·h, row block) must visit, ascending.
 
     by_query: rows are query blocks of `row_block` queries and columns key blocks of `col_block` keys
     (forward, dQ); otherwise rows are key blocks and columns query blocks (dK/dV). key_rank and
     query_threshold (b, h, l) or None; segment_ids (b, l) or None. Returns counts (b·h, rows) int32 and
-    lists (b·h, rows, columns) int32 whose first counts[...] entries are the blocks to visit.
+    lists (b·h, rows, columns) int32 whose first counts[...] entries are the blocks to visit (then the others).
+    Two launches (block summaries, then one list per row), the same result as `block_schedule_reference`.
     """
+    device = (key_rank if key_rank is not None else segment_ids).device
+    query_block, key_block = (row_block, col_block) if by_query else (col_block, row_block)
+    num_query_blocks, num_key_blocks = triton.cdiv(length, query_block), triton.cdiv(length, key_block)
+    num_rows, num_cols = (num_query_blocks, num_key_blocks) if by_query else (num_key_blocks, num_query_blocks)
+    has_window, has_segments = key_rank is not None, segment_ids is not None
+    placeholder = torch.zeros(1, dtype=torch.int32, device=device)
+    key_min_rank = torch.empty(batch * heads, num_key_blocks, dtype=torch.int32, device=device)
+    query_max_threshold = torch.empty(batch * heads, num_query_blocks, dtype=torch.int32, device=device)
+    key_segments = torch.empty(batch * heads, num_key_blocks, 2, dtype=torch.int32, device=device)
+    query_segments = torch.empty(batch * heads, num_query_blocks, 2, dtype=torch.int32, device=device)
+    counts = torch.empty(batch * heads, num_rows, dtype=torch.int32, device=device)
+    lists = torch.empty(batch * heads, num_rows, num_cols, dtype=torch.int32, device=device)
+    key_rank = key_rank.contiguous() if has_window else placeholder
+    query_threshold = query_threshold.contiguous() if has_window else placeholder
+    segment_ids = segment_ids.to(torch.int32).contiguous() if has_segments else placeholder
+    _block_summary_kernel[(batch * heads, max(num_key_blocks, num_query_blocks))](
+        key_rank, query_threshold, segment_ids, key_min_rank, query_max_threshold, key_segments, query_segments,
+        heads, length, num_key_blocks, num_query_blocks, KEY_BLOCK=key_block, QUERY_BLOCK=query_block,
+        HAS_WINDOW=has_window, HAS_SEGMENTS=has_segments)
+    _block_list_kernel[(batch * heads, num_rows)](
+        key_min_rank, query_max_threshold, key_segments, query_segments, counts, lists, length, num_key_blocks,
+        num_query_blocks, num_rows, num_cols, KEY_BLOCK=key_block, QUERY_BLOCK=query_block,
+        COLS=max(16, triton.next_power_of_2(num_cols)), BY_QUERY=by_query, HAS_WINDOW=has_window,
+        HAS_SEGMENTS=has_segments)
+    return counts, lists
+
+
+def block_schedule_reference(key_rank, query_threshold, segment_ids, batch, heads, length, row_block, col_block,
+                             by_query):
+    """`block_schedule` in plain torch (the reference its kernels are tested against)."""
     device = (key_rank if key_rank is not None else segment_ids).device
     query_block, key_block = (row_block, col_block) if by_query else (col_block, row_block)
     num_query_blocks, num_key_blocks = triton.cdiv(length, query_block), triton.cdiv(length, key_block)

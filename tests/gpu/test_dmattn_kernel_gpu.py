@@ -147,6 +147,24 @@ def test_keep_window_thresholds_on_gpu_match_reference_mask(num_documents):
     assert torch.equal(kept, allowed_mask(mask_bias, 150, segments).expand_as(kept))
 
 
+@pytest.mark.parametrize("num_documents,by_query", [(None, True), (5, False), (5, True)])
+def test_block_schedule_on_gpu_equals_torch_reference(num_documents, by_query):
+    """The schedule kernels at a benchmark-like shape (many blocks, partial last block) equal the torch reference."""
+    from cheems_parallel.kernels.dmattn import block_schedule, block_schedule_reference, keep_window_thresholds
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    mask_bias = clustered_bias(2, 3, 4000, generator)
+    segments = None
+    if num_documents is not None:
+        segments = torch.sort(torch.randint(0, num_documents, (2, 4000), generator=generator, device="cuda"),
+                              dim=-1).values
+    key_rank, threshold = keep_window_thresholds(mask_bias, 500, segments)
+    arguments = (key_rank, threshold, segments, 2, 3, 4000, 128, 64, by_query)
+    counts, lists = block_schedule(*arguments)
+    expected_counts, expected_lists = block_schedule_reference(*arguments)
+    assert torch.equal(counts, expected_counts) and torch.equal(lists, expected_lists)
+
+
 # The Gluon forward (cheems_parallel/kernels/dmattn_gluon.py, FORWARD_GLUON) with the existing Triton backward:
 # tile/schedule variants as dmattn.GLUON_FORWARD_CONFIG overrides.
 GLUON_VARIANTS = {

@@ -133,6 +133,28 @@ def test_keep_window_thresholds_where_the_window_fills_inside_a_chunk(kernels, k
     assert torch.equal(kept, allowed_mask(mask_bias, keep_window, segments).expand_as(kept))
 
 
+@pytest.mark.parametrize("length,keep_window,num_documents,row_block,col_block,by_query", [
+    (100, 12, None, 16, 16, True), (100, 12, None, 32, 16, False), (64, None, 3, 16, 32, True),
+    (77, 9, 4, 16, 8, False), (77, 9, 4, 8, 16, True), (200, 5, None, 64, 64, True), (130, None, 6, 16, 16, False),
+])
+def test_block_schedule_kernels_equal_torch_reference(kernels, length, keep_window, num_documents, row_block,
+                                                      col_block, by_query):
+    """The sparse schedule from the two Triton kernels equals block_schedule_reference (torch) exactly: counts and
+    the whole lists (visited blocks ascending, then the rest), both orientations, partial blocks, documents."""
+    generator = torch.Generator().manual_seed(length + row_block)
+    mask_bias = torch.randn(2, 3, length, generator=generator)
+    segments = None if num_documents is None else sorted_segments(2, length, num_documents, generator)
+    key_rank = threshold = None
+    if keep_window is not None:
+        key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments)
+    arguments = (key_rank, threshold, segments, 2, 3, length, row_block, col_block, by_query)
+    counts, lists = kernels.block_schedule(*arguments)
+    expected_counts, expected_lists = kernels.block_schedule_reference(*arguments)
+    assert 0 < counts.sum() < counts.numel() * lists.shape[-1]  # some blocks skipped, some visited
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(lists, expected_lists)
+
+
 def test_strided_inputs_and_layout(kernels):
     """q/k/v given as (b, l, h, d) memory transposed to (b, h, l, d), as a layer produces them."""
     generator = torch.Generator().manual_seed(3)
