@@ -90,7 +90,8 @@ SETTING_NAMES = ("FORWARD_CONFIG", "FORWARD_TMA", "FORWARD_GLUON", "GLUON_FORWAR
                  "GLUON_BACKWARD_CONFIG", "FUSED_BACKWARD",
                  "FUSED_BACKWARD_CONFIG", "BACKWARD_KEY_CONFIG", "BACKWARD_QUERY_CONFIG", "BACKWARD_TMA",
                  "DQ_TMA_REDUCE", "DQ_TRANSPOSED", "LISTED_LOOP_MAX_FRACTION", "GLUON_SPARSE", "GLUON_SPARSE_CONFIG",
-                 "GLUON_SPARSE_BACKWARD", "GLUON_SPARSE_BACKWARD_CONFIG")
+                 "GLUON_SPARSE_BACKWARD", "GLUON_SPARSE_BACKWARD_CONFIG", "GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS",
+                 "THRESHOLD_CHUNK", "THRESHOLD_COUNT_BY_DOT")
 
 
 class BenchError(Exception):
@@ -130,6 +131,9 @@ def parse_arguments():
     parser.add_argument("--rep-ms", type=float, default=150.0, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--time-budget-s", type=float, default=1e9,
                         help="after this many seconds skip the remaining Flex/materialised-mask rows (recorded)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
+                        help="set a module setting of cheems_parallel.kernels.dmattn before anything runs (one of "
+                             "the recorded settings, e.g. THRESHOLD_CHUNK=64); repeatable")
     parser.add_argument("--output", default="bench/results/dmattn_h200.json", help="JSON file to write")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of this script's logic at tiny sizes under TRITON_INTERPRET=1 "
@@ -387,6 +391,17 @@ def run_benchmark(arguments):
     started = time.time()
     heads, kv_heads, head_dim = arguments.heads, arguments.kv_heads, arguments.head_dim
     import cheems_parallel.kernels.dmattn  # noqa: F401  (decorated now, interpreted on --device cpu)
+
+    overrides = {}
+    for setting in arguments.setting:
+        name, _, value = setting.partition("=")
+        if name not in SETTING_NAMES:
+            raise BenchError(f"--setting {setting}: {name!r} is not one of {', '.join(SETTING_NAMES)}")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise BenchError(f"--setting {setting}: the value is not JSON ({error.msg})") from None
+    apply_settings(overrides)
 
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "triton": triton.__version__,
               "shape": {"tokens": arguments.tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,

@@ -172,7 +172,7 @@ def main():
             for name in ("triton", "gluon", "gluon+bwd"):
                 kernels.GLUON_SPARSE = name != "triton"
                 kernels.GLUON_SPARSE_BACKWARD = name == "gluon+bwd"
-                kernels.GLUON_SPARSE_BACKWARD_MIN_LENGTH = 0  # the kernel itself at every length
+                kernels.GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS = 0  # the kernel itself at every length
                 kernels.GLUON_SPARSE_CONFIG = dict(gluon_config)
                 kernels.GLUON_SPARSE_BACKWARD_CONFIG = dict(gluon_backward_config)
                 try:

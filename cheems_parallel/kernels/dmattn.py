@@ -124,6 +124,12 @@ INTERPRETER_CONFIGS = ({"block_m": 32, "block_n": 16, "num_warps": 4, "num_stage
 # ----------------------------------------------------------------------------------------------
 # Keep-window pre-pass: key ranks (torch sort) and per-query thresholds (two Triton kernels).
 # ----------------------------------------------------------------------------------------------
+# Queries per chunk of the threshold kernels (work per query ~ chunk, scan work ~ l / chunk per row) and how the
+# chunk kernel counts (cumsum, or a product on the tensor cores).
+THRESHOLD_CHUNK = 128
+THRESHOLD_COUNT_BY_DOT = False
+
+
 @triton.jit
 def _prefix_scan_kernel(key_by_rank, candidate_rank, candidate_count, seq_len, num_chunks, keep_window,
                         CHUNK: tl.constexpr, RANK_BLOCK: tl.constexpr):
@@ -158,11 +164,12 @@ def _prefix_scan_kernel(key_by_rank, candidate_rank, candidate_count, seq_len, n
 
 @triton.jit
 def _chunk_threshold_kernel(key_rank, candidate_rank, candidate_count, threshold, seq_len, num_chunks, keep_window,
-                            CHUNK: tl.constexpr):
+                            CHUNK: tl.constexpr, COUNT_BY_DOT: tl.constexpr):
     """Grid (num_chunks, b·h). Query o of the chunk (offset o) keeps the w smallest ranks of its prefix; its
     threshold is the smallest candidate x (an earlier-key candidate of the scan, or an own key t <= o) whose
     count reaches w, count(x) = (earlier keys ranked <= x) + #{own keys t' <= o ranked <= x}: one cumsum over
-    t' for all (o, x) at once."""
+    t' for all (o, x) at once: a cumsum over axis 0, or (COUNT_BY_DOT) a product with the lower-triangular ones
+    matrix on the tensor cores (0/1 in fp16, sums <= CHUNK in fp32: exact)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
@@ -175,8 +182,15 @@ def _chunk_threshold_kernel(key_rank, candidate_rank, candidate_count, threshold
     prefix_rank = tl.load(candidate_rank + table_row * (CHUNK + 1) + 1 + offsets)  # u = 1..CHUNK
     prefix_earlier = keep_window - 1 - offsets
     best_earlier = tl.load(candidate_rank + table_row * (CHUNK + 1))  # u = 0: already w earlier keys
-    own_count = own_earlier[None, :] + tl.cumsum((own_rank[:, None] <= own_rank[None, :]).to(tl.int32), 0)
-    prefix_count = prefix_earlier[None, :] + tl.cumsum((own_rank[:, None] <= prefix_rank[None, :]).to(tl.int32), 0)
+    if COUNT_BY_DOT:
+        lower = (offsets[None, :] <= offsets[:, None]).to(tl.float16)  # [o, t']
+        own_count = own_earlier[None, :] + tl.dot(
+            lower, (own_rank[:, None] <= own_rank[None, :]).to(tl.float16), out_dtype=tl.float32).to(tl.int32)
+        prefix_count = prefix_earlier[None, :] + tl.dot(
+            lower, (own_rank[:, None] <= prefix_rank[None, :]).to(tl.float16), out_dtype=tl.float32).to(tl.int32)
+    else:
+        own_count = own_earlier[None, :] + tl.cumsum((own_rank[:, None] <= own_rank[None, :]).to(tl.int32), 0)
+        prefix_count = prefix_earlier[None, :] + tl.cumsum((own_rank[:, None] <= prefix_rank[None, :]).to(tl.int32), 0)
     own_ok = ((own_count >= keep_window) & (offsets[None, :] <= offsets[:, None])
               & (own_rank[None, :] < KEEP_ALL_IN_KERNEL))
     prefix_ok = (prefix_count >= keep_window) & (prefix_rank[None, :] < KEEP_ALL_IN_KERNEL)
@@ -187,7 +201,7 @@ def _chunk_threshold_kernel(key_rank, candidate_rank, candidate_count, threshold
 
 
 def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_ids: torch.Tensor | None = None,
-                           chunk_size: int = 128, rank_block: int = 1024):
+                           chunk_size: int | None = None, rank_block: int = 1024, count_by_dot: bool | None = None):
     """(b, h, l) mask -> (key_rank, query_threshold), both int32 (b, h, l).
 
     key_rank[j]: position of key j when the whole row is sorted by (m desc, j desc).
@@ -224,6 +238,8 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_id
         threshold = torch.full_like(key_rank, KEEP_ALL)
         return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
+    chunk_size = THRESHOLD_CHUNK if chunk_size is None else chunk_size
+    count_by_dot = THRESHOLD_COUNT_BY_DOT if count_by_dot is None else count_by_dot
     chunk = min(triton.next_power_of_2(chunk_size), triton.next_power_of_2(length))
     num_chunks = triton.cdiv(length, chunk)
     candidate_rank = torch.full((batch * heads, num_chunks, chunk + 1), KEEP_ALL, dtype=torch.int32, device=device)
@@ -234,7 +250,7 @@ def keep_window_thresholds(mask_bias: torch.Tensor, keep_window: int, segment_id
         CHUNK=chunk, RANK_BLOCK=min(triton.next_power_of_2(rank_block), triton.next_power_of_2(length)), num_warps=4)
     _chunk_threshold_kernel[(num_chunks, batch * heads)](
         key_rank, candidate_rank, candidate_count, threshold, length, num_chunks, keep_window, CHUNK=chunk,
-        num_warps=8)
+        COUNT_BY_DOT=count_by_dot and chunk >= 16, num_warps=8 if chunk >= 128 else 4)
     return key_rank.reshape(batch, heads, length), threshold.reshape(batch, heads, length)
 
 
@@ -977,13 +993,15 @@ def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
 GLUON_SPARSE = True
 GLUON_SPARSE_CONFIG = {}
 # The same for the sparse BACKWARD (dmattn_gluon_sparse_bwd.py: the Gluon dense backward's kernel walking the per-key-
-# block lists, masks per element); independent of GLUON_SPARSE (either runs on the other's out / lse). On by default
-# from l = GLUON_SPARSE_BACKWARD_MIN_LENGTH: the same sweep measured it 1.2-1.4x the Triton sparse backward's
-# forward+backward from 2k, but 0.75-0.95x at 1k (short block lists: its per-program set-up is not repaid).
+# block lists, masks per element); independent of GLUON_SPARSE (either runs on the other's out / lse). On by default;
+# with documents only from l = GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS. Session 6's three H200 sweeps
+# (bench/dmattn_notes.md), forward+backward against the Triton sparse backward's: keep-window alone 1.2-1.4x from 2k and
+# ahead at 1k in 2 of 3 sweeps for clustered masks, 3 of 3 for random ones; with documents 1.2-1.6x from 8k but
+# behind at 1k in 3 of 3 sweeps (short per-key lists: its per-program set-up is not repaid) and mixed at 2k-4k.
 # GLUON_SPARSE_BACKWARD_CONFIG overrides dmattn_gluon_sparse_bwd.CONFIGS[head_dim].
 GLUON_SPARSE_BACKWARD = True
 GLUON_SPARSE_BACKWARD_CONFIG = {}
-GLUON_SPARSE_BACKWARD_MIN_LENGTH = 2048
+GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS = 4096
 
 
 def fold_documents_into_thresholds(key_rank, query_threshold, segment_ids):
@@ -1011,9 +1029,10 @@ def _gluon_sparse_usable(q, k, v, mask_bias, masks):
 
 
 def _gluon_sparse_backward_usable(grad_out, q, k, v, mask_bias, masks):
-    """GLUON_SPARSE_BACKWARD is set, l >= GLUON_SPARSE_BACKWARD_MIN_LENGTH and this call can take the Gluon sparse
-    backward."""
-    enabled = GLUON_SPARSE_BACKWARD and q.shape[2] >= GLUON_SPARSE_BACKWARD_MIN_LENGTH
+    """GLUON_SPARSE_BACKWARD is set (with documents: from GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS) and this
+    call can take the Gluon sparse backward."""
+    enabled = GLUON_SPARSE_BACKWARD and (not masks.has_segments
+                                         or q.shape[2] >= GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS)
     module = _gluon_applies(enabled, True, q, masks) and _gluon_sparse_backward_module()
     return bool(module) and module.supported(q, k, v, mask_bias.float(), grad_out)
 

@@ -403,7 +403,7 @@ GLUON_SPARSE_BACKWARD_VARIANTS = {
 def use_gluon_sparse_backward(monkeypatch, variant, gluon_forward=False):
     import cheems_parallel.kernels.dmattn as kernels
 
-    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_MIN_LENGTH", 0)  # the grid's lengths are short
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS", 0)  # the grid's lengths are short
     monkeypatch.setattr(kernels, "GLUON_SPARSE", gluon_forward)
     return use_gluon(monkeypatch, "_gluon_sparse_backward_module", "GLUON_SPARSE_BACKWARD", "GLUON_SPARSE_BACKWARD_CONFIG",
                      GLUON_SPARSE_BACKWARD_VARIANTS[variant], "backward")

@@ -118,14 +118,17 @@ def test_keep_window_thresholds_reproduce_reference_mask(kernels, length, keep_w
     assert torch.equal(kept, allowed_mask(mask_bias, keep_window, segments).expand_as(kept))
 
 
-@pytest.mark.parametrize("keep_window,num_documents", [(13, None), (21, None), (10, 3)])
-def test_keep_window_thresholds_where_the_window_fills_inside_a_chunk(kernels, keep_window, num_documents):
+@pytest.mark.parametrize("keep_window,num_documents,chunk_size,count_by_dot", [
+    (13, None, 8, False), (21, None, 8, False), (10, 3, 8, False), (21, None, 16, True), (37, 3, 16, True)])
+def test_keep_window_thresholds_where_the_window_fills_inside_a_chunk(kernels, keep_window, num_documents, chunk_size,
+                                                                      count_by_dot):
     """The chunk holding query w: the scan stops after the last earlier key, so own keys ranked above every earlier
     key start from the default count (all earlier keys); many rows of continuous values make that case frequent."""
     generator = torch.Generator().manual_seed(keep_window)
     mask_bias = torch.randn(4, 8, 64, generator=generator)
     segments = None if num_documents is None else sorted_segments(4, 64, num_documents, generator)
-    key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments, chunk_size=8, rank_block=8)
+    key_rank, threshold = kernels.keep_window_thresholds(mask_bias, keep_window, segments, chunk_size=chunk_size,
+                                                         rank_block=8, count_by_dot=count_by_dot)
     positions = torch.arange(64)
     kept = (key_rank[:, :, None, :] <= threshold[:, :, :, None]) & (positions[None, :] <= positions[:, None])
     if segments is not None:
@@ -319,7 +322,7 @@ def test_gluon_dispatch_glue(kernels, monkeypatch, keep_window, num_documents, f
     monkeypatch.setattr(kernels, "_GLUON_MODULES", dict(stand_ins))
     for flag in ("FORWARD_GLUON", "BACKWARD_GLUON", "GLUON_SPARSE", "GLUON_SPARSE_BACKWARD"):
         monkeypatch.setattr(kernels, flag, True)
-    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_MIN_LENGTH", 0)
+    monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD_MIN_LENGTH_WITH_DOCUMENTS", 0)
 
     def applies(enabled, sparse, q, masks):  # the real one also wants CUDA outside the interpreter
         return enabled and masks.sparse == sparse and not _StandInGluonKernels.busy
