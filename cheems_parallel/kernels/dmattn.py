@@ -125,9 +125,10 @@ INTERPRETER_CONFIGS = ({"block_m": 32, "block_n": 16, "num_warps": 4, "num_stage
 # Keep-window pre-pass: key ranks (torch sort) and per-query thresholds (two Triton kernels).
 # ----------------------------------------------------------------------------------------------
 # Queries per chunk of the threshold kernels (work per query ~ chunk, scan work ~ l / chunk per row) and how the
-# chunk kernel counts (cumsum, or a product on the tensor cores).
-THRESHOLD_CHUNK = 128
-THRESHOLD_COUNT_BY_DOT = False
+# chunk kernel counts (cumsum, or a product on the tensor cores). bench/dmattn_thresholds.py on the H200 (session 6):
+# 64 with the product 1.72x / 1.54x / 1.08x faster than 128 with cumsum at l = 1k / 4k / 16k; 32 loses from 4k.
+THRESHOLD_CHUNK = 64
+THRESHOLD_COUNT_BY_DOT = True
 
 
 @triton.jit
