@@ -989,8 +989,9 @@ def _gluon_backward_usable(grad_out, q, k, v, mask_bias, masks):
 # dense Gluon forward's producer/consumer structure; the producer TMA-loads only the key blocks of the sparse schedule,
 # the consumers apply the keep-window and document masks per element), under the dense Gluon forward's input
 # conditions (CUDA sm_90, bf16/fp16, d 64/128, contiguous). It writes the same out and lse as the Triton sparse
-# forward. On by default since session 6's H200 sweep (bench/dmattn_notes.md): forward+backward 1.0-1.3x the Triton
-# sparse forward's at 1k-16k. GLUON_SPARSE_CONFIG overrides dmattn_gluon_sparse.CONFIGS[head_dim].
+# forward. On by default since session 6's H200 sweeps (bench/dmattn_notes.md): forward+backward ahead of the Triton
+# sparse forward's in every case and length (1k-16k) but keep-window within documents at 1k-4k (within +-8 % either
+# way). GLUON_SPARSE_CONFIG overrides dmattn_gluon_sparse.CONFIGS[head_dim].
 GLUON_SPARSE = True
 GLUON_SPARSE_CONFIG = {}
 # The same for the sparse BACKWARD (dmattn_gluon_sparse_bwd.py: the Gluon dense backward's kernel walking the per-key-

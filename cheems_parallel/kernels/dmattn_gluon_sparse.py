@@ -2,7 +2,7 @@
 
 Computes what `dmattn._forward_kernel` computes when keep-window and/or documents are present: out (b, h, l, d) in
 q's dtype and the base-2 lse (b, h, l) fp32, so the Triton sparse backward runs unchanged on them. Behind
-`dmattn.GLUON_SPARSE` (default False): nothing changes unless it is set.
+`dmattn.GLUON_SPARSE` (default True since session 6's H200 sweeps).
 
 Structure (the per-tile grid of `dmattn_gluon._forward_ws_kernel`, one program per (128-query block, b·h), the
 heaviest query blocks first), with the key blocks taken from the sparse schedule instead of 0 .. diagonal:

@@ -1,5 +1,5 @@
 """DMAttn SPARSE backward in Gluon (keep-window and/or documents): `dmattn_gluon_bwd`'s FA3-style kernel walking the
-sparse schedule's per-key-block lists. Behind `dmattn.GLUON_SPARSE_BACKWARD` (default False).
+sparse schedule's per-key-block lists. Behind `dmattn.GLUON_SPARSE_BACKWARD` (default True; with documents from l = 4096).
 
 Computes what `dmattn._key_grad_kernel` computes with FUSE_DQ for the sparse masks: dK (scaled), dV, d mask_bias and
 the unscaled dQ shares added into the zeroed fp32 dQ buffer (`dmattn._scale_cast_kernel` then scales and casts).
