@@ -1,0 +1,178 @@
+"""cheems_parallel.kernels.ssd_scan_fwd (the one-walk SSD forward) under TRITON_INTERPRET=1 on the CPU, at
+small shapes, against the float64 recurrence `cheems_parallel.ops.ssd_scan_ref` (through
+`tests.kernel_oracles.ssd_kernel_errors`) and against the two-kernel forward `ssd._forward` it replaces.
+
+Shapes: x (b, l, h, p), B/C (b, l, g, n), cos/sin (b, l, n). The end-to-end cases run `ssd.ssd_fused` with its
+`_forward` swapped for `scan_forward` (how the integrator wires it in), so the unchanged `ssd._backward` runs on
+the states and rotated B~/C~ this kernel saved: y, the final state and every gradient vs the oracle, with the
+bounds of tests/unit/test_ssd_kernel.py (1e-3 float32, 2e-2 bf16 at interpreter sizes).
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cheems_parallel.ops import rope_tables
+from tests.kernel_oracles import interpreted_module, relative_error, ssd_float64_oracle, ssd_kernel_errors
+
+IN_CHILD = os.environ.get("SSD_SCAN_FWD_TEST_CHILD") == "1"
+
+
+def _interpreter_usable():
+    """Triton's own @jit helpers run under the interpreter only if triton itself was imported with
+    TRITON_INTERPRET=1 (see tests/unit/test_ssd_kernel.py)."""
+    if "triton" not in sys.modules:
+        return True
+    import triton.language.standard as standard
+    return type(standard.sum).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """(ssd, ssd_scan_fwd) decorated for the interpreter; the scan module is re-imported after ssd so that
+    the @jit helpers it imports from ssd are the interpreted ones."""
+    if not _interpreter_usable():
+        pytest.skip("triton was imported for compilation earlier in this process: "
+                    "test_scan_tests_in_a_fresh_interpreter_process runs these tests instead")
+    ssd_fixture = interpreted_module("cheems_parallel.kernels.ssd", "_chunk_fwd_kernel")
+    ssd = next(ssd_fixture)
+    scan = importlib.reload(importlib.import_module("cheems_parallel.kernels.ssd_scan_fwd"))
+    yield ssd, scan
+    next(ssd_fixture, None)   # restores TRITON_INTERPRET (and a GPU-compiled ssd on a CUDA machine)
+    if torch.cuda.is_available():
+        importlib.reload(scan)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="already the fresh process")
+def test_scan_tests_in_a_fresh_interpreter_process():
+    """When this process cannot interpret (see _interpreter_usable), run this file in a new one."""
+    if _interpreter_usable():
+        pytest.skip("the tests above ran in this process")
+    environment = dict(os.environ, TRITON_INTERPRET="1", SSD_SCAN_FWD_TEST_CHILD="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def make_inputs(batch, length, heads, groups, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq, seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    inputs = {
+        "x": randn(batch, length, heads, head_dim).to(dtype),
+        "dt_raw": randn(batch, length, heads) - 1.0,
+        "dt_bias": randn(heads) * 0.5,
+        "A": -torch.rand(heads, generator=generator) * 2 - 0.1,
+        "B": (randn(batch, length, groups, state_dim) / state_dim ** 0.5).to(dtype),
+        "C": (randn(batch, length, groups, state_dim) / state_dim ** 0.5).to(dtype),
+        "D": randn(heads) if use_d else None,
+        "initial_state": randn(batch, heads, head_dim, state_dim) if use_init else None,
+    }
+    if rope:
+        offsets = torch.randint(0, 1000, (batch, 1), generator=generator)
+        inputs["cos"], inputs["sin"] = rope_tables(torch.arange(length)[None] + offsets, state_dim)
+    else:
+        inputs["cos"] = inputs["sin"] = None
+    # 2-4 documents per row, boundaries anywhere (inside chunks, inside steps, at their edges)
+    inputs["seq_idx"] = (torch.sort(torch.randint(0, 4, (batch, length), generator=generator), dim=1).values
+                         if use_seq else None)
+    return inputs
+
+
+def kernel_arguments(ssd, inputs, T):
+    """What `ssd_fused` hands `_forward`: the prologue's dt, g (b, h, lpad), padded seq, tables in x's dtype."""
+    x = inputs["x"]
+    batch, length, heads, _ = x.shape
+    pad = (-length) % T
+    dt = F.pad(F.softplus(inputs["dt_raw"] + inputs["dt_bias"]).transpose(1, 2), (0, pad)).contiguous()
+    g = (dt * inputs["A"][:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    seq = inputs["seq_idx"]
+    if seq is not None:
+        seq = torch.cat([seq.int(), seq[:, -1:].int().expand(batch, pad)], dim=1).contiguous()
+    cos, sin = inputs["cos"], inputs["sin"]
+    if cos is not None:
+        table_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
+        cos, sin = cos.to(table_dtype).contiguous(), sin.to(table_dtype).contiguous()
+    return (x, inputs["B"].to(x.dtype), inputs["C"].to(x.dtype), cos, sin, dt, g, seq, inputs["D"],
+            inputs["initial_state"], T)
+
+
+# (batch, length, heads, groups, head_dim, state_dim, T, dtype, rope, D, init, documents, config)
+END_TO_END = [
+    (2, 40, 2, 1, 16, 32, 16, torch.float32, True, True, True, True, {}),             # one group, L % T != 0
+    (1, 37, 3, 3, 24, 16, 32, torch.float32, True, False, True, True,                 # groups = heads, p = 24 in
+     {"scan_fwd_block_p": 16, "scan_fwd_step": 16}),                                  # 16-wide blocks, 2 steps/chunk
+    (1, 33, 4, 2, 16, 16, 16, torch.float32, False, False, False, False, {}),         # plain Mamba-2, 2 groups
+    (2, 21, 2, 2, 16, 32, 16, torch.float32, True, True, False, True, {"save_rotated": False}),  # rotate on load
+    (2, 37, 2, 1, 16, 32, 16, torch.bfloat16, True, True, True, True, {}),            # bf16, one group
+    (1, 45, 2, 2, 32, 32, 32, torch.bfloat16, True, True, True, True, {"scan_fwd_step": 16}),  # bf16, g = h
+]
+
+
+@pytest.mark.parametrize("batch, length, heads, groups, head_dim, state_dim, T, dtype, rope, use_d, use_init, "
+                         "use_seq, config", END_TO_END)
+def test_forward_and_backward_on_its_saved_tensors_match_float64(modules, monkeypatch, batch, length, heads,
+                                                                  groups, head_dim, state_dim, T, dtype, rope,
+                                                                  use_d, use_init, use_seq, config):
+    """ssd_fused with scan_forward in place of _forward: y, final state and every gradient (the existing
+    backward on this kernel's states / B~ / C~) against the float64 recurrence, fresh inputs each run."""
+    ssd, scan = modules
+    monkeypatch.setattr(ssd, "_forward", scan.scan_forward)
+    inputs = make_inputs(batch, length, heads, groups, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq,
+                         seed=torch.seed() % 2**31)
+    errors, _ = ssd_kernel_errors(ssd.ssd_fused, inputs, kernel_chunk=T, config=config)
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2
+    bad = {name: error for name, error in errors.items() if not error < tolerance}
+    assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("dtype, groups, rope, config", [
+    (torch.float32, 1, True, {}),
+    (torch.float32, 2, False, {"scan_fwd_block_p": 16}),
+    (torch.bfloat16, 1, True, {}),
+    (torch.bfloat16, 2, True, {"scan_fwd_step": 16}),
+])
+def test_saved_tensors_equal_the_two_kernel_forward(modules, dtype, groups, rope, config):
+    """y, final, states, B~, C~ equal `ssd._forward`'s on the same prologue (same config) up to rounding: float32
+    within 1e-6 (bitwise when the walk steps whole chunks); bf16 states within one bf16 rounding (2^-8 relative
+    to the state's size: the float32 state is the same number up to summation order before rounding)."""
+    ssd, scan = modules
+    inputs = make_inputs(2, 45, 2, groups, 24, 32, dtype, rope, True, True, True, seed=torch.seed() % 2**31)
+    arguments = kernel_arguments(ssd, inputs, 32)
+    full_config = dict(ssd.CONFIG, **config)
+    ours = scan.scan_forward(*arguments, full_config, save_for_backward=True)
+    theirs = ssd._forward(*arguments, full_config, save_for_backward=True)
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+    for name, value, reference in zip(["y", "final", "states", "rotated_B", "rotated_C"], ours, theirs):
+        if reference is None:
+            assert value is None, name
+            continue
+        assert value.shape == reference.shape and value.dtype == reference.dtype, name
+        assert relative_error(value, reference) < tolerance, (name, relative_error(value, reference))
+    assert (ours[3] is not None) == rope
+
+
+def test_without_gradients_nothing_is_saved_and_y_is_the_same(modules):
+    """save_for_backward=False (the inference path): no states, no B~/C~; y and final as with saving."""
+    ssd, scan = modules
+    inputs = make_inputs(1, 50, 2, 1, 16, 32, torch.float32, True, True, True, True, seed=torch.seed() % 2**31)
+    arguments = kernel_arguments(ssd, inputs, 16)
+    y, final, states, rotated_B, rotated_C = scan.scan_forward(*arguments, dict(ssd.CONFIG), save_for_backward=False)
+    assert states is None and rotated_B is None and rotated_C is None
+    y_saved, final_saved, *_ = scan.scan_forward(*arguments, dict(ssd.CONFIG), save_for_backward=True)
+    assert torch.equal(y, y_saved) and torch.equal(final, final_saved)
+    y_ref, final_ref = ssd_float64_oracle(**inputs)
+    assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
+
+
+def test_step_must_divide_the_chunk(modules):
+    ssd, scan = modules
+    inputs = make_inputs(1, 16, 1, 1, 16, 16, torch.float32, False, False, False, False, seed=0)
+    with pytest.raises(ValueError, match="scan_fwd_step"):
+        scan.scan_forward(*kernel_arguments(ssd, inputs, 48), dict(ssd.CONFIG, scan_fwd_step=32))
