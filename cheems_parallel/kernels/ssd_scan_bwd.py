@@ -27,12 +27,49 @@ import torch
 import triton
 import triton.language as tl
 
-from cheems_parallel.kernels.ssd import (_chunk_masks, _dot_dtypes, _dot_precision, _load_rotated_operands,
-                                         _next_pow2, _op, _rope_args, _store_unrotated)
+from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _dot_dtypes, _dot_precision,
+                                         _load_rotated_operands, _next_pow2, _op, _rope_args, _store_unrotated)
 
-# Tiles of the scan backward (the config keys "scan_bwd_*" override them). block_p: the rows of p one program
-# owns (p = 128 at block_p 64: two programs per (batch, head), adding dB/dC/dg/ddt shares with float32 atomics).
-SCAN_BWD_CONFIG = {"scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 2, "scan_bwd_maxnreg": None}
+# Tiles of the scan backward (config keys "scan_bwd_*" override them). block_p: the rows of p one program owns
+# (p = 128 at 64: two programs per (batch, head) that add their dB/dC/dg/ddt shares with float32 atomics);
+# warps / stages / maxnreg: as in ssd.CONFIG; carried_by_dot: the C side's share of dg as rowsum(dy * (q S^T))
+# (one more product, no float32 copy of q); split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel`
+# (FOR_C, parallel over chunks, it reads the forward's states, never dS) in a second launch, c_* its tiles.
+# Defaults: the fewest atomics among the configs whose offline sm_90 compile spills under 1 KB per thread
+# (none compiles without spills; see the report in tests/gpu/test_ssd_scan_bwd_gpu.py). Not measured on a GPU.
+SCAN_BWD_CONFIG = {
+    "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 1, "scan_bwd_maxnreg": None,
+    "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
+    "scan_bwd_c_block_p": 64, "scan_bwd_c_warps": 4, "scan_bwd_c_stages": 2,
+}
+
+
+@triton.jit
+def _add_unrotated_half(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, grad, offs_t, offs_nh,
+                        mask_t, mask_nh, NH, SECOND: tl.constexpr, ROPE: tl.constexpr):
+    """Float32 adds of one rotate-half half of a gradient of rope's output into the gradient of its input:
+    out_1 = g_1 cos_1 + g_2 sin_2, out_2 = g_2 cos_2 - g_1 sin_1 (`_store_unrotated`), one half's terms at a time,
+    so only one (T, n / 2) accumulator need be live."""
+    mask = mask_t[:, None] & mask_nh[None, :]
+    ptrs = base_ptr + offs_t[:, None] * stride_t + offs_nh[None, :] * stride_n
+    table = offs_t[:, None] * stride_ct + offs_nh[None, :] * stride_cn
+    if SECOND:
+        own_ptrs = ptrs + NH * stride_n
+        other_ptrs = ptrs
+        table += NH * stride_cn
+    else:
+        own_ptrs = ptrs
+        other_ptrs = ptrs + NH * stride_n
+    if ROPE:
+        cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        tl.atomic_add(own_ptrs, grad * cos, mask=mask, sem="relaxed")
+        if SECOND:
+            tl.atomic_add(other_ptrs, grad * sin, mask=mask, sem="relaxed")
+        else:
+            tl.atomic_add(other_ptrs, -grad * sin, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(own_ptrs, grad, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -49,7 +86,8 @@ def _scan_bwd_kernel(
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, ROPE_IN: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     HAS_DFINAL: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SCALARS: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CARRIED_BY_DOT: tl.constexpr,
+    WITH_C: tl.constexpr,
 ):
     """The whole backward of one (batch, head, block of p), chunks in reverse. ATOMIC_BC: dB/dC go as float32
     adds into the head's group rows of db_ptr/dc_ptr (strides sg_*), else stored into per-head rows.
@@ -120,14 +158,25 @@ def _scan_bwd_kernel(
         grad_first_op = _op(grad_first, DOT_DTYPE, ROUND_BF16)
         grad_second_op = _op(grad_second, DOT_DTYPE, ROUND_BF16)
 
-        # dx: dv = ((q k^T) * Gam)^T dy + w * k G^T
+        # M = (q k^T) * Gam * (dy v^T): summed by rows and by columns of one matrix, so its diagonal cancels
         scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
         scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+        dy_v = tl.dot(dy_op, tl.trans(x_op), input_precision=DOT_PREC) * decay * dt[None, :]
+        products = scores * dy_v
+        if WITH_C:
+            dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
+        else:   # the row sums are the C side's (`ssd._chunk_bwd_dqk_kernel` FOR_C adds them)
+            dg = -tl.sum(products, axis=0)
+        dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
+
+        # dx: dv = ((q k^T) * Gam)^T dy + w * k G^T
         dv = tl.dot(tl.trans(_op(scores * decay, DOT_DTYPE, ROUND_BF16)), dy_op, input_precision=DOT_PREC)
         dv_end = tl.dot(k_first, tl.trans(grad_first_op), input_precision=DOT_PREC)
         dv_end += tl.dot(k_second, tl.trans(grad_second_op), input_precision=DOT_PREC)
-        dv += dv_end * to_end[:, None]
         xf = x.to(tl.float32)
+        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up: the B side's share of dg, from dv's own terms
+        end_terms = to_end * dt * tl.sum(xf * dv_end, axis=1)
+        dv += dv_end * to_end[:, None]
         dx = dv * dt[:, None]
         if HAS_D:
             dyf = dy.to(tl.float32)
@@ -141,58 +190,86 @@ def _scan_bwd_kernel(
         else:
             tl.store(ddt_ptr + gdt_row + offs_l, ddt_share)
 
-        # M = (q k^T) * Gam * (dy v^T): summed by rows and by columns of one matrix, so its diagonal cancels
-        dy_v = tl.dot(dy_op, tl.trans(x_op), input_precision=DOT_PREC) * decay * dt[None, :]
-        products = scores * dy_v
-        dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
-        dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
+        # B side: dk = ((dy v^T) * Gam)^T q + w * v G
+        weight = to_end * dt
+        dy_v_t = tl.trans(dy_v)
+        if ATOMIC_BC:   # one half at a time: half the (T, n) float32 accumulator live
+            acc = tl.dot(x_op, grad_first_op, input_precision=DOT_PREC) * weight[:, None]
+            acc += tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
+            _add_unrotated_half(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                offs_t, offs_nh, mask_t, mask_nh, NH, False, ROPE)
+            acc = tl.dot(x_op, grad_second_op, input_precision=DOT_PREC) * weight[:, None]
+            acc += tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
+            _add_unrotated_half(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                offs_t, offs_nh, mask_t, mask_nh, NH, True, ROPE)
+        else:
+            acc_first = tl.dot(x_op, grad_first_op, input_precision=DOT_PREC) * weight[:, None]
+            acc_second = tl.dot(x_op, grad_second_op, input_precision=DOT_PREC) * weight[:, None]
+            acc_first += tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
+            acc_second += tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
+            _store_unrotated(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
+                             acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, False)
 
-        # C side: dq = ((dy v^T) * Gam) k + e * dy S, with S the forward's state entering chunk c
+        # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
         state_ptrs = states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs
         state_first = tl.load(state_ptrs, mask=mask_pn, other=0.0)
         state_second = tl.load(state_ptrs + NH, mask=mask_pn, other=0.0)
-        # <G, S>: the carried state's part of d loss / d g_last (G still the state leaving chunk c)
         overlap = tl.sum(tl.sum(state_first.to(tl.float32) * grad_first + state_second.to(tl.float32) * grad_second,
                                 axis=1), axis=0)
-        acc_first = tl.dot(dy_op, _op(state_first, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC) * into[:, None]
-        acc_second = tl.dot(dy_op, _op(state_second, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC) * into[:, None]
-        dg += tl.sum(q_first.to(tl.float32) * acc_first + q_second.to(tl.float32) * acc_second, axis=1)
-        acc_first += tl.dot(dy_v, k_first, input_precision=DOT_PREC)
-        acc_second += tl.dot(dy_v, k_second, input_precision=DOT_PREC)
-        _store_unrotated(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
-                         acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, ATOMIC_BC)
-
-        # B side: dk = ((dy v^T) * Gam)^T q + w * v G
-        weight = to_end * dt
-        acc_first = tl.dot(x_op, grad_first_op, input_precision=DOT_PREC) * weight[:, None]
-        acc_second = tl.dot(x_op, grad_second_op, input_precision=DOT_PREC) * weight[:, None]
-        end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
         # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
         # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
-        last = tl.sum(end_terms, axis=0) + chunk_decay * overlap
-        dg += tl.where(offs_t == T - 1, last, 0.0) - end_terms
-        dy_v_t = tl.trans(dy_v)
-        acc_first += tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
-        acc_second += tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
-        _store_unrotated(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
-                         acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, ATOMIC_BC)
+        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+
+        # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
+        dy_into = tl.trans(_op(dy.to(tl.float32) * into[:, None], DOT_DTYPE, ROUND_BF16))
+        grad_first = grad_first * chunk_decay + tl.dot(dy_into, q_first, input_precision=DOT_PREC)
+        grad_second = grad_second * chunk_decay + tl.dot(dy_into, q_second, input_precision=DOT_PREC)
+
+        if WITH_C:
+            # C side: dq = ((dy v^T) * Gam) k + e * dy S
+            state_first = _op(state_first, DOT_DTYPE, ROUND_BF16)
+            state_second = _op(state_second, DOT_DTYPE, ROUND_BF16)
+            if CARRIED_BY_DOT:
+                # q.(e dy S) = e sum_p dy (q S^T): the carried state's output, no float32 copy of q needed
+                carried = tl.dot(q_first, tl.trans(state_first), input_precision=DOT_PREC)
+                carried += tl.dot(q_second, tl.trans(state_second), input_precision=DOT_PREC)
+                dg += into * tl.sum(dy.to(tl.float32) * carried, axis=1)
+            if ATOMIC_BC:
+                acc = tl.dot(dy_op, state_first, input_precision=DOT_PREC) * into[:, None]
+                if not CARRIED_BY_DOT:
+                    dg += tl.sum(q_first.to(tl.float32) * acc, axis=1)
+                acc += tl.dot(dy_v, k_first, input_precision=DOT_PREC)
+                _add_unrotated_half(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                    offs_t, offs_nh, mask_t, mask_nh, NH, False, ROPE)
+                acc = tl.dot(dy_op, state_second, input_precision=DOT_PREC) * into[:, None]
+                if not CARRIED_BY_DOT:
+                    dg += tl.sum(q_second.to(tl.float32) * acc, axis=1)
+                acc += tl.dot(dy_v, k_second, input_precision=DOT_PREC)
+                _add_unrotated_half(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                    offs_t, offs_nh, mask_t, mask_nh, NH, True, ROPE)
+            else:
+                acc_first = tl.dot(dy_op, state_first, input_precision=DOT_PREC) * into[:, None]
+                acc_second = tl.dot(dy_op, state_second, input_precision=DOT_PREC) * into[:, None]
+                if not CARRIED_BY_DOT:
+                    dg += tl.sum(q_first.to(tl.float32) * acc_first + q_second.to(tl.float32) * acc_second, axis=1)
+                acc_first += tl.dot(dy_v, k_first, input_precision=DOT_PREC)
+                acc_second += tl.dot(dy_v, k_second, input_precision=DOT_PREC)
+                _store_unrotated(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
+                                 acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, False)
         if ATOMIC_SCALARS:
             tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
         else:
             tl.store(dg_ptr + gdt_row + offs_l, dg)
-
-        # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1
-        dy_into = tl.trans(_op(dy.to(tl.float32) * into[:, None], DOT_DTYPE, ROUND_BF16))
-        grad_first = grad_first * chunk_decay + tl.dot(dy_into, q_first, input_precision=DOT_PREC)
-        grad_second = grad_second * chunk_decay + tl.dot(dy_into, q_second, input_precision=DOT_PREC)
 
     tl.store(dinit_ptr + head_pn + pn_offs, grad_first, mask=mask_pn)
     tl.store(dinit_ptr + head_pn + pn_offs + NH, grad_second, mask=mask_pn)
 
 
 def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
-    """Kernel backward in one reverse-walk launch: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32).
-    A drop-in for `ssd._backward` (same arguments and results); tiles from config keys "scan_bwd_*"."""
+    """Kernel backward with dS kept on chip: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32).
+    A drop-in for `ssd._backward` (same arguments and results); tiles from config keys "scan_bwd_*".
+    "scan_bwd_split_c": the reverse walk does everything but dC and the C side's dg, which the parallel
+    `ssd._chunk_bwd_dqk_kernel` (FOR_C: reads the forward's states, never dS) computes in a second launch."""
     config = dict(SCAN_BWD_CONFIG, **{key: value for key, value in config.items() if key.startswith("scan_bwd_")})
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
@@ -202,10 +279,12 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
     seq_arg = seq if seq is not None else dt
     dot_dtype, round_bf16 = _dot_dtypes(x.dtype)
+    precision = _dot_precision(x.dtype)
     # with the forward's rotated B~, C~ nothing is rotated on load (RoPE stays on for un-rotating dB, dC)
     rope_in = rope and rotated_B is None
     B_in = B if rotated_B is None else rotated_B
     C_in = C if rotated_C is None else rotated_C
+    split_c = config["scan_bwd_split_c"]
 
     block_p = min(config["scan_bwd_block_p"], _next_pow2(head_dim))
     p_blocks = triton.cdiv(head_dim, block_p)
@@ -213,10 +292,10 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     atomic_bc = p_blocks > 1 or groups < heads
     if atomic_bc:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
-        dC_out = torch.zeros_like(dB_out)
+        dC_out = torch.zeros_like(dB_out) if not split_c else None
     else:
         dB_out = torch.empty_like(B)
-        dC_out = torch.empty_like(C)
+        dC_out = torch.empty_like(C) if not split_c else None
     atomic_scalars = p_blocks > 1
     ddt = (torch.zeros_like if atomic_scalars else torch.empty_like)(dt)
     dg = (torch.zeros_like if atomic_scalars else torch.empty_like)(g)
@@ -227,15 +306,34 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     _scan_bwd_kernel[(p_blocks, batch * heads)](
         x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, dy,
         dfinal if dfinal is not None else dt,
-        dx, dB_out, dC_out, ddt, dg, dD_partial if D is not None else dt, dinit,
+        dx, dB_out, dC_out if dC_out is not None else dB_out, ddt, dg, dD_partial if D is not None else dt, dinit,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *dy.stride(), *dB_out.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, ROPE_IN=rope_in, HAS_SEQ=seq is not None,
         HAS_D=D is not None, HAS_DFINAL=dfinal is not None, ATOMIC_BC=atomic_bc, ATOMIC_SCALARS=atomic_scalars,
-        DOT_PREC=_dot_precision(x.dtype), DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        CARRIED_BY_DOT=config["scan_bwd_carried_by_dot"], WITH_C=not split_c,
         num_warps=config["scan_bwd_warps"], num_stages=config["scan_bwd_stages"],
         maxnreg=config["scan_bwd_maxnreg"])
     dB = dB_out.to(B.dtype) if atomic_bc else dB_out
-    dC = dC_out.to(C.dtype) if atomic_bc else dC_out
+    if split_c:
+        # per-head dC rows (summed over each group's heads in float32 below when groups < heads)
+        dC_heads = torch.empty(batch, length, heads, 2 * half, device=x.device, dtype=x.dtype) if groups < heads \
+            else torch.empty_like(C)
+        dg_from_c = torch.empty_like(g)
+        _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+            x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, states, dy, dC_heads, dg_from_c,
+            length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+            *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *dy.stride(), *dC_heads.stride(),
+            T=T, BLOCK_P=min(config["scan_bwd_c_block_p"], _next_pow2(head_dim)), BLOCK_NH=_next_pow2(half),
+            ROPE=rope, HAS_SEQ=seq is not None, FOR_C=True, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+            ROUND_BF16=round_bf16, ROPE_IN=rope_in, num_warps=config["scan_bwd_c_warps"],
+            num_stages=config["scan_bwd_c_stages"])
+        dg += dg_from_c
+        if groups < heads:
+            dC_heads = dC_heads.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
+        dC = dC_heads.to(C.dtype)
+    else:
+        dC = dC_out.to(C.dtype) if atomic_bc else dC_out
     dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
     return dx, dB, dC, ddt, dg, dD, dinit

@@ -71,27 +71,30 @@ def saved_forward(ssd, inputs, kernel_chunk, config):
 
 
 @pytest.mark.parametrize(
-    "dtype, groups, rope, save_rotated, use_seq, use_init, use_dfinal, use_d, length, head_dim, block_p",
+    "dtype, groups, rope, save_rotated, use_seq, use_init, use_dfinal, use_d, length, head_dim, block_p, options",
     [
         # everything on, B~/C~ from the forward, groups = heads, p = 24 in two blocks of 16 (atomics, masking)
-        (torch.float32, 4, True, True, True, True, True, True, 37, 24, 16),
-        # one group for four heads, RoPE on load, no documents / initial state / d final, p in one block
-        (torch.float32, 1, True, False, False, False, False, True, 40, 16, 64),
-        # groups = heads and p in one block: dB/dC stored directly; no RoPE, no D
-        (torch.float32, 4, False, False, True, True, True, False, 33, 16, 64),
+        (torch.float32, 4, True, True, True, True, True, True, 37, 24, 16, {}),
+        # one group for four heads, RoPE on load, no documents / initial state / d final, p in one block;
+        # the C side's dg through q S^T
+        (torch.float32, 1, True, False, False, False, False, True, 40, 16, 64, {"scan_bwd_carried_by_dot": True}),
+        # groups = heads and p in one block: dB stored directly; no RoPE, no D; dC from the second launch
+        (torch.float32, 4, False, False, True, True, True, False, 33, 16, 64, {"scan_bwd_split_c": True}),
+        # two groups, RoPE on load, p split, dC from the second launch (its per-head rows summed per group)
+        (torch.float32, 2, True, False, True, False, True, True, 37, 24, 16, {"scan_bwd_split_c": True}),
         # bf16, one group, B~/C~ from the forward, p split
-        (torch.bfloat16, 1, True, True, True, True, True, True, 37, 24, 16),
+        (torch.bfloat16, 1, True, True, True, True, True, True, 37, 24, 16, {}),
     ],
 )
 def test_same_outputs_as_kernel_backward(modules, dtype, groups, rope, save_rotated, use_seq, use_init, use_dfinal,
-                                         use_d, length, head_dim, block_p):
+                                         use_d, length, head_dim, block_p, options):
     ssd, scan = modules
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs each run
     batch = 2 if dtype == torch.float32 else 1   # the interpreter's bf16 rounding is slow
     inputs = make_inputs(batch, length, 4, head_dim, 32, dtype, rope, use_d, use_init, use_seq, generator)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    config = dict(ssd.CONFIG, save_rotated=save_rotated, scan_bwd_block_p=block_p)
+    config = dict(ssd.CONFIG, save_rotated=save_rotated, scan_bwd_block_p=block_p, **options)
     saved, final, rotated_B, rotated_C = saved_forward(ssd, inputs, 16, config)
     assert (rotated_B is not None) == (rope and save_rotated)
     dy = torch.randn(inputs["x"].shape, generator=generator).to(dtype)
