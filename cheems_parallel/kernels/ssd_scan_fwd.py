@@ -28,16 +28,26 @@ import torch
 import triton
 import triton.language as tl
 
-from cheems_parallel.kernels.ssd import (_chunk_masks, _dot_dtypes, _dot_precision, _load_halves,
-                                         _load_rotated_operands, _next_pow2, _op, _rope_args)
+from cheems_parallel.kernels.ssd import (_chunk_masks, _dot_dtypes, _dot_precision, _load_halves, _load_rope,
+                                         _load_rotated, _load_rotated_operands, _next_pow2, _op, _rope_args)
 
-# Tile sizes and launch settings ("scan_fwd_*" keys of the config passed in override these).
+# Tile sizes and launch settings ("scan_fwd_*" keys of the config passed in override these). Defaults: 4-warp
+# programs that fit two per SM by registers, without spills on the mamba problem (Cheems: 40 B of stack when
+# saving), by the offline sm_90 compile; not yet measured on the GPU.
 # block_p: the p-block a program owns (its state is block_p x n float32 in registers; the C~B~^T scores are
 # computed once per p-block); save_block_p / save_warps: the same when the states are stored for a backward;
-# step: tokens per step of the walk (divides the kernel chunk T; T // step steps per chunk, smaller tiles).
+# step: tokens per step of the walk (divides the kernel chunk T; T // step steps per chunk; smaller tiles, so
+# fewer registers, but more sequential steps); rope_prepass: with RoPE, B~ and C~ come from a separate
+# elementwise launch (`_rotate_kernel`, in x's dtype: the tensors the backward wants anyway with
+# "save_rotated") and the walk reads them without rotating (rotating in the loop spills at every tile size);
+# it costs one extra read of B~, C~ when saving, a write and a read of them when not, and B~ is rounded to x's
+# dtype before the walk weights it by exp(g_last - g) dt and rounds again (about twice the final state's error
+# against float64 for bf16); "C": only C~ from the launch, B rotated in the walk (weighted B~ rounded once, as
+# in the two-kernel forward); rotate_block_l: the launch's tile.
 SCAN_FWD_CONFIG = {
-    "scan_fwd_block_p": 64, "scan_fwd_warps": 4, "scan_fwd_stages": 2, "scan_fwd_maxnreg": None, "scan_fwd_step": 64,
-    "scan_fwd_save_block_p": None, "scan_fwd_save_warps": None,
+    "scan_fwd_block_p": 64, "scan_fwd_warps": 4, "scan_fwd_stages": 2, "scan_fwd_maxnreg": None, "scan_fwd_step": 16,
+    "scan_fwd_save_block_p": None, "scan_fwd_save_warps": None, "scan_fwd_rope_prepass": "C",
+    "scan_fwd_rotate_block_l": 32,
 }
 
 
@@ -77,7 +87,7 @@ def _scan_fwd_kernel(
     sc_b, sc_l, sc_n,
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, STEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr,
+    ROPE_B: tl.constexpr, ROPE_C: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_ROTATED: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
@@ -148,13 +158,13 @@ def _scan_fwd_kernel(
         cos_chunk = cos_base + chunk_start * sc_l
         sin_chunk = sin_base + chunk_start * sc_l
         c_first, c_second = _load_rotated_operands(c_base + chunk_start * scc_l, scc_l, scc_n, cos_chunk, sin_chunk,
-                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE,
+                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_C,
                                                    DOT_DTYPE, ROUND_BF16)
         # the state update's weights ride on B~ (rounded once from float32, as `_state_fwd_kernel` does)
         weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)
         b_first, b_second, b_first_weighted, b_second_weighted = _load_rotated_weighted(
             b_base + chunk_start * sb_l, sb_l, sb_n, cos_chunk, sin_chunk, sc_l, sc_n, weight,
-            offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+            offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_B, DOT_DTYPE, ROUND_BF16)
         if SAVE_ROTATED:
             if stores_rotated:
                 mask_tn = mask_t[:, None] & mask_nh[None, :]
@@ -198,15 +208,47 @@ def _scan_fwd_kernel(
     tl.store(final_ptr + head_pn + pn_offs + NH, state_second, mask=mask_pn)
 
 
+@triton.jit
+def _rotate_kernel(b_ptr, c_ptr, cos_ptr, sin_ptr, rot_b_ptr, rot_c_ptr, L, G, NH,
+                   sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n, sc_b, sc_l, sc_n,
+                   BLOCK_L: tl.constexpr, BLOCK_NH: tl.constexpr, ROTATE_B: tl.constexpr):
+    """B~ = rope(B), C~ = rope(C) of a (BLOCK_L, n) tile of one batch row and group, in float32 from the
+    tables and stored in B's dtype: the numbers `_chunk_fwd_kernel` stores with "save_rotated". The outputs
+    have B's / C's strides."""
+    pid_l = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    bi = pid_bg // G
+    gi = pid_bg % G
+    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_t = offs_t < L
+    mask_nh = offs_nh < NH
+    mask = mask_t[:, None] & mask_nh[None, :]
+    cos1, cos2, sin1, sin2 = _load_rope(cos_ptr + bi.to(tl.int64) * sc_b, sin_ptr + bi.to(tl.int64) * sc_b,
+                                        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH)
+    if ROTATE_B:
+        b_offs = bi.to(tl.int64) * sb_b + gi * sb_h + offs_t[:, None] * sb_l + offs_nh[None, :] * sb_n
+        b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h, sb_l, sb_n,
+                                          cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, True)
+        tl.store(rot_b_ptr + b_offs, b_first.to(rot_b_ptr.dtype.element_ty), mask=mask)
+        tl.store(rot_b_ptr + b_offs + NH * sb_n, b_second.to(rot_b_ptr.dtype.element_ty), mask=mask)
+    c_offs = bi.to(tl.int64) * scc_b + gi * scc_h + offs_t[:, None] * scc_l + offs_nh[None, :] * scc_n
+    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h, scc_l, scc_n,
+                                      cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, True)
+    tl.store(rot_c_ptr + c_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask)
+    tl.store(rot_c_ptr + c_offs + NH * scc_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask)
+
+
 def scan_fwd_settings(config, save_for_backward):
-    """(block_p, warps, stages, maxnreg, step) from the "scan_fwd_*" keys of `config` over SCAN_FWD_CONFIG; with
+    """(block_p, warps, stages, maxnreg, step, rope_prepass, rotate_block_l) from the "scan_fwd_*" keys of `config` over SCAN_FWD_CONFIG; with
     save_for_backward, "scan_fwd_save_block_p" / "scan_fwd_save_warps" win where set."""
     merged = dict(SCAN_FWD_CONFIG, **{key: value for key, value in config.items() if key.startswith("scan_fwd_")})
     block_p, warps = merged["scan_fwd_block_p"], merged["scan_fwd_warps"]
     if save_for_backward:
         block_p = merged["scan_fwd_save_block_p"] or block_p
         warps = merged["scan_fwd_save_warps"] or warps
-    return block_p, warps, merged["scan_fwd_stages"], merged["scan_fwd_maxnreg"], merged["scan_fwd_step"]
+    return (block_p, warps, merged["scan_fwd_stages"], merged["scan_fwd_maxnreg"], merged["scan_fwd_step"],
+            merged["scan_fwd_rope_prepass"], merged["scan_fwd_rotate_block_l"])
 
 
 def scan_forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
@@ -226,21 +268,41 @@ def scan_forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, sav
     rotated_C = torch.empty_like(C) if save_rotated else None
     dot_dtype, round_bf16 = _dot_dtypes(x.dtype)
 
-    block_p, warps, stages, maxnreg, step = scan_fwd_settings(config, save_for_backward)
+    block_p, warps, stages, maxnreg, step, rope_prepass, rotate_block_l = scan_fwd_settings(config,
+                                                                                            save_for_backward)
     step = min(step, T)
     if T % step:
         raise ValueError(f"scan_forward: scan_fwd_step {step} must divide the kernel chunk {T}")
+    if rope_prepass not in (False, True, "C"):
+        raise ValueError(f"scan_forward: scan_fwd_rope_prepass must be False, True or 'C', got {rope_prepass!r}")
+    B_in, C_in, rope_b, rope_c, save_in_walk = B, C, rope, rope, save_rotated
+    if rope and rope_prepass:
+        # C~ (True: and B~) rotated once by an elementwise launch, which also writes B~ when it is saved; the
+        # walk reads them as plain B, C. "C": the walk still rotates B, so that its weighted operand
+        # exp(g_last - g) dt B~ is rounded once from float32, as in `_state_fwd_kernel` (True rounds it twice)
+        rotate_b = save_rotated or rope_prepass is True
+        rotated_B = rotated_B if save_rotated else (torch.empty_like(B) if rotate_b else None)
+        C_in = rotated_C if save_rotated else torch.empty_like(C)
+        if rope_prepass is True:
+            B_in = rotated_B
+        rotate_block_l = min(rotate_block_l, triton.next_power_of_2(length))
+        _rotate_kernel[(triton.cdiv(length, rotate_block_l), batch * B.shape[2])](
+            B, C, cos, sin, rotated_B if rotate_b else C_in, C_in, length, B.shape[2], half,
+            *B.stride(), *C.stride(), *cos_strides,
+            BLOCK_L=rotate_block_l, BLOCK_NH=_next_pow2(half), ROTATE_B=rotate_b, num_warps=4)
+        rope_b, rope_c, save_in_walk = rope_prepass == "C", False, False
+        rotated_B = rotated_B if save_rotated else None
     block_p = min(block_p, _next_pow2(head_dim))
     grid = (triton.cdiv(head_dim, block_p), batch * heads)
     _scan_fwd_kernel[grid](
-        x, B, C, cos_arg, sin_arg, dt, g, seq if seq is not None else dt,
+        x, B_in, C_in, cos_arg, sin_arg, dt, g, seq if seq is not None else dt,
         initial_state if initial_state is not None else dt, D if D is not None else dt,
         y, final, states if save_for_backward else y, rotated_B if save_rotated else y,
         rotated_C if save_rotated else y,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
-        T=T, STEP=step, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
+        *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *y.stride(),
+        T=T, STEP=step, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE_B=rope_b, ROPE_C=rope_c, HAS_SEQ=seq is not None,
         HAS_INIT=initial_state is not None, HAS_D=D is not None, SAVE_STATES=save_for_backward,
-        SAVE_ROTATED=save_rotated, DOT_PREC=_dot_precision(x.dtype), DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        SAVE_ROTATED=save_in_walk, DOT_PREC=_dot_precision(x.dtype), DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     return y, final, states, rotated_B, rotated_C
