@@ -32,7 +32,7 @@ from cheems_parallel.kernels.ssd import (_chunk_masks, _dot_dtypes, _dot_precisi
                                          _load_rotated, _load_rotated_operands, _next_pow2, _op, _rope_args)
 
 # Tile sizes and launch settings ("scan_fwd_*" keys of the config passed in override these). Defaults: 4-warp
-# programs that fit two per SM by registers, without spills on the mamba problem (Cheems: 40 B of stack when
+# programs that fit two per SM by registers, without spills on the mamba problem (Cheems: 64 B of stack when
 # saving), by the offline sm_90 compile; not yet measured on the GPU.
 # block_p: the p-block a program owns (its state is block_p x n float32 in registers; the C~B~^T scores are
 # computed once per p-block); save_block_p / save_warps: the same when the states are stored for a backward;
@@ -88,7 +88,7 @@ def _scan_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, STEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE_B: tl.constexpr, ROPE_C: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr,
-    SAVE_STATES: tl.constexpr, SAVE_ROTATED: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_ROTATED_B: tl.constexpr, SAVE_ROTATED_C: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """y of every chunk of one (batch, head, p-block), the state carried chunk to chunk in two float32
@@ -165,14 +165,16 @@ def _scan_fwd_kernel(
         b_first, b_second, b_first_weighted, b_second_weighted = _load_rotated_weighted(
             b_base + chunk_start * sb_l, sb_l, sb_n, cos_chunk, sin_chunk, sc_l, sc_n, weight,
             offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_B, DOT_DTYPE, ROUND_BF16)
-        if SAVE_ROTATED:
+        if SAVE_ROTATED_B:   # B~ (and with SAVE_ROTATED_C, C~), in B's strides (both are allocated like B)
             if stores_rotated:
                 mask_tn = mask_t[:, None] & mask_nh[None, :]
                 rot_offs = bi.to(tl.int64) * sb_b + gi * sb_h + offs_l[:, None] * sb_l + offs_nh[None, :] * sb_n
                 tl.store(rot_b_ptr + rot_offs, b_first.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
                 tl.store(rot_b_ptr + rot_offs + NH * sb_n, b_second.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
-                tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
-                tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
+                if SAVE_ROTATED_C:
+                    tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
+                    tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty),
+                             mask=mask_tn)
 
         x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=mask_t[:, None] & mask_p[None, :], other=0.0)
@@ -240,8 +242,9 @@ def _rotate_kernel(b_ptr, c_ptr, cos_ptr, sin_ptr, rot_b_ptr, rot_c_ptr, L, G, N
 
 
 def scan_fwd_settings(config, save_for_backward):
-    """(block_p, warps, stages, maxnreg, step, rope_prepass, rotate_block_l) from the "scan_fwd_*" keys of `config` over SCAN_FWD_CONFIG; with
-    save_for_backward, "scan_fwd_save_block_p" / "scan_fwd_save_warps" win where set."""
+    """(block_p, warps, stages, maxnreg, step, rope_prepass, rotate_block_l) from the "scan_fwd_*" keys of
+    `config` over SCAN_FWD_CONFIG; with save_for_backward, "scan_fwd_save_block_p" / "scan_fwd_save_warps" win
+    where set."""
     merged = dict(SCAN_FWD_CONFIG, **{key: value for key, value in config.items() if key.startswith("scan_fwd_")})
     block_p, warps = merged["scan_fwd_block_p"], merged["scan_fwd_warps"]
     if save_for_backward:
@@ -275,23 +278,21 @@ def scan_forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, sav
         raise ValueError(f"scan_forward: scan_fwd_step {step} must divide the kernel chunk {T}")
     if rope_prepass not in (False, True, "C"):
         raise ValueError(f"scan_forward: scan_fwd_rope_prepass must be False, True or 'C', got {rope_prepass!r}")
-    B_in, C_in, rope_b, rope_c, save_in_walk = B, C, rope, rope, save_rotated
+    B_in, C_in, rope_b, rope_c, save_b, save_c = B, C, rope, rope, save_rotated, save_rotated
     if rope and rope_prepass:
-        # C~ (True: and B~) rotated once by an elementwise launch, which also writes B~ when it is saved; the
-        # walk reads them as plain B, C. "C": the walk still rotates B, so that its weighted operand
-        # exp(g_last - g) dt B~ is rounded once from float32, as in `_state_fwd_kernel` (True rounds it twice)
-        rotate_b = save_rotated or rope_prepass is True
-        rotated_B = rotated_B if save_rotated else (torch.empty_like(B) if rotate_b else None)
+        # C~ (True: and B~) rotated once by an elementwise launch; the walk reads them as plain B, C. "C": the
+        # walk still rotates B (and stores B~ when saving), so that its weighted operand exp(g_last - g) dt B~
+        # is rounded once from float32, as in `_state_fwd_kernel` (True rounds it twice)
+        rotate_b = rope_prepass is True
         C_in = rotated_C if save_rotated else torch.empty_like(C)
-        if rope_prepass is True:
-            B_in = rotated_B
+        if rotate_b:
+            B_in = rotated_B if save_rotated else torch.empty_like(B)
         rotate_block_l = min(rotate_block_l, triton.next_power_of_2(length))
         _rotate_kernel[(triton.cdiv(length, rotate_block_l), batch * B.shape[2])](
-            B, C, cos, sin, rotated_B if rotate_b else C_in, C_in, length, B.shape[2], half,
+            B, C, cos, sin, B_in if rotate_b else C_in, C_in, length, B.shape[2], half,
             *B.stride(), *C.stride(), *cos_strides,
             BLOCK_L=rotate_block_l, BLOCK_NH=_next_pow2(half), ROTATE_B=rotate_b, num_warps=4)
-        rope_b, rope_c, save_in_walk = rope_prepass == "C", False, False
-        rotated_B = rotated_B if save_rotated else None
+        rope_b, rope_c, save_b, save_c = not rotate_b, False, save_rotated and not rotate_b, False
     block_p = min(block_p, _next_pow2(head_dim))
     grid = (triton.cdiv(head_dim, block_p), batch * heads)
     _scan_fwd_kernel[grid](
@@ -301,8 +302,9 @@ def scan_forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, sav
         rotated_C if save_rotated else y,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *y.stride(),
-        T=T, STEP=step, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE_B=rope_b, ROPE_C=rope_c, HAS_SEQ=seq is not None,
-        HAS_INIT=initial_state is not None, HAS_D=D is not None, SAVE_STATES=save_for_backward,
-        SAVE_ROTATED=save_in_walk, DOT_PREC=_dot_precision(x.dtype), DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        T=T, STEP=step, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE_B=rope_b, ROPE_C=rope_c,
+        HAS_SEQ=seq is not None, HAS_INIT=initial_state is not None, HAS_D=D is not None,
+        SAVE_STATES=save_for_backward, SAVE_ROTATED_B=save_b, SAVE_ROTATED_C=save_c,
+        DOT_PREC=_dot_precision(x.dtype), DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     return y, final, states, rotated_B, rotated_C

@@ -101,7 +101,8 @@ def test_scan_forward_without_gradients_matches_float64_reference(scan_ssd, grou
         y, final = scan_ssd.ssd_fused(**inputs)
     y_ref, final_ref = ssd_float64_oracle(**inputs)
     errors = {"y": relative_error(y.cpu(), y_ref.cpu()), "final": relative_error(final.cpu(), final_ref.cpu())}
-    print(f"\nscan fwd no-grad g={groups} rope={rope} l={length}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    print(f"\nscan fwd no-grad g={groups} rope={rope} l={length}: "
+          + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     assert all(error < 1e-2 for error in errors.values()), errors
 
 
