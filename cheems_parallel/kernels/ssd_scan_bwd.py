@@ -21,7 +21,8 @@ a = exp(g_last) (masked: the state crosses the chunk), S = the state entering ch
     dk  = ((dy v^T) * Gam)^T q + w * (v G)
     dg  = rowsum M - colsum M + q.(e dy S) - k.(w v G), and at the last token sum_u k_u.(w v G)_u + a <G, S>
     G  <- a G + (e dy)^T q                            (the gradient w.r.t. the state leaving chunk c - 1)
-All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares.
+All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares. Order
+within a chunk: M and its row/column sums, dx (needs G), dk (needs G), <G, S>, then G is updated, then dq.
 """
 import torch
 import triton
@@ -30,16 +31,22 @@ import triton.language as tl
 from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _dot_dtypes, _dot_precision,
                                          _load_rotated_operands, _next_pow2, _op, _rope_args, _store_unrotated)
 
-# Tiles of the scan backward (config keys "scan_bwd_*" override them). block_p: the rows of p one program owns
-# (p = 128 at 64: two programs per (batch, head) that add their dB/dC/dg/ddt shares with float32 atomics);
-# warps / stages / maxnreg: as in ssd.CONFIG; carried_by_dot: the C side's share of dg as rowsum(dy * (q S^T))
-# (one more product, no float32 copy of q); split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel`
-# (FOR_C, parallel over chunks, it reads the forward's states, never dS) in a second launch, c_* its tiles.
-# Defaults: the fewest atomics among the configs whose offline sm_90 compile spills under 1 KB per thread
-# (none compiles without spills; see the report in tests/gpu/test_ssd_scan_bwd_gpu.py). Not measured on a GPU.
+# Tiles and variants of the scan backward (config keys "scan_bwd_*" override them). block_p: the rows of p one
+# program owns (p = 128 at 64: two programs per (batch, head) that add their dB/dC/dg/ddt shares with float32
+# atomics); warps / stages / maxnreg: as in ssd.CONFIG. transposed: `_scan_bwd_transposed_kernel` (whole-n tiles,
+# dB/dC accumulated as (n, T)), else `_scan_bwd_kernel` (rotate-half halves, dB/dC as (T, n/2)); for the latter,
+# carried_by_dot: the C side's share of dg as rowsum(dy * (q S^T)) (the transposed kernel always does so), and
+# split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel` (FOR_C, parallel over chunks; it reads the
+# forward's states, never dS) in a second launch, c_* its tiles.
+# Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack bytes per thread, mamba problem /
+# Cheems problem): no configuration compiles without spills. 8 warps, 1 stage: transposed block_p 64 255/760,
+# 255/952 (the default: the fewest products, 64 HGMMA against the halves kernel's 100), block_p 32 255/472,
+# 255/608, block_p 128 255/1688, 255/1760; halves kernel block_p 64 255/848, 255/912, block_p 32 255/448,
+# 255/616, split_c block_p 32 255/280, 255/376 (+ the FOR_C launch 238/0, 246/0 at 4 warps); 4 warps block_p 32:
+# transposed 255/1304, 255/1592. 2 stages add 40-300 B. Not measured on a GPU.
 SCAN_BWD_CONFIG = {
     "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 1, "scan_bwd_maxnreg": None,
-    "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
+    "scan_bwd_transposed": True, "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
     "scan_bwd_c_block_p": 64, "scan_bwd_c_warps": 4, "scan_bwd_c_stages": 2,
 }
 
@@ -265,6 +272,191 @@ def _scan_bwd_kernel(
     tl.store(dinit_ptr + head_pn + pn_offs + NH, grad_second, mask=mask_pn)
 
 
+@triton.jit
+def _load_rotated_full(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, offs_t, offs_n, mask_t,
+                       mask_n, NH, ROPE_IN: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """A (T, n) tile, all n columns, as a product operand; ROPE_IN: rope(v) = v cos + rotate_half(v) sin, with
+    rotate_half(v)_j = -v_(j + n/2) (j < n/2), v_(j - n/2) (else) read from the partner columns."""
+    mask = mask_t[:, None] & mask_n[None, :]
+    rows = base_ptr + offs_t[:, None] * stride_t
+    tile = tl.load(rows + offs_n[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+    if ROPE_IN:
+        first_half = offs_n < NH
+        partner_n = tl.where(first_half, offs_n + NH, offs_n - NH)
+        partner = tl.load(rows + partner_n[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+        table = offs_t[:, None] * stride_ct + offs_n[None, :] * stride_cn
+        cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        tile = tile * cos + tl.where(first_half, -1.0, 1.0)[None, :] * partner * sin
+    return _op(tile, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _add_unrotated_transposed(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, grad_t, offs_n,
+                              offs_t, mask_n, mask_t, NH, ROPE: tl.constexpr, ATOMIC: tl.constexpr):
+    """The gradient of rope's input from grad_t (n, T), the gradient of its output transposed: out_j = g_j cos_j
+    + g_(j + n/2) sin_(j + n/2) (j < n/2), g_j cos_j - g_(j - n/2) sin_(j - n/2) (else), as float32 adds of
+    g cos into column j and of -+ g sin into the partner column (ROPE implies ATOMIC); else stored or added."""
+    mask = mask_n[:, None] & mask_t[None, :]
+    cols = base_ptr + offs_t[None, :] * stride_t
+    if ROPE:
+        table = offs_n[:, None] * stride_cn + offs_t[None, :] * stride_ct
+        cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t * cos, mask=mask, sem="relaxed")
+        sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        first_half = offs_n < NH
+        partner_n = tl.where(first_half, offs_n + NH, offs_n - NH)
+        tl.atomic_add(cols + partner_n[:, None] * stride_n, grad_t * sin * tl.where(first_half, -1.0, 1.0)[:, None],
+                      mask=mask, sem="relaxed")
+    elif ATOMIC:
+        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t, mask=mask, sem="relaxed")
+    else:
+        tl.store(cols + offs_n[:, None] * stride_n, grad_t.to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scan_bwd_transposed_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, dy_ptr, dfinal_ptr,
+    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr, dinit_ptr,
+    BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    sd_b, sd_l, sd_h, sd_p,
+    sg_b, sg_l, sg_h, sg_n,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr, ROPE_IN: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SCALARS: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """`_scan_bwd_kernel`'s work with whole-n tiles and dB, dC accumulated transposed, (n, T): with 8 warps a
+    product whose result feeds another product gets all warps along its rows (Triton's choice for chained
+    products), so (T = 64)-row results are held twice; (n = 128)-row ones are not. The C side's share of dg is
+    e rowsum(dy * (q S^T)). ROPE implies ATOMIC_BC (un-rotation by adds into partner columns)."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    hi = pid_bh % H
+    gi = hi // HPG   # the B/C group this head reads
+    N = 2 * NH
+    offs_t = tl.arange(0, T)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    head_pn = (bi * H + hi).to(tl.int64) * P * N
+    # G: d loss / d(state leaving the current chunk), this block's rows
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + head_pn + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        d_value = tl.load(d_ptr + hi).to(tl.float32)
+
+    x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
+    dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
+    b_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h
+    c_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h
+    out_head = gi if ATOMIC_BC else hi
+    db_base = db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h
+    dc_base = dc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h
+    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+    seq_row = bi.to(tl.int64) * LPAD
+    for step in range(NCHUNK):
+        c = NCHUNK - 1 - step
+        chunk_start = c * T
+        offs_l = chunk_start + offs_t
+        mask_t = offs_l < L
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        g = tl.load(g_ptr + gdt_row + offs_l)
+        dt = tl.load(dt_ptr + gdt_row + offs_l)
+        g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
+        same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T,
+                                                                    HAS_SEQ)
+        into = tl.where(sees_carried, tl.exp(g), 0.0)
+        to_end = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
+        chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
+        allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+        decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
+        cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+        sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+        # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold the forward's B~, C~
+        q = _load_rotated_full(c_base + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n,
+                               offs_t, offs_n, mask_t, mask_n, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+        k = _load_rotated_full(b_base + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n,
+                               offs_t, offs_n, mask_t, mask_n, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0)
+        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0)
+        # x and dy enter the products as stored (exact in bf16); dt multiplies the float32 results
+        x_op = _op(x, DOT_DTYPE, ROUND_BF16)
+        dy_op = _op(dy, DOT_DTYPE, ROUND_BF16)
+        xf = x.to(tl.float32)
+        dyf = dy.to(tl.float32)
+        grad_op = _op(grad, DOT_DTYPE, ROUND_BF16)
+
+        # M = (q k^T) * Gam * (dy v^T): summed by rows and by columns of one matrix, so its diagonal cancels
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        dy_v = tl.dot(dy_op, tl.trans(x_op), input_precision=DOT_PREC) * decay * dt[None, :]
+        products = scores * dy_v
+        dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
+        dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
+
+        # dx: dv = ((q k^T) * Gam)^T dy + w * k G^T (kept apart: a sum with a product's result would chain them)
+        dv_intra = tl.dot(tl.trans(_op(scores * decay, DOT_DTYPE, ROUND_BF16)), dy_op, input_precision=DOT_PREC)
+        dv_end = tl.dot(k, tl.trans(grad_op), input_precision=DOT_PREC)
+        x_dv_end = tl.sum(xf * dv_end, axis=1)
+        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up: the B side's share of dg, from dv's own terms
+        end_terms = to_end * dt * x_dv_end
+        dx = dv_intra * dt[:, None] + dv_end * (to_end * dt)[:, None]
+        if HAS_D:
+            dx += d_value * dyf
+            tl.store(dd_ptr + ((pid_p * BATCH + bi) * NCHUNK + c) * H + hi, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
+        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+        ddt_share = tl.sum(dv_intra * xf, axis=1) + x_dv_end * to_end
+        if ATOMIC_SCALARS:
+            tl.atomic_add(ddt_ptr + gdt_row + offs_l, ddt_share, sem="relaxed")
+        else:
+            tl.store(ddt_ptr + gdt_row + offs_l, ddt_share)
+
+        # B side, transposed: dk^T = q^T ((dy v^T) * Gam) + (G^T x^T) w dt
+        weight = to_end * dt
+        acc = tl.dot(tl.trans(grad_op), tl.trans(x_op), input_precision=DOT_PREC) * weight[None, :]
+        acc = tl.dot(tl.trans(q), dy_v, acc, input_precision=DOT_PREC)
+        _add_unrotated_transposed(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                  offs_n, offs_t, mask_n, mask_t, NH, ROPE, ATOMIC_BC)
+
+        # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
+        state = tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs,
+                        mask=mask_pn, other=0.0)
+        overlap = tl.sum(tl.sum(state.to(tl.float32) * grad, axis=1), axis=0)
+        # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
+        # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
+        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+
+        # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
+        dy_into = _op(dyf * into[:, None], DOT_DTYPE, ROUND_BF16)
+        grad = grad * chunk_decay + tl.dot(tl.trans(dy_into), q, input_precision=DOT_PREC)
+
+        # C side, transposed: dq^T = k^T ((dy v^T) * Gam)^T + S^T (e dy)^T; dg += e rowsum(dy * (q S^T))
+        state = _op(state, DOT_DTYPE, ROUND_BF16)
+        carried = tl.dot(q, tl.trans(state), input_precision=DOT_PREC)
+        dg += into * tl.sum(dyf * carried, axis=1)
+        acc = tl.dot(tl.trans(state), tl.trans(dy_into), input_precision=DOT_PREC)
+        acc = tl.dot(tl.trans(k), tl.trans(dy_v), acc, input_precision=DOT_PREC)
+        _add_unrotated_transposed(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                  offs_n, offs_t, mask_n, mask_t, NH, ROPE, ATOMIC_BC)
+        if ATOMIC_SCALARS:
+            tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
+        else:
+            tl.store(dg_ptr + gdt_row + offs_l, dg)
+
+    tl.store(dinit_ptr + head_pn + pn_offs, grad, mask=mask_pn)
+
+
 def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
     """Kernel backward with dS kept on chip: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32).
     A drop-in for `ssd._backward` (same arguments and results); tiles from config keys "scan_bwd_*".
@@ -285,11 +477,12 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     B_in = B if rotated_B is None else rotated_B
     C_in = C if rotated_C is None else rotated_C
     split_c = config["scan_bwd_split_c"]
+    transposed = config["scan_bwd_transposed"] and not split_c
 
     block_p = min(config["scan_bwd_block_p"], _next_pow2(head_dim))
     p_blocks = triton.cdiv(head_dim, block_p)
     # dB/dC sum over p and over a group's heads: float32 adds unless one program owns each output row
-    atomic_bc = p_blocks > 1 or groups < heads
+    atomic_bc = p_blocks > 1 or groups < heads or (transposed and rope)
     if atomic_bc:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out) if not split_c else None
@@ -303,18 +496,22 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
                   if D is not None else None)
     dx = torch.empty_like(x)
     dinit = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
-    _scan_bwd_kernel[(p_blocks, batch * heads)](
-        x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, dy,
-        dfinal if dfinal is not None else dt,
-        dx, dB_out, dC_out if dC_out is not None else dB_out, ddt, dg, dD_partial if D is not None else dt, dinit,
-        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-        *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *dy.stride(), *dB_out.stride(),
-        T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, ROPE_IN=rope_in, HAS_SEQ=seq is not None,
-        HAS_D=D is not None, HAS_DFINAL=dfinal is not None, ATOMIC_BC=atomic_bc, ATOMIC_SCALARS=atomic_scalars,
-        DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        CARRIED_BY_DOT=config["scan_bwd_carried_by_dot"], WITH_C=not split_c,
-        num_warps=config["scan_bwd_warps"], num_stages=config["scan_bwd_stages"],
-        maxnreg=config["scan_bwd_maxnreg"])
+    args = (x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, dy,
+            dfinal if dfinal is not None else dt,
+            dx, dB_out, dC_out if dC_out is not None else dB_out, ddt, dg, dD_partial if D is not None else dt, dinit,
+            batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+            *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
+    common = dict(T=T, BLOCK_P=block_p, ROPE=rope, ROPE_IN=rope_in, HAS_SEQ=seq is not None, HAS_D=D is not None,
+                  HAS_DFINAL=dfinal is not None, ATOMIC_BC=atomic_bc, ATOMIC_SCALARS=atomic_scalars,
+                  DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+                  num_warps=config["scan_bwd_warps"], num_stages=config["scan_bwd_stages"],
+                  maxnreg=config["scan_bwd_maxnreg"])
+    if transposed:
+        _scan_bwd_transposed_kernel[(p_blocks, batch * heads)](*args, BLOCK_N=_next_pow2(2 * half), **common)
+    else:
+        _scan_bwd_kernel[(p_blocks, batch * heads)](
+            *args, BLOCK_NH=_next_pow2(half), CARRIED_BY_DOT=config["scan_bwd_carried_by_dot"], WITH_C=not split_c,
+            **common)
     dB = dB_out.to(B.dtype) if atomic_bc else dB_out
     if split_c:
         # per-head dC rows (summed over each group's heads in float32 below when groups < heads)

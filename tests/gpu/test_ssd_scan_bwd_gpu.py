@@ -32,7 +32,11 @@ CASES = [
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_block_p": 32, "scan_bwd_stages": 2}),
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"scan_bwd_split_c": True}),
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_split_c": True}),
-    (2, 777, 8, 128, 128, torch.bfloat16, True, True, True, True, 1, {"scan_bwd_carried_by_dot": True}),
+    (2, 777, 8, 128, 128, torch.bfloat16, True, True, True, True, 1,
+     {"scan_bwd_transposed": False, "scan_bwd_carried_by_dot": True}),
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_transposed": False}),
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4,                 # one block: direct stores
+     {"scan_bwd_transposed": False, "scan_bwd_block_p": 128}),
     (2, 1000, 4, 128, 128, torch.float32, True, True, True, True, 2, {"scan_bwd_warps": 4, "scan_bwd_block_p": 32}),
 ]
 
@@ -61,6 +65,7 @@ def test_scan_backward_matches_float64_reference(monkeypatch, batch, length, hea
     (1, False, {}),                                   # mamba's problem: one group, no RoPE
     (8, True, {}),                                    # the Cheems problem: groups = heads, RoPE (B~/C~ saved)
     (1, False, {"scan_bwd_split_c": True}),
+    (8, True, {"scan_bwd_transposed": False}),
 ])
 def test_same_outputs_as_kernel_backward(groups, rope, overrides):
     """The seven outputs against `ssd._backward` on the same saved tensors (bf16, b 2, l 2048, h 8, p = n = 128).

@@ -75,11 +75,14 @@ def saved_forward(ssd, inputs, kernel_chunk, config):
     [
         # everything on, B~/C~ from the forward, groups = heads, p = 24 in two blocks of 16 (atomics, masking)
         (torch.float32, 4, True, True, True, True, True, True, 37, 24, 16, {}),
-        # one group for four heads, RoPE on load, no documents / initial state / d final, p in one block;
-        # the C side's dg through q S^T
-        (torch.float32, 1, True, False, False, False, False, True, 40, 16, 64, {"scan_bwd_carried_by_dot": True}),
-        # groups = heads and p in one block: dB stored directly; no RoPE, no D; dC from the second launch
-        (torch.float32, 4, False, False, True, True, True, False, 33, 16, 64, {"scan_bwd_split_c": True}),
+        # the rotate-half kernel: one group for four heads, RoPE on load, no documents / initial state /
+        # d final, p in one block; the C side's dg through q S^T
+        (torch.float32, 1, True, False, False, False, False, True, 40, 16, 64,
+         {"scan_bwd_transposed": False, "scan_bwd_carried_by_dot": True}),
+        # groups = heads and p in one block: dB/dC stored directly; no RoPE, no D
+        (torch.float32, 4, False, False, True, True, True, False, 33, 16, 64, {}),
+        # the rotate-half kernel storing un-rotated dB/dC directly (groups = heads, one block, RoPE on load)
+        (torch.float32, 4, True, False, True, True, True, True, 33, 16, 64, {"scan_bwd_transposed": False}),
         # two groups, RoPE on load, p split, dC from the second launch (its per-head rows summed per group)
         (torch.float32, 2, True, False, True, False, True, True, 37, 24, 16, {"scan_bwd_split_c": True}),
         # bf16, one group, B~/C~ from the forward, p split
@@ -115,14 +118,15 @@ def test_same_outputs_as_kernel_backward(modules, dtype, groups, rope, save_rota
     assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"
 
 
-@pytest.mark.parametrize("dtype, groups, rope, save_rotated, use_seq, length, head_dim, block_p", [
-    (torch.float32, 2, True, True, True, 37, 24, 16),    # two groups of two heads, documents, p split
-    (torch.float32, 1, False, False, False, 33, 16, 64),  # mamba's shape in small: one group, no RoPE
-    (torch.float32, 4, True, False, True, 40, 24, 64),   # groups = heads, RoPE on load, p not a power of two
-    (torch.bfloat16, 1, True, True, True, 37, 16, 16),
+@pytest.mark.parametrize("dtype, groups, rope, save_rotated, use_seq, length, head_dim, block_p, options", [
+    (torch.float32, 2, True, True, True, 37, 24, 16, {}),    # two groups of two heads, documents, p split
+    (torch.float32, 1, False, False, False, 33, 16, 64, {}),  # mamba's shape in small: one group, no RoPE
+    # groups = heads, RoPE on load, p not a power of two; the rotate-half kernel
+    (torch.float32, 4, True, False, True, 40, 24, 64, {"scan_bwd_transposed": False}),
+    (torch.bfloat16, 1, True, True, True, 37, 16, 16, {}),
 ])
 def test_gradients_match_float64_oracle(modules, monkeypatch, dtype, groups, rope, save_rotated, use_seq, length,
-                                        head_dim, block_p):
+                                        head_dim, block_p, options):
     """`ssd_fused` with `_backward` swapped for `scan_backward`: every gradient against float64 autograd."""
     ssd, scan = modules
     monkeypatch.setattr(ssd, "_backward", scan.scan_backward)
@@ -131,7 +135,7 @@ def test_gradients_match_float64_oracle(modules, monkeypatch, dtype, groups, rop
     inputs = make_inputs(batch, length, 4, head_dim, 32, dtype, rope, True, True, use_seq, generator)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    config = {"save_rotated": save_rotated, "scan_bwd_block_p": block_p}
+    config = {"save_rotated": save_rotated, "scan_bwd_block_p": block_p, **options}
     errors, _ = ssd_kernel_errors(ssd.ssd_fused, inputs, kernel_chunk=16, config=config)
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
     bad = {name: error for name, error in errors.items() if not error < tolerance}
