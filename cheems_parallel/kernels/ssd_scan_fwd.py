@@ -3,7 +3,8 @@ p-block) in order with the state carried in registers, and writes y of every chu
 
 It computes exactly what `cheems_parallel.kernels.ssd._forward` computes with two kernels (`_state_fwd_kernel`
 stores the state entering every chunk, `_chunk_fwd_kernel` reads it back), without sending the chunk states
-through HBM when no backward follows, and writing them once (never reading them back) when one does.
+through HBM when no backward follows, and writing them once (never reading them back) when one does. With RoPE
+an elementwise launch rotates C (optionally B) first (see "scan_fwd_rope_prepass" below).
 
 Entry point:
     scan_forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True)
@@ -34,16 +35,18 @@ from cheems_parallel.kernels.ssd import (_chunk_masks, _dot_dtypes, _dot_precisi
 # Tile sizes and launch settings ("scan_fwd_*" keys of the config passed in override these). Defaults: 4-warp
 # programs that fit two per SM by registers, without spills on the mamba problem (Cheems: 64 B of stack when
 # saving), by the offline sm_90 compile; not yet measured on the GPU.
-# block_p: the p-block a program owns (its state is block_p x n float32 in registers; the C~B~^T scores are
-# computed once per p-block); save_block_p / save_warps: the same when the states are stored for a backward;
-# step: tokens per step of the walk (divides the kernel chunk T; T // step steps per chunk; smaller tiles, so
-# fewer registers, but more sequential steps); rope_prepass: with RoPE, B~ and C~ come from a separate
-# elementwise launch (`_rotate_kernel`, in x's dtype: the tensors the backward wants anyway with
-# "save_rotated") and the walk reads them without rotating (rotating in the loop spills at every tile size);
-# it costs one extra read of B~, C~ when saving, a write and a read of them when not, and B~ is rounded to x's
-# dtype before the walk weights it by exp(g_last - g) dt and rounds again (about twice the final state's error
-# against float64 for bf16); "C": only C~ from the launch, B rotated in the walk (weighted B~ rounded once, as
-# in the two-kernel forward); rotate_block_l: the launch's tile.
+#   block_p: the p-block a program owns (its state is block_p x n float32 in registers; the C~B~^T scores are
+#     computed once per p-block); save_block_p / save_warps: the same when the states are stored for a backward.
+#   step: tokens per step of the walk (divides the kernel chunk T): smaller tiles, so fewer registers, but more
+#     sequential steps.
+#   rope_prepass (RoPE only; rotating both B and C inside the walk spills at every tile size):
+#     "C": C~ comes from an elementwise launch (`_rotate_kernel`), B is still rotated in the walk (so the
+#          weighted operand exp(g_last - g) dt B~ is rounded once from float32, as in `_state_fwd_kernel`);
+#          costs a write and a read of C~ (the backward wants C~ anyway when "save_rotated").
+#     True: B~ too; B~ is then rounded to x's dtype before the walk weights it and rounds it again (about
+#          twice the final state's error against float64 for bf16), the walk has no RoPE at all.
+#     False: both rotated in the walk.
+#   rotate_block_l: the pre-pass launch's tile (tokens).
 SCAN_FWD_CONFIG = {
     "scan_fwd_block_p": 64, "scan_fwd_warps": 4, "scan_fwd_stages": 2, "scan_fwd_maxnreg": None, "scan_fwd_step": 16,
     "scan_fwd_save_block_p": None, "scan_fwd_save_warps": None, "scan_fwd_rope_prepass": "C",
