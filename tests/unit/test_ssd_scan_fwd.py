@@ -167,10 +167,11 @@ def test_saved_tensors_equal_the_two_kernel_forward(modules, dtype, groups, rope
 
 
 def test_without_gradients_nothing_is_saved_and_y_is_the_same(modules):
-    """save_for_backward=False (the inference path): no states, no B~/C~; y and final as with saving."""
+    """save_for_backward=False (the inference path): no states, no B~/C~; y and final as with saving. At the
+    kernel chunk ssd_fused uses (64), walked in the default steps (16)."""
     ssd, scan = modules
-    inputs = make_inputs(1, 50, 2, 1, 16, 32, torch.float32, True, True, True, True, seed=torch.seed() % 2**31)
-    arguments = kernel_arguments(ssd, inputs, 16)
+    inputs = make_inputs(1, 150, 2, 1, 16, 32, torch.float32, True, True, True, True, seed=torch.seed() % 2**31)
+    arguments = kernel_arguments(ssd, inputs, ssd.KERNEL_CHUNK)
     y, final, states, rotated_B, rotated_C = scan.scan_forward(*arguments, dict(ssd.CONFIG), save_for_backward=False)
     assert states is None and rotated_B is None and rotated_C is None
     y_saved, final_saved, *_ = scan.scan_forward(*arguments, dict(ssd.CONFIG), save_for_backward=True)
