@@ -39,13 +39,14 @@ from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _d
 # split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel` (FOR_C, parallel over chunks; it reads the
 # forward's states, never dS) in a second launch, c_* its tiles.
 # Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack bytes per thread, mamba problem /
-# Cheems problem): no configuration compiles without spills. 8 warps, 1 stage: transposed block_p 64 255/760,
-# 255/952 (the default: the fewest products, 64 HGMMA against the halves kernel's 100), block_p 32 255/472,
-# 255/608, block_p 128 255/1688, 255/1760; halves kernel block_p 64 255/848, 255/912, block_p 32 255/448,
-# 255/616, split_c block_p 32 255/280, 255/376 (+ the FOR_C launch 238/0, 246/0 at 4 warps); 4 warps block_p 32:
-# transposed 255/1304, 255/1592. 2 stages add 40-300 B. Not measured on a GPU.
+# Cheems problem): no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64, 2 stages
+# 255/488, 255/544 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
+# + 105 LDL in the loop); 1 stage 255/648, 255/744; 3 stages 255/568, 255/992; block_p 32, 2 stages 255/328,
+# 255/368; block_p 128, 2 stages 255/1384, 255/1368; 4 warps block_p 32 255/920-1296. Rotate-half kernel, 8 warps,
+# 1 stage: block_p 64 255/752, 255/760 (100 HGMMA), block_p 32 255/472, 255/504, split_c block_p 32 255/224,
+# 255/280 (+ the FOR_C launch 238/0, 246/0 at 4 warps). Not measured on a GPU.
 SCAN_BWD_CONFIG = {
-    "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 1, "scan_bwd_maxnreg": None,
+    "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 2, "scan_bwd_maxnreg": None,
     "scan_bwd_transposed": True, "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
     "scan_bwd_c_block_p": 64, "scan_bwd_c_warps": 4, "scan_bwd_c_stages": 2,
 }
@@ -82,7 +83,7 @@ def _add_unrotated_half(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_c
 @triton.jit
 def _scan_bwd_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, dy_ptr, dfinal_ptr,
-    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr, dinit_ptr,
+    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr, dinit_ptr, zero_ptr,
     BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -135,30 +136,40 @@ def _scan_bwd_kernel(
     for step in range(NCHUNK):
         c = NCHUNK - 1 - step
         chunk_start = c * T
-        offs_l = chunk_start + offs_t
+        # a zero the compiler cannot see through: the tile offsets and masks below are rebuilt every chunk
+        # instead of being hoisted out of the loop and held (spilled) across it (sm_90: -100 to -200 B of stack)
+        zero = tl.multiple_of(tl.load(zero_ptr + c), 1024)
+        offs_t_c = tl.arange(0, T) + zero
+        offs_p_c = pid_p * BLOCK_P + tl.arange(0, BLOCK_P) + zero
+        mask_p_c = offs_p_c < P
+        offs_nh_c = tl.arange(0, BLOCK_NH) + zero
+        mask_nh_c = offs_nh_c < NH
+        mask_pn_c = mask_p_c[:, None] & mask_nh_c[None, :]
+        pn_offs_c = offs_p_c[:, None] * N + offs_nh_c[None, :]
+        offs_l = chunk_start + offs_t_c
         mask_t = offs_l < L
-        mask_tp = mask_t[:, None] & mask_p[None, :]
+        mask_tp = mask_t[:, None] & mask_p_c[None, :]
         g = tl.load(g_ptr + gdt_row + offs_l)
         dt = tl.load(dt_ptr + gdt_row + offs_l)
         g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-        same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T,
+        same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t_c, T,
                                                                     HAS_SEQ)
         into = tl.where(sees_carried, tl.exp(g), 0.0)
         to_end = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
-        allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+        allowed = (offs_t_c[:, None] >= offs_t_c[None, :]) & same_doc
         decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
         cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
         sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
         # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold the forward's B~, C~
         q_first, q_second = _load_rotated_operands(c_base + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
-                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN,
+                                                   sc_l, sc_n, offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, ROPE_IN,
                                                    DOT_DTYPE, ROUND_BF16)
         k_first, k_second = _load_rotated_operands(b_base + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
-                                                   sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN,
+                                                   sc_l, sc_n, offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, ROPE_IN,
                                                    DOT_DTYPE, ROUND_BF16)
-        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0)
-        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0)
+        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p, mask=mask_tp, other=0.0)
+        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p_c[None, :] * sd_p, mask=mask_tp, other=0.0)
         # x and dy enter the products as stored (exact in bf16); dt multiplies the float32 results
         x_op = _op(x, DOT_DTYPE, ROUND_BF16)
         dy_op = _op(dy, DOT_DTYPE, ROUND_BF16)
@@ -189,7 +200,7 @@ def _scan_bwd_kernel(
             dyf = dy.to(tl.float32)
             dx += d_value * dyf
             tl.store(dd_ptr + ((pid_p * BATCH + bi) * NCHUNK + c) * H + hi, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
-        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
         ddt_share = tl.sum(dv * xf, axis=1)
         if ATOMIC_SCALARS:
@@ -204,28 +215,28 @@ def _scan_bwd_kernel(
             acc = tl.dot(x_op, grad_first_op, input_precision=DOT_PREC) * weight[:, None]
             acc += tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
             _add_unrotated_half(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                offs_t, offs_nh, mask_t, mask_nh, NH, False, ROPE)
+                                offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, False, ROPE)
             acc = tl.dot(x_op, grad_second_op, input_precision=DOT_PREC) * weight[:, None]
             acc += tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
             _add_unrotated_half(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                offs_t, offs_nh, mask_t, mask_nh, NH, True, ROPE)
+                                offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, True, ROPE)
         else:
             acc_first = tl.dot(x_op, grad_first_op, input_precision=DOT_PREC) * weight[:, None]
             acc_second = tl.dot(x_op, grad_second_op, input_precision=DOT_PREC) * weight[:, None]
             acc_first += tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
             acc_second += tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
             _store_unrotated(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
-                             acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, False)
+                             acc_first, acc_second, offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, ROPE, False)
 
         # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
-        state_ptrs = states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs
-        state_first = tl.load(state_ptrs, mask=mask_pn, other=0.0)
-        state_second = tl.load(state_ptrs + NH, mask=mask_pn, other=0.0)
+        state_ptrs = states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs_c
+        state_first = tl.load(state_ptrs, mask=mask_pn_c, other=0.0)
+        state_second = tl.load(state_ptrs + NH, mask=mask_pn_c, other=0.0)
         overlap = tl.sum(tl.sum(state_first.to(tl.float32) * grad_first + state_second.to(tl.float32) * grad_second,
                                 axis=1), axis=0)
         # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
         # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
-        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
 
         # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
         dy_into = tl.trans(_op(dy.to(tl.float32) * into[:, None], DOT_DTYPE, ROUND_BF16))
@@ -247,13 +258,13 @@ def _scan_bwd_kernel(
                     dg += tl.sum(q_first.to(tl.float32) * acc, axis=1)
                 acc += tl.dot(dy_v, k_first, input_precision=DOT_PREC)
                 _add_unrotated_half(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                    offs_t, offs_nh, mask_t, mask_nh, NH, False, ROPE)
+                                    offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, False, ROPE)
                 acc = tl.dot(dy_op, state_second, input_precision=DOT_PREC) * into[:, None]
                 if not CARRIED_BY_DOT:
                     dg += tl.sum(q_second.to(tl.float32) * acc, axis=1)
                 acc += tl.dot(dy_v, k_second, input_precision=DOT_PREC)
                 _add_unrotated_half(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                    offs_t, offs_nh, mask_t, mask_nh, NH, True, ROPE)
+                                    offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, True, ROPE)
             else:
                 acc_first = tl.dot(dy_op, state_first, input_precision=DOT_PREC) * into[:, None]
                 acc_second = tl.dot(dy_op, state_second, input_precision=DOT_PREC) * into[:, None]
@@ -262,12 +273,18 @@ def _scan_bwd_kernel(
                 acc_first += tl.dot(dy_v, k_first, input_precision=DOT_PREC)
                 acc_second += tl.dot(dy_v, k_second, input_precision=DOT_PREC)
                 _store_unrotated(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n,
-                                 acc_first, acc_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, False)
+                                 acc_first, acc_second, offs_t_c, offs_nh_c, mask_t, mask_nh_c, NH, ROPE, False)
         if ATOMIC_SCALARS:
             tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
         else:
             tl.store(dg_ptr + gdt_row + offs_l, dg)
 
+    # offsets rebuilt (not the ones before the loop, which would then be held across it)
+    zero = tl.multiple_of(tl.load(zero_ptr), 1024)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P) + zero
+    offs_nh = tl.arange(0, BLOCK_NH) + zero
+    pn_offs = offs_p[:, None] * N + offs_nh[None, :]
+    mask_pn = (offs_p[:, None] < P) & (offs_nh[None, :] < NH)
     tl.store(dinit_ptr + head_pn + pn_offs, grad_first, mask=mask_pn)
     tl.store(dinit_ptr + head_pn + pn_offs + NH, grad_second, mask=mask_pn)
 
@@ -317,7 +334,7 @@ def _add_unrotated_transposed(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, st
 @triton.jit
 def _scan_bwd_transposed_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, dy_ptr, dfinal_ptr,
-    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr, dinit_ptr,
+    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dg_ptr, dd_ptr, dinit_ptr, zero_ptr,
     BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -368,28 +385,38 @@ def _scan_bwd_transposed_kernel(
     for step in range(NCHUNK):
         c = NCHUNK - 1 - step
         chunk_start = c * T
-        offs_l = chunk_start + offs_t
+        # a zero the compiler cannot see through: the tile offsets and masks below are rebuilt every chunk
+        # instead of being hoisted out of the loop and held (spilled) across it (sm_90: -100 to -200 B of stack)
+        zero = tl.multiple_of(tl.load(zero_ptr + c), 1024)
+        offs_t_c = tl.arange(0, T) + zero
+        offs_p_c = pid_p * BLOCK_P + tl.arange(0, BLOCK_P) + zero
+        mask_p_c = offs_p_c < P
+        offs_n_c = tl.arange(0, BLOCK_N) + zero
+        mask_n_c = offs_n_c < N
+        mask_pn_c = mask_p_c[:, None] & mask_n_c[None, :]
+        pn_offs_c = offs_p_c[:, None] * N + offs_n_c[None, :]
+        offs_l = chunk_start + offs_t_c
         mask_t = offs_l < L
-        mask_tp = mask_t[:, None] & mask_p[None, :]
+        mask_tp = mask_t[:, None] & mask_p_c[None, :]
         g = tl.load(g_ptr + gdt_row + offs_l)
         dt = tl.load(dt_ptr + gdt_row + offs_l)
         g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-        same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T,
+        same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t_c, T,
                                                                     HAS_SEQ)
         into = tl.where(sees_carried, tl.exp(g), 0.0)
         to_end = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
-        allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+        allowed = (offs_t_c[:, None] >= offs_t_c[None, :]) & same_doc
         decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
         cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
         sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
         # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold the forward's B~, C~
         q = _load_rotated_full(c_base + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n,
-                               offs_t, offs_n, mask_t, mask_n, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+                               offs_t_c, offs_n_c, mask_t, mask_n_c, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
         k = _load_rotated_full(b_base + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n,
-                               offs_t, offs_n, mask_t, mask_n, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0)
-        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0)
+                               offs_t_c, offs_n_c, mask_t, mask_n_c, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+        x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p, mask=mask_tp, other=0.0)
+        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p_c[None, :] * sd_p, mask=mask_tp, other=0.0)
         # x and dy enter the products as stored (exact in bf16); dt multiplies the float32 results
         x_op = _op(x, DOT_DTYPE, ROUND_BF16)
         dy_op = _op(dy, DOT_DTYPE, ROUND_BF16)
@@ -414,7 +441,7 @@ def _scan_bwd_transposed_kernel(
         if HAS_D:
             dx += d_value * dyf
             tl.store(dd_ptr + ((pid_p * BATCH + bi) * NCHUNK + c) * H + hi, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
-        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
         ddt_share = tl.sum(dv_intra * xf, axis=1) + x_dv_end * to_end
         if ATOMIC_SCALARS:
@@ -427,15 +454,15 @@ def _scan_bwd_transposed_kernel(
         acc = tl.dot(tl.trans(grad_op), tl.trans(x_op), input_precision=DOT_PREC) * weight[None, :]
         acc = tl.dot(tl.trans(q), dy_v, acc, input_precision=DOT_PREC)
         _add_unrotated_transposed(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                  offs_n, offs_t, mask_n, mask_t, NH, ROPE, ATOMIC_BC)
+                                  offs_n_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, ATOMIC_BC)
 
         # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
-        state = tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs,
-                        mask=mask_pn, other=0.0)
+        state = tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs_c,
+                        mask=mask_pn_c, other=0.0)
         overlap = tl.sum(tl.sum(state.to(tl.float32) * grad, axis=1), axis=0)
         # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
         # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
-        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
 
         # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
         dy_into = _op(dyf * into[:, None], DOT_DTYPE, ROUND_BF16)
@@ -448,13 +475,18 @@ def _scan_bwd_transposed_kernel(
         acc = tl.dot(tl.trans(state), tl.trans(dy_into), input_precision=DOT_PREC)
         acc = tl.dot(tl.trans(k), tl.trans(dy_v), acc, input_precision=DOT_PREC)
         _add_unrotated_transposed(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                  offs_n, offs_t, mask_n, mask_t, NH, ROPE, ATOMIC_BC)
+                                  offs_n_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, ATOMIC_BC)
         if ATOMIC_SCALARS:
             tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
         else:
             tl.store(dg_ptr + gdt_row + offs_l, dg)
 
-    tl.store(dinit_ptr + head_pn + pn_offs, grad, mask=mask_pn)
+    # offsets rebuilt (not the ones before the loop, which would then be held across it)
+    zero = tl.multiple_of(tl.load(zero_ptr), 1024)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P) + zero
+    offs_n = tl.arange(0, BLOCK_N) + zero
+    tl.store(dinit_ptr + head_pn + offs_p[:, None] * N + offs_n[None, :], grad,
+             mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
 
 def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
@@ -499,6 +531,7 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     args = (x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, dy,
             dfinal if dfinal is not None else dt,
             dx, dB_out, dC_out if dC_out is not None else dB_out, ddt, dg, dD_partial if D is not None else dt, dinit,
+            torch.zeros(n_chunks, device=x.device, dtype=torch.int32),
             batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
             *x.stride(), *B_in.stride(), *C_in.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
     common = dict(T=T, BLOCK_P=block_p, ROPE=rope, ROPE_IN=rope_in, HAS_SEQ=seq is not None, HAS_D=D is not None,

@@ -29,7 +29,7 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"save_rotated": False}),  # rotate on load
     # the options and other tiles
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_block_p": 128}),  # one p-block
-    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_block_p": 32, "scan_bwd_stages": 2}),
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_block_p": 32, "scan_bwd_stages": 1}),
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"scan_bwd_split_c": True}),
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"scan_bwd_split_c": True}),
     (2, 777, 8, 128, 128, torch.bfloat16, True, True, True, True, 1,
