@@ -40,9 +40,11 @@ from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _d
 # forward's states, never dS) in a second launch, c_* its tiles.
 # Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack bytes per thread, mamba problem /
 # Cheems problem): no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64, 2 stages
-# 255/488, 255/544 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
-# + 105 LDL in the loop); 1 stage 255/648, 255/744; 3 stages 255/568, 255/992; block_p 32, 2 stages 255/328,
-# 255/368; block_p 128, 2 stages 255/1384, 255/1368; 4 warps block_p 32 255/920-1296. Rotate-half kernel, 8 warps,
+# 255/488, 255/616 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
+# + 105 LDL in the loop on the mamba problem; the Cheems problem's 616 B are with its RoPE halves split off in
+# registers, 544 B with them added into partner columns at twice the atomics); 1 stage 255/648, 255/744; 3 stages
+# 255/568, 255/992; block_p 32, 2 stages 255/328, 255/424; block_p 128, 2 stages 255/1384, 255/1368; 4 warps
+# block_p 32 255/920-1296. Rotate-half kernel, 8 warps,
 # 1 stage: block_p 64 255/752, 255/760 (100 HGMMA), block_p 32 255/472, 255/504, split_c block_p 32 255/224,
 # 255/280 (+ the FOR_C launch 238/0, 246/0 at 4 warps). Not measured on a GPU.
 SCAN_BWD_CONFIG = {
@@ -310,13 +312,35 @@ def _load_rotated_full(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct
 
 @triton.jit
 def _add_unrotated_transposed(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, grad_t, offs_n,
-                              offs_t, mask_n, mask_t, NH, ROPE: tl.constexpr, ATOMIC: tl.constexpr):
-    """The gradient of rope's input from grad_t (n, T), the gradient of its output transposed: out_j = g_j cos_j
-    + g_(j + n/2) sin_(j + n/2) (j < n/2), g_j cos_j - g_(j - n/2) sin_(j - n/2) (else), as float32 adds of
-    g cos into column j and of -+ g sin into the partner column (ROPE implies ATOMIC); else stored or added."""
-    mask = mask_n[:, None] & mask_t[None, :]
+                              offs_half, offs_t, mask_n, mask_t, NH, ROPE: tl.constexpr, FULL_N: tl.constexpr,
+                              ATOMIC: tl.constexpr):
+    """The gradient of rope's input from grad_t (n, T), the gradient of its output transposed: out_1 = g_1 cos_1 +
+    g_2 sin_2, out_2 = g_2 cos_2 - g_1 sin_1 in rotate-half halves (`ssd._store_unrotated`), stored or added
+    (ATOMIC). FULL_N (the tile is exactly n rows): the halves are split off in registers; else (n not a power of
+    two) each row adds g cos into its own column and -+ g sin into its partner's (needs ATOMIC)."""
     cols = base_ptr + offs_t[None, :] * stride_t
-    if ROPE:
+    if ROPE and FULL_N:
+        first, second = tl.split(tl.permute(tl.reshape(grad_t, (2, grad_t.shape[0] // 2, grad_t.shape[1])),
+                                            (1, 2, 0)))
+        mask = (offs_half < NH)[:, None] & mask_t[None, :]
+        table = offs_half[:, None] * stride_cn + offs_t[None, :] * stride_ct
+        cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table + NH * stride_cn, mask=mask, other=0.0).to(tl.float32)
+        out = first * cos + second * sin
+        ptrs = cols + offs_half[:, None] * stride_n
+        if ATOMIC:
+            tl.atomic_add(ptrs, out, mask=mask, sem="relaxed")
+        else:
+            tl.store(ptrs, out.to(base_ptr.dtype.element_ty), mask=mask)
+        cos = tl.load(cos_ptr + table + NH * stride_cn, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        out = second * cos - first * sin
+        if ATOMIC:
+            tl.atomic_add(ptrs + NH * stride_n, out, mask=mask, sem="relaxed")
+        else:
+            tl.store(ptrs + NH * stride_n, out.to(base_ptr.dtype.element_ty), mask=mask)
+    elif ROPE:
+        mask = mask_n[:, None] & mask_t[None, :]
         table = offs_n[:, None] * stride_cn + offs_t[None, :] * stride_ct
         cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
         tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t * cos, mask=mask, sem="relaxed")
@@ -326,9 +350,10 @@ def _add_unrotated_transposed(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, st
         tl.atomic_add(cols + partner_n[:, None] * stride_n, grad_t * sin * tl.where(first_half, -1.0, 1.0)[:, None],
                       mask=mask, sem="relaxed")
     elif ATOMIC:
-        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t, mask=mask, sem="relaxed")
+        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t, mask=(mask_n[:, None] & mask_t[None, :]), sem="relaxed")
     else:
-        tl.store(cols + offs_n[:, None] * stride_n, grad_t.to(base_ptr.dtype.element_ty), mask=mask)
+        tl.store(cols + offs_n[:, None] * stride_n, grad_t.to(base_ptr.dtype.element_ty),
+                 mask=(mask_n[:, None] & mask_t[None, :]))
 
 
 @triton.jit
@@ -342,7 +367,7 @@ def _scan_bwd_transposed_kernel(
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
     sg_b, sg_l, sg_h, sg_n,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, FULL_N: tl.constexpr,
     ROPE: tl.constexpr, ROPE_IN: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     HAS_DFINAL: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SCALARS: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -350,7 +375,7 @@ def _scan_bwd_transposed_kernel(
     """`_scan_bwd_kernel`'s work with whole-n tiles and dB, dC accumulated transposed, (n, T): with 8 warps a
     product whose result feeds another product gets all warps along its rows (Triton's choice for chained
     products), so (T = 64)-row results are held twice; (n = 128)-row ones are not. The C side's share of dg is
-    e rowsum(dy * (q S^T)). ROPE implies ATOMIC_BC (un-rotation by adds into partner columns)."""
+    e rowsum(dy * (q S^T)). Without FULL_N, ROPE implies ATOMIC_BC (un-rotation by adds into partner columns)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
@@ -392,6 +417,7 @@ def _scan_bwd_transposed_kernel(
         offs_p_c = pid_p * BLOCK_P + tl.arange(0, BLOCK_P) + zero
         mask_p_c = offs_p_c < P
         offs_n_c = tl.arange(0, BLOCK_N) + zero
+        offs_half_c = tl.arange(0, BLOCK_N // 2) + zero
         mask_n_c = offs_n_c < N
         mask_pn_c = mask_p_c[:, None] & mask_n_c[None, :]
         pn_offs_c = offs_p_c[:, None] * N + offs_n_c[None, :]
@@ -454,7 +480,7 @@ def _scan_bwd_transposed_kernel(
         acc = tl.dot(tl.trans(grad_op), tl.trans(x_op), input_precision=DOT_PREC) * weight[None, :]
         acc = tl.dot(tl.trans(q), dy_v, acc, input_precision=DOT_PREC)
         _add_unrotated_transposed(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                  offs_n_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, ATOMIC_BC)
+                                  offs_n_c, offs_half_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, FULL_N, ATOMIC_BC)
 
         # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
         state = tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs_c,
@@ -475,7 +501,7 @@ def _scan_bwd_transposed_kernel(
         acc = tl.dot(tl.trans(state), tl.trans(dy_into), input_precision=DOT_PREC)
         acc = tl.dot(tl.trans(k), tl.trans(dy_v), acc, input_precision=DOT_PREC)
         _add_unrotated_transposed(dc_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                  offs_n_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, ATOMIC_BC)
+                                  offs_n_c, offs_half_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, FULL_N, ATOMIC_BC)
         if ATOMIC_SCALARS:
             tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
         else:
@@ -510,11 +536,12 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
     C_in = C if rotated_C is None else rotated_C
     split_c = config["scan_bwd_split_c"]
     transposed = config["scan_bwd_transposed"] and not split_c
+    full_n = 2 * half == _next_pow2(2 * half)   # the transposed kernel's (n, T) tiles hold exactly n rows
 
     block_p = min(config["scan_bwd_block_p"], _next_pow2(head_dim))
     p_blocks = triton.cdiv(head_dim, block_p)
     # dB/dC sum over p and over a group's heads: float32 adds unless one program owns each output row
-    atomic_bc = p_blocks > 1 or groups < heads or (transposed and rope)
+    atomic_bc = p_blocks > 1 or groups < heads or (transposed and rope and not full_n)
     if atomic_bc:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out) if not split_c else None
@@ -540,7 +567,8 @@ def scan_backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, confi
                   num_warps=config["scan_bwd_warps"], num_stages=config["scan_bwd_stages"],
                   maxnreg=config["scan_bwd_maxnreg"])
     if transposed:
-        _scan_bwd_transposed_kernel[(p_blocks, batch * heads)](*args, BLOCK_N=_next_pow2(2 * half), **common)
+        _scan_bwd_transposed_kernel[(p_blocks, batch * heads)](*args, BLOCK_N=_next_pow2(2 * half), FULL_N=full_n,
+                                                               **common)
     else:
         _scan_bwd_kernel[(p_blocks, batch * heads)](
             *args, BLOCK_NH=_next_pow2(half), CARRIED_BY_DOT=config["scan_bwd_carried_by_dot"], WITH_C=not split_c,

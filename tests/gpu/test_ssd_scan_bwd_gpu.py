@@ -21,6 +21,7 @@ CASES = [
     (1, 100, 1, 64, 64, torch.bfloat16, True, True, True, True, 1, {}),           # b = 1, h = 1
     (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 4, {}),          # float32, L % 64 != 0
     (2, 777, 3, 96, 128, torch.bfloat16, False, False, False, False, 3, {}),      # plain Mamba-2, p = 96
+    (2, 1000, 4, 64, 96, torch.bfloat16, True, True, True, True, 4, {}),          # n = 96: RoPE partner adds
     (3, 2048, 2, 128, 128, torch.bfloat16, True, True, False, True, 2, {}),       # documents, Cheems shape
     (1, 16384, 2, 128, 128, torch.bfloat16, True, True, True, True, 2, {}),       # L = 16k, groups = heads
     (1, 16384, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {}),    # L = 16k, mamba's one group

@@ -81,6 +81,8 @@ def saved_forward(ssd, inputs, kernel_chunk, config):
          {"scan_bwd_transposed": False, "scan_bwd_carried_by_dot": True}),
         # groups = heads and p in one block: dB/dC stored directly; no RoPE, no D
         (torch.float32, 4, False, False, True, True, True, False, 33, 16, 64, {}),
+        # n = 48 (not a power of two): un-rotation by adds into the partner columns; p in one block
+        (torch.float32, 4, True, True, True, True, True, True, 33, 16, 64, {"state_dim": 48}),
         # the rotate-half kernel storing un-rotated dB/dC directly (groups = heads, one block, RoPE on load)
         (torch.float32, 4, True, False, True, True, True, True, 33, 16, 64, {"scan_bwd_transposed": False}),
         # two groups, RoPE on load, p split, dC from the second launch (its per-head rows summed per group)
@@ -94,7 +96,9 @@ def test_same_outputs_as_kernel_backward(modules, dtype, groups, rope, save_rota
     ssd, scan = modules
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs each run
     batch = 2 if dtype == torch.float32 else 1   # the interpreter's bf16 rounding is slow
-    inputs = make_inputs(batch, length, 4, head_dim, 32, dtype, rope, use_d, use_init, use_seq, generator)
+    options = dict(options)
+    state_dim = options.pop("state_dim", 32)
+    inputs = make_inputs(batch, length, 4, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq, generator)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     config = dict(ssd.CONFIG, save_rotated=save_rotated, scan_bwd_block_p=block_p, **options)
