@@ -104,8 +104,10 @@ def _scan_bwd_kernel(
     ATOMIC_SCALARS: ddt and dg are float32 adds (several blocks of p), else stored."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    hi = pid_bh % H
+    # batch fastest: the programs running at once are mostly of different batch rows, so fewer of them add into
+    # the same dB/dC rows (one B/C group: every head of a row would, in step, walk for walk)
+    bi = pid_bh % BATCH
+    hi = pid_bh // BATCH
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     offs_t = tl.arange(0, T)
@@ -378,8 +380,10 @@ def _scan_bwd_transposed_kernel(
     e rowsum(dy * (q S^T)). Without FULL_N, ROPE implies ATOMIC_BC (un-rotation by adds into partner columns)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    hi = pid_bh % H
+    # batch fastest: the programs running at once are mostly of different batch rows, so fewer of them add into
+    # the same dB/dC rows (one B/C group: every head of a row would, in step, walk for walk)
+    bi = pid_bh % BATCH
+    hi = pid_bh // BATCH
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
     offs_t = tl.arange(0, T)
