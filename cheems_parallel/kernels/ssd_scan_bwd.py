@@ -40,9 +40,9 @@ from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _d
 # forward's states, never dS) in a second launch, c_* its tiles.
 # Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack bytes per thread, mamba problem /
 # Cheems problem): no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64, 2 stages
-# 255/488, 255/616 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
+# 255/496, 255/592 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
 # + 105 LDL in the loop on the mamba problem; the Cheems problem's 616 B are with its RoPE halves split off in
-# registers, 544 B with them added into partner columns at twice the atomics); 1 stage 255/648, 255/744; 3 stages
+# registers, ~70 B less with them added into partner columns at twice the atomics); 1 stage 255/648, 255/744; 3 stages
 # 255/568, 255/992; block_p 32, 2 stages 255/328, 255/424; block_p 128, 2 stages 255/1384, 255/1368; 4 warps
 # block_p 32 255/920-1296. Rotate-half kernel, 8 warps,
 # 1 stage: block_p 64 255/752, 255/760 (100 HGMMA), block_p 32 255/472, 255/504, split_c block_p 32 255/224,
@@ -352,7 +352,8 @@ def _add_unrotated_transposed(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, st
         tl.atomic_add(cols + partner_n[:, None] * stride_n, grad_t * sin * tl.where(first_half, -1.0, 1.0)[:, None],
                       mask=mask, sem="relaxed")
     elif ATOMIC:
-        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t, mask=(mask_n[:, None] & mask_t[None, :]), sem="relaxed")
+        tl.atomic_add(cols + offs_n[:, None] * stride_n, grad_t, mask=(mask_n[:, None] & mask_t[None, :]),
+                      sem="relaxed")
     else:
         tl.store(cols + offs_n[:, None] * stride_n, grad_t.to(base_ptr.dtype.element_ty),
                  mask=(mask_n[:, None] & mask_t[None, :]))

@@ -102,3 +102,54 @@ def test_same_outputs_as_kernel_backward(groups, rope, overrides):
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
     assert not bad, f"relative error over 1e-2: {bad}"
+
+
+@pytest.mark.parametrize("problem", ["mamba", "cheems"])
+def test_time_against_kernel_backward(problem):
+    """Times (prints, asserts nothing about speed) `scan_backward` against `ssd._backward` on the bench problem at
+    L = 4k (B·L = 65 536 tokens, h = 32, p = n = 128, bf16, D on; mamba: one B/C group, no RoPE; cheems: groups =
+    heads, RoPE, B~/C~ saved), each config in SCAN_CONFIGS, on the same saved tensors; outputs agree within 1e-2."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from cheems_parallel.kernels import ssd
+    from cheems_parallel.kernels.ssd_scan_bwd import scan_backward
+
+    batch, length, heads, size = 16, 4096, 32, 128
+    rope, groups = (False, 1) if problem == "mamba" else (True, heads)
+    inputs = make_inputs(batch, length, heads, size, size, torch.bfloat16, rope, True, False, False)
+    x, D = inputs["x"], inputs["D"]
+    B, C = inputs["B"][:, :, :groups].contiguous(), inputs["C"][:, :, :groups].contiguous()
+    T = ssd.KERNEL_CHUNK
+    dt = F.softplus(inputs["dt_raw"] + inputs["dt_bias"]).transpose(1, 2).contiguous()
+    g = (dt * inputs["A"][:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    cos = inputs["cos"].to(x.dtype).contiguous() if rope else None
+    sin = inputs["sin"].to(x.dtype).contiguous() if rope else None
+    config = dict(ssd.CONFIG)
+    _, final, states, rotated_B, rotated_C = ssd._forward(x, B, C, cos, sin, dt, g, None, D, None, T, config)
+    dy = torch.randn_like(x)
+    saved = (x, B, C, cos, sin, dt, g, None, D, states, T)
+    expected = ssd._backward(dy, None, *saved, config, rotated_B, rotated_C)
+    milliseconds = do_bench(lambda: ssd._backward(dy, None, *saved, config, rotated_B, rotated_C))
+    line = f"\n{problem} L=4k backward ms: ssd._backward {milliseconds:.3f}"
+    for overrides in SCAN_CONFIGS:
+        scan_config = dict(config, **overrides)
+        got = scan_backward(dy, None, *saved, scan_config, rotated_B, rotated_C)
+        errors = {name: relative_error(value, reference) for name, value, reference
+                  in zip(["dx", "dB", "dC", "ddt", "dg", "dD", "dinit"], got, expected)}
+        assert all(error < 1e-2 for error in errors.values()), (overrides, errors)
+        milliseconds = do_bench(lambda: scan_backward(dy, None, *saved, scan_config, rotated_B, rotated_C))
+        line += f" | scan {overrides or 'defaults'} {milliseconds:.3f}"
+    print(line)
+
+
+# the configurations the timing test runs (the defaults first); the offline compile numbers are in
+# cheems_parallel/kernels/ssd_scan_bwd.py beside SCAN_BWD_CONFIG
+SCAN_CONFIGS = [
+    {},
+    {"scan_bwd_block_p": 32},
+    {"scan_bwd_stages": 1},
+    {"scan_bwd_transposed": False, "scan_bwd_stages": 1},
+    {"scan_bwd_split_c": True, "scan_bwd_block_p": 32, "scan_bwd_stages": 1},
+    {"scan_bwd_warps": 4, "scan_bwd_block_p": 32},
+]
