@@ -38,15 +38,13 @@ from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _d
 # carried_by_dot: the C side's share of dg as rowsum(dy * (q S^T)) (the transposed kernel always does so), and
 # split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel` (FOR_C, parallel over chunks; it reads the
 # forward's states, never dS) in a second launch, c_* its tiles.
-# Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack bytes per thread, mamba problem /
-# Cheems problem): no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64, 2 stages
-# 255/496, 255/592 (the default: fewest atomics and products among the least spilling; per chunk 64 HGMMA, 30 STL
-# + 105 LDL in the loop on the mamba problem; the Cheems problem's 616 B are with its RoPE halves split off in
-# registers, ~70 B less with them added into partner columns at twice the atomics); 1 stage 255/648, 255/744; 3 stages
-# 255/568, 255/992; block_p 32, 2 stages 255/328, 255/424; block_p 128, 2 stages 255/1384, 255/1368; 4 warps
-# block_p 32 255/920-1296. Rotate-half kernel, 8 warps,
-# 1 stage: block_p 64 255/752, 255/760 (100 HGMMA), block_p 32 255/472, 255/504, split_c block_p 32 255/224,
-# 255/280 (+ the FOR_C launch 238/0, 246/0 at 4 warps). Not measured on a GPU.
+# Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack (spill) bytes per thread, mamba problem /
+# Cheems problem); no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64 with 2 stages
+# 255/496, 255/592 (the default: the fewest atomics and products among the least spilling; on the mamba problem
+# its chunk loop has 64 HGMMA, 30 STL and 105 LDL), 1 stage 255/656, 255/816, 3 stages 255/576, 255/1064;
+# block_p 32 255/336, 255/400; block_p 128 255/1392, 255/1392; 4 warps, block_p 32 255/1168, 255/1216.
+# Rotate-half kernel, 8 warps, 1 stage: block_p 64 255/760, 255/768 (100 HGMMA); block_p 32 255/480, 255/512;
+# split_c, block_p 32 255/232, 255/288 (+ the FOR_C launch, 4 warps: 238/0, 246/0). Not measured on a GPU.
 SCAN_BWD_CONFIG = {
     "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 2, "scan_bwd_maxnreg": None,
     "scan_bwd_transposed": True, "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
