@@ -23,6 +23,9 @@ a = exp(g_last) (masked: the state crosses the chunk), S = the state entering ch
     G  <- a G + (e dy)^T q                            (the gradient w.r.t. the state leaving chunk c - 1)
 All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares. Order
 within a chunk: M and its row/column sums, dx (needs G), dk (needs G), <G, S>, then G is updated, then dq.
+Two kernels do this: `_scan_bwd_transposed_kernel` (the default: whole-n tiles, dk and dq accumulated as (n, T))
+and `_scan_bwd_kernel` (rotate-half halves, as `ssd`'s kernels). With float32 atomics (several blocks of p, or
+several heads per B/C group, or RoPE at an n that is not a power of two) dB and dC are not bitwise reproducible.
 """
 import torch
 import triton
