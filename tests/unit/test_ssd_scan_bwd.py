@@ -2,7 +2,7 @@
 
 Two checks on fresh random inputs at small shapes: (1) on the same saved forward tensors and the same random
 dy / d final state, all seven outputs of `scan_backward` equal those of the current kernel backward
-`ssd._backward`; (2) `ssd_fused` with its backward swapped for `scan_backward` gives the float64 oracle's
+`ssd._backward`; (2) `ssd_fused` with CONFIG "scan_backward" (so `scan_backward` in place of `ssd._backward`) gives the float64 oracle's
 autograd gradients of x, dt_raw, dt_bias, A, B, C, D, initial_state (through the torch prologue).
 Shapes: x (b, l, h, p), B/C (b, l, g, n), cos/sin (b, l, n).
 """
@@ -131,16 +131,20 @@ def test_same_outputs_as_kernel_backward(modules, dtype, groups, rope, save_rota
 ])
 def test_gradients_match_float64_oracle(modules, monkeypatch, dtype, groups, rope, save_rotated, use_seq, length,
                                         head_dim, block_p, options):
-    """`ssd_fused` with `_backward` swapped for `scan_backward`: every gradient against float64 autograd."""
+    """`ssd_fused` with CONFIG "scan_backward": every gradient against float64 autograd."""
     ssd, scan = modules
-    monkeypatch.setattr(ssd, "_backward", scan.scan_backward)
+    calls = []
+    original = scan.scan_backward
+    monkeypatch.setattr(scan, "scan_backward", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch = 2 if dtype == torch.float32 else 1
     inputs = make_inputs(batch, length, 4, head_dim, 32, dtype, rope, True, True, use_seq, generator)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    config = {"save_rotated": save_rotated, "scan_bwd_block_p": block_p, **options}
+    # through the module's switch (CONFIG "scan_backward"), as the layer would turn it on
+    config = {"save_rotated": save_rotated, "scan_bwd_block_p": block_p, "scan_backward": True, **options}
     errors, _ = ssd_kernel_errors(ssd.ssd_fused, inputs, kernel_chunk=16, config=config)
+    assert calls, "ssd_fused did not reach scan_backward"
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
     bad = {name: error for name, error in errors.items() if not error < tolerance}
     assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"

@@ -2,8 +2,8 @@
 small shapes, against the float64 recurrence `cheems_parallel.ops.ssd_scan_ref` (through
 `tests.kernel_oracles.ssd_kernel_errors`) and against the two-kernel forward `ssd._forward` it replaces.
 
-Shapes: x (b, l, h, p), B/C (b, l, g, n), cos/sin (b, l, n). The end-to-end cases run `ssd.ssd_fused` with its
-`_forward` swapped for `scan_forward` (how the integrator wires it in), so the unchanged `ssd._backward` runs on
+Shapes: x (b, l, h, p), B/C (b, l, g, n), cos/sin (b, l, n). The end-to-end cases run `ssd.ssd_fused` with CONFIG
+"scan_forward" (`scan_forward` in place of `_forward`), so the unchanged `ssd._backward` runs on
 the states and rotated B~/C~ this kernel saved: y, the final state and every gradient vs the oracle, with the
 bounds of tests/unit/test_ssd_kernel.py (1e-3 float32, 2e-2 bf16 at interpreter sizes).
 """
@@ -121,13 +121,17 @@ END_TO_END = [
 def test_forward_and_backward_on_its_saved_tensors_match_float64(modules, monkeypatch, batch, length, heads,
                                                                   groups, head_dim, state_dim, T, dtype, rope,
                                                                   use_d, use_init, use_seq, config):
-    """ssd_fused with scan_forward in place of _forward: y, final state and every gradient (the existing
+    """ssd_fused with CONFIG "scan_forward" (scan_forward in place of _forward): y, final state and every gradient (the existing
     backward on this kernel's states / B~ / C~) against the float64 recurrence, fresh inputs each run."""
     ssd, scan = modules
-    monkeypatch.setattr(ssd, "_forward", scan.scan_forward)
+    calls = []
+    original = scan.scan_forward
+    monkeypatch.setattr(scan, "scan_forward", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     inputs = make_inputs(batch, length, heads, groups, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq,
                          seed=torch.seed() % 2**31)
-    errors, _ = ssd_kernel_errors(ssd.ssd_fused, inputs, kernel_chunk=T, config=config)
+    # through the module's switch (CONFIG "scan_forward"), as the layer would turn it on
+    errors, _ = ssd_kernel_errors(ssd.ssd_fused, inputs, kernel_chunk=T, config=dict(config, scan_forward=True))
+    assert calls, "ssd_fused did not reach scan_forward"
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
     bad = {name: error for name, error in errors.items() if not error < tolerance}
     assert not bad, f"relative error over {tolerance}: {bad} (all: {errors})"
