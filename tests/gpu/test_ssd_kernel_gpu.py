@@ -17,15 +17,17 @@ from tests.kernel_oracles import ssd_kernel_errors
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq):
+def make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq, groups=None):
+    """Random SSD inputs on the GPU; B and C have `groups` groups (default: one per head, the Cheems layer)."""
     device = "cuda"
+    groups = groups or heads
     inputs = {
         "x": torch.randn(batch, length, heads, head_dim, device=device).to(dtype),
         "dt_raw": torch.randn(batch, length, heads, device=device) - 2.0,
         "dt_bias": torch.randn(heads, device=device) * 0.5,
         "A": -torch.rand(heads, device=device) * 4 - 0.1,
-        "B": torch.randn(batch, length, heads, state_dim, device=device).to(dtype) / state_dim ** 0.5,
-        "C": torch.randn(batch, length, heads, state_dim, device=device).to(dtype) / state_dim ** 0.5,
+        "B": torch.randn(batch, length, groups, state_dim, device=device).to(dtype) / state_dim ** 0.5,
+        "C": torch.randn(batch, length, groups, state_dim, device=device).to(dtype) / state_dim ** 0.5,
         "D": torch.randn(heads, device=device) if use_d else None,
         "initial_state": torch.randn(batch, heads, head_dim, state_dim, device=device) if use_init else None,
     }

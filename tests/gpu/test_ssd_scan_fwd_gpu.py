@@ -12,32 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cheems_parallel.ops import rope_tables
+from tests.gpu.test_ssd_kernel_gpu import make_inputs
 from tests.kernel_oracles import relative_error, ssd_float64_oracle, ssd_kernel_errors
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq, groups):
-    device = "cuda"
-    inputs = {
-        "x": torch.randn(batch, length, heads, head_dim, device=device).to(dtype),
-        "dt_raw": torch.randn(batch, length, heads, device=device) - 2.0,
-        "dt_bias": torch.randn(heads, device=device) * 0.5,
-        "A": -torch.rand(heads, device=device) * 4 - 0.1,
-        "B": torch.randn(batch, length, groups, state_dim, device=device).to(dtype) / state_dim ** 0.5,
-        "C": torch.randn(batch, length, groups, state_dim, device=device).to(dtype) / state_dim ** 0.5,
-        "D": torch.randn(heads, device=device) if use_d else None,
-        "initial_state": torch.randn(batch, heads, head_dim, state_dim, device=device) if use_init else None,
-    }
-    if rope:
-        offsets = torch.randint(0, 10000, (batch, 1), device=device)
-        inputs["cos"], inputs["sin"] = rope_tables(torch.arange(length, device=device)[None] + offsets, state_dim)
-    else:
-        inputs["cos"] = inputs["sin"] = None
-    inputs["seq_idx"] = (torch.sort(torch.randint(0, 6, (batch, length), device=device), dim=1).values
-                         if use_seq else None)
-    return inputs
 
 
 @pytest.fixture

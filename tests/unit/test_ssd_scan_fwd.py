@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cheems_parallel.ops import rope_tables
 from tests.kernel_oracles import interpreted_module, relative_error, ssd_float64_oracle, ssd_kernel_errors
+from tests.unit.test_ssd_kernel import make_inputs as kernel_test_inputs
 
 IN_CHILD = os.environ.get("SSD_SCAN_FWD_TEST_CHILD") == "1"
 
@@ -59,29 +59,11 @@ def test_scan_tests_in_a_fresh_interpreter_process():
 
 
 def make_inputs(batch, length, heads, groups, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq, seed):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    inputs = {
-        "x": randn(batch, length, heads, head_dim).to(dtype),
-        "dt_raw": randn(batch, length, heads) - 1.0,
-        "dt_bias": randn(heads) * 0.5,
-        "A": -torch.rand(heads, generator=generator) * 2 - 0.1,
-        "B": (randn(batch, length, groups, state_dim) / state_dim ** 0.5).to(dtype),
-        "C": (randn(batch, length, groups, state_dim) / state_dim ** 0.5).to(dtype),
-        "D": randn(heads) if use_d else None,
-        "initial_state": randn(batch, heads, head_dim, state_dim) if use_init else None,
-    }
-    if rope:
-        offsets = torch.randint(0, 1000, (batch, 1), generator=generator)
-        inputs["cos"], inputs["sin"] = rope_tables(torch.arange(length)[None] + offsets, state_dim)
-    else:
-        inputs["cos"] = inputs["sin"] = None
-    # 2-4 documents per row, boundaries anywhere (inside chunks, inside steps, at their edges)
-    inputs["seq_idx"] = (torch.sort(torch.randint(0, 4, (batch, length), generator=generator), dim=1).values
-                         if use_seq else None)
+    """tests/unit/test_ssd_kernel.py's inputs with `groups` B/C groups (head i reads group i // (h / g))."""
+    inputs = kernel_test_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq,
+                                torch.Generator().manual_seed(seed))
+    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
+    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     return inputs
 
 
