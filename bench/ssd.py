@@ -81,7 +81,7 @@ SWEEP_SCAN = [
     ("scan-bwd", 64, {"scan_backward": True}),
     ("scan-bwd-p32", 64, {"scan_backward": True, "scan_bwd_block_p": 32}),
     ("scan-bwd-split-c", 64, {"scan_backward": True, "scan_bwd_transposed": False, "scan_bwd_split_c": True,
-                              "scan_bwd_block_p": 32}),
+                              "scan_bwd_block_p": 32, "scan_bwd_stages": 1}),
     ("scan", 64, {"scan_forward": True, "scan_backward": True}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)

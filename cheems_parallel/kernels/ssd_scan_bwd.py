@@ -20,9 +20,12 @@ a = exp(g_last) (masked: the state crosses the chunk), S = the state entering ch
     dq  = ((dy v^T) * Gam) k + e * (dy S)            (summed over p: p-blocks add into float32 rows)
     dk  = ((dy v^T) * Gam)^T q + w * (v G)
     dg  = rowsum M - colsum M + q.(e dy S) - k.(w v G), and at the last token sum_u k_u.(w v G)_u + a <G, S>
+        = rowsum M + q.(e dy S) - dt ddt,                   as colsum M + k.(w v G) = sum_p v dv = dt ddt
     G  <- a G + (e dy)^T q                            (the gradient w.r.t. the state leaving chunk c - 1)
-All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares. Order
-within a chunk: M and its row/column sums, dx (needs G), dk (needs G), <G, S>, then G is updated, then dq.
+All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares. The
+B side's share of dg comes from ddt (which dx's pass makes anyway): no column sums of M (a reduction of a (T, T)
+tile across warps) and fewer registers (sm_90: 32-88 B less stack). Order within a chunk: M and its row sums, dx
+(needs G), <G, S>, then (transposed kernel) dq, dk, the update of G; (`_scan_bwd_kernel`) dk, G, dq.
 Two kernels do this: `_scan_bwd_transposed_kernel` (the default: whole-n tiles, dk and dq accumulated as (n, T))
 and `_scan_bwd_kernel` (rotate-half halves, as `ssd`'s kernels). With float32 atomics (several blocks of p, or
 several heads per B/C group, or RoPE at an n that is not a power of two) dB and dC are not bitwise reproducible.
@@ -42,12 +45,14 @@ from cheems_parallel.kernels.ssd import (_chunk_bwd_dqk_kernel, _chunk_masks, _d
 # split_c: dC and the C side's dg from `ssd._chunk_bwd_dqk_kernel` (FOR_C, parallel over chunks; it reads the
 # forward's states, never dS) in a second launch, c_* its tiles.
 # Offline sm_90 compile (Triton 3.6, bf16, p = n = 128; registers / stack (spill) bytes per thread, mamba problem /
-# Cheems problem); no configuration compiles without spills. Transposed kernel, 8 warps: block_p 64 with 2 stages
-# 255/496, 255/592 (the default: the fewest atomics and products among the least spilling; on the mamba problem
-# its chunk loop has 64 HGMMA, 30 STL and 105 LDL), 1 stage 255/656, 255/816, 3 stages 255/576, 255/1064;
-# block_p 32 255/336, 255/400; block_p 128 255/1392, 255/1392; 4 warps, block_p 32 255/1168, 255/1216.
-# Rotate-half kernel, 8 warps, 1 stage: block_p 64 255/760, 255/768 (100 HGMMA); block_p 32 255/480, 255/512;
-# split_c, block_p 32 255/232, 255/288 (+ the FOR_C launch, 4 warps: 238/0, 246/0). Not measured on a GPU.
+# Cheems problem; v8b, dg's B side from ddt); no configuration compiles without spills. Transposed kernel, 8 warps:
+# block_p 64 with 2 stages 255/456, 255/560 (the default: the fewest atomics and products among the least
+# spilling; 64 HGMMA, whole kernel 98 STL / 96 LDL on the mamba problem; v8 496/592), 1 stage 255/576, 255/664,
+# 3 stages 255/520, 255/896; block_p 32 255/240, 255/296 (52 HGMMA, 52 STL / 49 LDL; v8 336/400: the fewest
+# spills, but twice the programs, atomics and q k^T products); block_p 128 255/1248, 255/1280; 4 warps, block_p 32
+# 255/912, 255/1088. Rotate-half kernel, 8 warps, 1 stage: block_p 64 255/728, 255/728 (100 HGMMA); block_p 32
+# 255/416, 255/448; split_c, block_p 32 255/248, 255/288 (2 stages 255/376, 255/416; + the FOR_C launch, 4 warps:
+# 238/0, 246/0). Not measured on a GPU.
 SCAN_BWD_CONFIG = {
     "scan_bwd_block_p": 64, "scan_bwd_warps": 8, "scan_bwd_stages": 2, "scan_bwd_maxnreg": None,
     "scan_bwd_transposed": True, "scan_bwd_carried_by_dot": False, "scan_bwd_split_c": False,
@@ -181,15 +186,14 @@ def _scan_bwd_kernel(
         grad_first_op = _op(grad_first, DOT_DTYPE, ROUND_BF16)
         grad_second_op = _op(grad_second, DOT_DTYPE, ROUND_BF16)
 
-        # M = (q k^T) * Gam * (dy v^T): summed by rows and by columns of one matrix, so its diagonal cancels
+        # M = (q k^T) * Gam * (dy v^T): its row sums (the column sums come with ddt below)
         scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
         scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
         dy_v = tl.dot(dy_op, tl.trans(x_op), input_precision=DOT_PREC) * decay * dt[None, :]
-        products = scores * dy_v
         if WITH_C:
-            dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
+            dg = tl.sum(scores * dy_v, axis=1)
         else:   # the row sums are the C side's (`ssd._chunk_bwd_dqk_kernel` FOR_C adds them)
-            dg = -tl.sum(products, axis=0)
+            dg = tl.zeros((T,), dtype=tl.float32)
         dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
 
         # dx: dv = ((q k^T) * Gam)^T dy + w * k G^T
@@ -197,7 +201,7 @@ def _scan_bwd_kernel(
         dv_end = tl.dot(k_first, tl.trans(grad_first_op), input_precision=DOT_PREC)
         dv_end += tl.dot(k_second, tl.trans(grad_second_op), input_precision=DOT_PREC)
         xf = x.to(tl.float32)
-        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up: the B side's share of dg, from dv's own terms
+        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up, summed for the last token
         end_terms = to_end * dt * tl.sum(xf * dv_end, axis=1)
         dv += dv_end * to_end[:, None]
         dx = dv * dt[:, None]
@@ -208,6 +212,7 @@ def _scan_bwd_kernel(
         tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
         ddt_share = tl.sum(dv * xf, axis=1)
+        dg -= dt * ddt_share   # colsum M + k.(w v G): the B side's share
         if ATOMIC_SCALARS:
             tl.atomic_add(ddt_ptr + gdt_row + offs_l, ddt_share, sem="relaxed")
         else:
@@ -239,9 +244,9 @@ def _scan_bwd_kernel(
         state_second = tl.load(state_ptrs + NH, mask=mask_pn_c, other=0.0)
         overlap = tl.sum(tl.sum(state_first.to(tl.float32) * grad_first + state_second.to(tl.float32) * grad_second,
                                 axis=1), axis=0)
-        # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
-        # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
-        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+        # the end terms again at the last token (the reverse cumsum that turns dg into d(dt A) cancels them with
+        # their shares in dt ddt, to float32 rounding)
+        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0)
 
         # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
         dy_into = tl.trans(_op(dy.to(tl.float32) * into[:, None], DOT_DTYPE, ROUND_BF16))
@@ -456,18 +461,17 @@ def _scan_bwd_transposed_kernel(
         dyf = dy.to(tl.float32)
         grad_op = _op(grad, DOT_DTYPE, ROUND_BF16)
 
-        # M = (q k^T) * Gam * (dy v^T): summed by rows and by columns of one matrix, so its diagonal cancels
+        # M = (q k^T) * Gam * (dy v^T): its row sums (the column sums come with ddt below)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         dy_v = tl.dot(dy_op, tl.trans(x_op), input_precision=DOT_PREC) * decay * dt[None, :]
-        products = scores * dy_v
-        dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
+        dg = tl.sum(scores * dy_v, axis=1)
         dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
 
         # dx: dv = ((q k^T) * Gam)^T dy + w * k G^T (kept apart: a sum with a product's result would chain them)
         dv_intra = tl.dot(tl.trans(_op(scores * decay, DOT_DTYPE, ROUND_BF16)), dy_op, input_precision=DOT_PREC)
         dv_end = tl.dot(k, tl.trans(grad_op), input_precision=DOT_PREC)
         x_dv_end = tl.sum(xf * dv_end, axis=1)
-        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up: the B side's share of dg, from dv's own terms
+        # k_u.(w_u dt_u (x G)_u) = w_u dt_u sum_p x_up (k G^T)_up, summed for the last token
         end_terms = to_end * dt * x_dv_end
         dx = dv_intra * dt[:, None] + dv_end * (to_end * dt)[:, None]
         if HAS_D:
@@ -476,32 +480,25 @@ def _scan_bwd_transposed_kernel(
         tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p_c[None, :] * sx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
         ddt_share = tl.sum(dv_intra * xf, axis=1) + x_dv_end * to_end
+        dg -= dt * ddt_share   # colsum M + k.(w v G): the B side's share
         if ATOMIC_SCALARS:
             tl.atomic_add(ddt_ptr + gdt_row + offs_l, ddt_share, sem="relaxed")
         else:
             tl.store(ddt_ptr + gdt_row + offs_l, ddt_share)
 
-        # B side, transposed: dk^T = q^T ((dy v^T) * Gam) + (G^T x^T) w dt
-        weight = to_end * dt
-        acc = tl.dot(tl.trans(grad_op), tl.trans(x_op), input_precision=DOT_PREC) * weight[None, :]
-        acc = tl.dot(tl.trans(q), dy_v, acc, input_precision=DOT_PREC)
-        _add_unrotated_transposed(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
-                                  offs_n_c, offs_half_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, FULL_N, ATOMIC_BC)
-
         # S: the forward's state entering chunk c. <G, S> is the carried state's part of d loss / d g_last
         state = tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs_c,
                         mask=mask_pn_c, other=0.0)
         overlap = tl.sum(tl.sum(state.to(tl.float32) * grad, axis=1), axis=0)
-        # the end terms again at the last token, from the same float32 numbers: the reverse cumsum that turns
-        # dg into d(dt A) cancels them exactly (see ssd._chunk_bwd_dqk_kernel)
-        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0) - end_terms
+        # the end terms again at the last token (the reverse cumsum that turns dg into d(dt A) cancels them with
+        # their shares in dt ddt, to float32 rounding)
+        dg += tl.where(offs_t_c == T - 1, tl.sum(end_terms, axis=0) + chunk_decay * overlap, 0.0)
 
-        # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
-        dy_into = _op(dyf * into[:, None], DOT_DTYPE, ROUND_BF16)
-        grad = grad * chunk_decay + tl.dot(tl.trans(dy_into), q, input_precision=DOT_PREC)
-
+        # C side before the B side, so that G's last reads (dk) sit next to its update (sm_90, block_p 32: 24-40 B
+        # less stack)
         # C side, transposed: dq^T = k^T ((dy v^T) * Gam)^T + S^T (e dy)^T; dg += e rowsum(dy * (q S^T))
         state = _op(state, DOT_DTYPE, ROUND_BF16)
+        dy_into = _op(dyf * into[:, None], DOT_DTYPE, ROUND_BF16)
         carried = tl.dot(q, tl.trans(state), input_precision=DOT_PREC)
         dg += into * tl.sum(dyf * carried, axis=1)
         acc = tl.dot(tl.trans(state), tl.trans(dy_into), input_precision=DOT_PREC)
@@ -512,6 +509,16 @@ def _scan_bwd_transposed_kernel(
             tl.atomic_add(dg_ptr + gdt_row + offs_l, dg, sem="relaxed")
         else:
             tl.store(dg_ptr + gdt_row + offs_l, dg)
+
+        # B side, transposed: dk^T = q^T ((dy v^T) * Gam) + (G^T x^T) w dt
+        weight = to_end * dt
+        acc = tl.dot(tl.trans(grad_op), tl.trans(x_op), input_precision=DOT_PREC) * weight[None, :]
+        acc = tl.dot(tl.trans(q), dy_v, acc, input_precision=DOT_PREC)
+        _add_unrotated_transposed(db_base + chunk_start * sg_l, sg_l, sg_n, cos_base, sin_base, sc_l, sc_n, acc,
+                                  offs_n_c, offs_half_c, offs_t_c, mask_n_c, mask_t, NH, ROPE, FULL_N, ATOMIC_BC)
+
+        # G <- a G + (e dy)^T q: the gradient w.r.t. the state leaving chunk c - 1 (G's last use was above)
+        grad = grad * chunk_decay + tl.dot(tl.trans(dy_into), q, input_precision=DOT_PREC)
 
     # offsets rebuilt (not the ones before the loop, which would then be held across it)
     zero = tl.multiple_of(tl.load(zero_ptr), 1024)
