@@ -24,8 +24,9 @@ a = exp(g_last) (masked: the state crosses the chunk), S = the state entering ch
     G  <- a G + (e dy)^T q                            (the gradient w.r.t. the state leaving chunk c - 1)
 All of dq, dk, dg, ddt are linear in the p-sums, so programs over different blocks of p add their shares. The
 B side's share of dg comes from ddt (which dx's pass makes anyway): no column sums of M (a reduction of a (T, T)
-tile across warps) and fewer registers (sm_90: 32-88 B less stack). Order within a chunk: M and its row sums, dx
-(needs G), <G, S>, then (transposed kernel) dq, dk, the update of G; (`_scan_bwd_kernel`) dk, G, dq.
+tile across warps) and fewer spills (sm_90: 32-104 B less stack per thread; split_c: none). Order within a chunk:
+M and its row sums, dx (needs G), <G, S>, then (transposed kernel) dq, dk, the update of G; (`_scan_bwd_kernel`)
+dk, G, dq.
 Two kernels do this: `_scan_bwd_transposed_kernel` (the default: whole-n tiles, dk and dq accumulated as (n, T))
 and `_scan_bwd_kernel` (rotate-half halves, as `ssd`'s kernels). With float32 atomics (several blocks of p, or
 several heads per B/C group, or RoPE at an n that is not a power of two) dB and dC are not bitwise reproducible.
