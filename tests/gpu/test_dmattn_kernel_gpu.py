@@ -350,15 +350,13 @@ def test_gluon_sparse_matches_reference_on_gpu(monkeypatch, variant, dtype, batc
     assert all(error < TOLERANCE[dtype] for error in errors.values()), errors
 
 
-@pytest.mark.parametrize("variant", list(GLUON_SPARSE_VARIANTS))
-@pytest.mark.parametrize("keep_window,num_documents,mask_kind", [
-    (125, None, "random"), (125, None, "clustered"), (None, 4, "random"), (125, 4, "clustered")])
-def test_gluon_sparse_agrees_with_triton_sparse_forward(monkeypatch, variant, keep_window, num_documents, mask_kind):
-    """out and lse equal the Triton sparse forward's up to rounding (GQA 4:1, l = 1000); two runs bitwise equal."""
+def sparse_agreement_case(seed, keep_window, num_documents, mask_kind):
+    """q, k, v, grad_out (bf16; GQA 4:1, b 2, l 1000, d 128), the mask bias and the kernels' _Masks of the
+    Gluon-vs-Triton sparse agreement tests."""
     import cheems_parallel.kernels.dmattn as kernels
 
-    generator = torch.Generator(device="cuda").manual_seed(13)
-    q, k, v = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(3))
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, grad_out = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(4))
     k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
     mask_bias = (clustered_bias(2, 8, 1000, generator) if mask_kind == "clustered"
                  else torch.randn(2, 8, 1000, generator=generator, device="cuda"))
@@ -366,7 +364,17 @@ def test_gluon_sparse_agrees_with_triton_sparse_forward(monkeypatch, variant, ke
     if num_documents:
         segments = torch.sort(torch.randint(0, num_documents, (2, 1000), generator=generator, device="cuda"),
                               dim=-1).values
-    masks = kernels._Masks(mask_bias, keep_window, segments, 2, 8, 1000)
+    return q, k, v, grad_out, mask_bias, kernels._Masks(mask_bias, keep_window, segments, 2, 8, 1000)
+
+
+@pytest.mark.parametrize("variant", list(GLUON_SPARSE_VARIANTS))
+@pytest.mark.parametrize("keep_window,num_documents,mask_kind", [
+    (125, None, "random"), (125, None, "clustered"), (None, 4, "random"), (125, 4, "clustered")])
+def test_gluon_sparse_agrees_with_triton_sparse_forward(monkeypatch, variant, keep_window, num_documents, mask_kind):
+    """out and lse equal the Triton sparse forward's up to rounding (GQA 4:1, l = 1000); two runs bitwise equal."""
+    import cheems_parallel.kernels.dmattn as kernels
+
+    q, k, v, _, mask_bias, masks = sparse_agreement_case(13, keep_window, num_documents, mask_kind)
     monkeypatch.setattr(kernels, "GLUON_SPARSE", False)
     out_triton, lse_triton = kernels._forward(q, k, v, mask_bias, masks)
     calls = use_gluon_sparse(monkeypatch, variant)
@@ -446,16 +454,7 @@ def test_gluon_sparse_backward_agrees_with_triton_sparse_backward(monkeypatch, v
     l = 1000, the same Triton forward's out and lse)."""
     import cheems_parallel.kernels.dmattn as kernels
 
-    generator = torch.Generator(device="cuda").manual_seed(14)
-    q, k, v, grad_out = (torch.randn(2, 8, 1000, 128, generator=generator, device="cuda").to(BF16) for _ in range(4))
-    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
-    mask_bias = (clustered_bias(2, 8, 1000, generator) if mask_kind == "clustered"
-                 else torch.randn(2, 8, 1000, generator=generator, device="cuda"))
-    segments = None
-    if num_documents:
-        segments = torch.sort(torch.randint(0, num_documents, (2, 1000), generator=generator, device="cuda"),
-                              dim=-1).values
-    masks = kernels._Masks(mask_bias, keep_window, segments, 2, 8, 1000)
+    q, k, v, grad_out, mask_bias, masks = sparse_agreement_case(14, keep_window, num_documents, mask_kind)
     monkeypatch.setattr(kernels, "GLUON_SPARSE", False)
     monkeypatch.setattr(kernels, "GLUON_SPARSE_BACKWARD", False)
     out, lse = kernels._forward(q, k, v, mask_bias, masks)
