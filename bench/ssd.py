@@ -447,8 +447,7 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             lpad = length + (-length) % kernel_chunk
             dt = torch.empty(batch, heads, lpad)
             D = torch.empty(heads)
-            forward = ssd_scan_fwd.scan_forward if config.get("scan_forward") else ssd_kernels._forward
-            backward = ssd_scan_bwd.scan_backward if config.get("scan_backward") else ssd_kernels._backward
+            forward, backward = ssd_kernels.kernel_passes(config)
             for grad in (False, True):
                 _, _, states, rotated_B, rotated_C = forward(
                     x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)

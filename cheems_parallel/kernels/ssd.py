@@ -1005,6 +1005,17 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     return dx, dB, dC, ddt, dg, dD, dinit
 
 
+def kernel_passes(config):
+    """(forward, backward): `_forward` / `_backward`, or the one-walk kernels where config "scan_forward" /
+    "scan_backward" asks for them (same arguments and results)."""
+    forward, backward = _forward, _backward
+    if config.get("scan_forward", False):
+        from cheems_parallel.kernels.ssd_scan_fwd import scan_forward as forward  # imports this module
+    if config.get("scan_backward", False):
+        from cheems_parallel.kernels.ssd_scan_bwd import scan_backward as backward  # imports this module
+    return forward, backward
+
+
 class _SSDChunkedFunction(torch.autograd.Function):
     """y, final_state from (x, dt, g, B, C, D, initial_state); cos/sin/seq/T/config are constants.
 
@@ -1013,9 +1024,7 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:7])
-        forward = _forward
-        if config.get("scan_forward", False):
-            from cheems_parallel.kernels.ssd_scan_fwd import scan_forward as forward  # imports this module
+        forward, _ = kernel_passes(config)
         y, final, states, rotated_B, rotated_C = forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
                                                          config, save_for_backward=wants_grad)
         ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
@@ -1029,9 +1038,7 @@ class _SSDChunkedFunction(torch.autograd.Function):
         x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        backward = _backward
-        if ctx.config.get("scan_backward", False):
-            from cheems_parallel.kernels.ssd_scan_bwd import scan_backward as backward  # imports this module
+        _, backward = kernel_passes(ctx.config)
         dx, dB, dC, ddt, dg, dD, dinit = backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
                                                   ctx.T, ctx.config, rotated_B, rotated_C)
         if D is not None:
