@@ -71,19 +71,6 @@ SWEEP = [
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
 ]
-# session 6: the one-walk kernels (ssd_scan_fwd.py / ssd_scan_bwd.py; built and CPU-tested, not yet run on a GPU),
-# each alone and together, and the tile variants their authors would measure next (offline sm_90 compile:
-# bench/ssd_notes.md, session 6). `--sweep-scan` appends them to SWEEP.
-SWEEP_SCAN = [
-    ("scan-fwd", 64, {"scan_forward": True}),
-    ("scan-fwd-8w", 64, {"scan_forward": True, "scan_fwd_warps": 8}),
-    ("scan-fwd-s32", 64, {"scan_forward": True, "scan_fwd_step": 32}),
-    ("scan-bwd", 64, {"scan_backward": True}),
-    ("scan-bwd-p32", 64, {"scan_backward": True, "scan_bwd_block_p": 32}),
-    ("scan-bwd-split-c", 64, {"scan_backward": True, "scan_bwd_transposed": False, "scan_bwd_split_c": True,
-                              "scan_bwd_block_p": 32, "scan_bwd_stages": 1}),
-    ("scan", 64, {"scan_forward": True, "scan_backward": True}),
-]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
          "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel")}
@@ -424,15 +411,12 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
         def __getitem__(self, grid):
             return lambda *args, **kwargs: compile_launch(self.fn, args, kwargs)
 
-    from cheems_parallel.kernels import ssd_scan_bwd, ssd_scan_fwd
-
     saved = {}
-    for module in (ssd_kernels, ssd_scan_fwd, ssd_scan_bwd):
-        for name in dir(module):
-            value = getattr(module, name)
-            if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
-                saved[(module, name)] = value
-                setattr(module, name, Intercepted(value))
+    for name in dir(ssd_kernels):
+        value = getattr(ssd_kernels, name)
+        if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
+            saved[name] = value
+            setattr(ssd_kernels, name, Intercepted(value))
     try:
         config = dict(ssd_kernels.CONFIG, **overrides)
         for problem_name in ("mamba", "cheems"):
@@ -447,19 +431,18 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             lpad = length + (-length) % kernel_chunk
             dt = torch.empty(batch, heads, lpad)
             D = torch.empty(heads)
-            forward, backward = ssd_kernels.kernel_passes(config)
             for grad in (False, True):
-                _, _, states, rotated_B, rotated_C = forward(
+                _, _, states, rotated_B, rotated_C = ssd_kernels._forward(
                     x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)
-            backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
+            ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
                      kernel_chunk, config, rotated_B, rotated_C)
             for name, options, registers, stack, shared, hgmma in rows:
                 print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "
                       f"shared {shared:6d} B hgmma {hgmma}")
     finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
+        for name, value in saved.items():
+            setattr(ssd_kernels, name, value)
 
 
 def main(argv=None):
@@ -473,8 +456,6 @@ def main(argv=None):
     parser.add_argument("--rep-ms", type=int, default=60, help="milliseconds of repeats per timing")
     parser.add_argument("--sweep-length", type=int, default=4096, help="L at which the kernel configs are swept")
     parser.add_argument("--no-sweep", action="store_true", help="use the module's default config")
-    parser.add_argument("--sweep-scan", action="store_true",
-                        help="also sweep the one-walk kernels (SWEEP_SCAN: ssd_scan_fwd.py / ssd_scan_bwd.py)")
     parser.add_argument("--profile-length", type=int, default=4096, help="L of the per-kernel breakdown (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
     parser.add_argument("--out", default="bench/results/ssd_h200.json", help="JSON output path")
@@ -500,17 +481,16 @@ def main(argv=None):
         logger.warning("mamba_ssm not importable: anchoring on the torch reference and the floor only")
     h, p, n = args.heads, args.head_dim, args.state
     chosen, sweeps, breakdown = {}, {}, {}
-    variants = SWEEP + (SWEEP_SCAN if args.sweep_scan else [])
     if not args.no_sweep:
         small = args.tokens // 4   # batch 16 at L = 1k: the same integer specializations as L = 4k's
         precompile([(problem_name, small, 1024, h, p, n, kernel_chunk, overrides)
-                    for problem_name in ("mamba", "cheems") for _, kernel_chunk, overrides in variants])
+                    for problem_name in ("mamba", "cheems") for _, kernel_chunk, overrides in SWEEP])
     for problem_name in ("mamba", "cheems"):
         if args.no_sweep:
             chosen[problem_name] = ("default", ssd_kernels.KERNEL_CHUNK, dict(ssd_kernels.CONFIG))
         else:
             name, kernel_chunk, config, sweeps[problem_name] = sweep_configs(args.tokens, args.sweep_length, h, p, n,
-                                                                             args.rep_ms, problem_name, variants)
+                                                                             args.rep_ms, problem_name)
             chosen[problem_name] = (name, kernel_chunk, config)
         print(f"config {problem_name}: {chosen[problem_name][0]} (kernel chunk {chosen[problem_name][1]}) "
               f"{chosen[problem_name][2]}")

@@ -67,11 +67,6 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "atomic", "rope_tables_fp32": False,
-    # Session 6, not yet run on a GPU: the forward as one walk per (b, h, p-block) with the state in registers
-    # (ssd_scan_fwd.py: states written once, never read back), the backward as one reverse walk with dS in
-    # registers (ssd_scan_bwd.py: dS never written). Same inputs and outputs as _forward / _backward; their own
-    # tiles are the "scan_fwd_*" / "scan_bwd_*" keys (defaults in those files). Off until measured.
-    "scan_forward": False, "scan_backward": False,
 }
 
 
@@ -1005,17 +1000,6 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     return dx, dB, dC, ddt, dg, dD, dinit
 
 
-def kernel_passes(config):
-    """(forward, backward): `_forward` / `_backward`, or the one-walk kernels where config "scan_forward" /
-    "scan_backward" asks for them (same arguments and results)."""
-    forward, backward = _forward, _backward
-    if config.get("scan_forward", False):
-        from cheems_parallel.kernels.ssd_scan_fwd import scan_forward as forward  # imports this module
-    if config.get("scan_backward", False):
-        from cheems_parallel.kernels.ssd_scan_bwd import scan_backward as backward  # imports this module
-    return forward, backward
-
-
 class _SSDChunkedFunction(torch.autograd.Function):
     """y, final_state from (x, dt, g, B, C, D, initial_state); cos/sin/seq/T/config are constants.
 
@@ -1024,8 +1008,7 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:7])
-        forward, _ = kernel_passes(config)
-        y, final, states, rotated_B, rotated_C = forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
+        y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
                                                          config, save_for_backward=wants_grad)
         ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
         ctx.T = T
@@ -1038,8 +1021,7 @@ class _SSDChunkedFunction(torch.autograd.Function):
         x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        _, backward = kernel_passes(ctx.config)
-        dx, dB, dC, ddt, dg, dD, dinit = backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
+        dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
                                                   ctx.T, ctx.config, rotated_B, rotated_C)
         if D is not None:
             dD = dD.to(D.dtype)
