@@ -17,7 +17,10 @@ Layout (little endian; n sequences, d + 1 document boundaries; one sequence per 
 """
 import logging
 import os
+import signal
 import struct
+import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy
@@ -52,6 +55,40 @@ def bin_path(prefix: str) -> str:
 
 def idx_path(prefix: str) -> str:
     return prefix + ".idx"
+
+
+def check_output_prefix(prefix: str, flag: str = "--output-prefix") -> str:
+    """The directory that `prefix` writes into; DataError when it is missing or `prefix` names a
+    directory (a trailing "/" would write hidden files named ".bin", ".idx")."""
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise DataError(f"{flag} {prefix} is a directory; give a path prefix inside it, "
+                        f"e.g. {os.path.join(prefix, 'name')}")
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        raise DataError(f"output directory {directory} does not exist; create it first")
+    return directory
+
+
+def publish(renames) -> None:
+    """Rename (temporary, final) pairs in order, with SIGINT/SIGTERM/SIGHUP held back until all are
+    done (then delivered again), so an interruption never leaves a new .bin beside an old .idx or
+    an old .meta.json. (Handlers, not a signal mask: a mask holds for one thread only, and
+    torch, once imported, runs threads that would take the signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        for temporary, final in renames:
+            os.replace(temporary, final)
+        return
+    held = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for temporary, final in renames:
+            os.replace(temporary, final)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            os.kill(os.getpid(), signum)
 
 
 def token_dtype_for_vocab(vocab_size: int) -> numpy.dtype:
@@ -106,9 +143,7 @@ class ShardWriter:
     """
 
     def __init__(self, prefix: str, dtype: numpy.dtype):
-        directory = os.path.dirname(os.path.abspath(prefix))
-        if not os.path.isdir(directory):
-            raise DataError(f"output directory {directory} does not exist; create it first")
+        check_output_prefix(prefix)
         self.prefix = prefix
         self.dtype = numpy.dtype(dtype)
         self.temporary_bin = f"{bin_path(prefix)}.tmp-{os.getpid()}"
@@ -152,7 +187,9 @@ class ShardWriter:
     def num_documents(self) -> int:
         return sum(len(chunk) for chunk in self._length_chunks)
 
-    def commit(self) -> None:
+    def commit(self, also_rename=()) -> None:
+        """Write the index and rename both files into place (then each (temporary, final) pair of
+        `also_rename`, e.g. the metadata), none of it interruptible half-way."""
         if self._open_document_length:
             raise RuntimeError("commit() with a document still open: call end_document() first")
         self._stream.flush()
@@ -163,8 +200,8 @@ class ShardWriter:
         write_index_file(self.temporary_idx, self.dtype, lengths,
                          numpy.arange(len(lengths) + 1, dtype=numpy.int64))
         # .bin first: a reader that finds the new .idx also finds its .bin.
-        os.replace(self.temporary_bin, bin_path(self.prefix))
-        os.replace(self.temporary_idx, idx_path(self.prefix))
+        publish([(self.temporary_bin, bin_path(self.prefix)),
+                 (self.temporary_idx, idx_path(self.prefix)), *also_rename])
 
     def abort(self) -> None:
         if not self._stream.closed:
@@ -205,11 +242,16 @@ class ShardIndex:
         return int(self.sequence_lengths.sum(dtype=numpy.int64))
 
 
-def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dtype: numpy.dtype) -> None:
+def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dtype: numpy.dtype,
+                               also_rename=()) -> None:
     """Concatenate shards into OUTPUT.bin/.idx through megatron-core's IndexedDatasetBuilder, written under
-    temporary names and renamed only when complete (imports megatron-core: keep it off the hot path)."""
+    temporary names and renamed only when complete, then the pairs of `also_rename` (imports
+    megatron-core: keep it off the hot path)."""
     logging.getLogger("megatron").setLevel(logging.WARNING)   # it logs every index it opens at INFO
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    with warnings.catch_warnings():
+        # megatron.core warns at import that Transformer Engine and Apex are missing (irrelevant here).
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     temporary_bin = f"{bin_path(output_prefix)}.tmp-{os.getpid()}"
     temporary_idx = f"{idx_path(output_prefix)}.tmp-{os.getpid()}"
@@ -218,8 +260,8 @@ def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dty
         for prefix in part_prefixes:
             builder.add_index(prefix)
         builder.finalize(temporary_idx)
-        os.replace(temporary_bin, bin_path(output_prefix))
-        os.replace(temporary_idx, idx_path(output_prefix))
+        publish([(temporary_bin, bin_path(output_prefix)), (temporary_idx, idx_path(output_prefix)),
+                 *also_rename])
     finally:
         for path in (temporary_bin, temporary_idx):
             if os.path.exists(path):
@@ -311,8 +353,8 @@ def check_shard(prefix: str, eod_id: int | None = None, vocab_size: int | None =
             largest = int(tokens.max())
             if largest >= vocab_size:
                 position = int(numpy.argmax(tokens >= vocab_size))
-                raise DataError(f"{data_path}: token id {largest} at token {position} is outside "
-                                f"the tokenizer's vocabulary of {vocab_size}")
+                raise DataError(f"{data_path}: token id {int(tokens[position])} at token {position} is "
+                                f"outside the tokenizer's vocabulary of {vocab_size} (largest id {largest})")
         if eod_id is not None:
             nonempty = lengths > 0
             ends = (numpy.asarray(index.sequence_pointers) // index.dtype.itemsize + lengths - 1)[nonempty]

@@ -240,6 +240,9 @@ class _UnitReader:
             raw = box.pop()
             if not raw.strip():
                 continue   # blank lines between records are not documents
+            # Only a \uD800-\uDFFF escape can put a lone surrogate (not valid Unicode, refused by
+            # sentencepiece) into the parsed text; look for the escape in the bytes first (cheap).
+            escaped_surrogate = b"\\ud" in raw or b"\\uD" in raw
             line = self._decode(local_line, raw)
             if line is None:
                 continue
@@ -262,6 +265,14 @@ class _UnitReader:
             if not isinstance(text, str):
                 self._bad_line(local_line, f"key {key!r} holds {type(text).__name__}, not a string")
                 continue
+            if escaped_surrogate:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    self._bad_line(local_line, f"key {key!r} holds a lone UTF-16 surrogate "
+                                               f"\\u{ord(text[error.start]):04x} (character "
+                                               f"{error.start + 1}), not valid Unicode")
+                    continue
             if self._keep(text):
                 yield text
 

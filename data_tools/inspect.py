@@ -19,6 +19,10 @@ from data_tools.verify import shard_metadata
 def describe(prefix: str, tokenizer_path: str | None = None, samples: int = 1,
              max_characters: int = 400, seed: int = 0) -> str:
     """A multi-line human-readable description of the shard."""
+    if samples < 0:
+        raise DataError(f"--samples {samples}: need 0 or more")
+    if max_characters < 0:
+        raise DataError(f"--max-chars {max_characters}: need 0 or more")
     index = check_shard(prefix, check_tokens=False)
     metadata = shard_metadata(prefix)
     lengths = numpy.asarray(index.sequence_lengths, dtype=numpy.int64)
@@ -49,6 +53,10 @@ def describe(prefix: str, tokenizer_path: str | None = None, samples: int = 1,
         for document in sorted(chosen.tolist()):
             start = int(index.sequence_pointers[document]) // index.dtype.itemsize
             ids = tokens[start:start + int(lengths[document])]
+            if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
+                raise DataError(f"{bin_path(prefix)}: document {document} holds token id {int(ids.max())}, "
+                                f"outside the {tokenizer.vocab_size} ids of {tokenizer_path} (the wrong "
+                                f"tokenizer, or a corrupt shard: run data_tools.verify)")
             text = tokenizer.decode(ids.tolist())
             shown = text if len(text) <= max_characters else text[:max_characters] + " [...]"
             lines.append(f"--- document {document} ({len(ids)} tokens; first ids "

@@ -24,9 +24,7 @@ def merge_shards(input_prefixes: list[str], output_prefix: str) -> indexed.Shard
     """Concatenate shards (documents in input order) into output_prefix.bin/.idx."""
     if not input_prefixes:
         raise DataError("no input shards to merge")
-    output_directory = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(output_directory):
-        raise DataError(f"output directory {output_directory} does not exist; create it first")
+    indexed.check_output_prefix(output_prefix)
     if os.path.abspath(output_prefix) in {os.path.abspath(prefix) for prefix in input_prefixes}:
         raise DataError(f"--output-prefix {output_prefix} is also an input")
     indices = [indexed.check_shard(prefix, check_tokens=False) for prefix in input_prefixes]
@@ -34,22 +32,33 @@ def merge_shards(input_prefixes: list[str], output_prefix: str) -> indexed.Shard
     if len(dtypes) > 1:
         listing = ", ".join(f"{index.prefix}={index.dtype.name}" for index in indices)
         raise DataError(f"cannot merge shards of different dtypes ({listing})")
-    vocab_sizes = {shard_metadata(prefix).get("vocab_size") for prefix in input_prefixes} - {None}
+    metadatas = [shard_metadata(prefix) for prefix in input_prefixes]
+    vocab_sizes = {metadata.get("vocab_size") for metadata in metadatas} - {None}
     if len(vocab_sizes) > 1:
         raise DataError(f"the inputs were made with different tokenizers (vocab sizes {sorted(vocab_sizes)})")
+    with_eod = [prefix for prefix, metadata in zip(input_prefixes, metadatas) if metadata.get("append_eod") is True]
+    without_eod = [prefix for prefix, metadata in zip(input_prefixes, metadatas) if metadata.get("append_eod") is False]
+    if with_eod and without_eod:
+        raise DataError(f"cannot merge shards with and without an EOD after each document ({with_eod[0]} was "
+                        f"preprocessed with --append-eod, {without_eod[0]} without)")
 
-    indexed.join_with_megatron_builder(input_prefixes, output_prefix, indices[0].dtype)
-    merged = indexed.check_shard(output_prefix, check_tokens=False)
-    metadata = {key: value for key, value in shard_metadata(input_prefixes[0]).items()
+    metadata = {key: value for key, value in metadatas[0].items()
                 if key in ("tokenizer", "vocab_size", "eod", "dtype")}
-    metadata["append_eod"] = all(shard_metadata(prefix).get("append_eod", False) for prefix in input_prefixes)
-    metadata.update(documents=merged.num_documents, tokens=merged.num_tokens,
+    metadata["append_eod"] = all(shard.get("append_eod", False) for shard in metadatas)
+    metadata.update(documents=sum(index.num_documents for index in indices),
+                    tokens=sum(index.num_tokens for index in indices),
                     merged_from=[os.path.abspath(prefix) for prefix in input_prefixes])
-    with open(f"{output_prefix}.meta.json.tmp", "w") as stream:
-        json.dump(metadata, stream, indent=2)
-        stream.write("\n")
-    os.replace(f"{output_prefix}.meta.json.tmp", f"{output_prefix}.meta.json")
-    return merged
+    # Written first and renamed together with the merged .bin/.idx, never apart from them.
+    renames = [(f"{output_prefix}.meta.json.tmp-{os.getpid()}", f"{output_prefix}.meta.json")]
+    try:
+        with open(renames[0][0], "w") as stream:
+            json.dump(metadata, stream, indent=2)
+            stream.write("\n")
+        indexed.join_with_megatron_builder(input_prefixes, output_prefix, indices[0].dtype, renames)
+    finally:
+        if os.path.exists(renames[0][0]):
+            os.remove(renames[0][0])
+    return indexed.check_shard(output_prefix, check_tokens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

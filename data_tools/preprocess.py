@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ _worker_counters = None
 def _init_worker(tokenizer_path: str, counters) -> None:
     """Per worker process: load the tokenizer; count this worker in (counters[3], see preprocess)."""
     global _worker_tokenizer, _worker_counters
+    if counters is not None:
+        # A pool worker: Ctrl-C reaches the whole process group, but only the main process acts
+        # on it (it stops the pool, which ends the workers with SIGTERM, and removes the
+        # temporary files); the SIGTERM handler inherited from the main process is dropped.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     _worker_counters = counters
     if counters is not None:
@@ -201,11 +209,21 @@ class Progress:
         bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
         line = (f"[{bar}] {fraction * 100:5.1f}% {documents:,} docs {tokens:,} tokens "
                 f"{documents / elapsed:,.0f} docs/s {tokens / elapsed / 1e6:.2f}M tokens/s")
+        if final:
+            line += f" in {_clock(elapsed)}"
+        elif fraction > 0:
+            line += f" ETA {_clock(elapsed * (1 - fraction) / fraction)}"
         if self.interactive:
             sys.stderr.write("\r" + line + ("\n" if final else ""))
             sys.stderr.flush()
         else:
             logger.info(line)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 @dataclass
@@ -232,7 +250,7 @@ class Summary:
                 f"{self.bad_lines} bad lines)")
 
 
-def _join_parts_megatron(results: list[UnitResult], prefix: str, dtype: numpy.dtype) -> None:
+def _join_parts_megatron(results: list[UnitResult], prefix: str, dtype: numpy.dtype, also_rename=()) -> None:
     """Join the parts with megatron-core's IndexedDatasetBuilder (the library path)."""
     part_prefixes = []
     for result in results:
@@ -240,7 +258,7 @@ def _join_parts_megatron(results: list[UnitResult], prefix: str, dtype: numpy.dt
         indexed.write_index_file(indexed.idx_path(part_prefix), dtype, result.lengths,
                                  numpy.arange(len(result.lengths) + 1, dtype=numpy.int64))
         part_prefixes.append(part_prefix)
-    indexed.join_with_megatron_builder(part_prefixes, prefix, dtype)
+    indexed.join_with_megatron_builder(part_prefixes, prefix, dtype, also_rename)
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_key: str = "text",
@@ -252,9 +270,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
     started = time.perf_counter()
     if workers < 1:
         raise DataError(f"--workers {workers}: need at least 1")
-    output_directory = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(output_directory):
-        raise DataError(f"output directory {output_directory} does not exist; create it first")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise DataError(f"--chunk-mb: need a positive size, got {chunk_bytes} bytes")
+    indexed.check_output_prefix(output_prefix)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = indexed.parse_token_dtype(dtype_name, tokenizer.vocab_size)
     paths = expand_inputs(inputs)
@@ -319,29 +337,44 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
                                 bar.update(counters[0], counters[1], counters[2])
                         consume(result)
                         bar.update(counters[0], counters[1], counters[2])
-            if writer == "megatron":
-                shard.abort()
-                _join_parts_megatron(results, output_prefix, dtype)
-            else:
-                shard.commit()
+            if stats.documents == 0:
+                # An empty shard would only fail later, deep inside the training data pipeline.
+                _report_bad_lines(stats)
+                named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+                raise DataError(f"no documents in {named} ({stats.empty_documents} empty documents, "
+                                f"{stats.bad_lines} bad lines skipped); nothing written")
+            summary = Summary(stats.documents, total_tokens, stats.bytes_read, 0.0,
+                              stats.empty_documents, stats.bad_lines, dtype.name, output_prefix)
+            # The metadata is renamed into place together with the shard, never apart from it.
+            metadata = (f"{output_prefix}.meta.json.tmp-{os.getpid()}", f"{output_prefix}.meta.json")
+            try:
+                _write_metadata(metadata[0], tokenizer, summary, append_eod, paths)
+                if writer == "megatron":
+                    shard.abort()
+                    _join_parts_megatron(results, output_prefix, dtype, also_rename=[metadata])
+                else:
+                    shard.commit(also_rename=[metadata])
+            finally:
+                if os.path.exists(metadata[0]):
+                    os.remove(metadata[0])
     finally:
         shutil.rmtree(parts_directory, ignore_errors=True)
     bar.update(stats.documents, total_tokens, stats.bytes_read, final=True)
-    if stats.documents == 0:
-        logger.warning("no documents found in %s", ", ".join(paths))
-    summary = Summary(stats.documents, total_tokens, stats.bytes_read,
-                      time.perf_counter() - started, stats.empty_documents, stats.bad_lines,
-                      dtype.name, output_prefix)
+    _report_bad_lines(stats)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _report_bad_lines(stats: ReadStats) -> None:
     for example in stats.bad_line_examples:
         logger.warning("skipped %s", example)
     if stats.bad_lines:
         logger.warning("skipped %d bad lines in total", stats.bad_lines)
-    _write_metadata(output_prefix, tokenizer, summary, append_eod, paths)
-    return summary
 
 
-def _write_metadata(prefix: str, tokenizer, summary: Summary, append_eod: bool, paths) -> None:
-    """`P.meta.json`: what made the shard; verify/inspect read the EOD id and vocab from it."""
+def _write_metadata(destination: str, tokenizer, summary: Summary, append_eod: bool, paths) -> None:
+    """`P.meta.json`: what made the shard; verify/inspect read the EOD id and vocab from it.
+    Written to `destination`, a temporary name the caller renames together with the shard."""
     metadata = {
         "tokenizer": os.path.abspath(tokenizer.model_path),
         "vocab_size": tokenizer.vocab_size,
@@ -355,11 +388,9 @@ def _write_metadata(prefix: str, tokenizer, summary: Summary, append_eod: bool, 
         "bad_lines_skipped": summary.bad_lines,
         "inputs": [os.path.abspath(path) for path in paths][:1000],
     }
-    temporary = f"{prefix}.meta.json.tmp"
-    with open(temporary, "w") as stream:
+    with open(destination, "w") as stream:
         json.dump(metadata, stream, indent=2)
         stream.write("\n")
-    os.replace(temporary, f"{prefix}.meta.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     arguments = build_parser().parse_args(argv)
     setup_logging(arguments.verbose)
+    if arguments.chunk_mb is not None and not 0 < arguments.chunk_mb < float("inf"):
+        raise DataError(f"--chunk-mb {arguments.chunk_mb}: need a positive, finite number of MB")
     summary = preprocess(
         arguments.input, arguments.output_prefix, arguments.tokenizer,
         json_key=arguments.json_key, workers=arguments.workers, append_eod=arguments.append_eod,

@@ -14,6 +14,7 @@ import os
 import sentencepiece
 
 from data_tools.errors import DataError
+from data_tools.indexed import check_output_prefix, publish
 
 SIDECAR_SUFFIX = ".tokenizer.json"
 # Fixed special ids: pad first so that an all-zero buffer reads as padding.
@@ -47,16 +48,22 @@ class SentencePieceTokenizer:
         sidecar = sidecar_path(model_path)
         if os.path.exists(sidecar):
             try:
-                with open(sidecar) as stream:
+                with open(sidecar, encoding="utf-8") as stream:
                     recorded = json.load(stream)
-            except json.JSONDecodeError as error:
+            except ValueError as error:   # malformed JSON or not UTF-8
                 raise DataError(f"{sidecar}: not valid JSON ({error})") from None
+            if not isinstance(recorded, dict):
+                raise DataError(f"{sidecar}: expected a JSON object, found {type(recorded).__name__}")
             if recorded.get("vocab_size") != self.vocab_size:
                 raise DataError(f"{sidecar} says vocab_size {recorded.get('vocab_size')} but "
                                 f"{model_path} has {self.vocab_size}: the sidecar belongs to another model")
             for key in ids:
                 if key in recorded:
-                    ids[key] = int(recorded[key])
+                    value = recorded[key]
+                    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < self.vocab_size:
+                        raise DataError(f"{sidecar}: {key} {value!r} is not an id of {model_path} "
+                                        f"(0 to {self.vocab_size - 1}, or -1 for none)")
+                    ids[key] = value
         if ids["eod"] < 0:
             raise DataError(f"{model_path} has no EOS piece to use as EOD; retrain it with "
                             f"data_tools.train_tokenizer")
@@ -87,15 +94,17 @@ def train_sentencepiece(sentences, model_prefix: str, vocab_size: int, model_typ
     """Train a byte-fallback sentencepiece model from an iterable of strings; write the sidecar.
 
     Returns the loaded tokenizer. Sentencepiece's own failures (for instance a vocabulary larger
-    than the text supports) become DataError with its message.
+    than the text supports) become DataError with its message. The files are written under a
+    temporary prefix and renamed into place only when all three exist, so a failed or interrupted
+    run leaves no model (and an existing model at `model_prefix` stays as it was).
     """
-    directory = os.path.dirname(os.path.abspath(model_prefix))
-    if not os.path.isdir(directory):
-        raise DataError(f"output directory {directory} does not exist; create it first")
+    check_output_prefix(model_prefix, "--model-prefix")
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model-type {model_type!r}: choose bpe or unigram")
+    temporary_prefix = f"{model_prefix}.tmp-{os.getpid()}"
+    temporary_files = [temporary_prefix + suffix for suffix in (".model", ".vocab", SIDECAR_SUFFIX)]
     options = dict(
-        model_prefix=model_prefix,
+        model_prefix=temporary_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
@@ -111,12 +120,22 @@ def train_sentencepiece(sentences, model_prefix: str, vocab_size: int, model_typ
     )
     options.update(extra_options or {})
     try:
+        _train_and_publish(sentences, options, model_type, model_prefix, temporary_prefix)
+    finally:
+        for path in temporary_files:
+            if os.path.exists(path):
+                os.remove(path)
+    return load_tokenizer(model_prefix + ".model")
+
+
+def _train_and_publish(sentences, options, model_type, model_prefix, temporary_prefix) -> None:
+    try:
         sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), **options)
     except RuntimeError as error:
         message = " ".join(str(error).split())
         raise DataError(f"sentencepiece training failed: {message}") from None
     model_path = model_prefix + ".model"
-    processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    processor = sentencepiece.SentencePieceProcessor(model_file=temporary_prefix + ".model")
     sidecar = {
         "vocab_size": processor.vocab_size(),
         "pad": processor.pad_id(),
@@ -128,9 +147,10 @@ def train_sentencepiece(sentences, model_prefix: str, vocab_size: int, model_typ
         "byte_fallback": True,
         "model_file": os.path.basename(model_path),
     }
-    temporary = sidecar_path(model_path) + ".tmp"
-    with open(temporary, "w") as stream:
+    with open(temporary_prefix + SIDECAR_SUFFIX, "w") as stream:
         json.dump(sidecar, stream, indent=2)
         stream.write("\n")
-    os.replace(temporary, sidecar_path(model_path))
-    return load_tokenizer(model_path)
+    # The model last: whoever finds the new model also finds its sidecar.
+    publish([(temporary_prefix + ".vocab", model_prefix + ".vocab"),
+             (temporary_prefix + SIDECAR_SUFFIX, sidecar_path(model_path)),
+             (temporary_prefix + ".model", model_path)])

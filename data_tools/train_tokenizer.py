@@ -95,6 +95,8 @@ def main(argv=None) -> int:
                         f"use at least 300")
     if arguments.sample_docs is not None and arguments.sample_docs < 1:
         raise DataError(f"--sample-docs {arguments.sample_docs}: need at least 1")
+    if not 1 <= arguments.threads <= 1024:
+        raise DataError(f"--threads {arguments.threads}: sentencepiece takes 1 to 1024")
     documents = read_documents(arguments.input, arguments.json_key, arguments.format,
                                arguments.text_mode, arguments.skip_bad_lines,
                                arguments.sample_docs, arguments.seed)

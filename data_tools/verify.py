@@ -28,10 +28,13 @@ def shard_metadata(prefix: str) -> dict:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as stream:
-            return json.load(stream)
-    except json.JSONDecodeError as error:
+        with open(path, encoding="utf-8") as stream:
+            metadata = json.load(stream)
+    except ValueError as error:   # malformed JSON or not UTF-8
         raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(metadata).__name__}")
+    return metadata
 
 
 def expected_ids(prefix: str, tokenizer_path: str | None, check_eod: str):

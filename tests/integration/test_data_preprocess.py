@@ -7,8 +7,10 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import unicodedata
 
 import numpy
@@ -243,3 +245,36 @@ def test_dead_worker_stops_the_run_instead_of_hanging(corpus, tmp_path, monkeypa
     with pytest.raises(DataError, match=r"a worker process died while encoding"):
         preprocess_module.preprocess([corpus["inputs"][0]], str(tmp_path / "out"), corpus["tokenizer"], workers=2)
     assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_signal_mid_run_leaves_nothing_and_no_traceback(corpus, tmp_path, signum, whole_group):
+    """`kill` (SIGTERM, to the main process) or Ctrl-C (SIGINT, to the whole process group) while
+    the workers encode: exit 128 + signal, one line, no temporary files, no worker left over."""
+    source = open(corpus["inputs"][0], "rb").read()
+    with open(tmp_path / "big.jsonl", "wb") as stream:
+        for _ in range(20_000_000 // len(source) + 1):
+            stream.write(source)
+    prefix = tmp_path / "sig"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.preprocess", "--input", tmp_path / "big.jsonl", "--output-prefix",
+         prefix, "--tokenizer", corpus["tokenizer"], "--workers", "2", "--append-eod"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not any(name.startswith("sig.parts-") for name in os.listdir(tmp_path)):
+        assert process.poll() is None and time.monotonic() < deadline, "preprocess did not start encoding"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert process.poll() is None, "finished before the signal: make the input larger"
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == \
+        f"interrupted ({signal.Signals(signum).name})", stderr[-2000:]
+    assert leftovers(tmp_path, "sig") == []
+    with pytest.raises(ProcessLookupError):     # the workers are gone with the main process
+        os.killpg(process.pid, 0)
