@@ -7,6 +7,7 @@ removed and worker pools are stopped, exactly as on Ctrl-C. An OSError that reac
 point (an unwritable directory, a full disk) is reported in one line with exit status 2.
 """
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,14 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_handling_process = None   # the pid that installed _raise_terminated
+
+
 def _raise_terminated(signum, frame):
+    if os.getpid() != _handling_process:
+        # A forked worker that has not yet replaced the inherited handler: die as by default.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     raise Terminated(signum)
 
 
@@ -39,8 +47,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; a DataError becomes `error: <message>` on stderr and exit status 2."""
+    global _handling_process
     previous = {}
     if threading.current_thread() is threading.main_thread():
+        _handling_process = os.getpid()
         for signum in TERMINATING_SIGNALS:
             previous[signum] = signal.signal(signum, _raise_terminated)
     try:

@@ -193,9 +193,10 @@ class _UnitReader:
                 stream = gzip.open(unit.path, "rb")
             else:
                 stream = open(unit.path, "rb")
-                stream.seek(unit.start)
+                if unit.start:   # (a pipe, such as --input <(zcat ...), is one unit from 0: no seek)
+                    stream.seek(unit.start)
         except OSError as error:
-            raise DataError(f"{unit.path}: cannot open ({error.strerror})") from None
+            raise DataError(f"{unit.path}: cannot open ({error.strerror or error})") from None
         limit = None if unit.end is None else unit.end - unit.start
         consumed = 0
         try:
@@ -251,6 +252,9 @@ class _UnitReader:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 self._bad_line(local_line, f"malformed JSON ({error.msg} at column {error.colno})")
+                continue
+            except (ValueError, RecursionError) as error:   # an integer of > 4300 digits; deep nesting
+                self._bad_line(local_line, f"JSON that Python cannot load ({str(error).split(';')[0]})")
                 continue
             del line
             if not isinstance(record, dict):

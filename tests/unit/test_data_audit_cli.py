@@ -275,3 +275,37 @@ def test_ctrl_c_during_commit_never_pairs_a_new_bin_with_an_old_idx(tmp_path, mo
     monkeypatch.undo()
     assert indexed.check_shard(prefix).num_documents == 3
     assert listing(tmp_path) == ["s.bin", "s.idx"]
+
+
+@pytest.mark.parametrize("field, reason", [
+    ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),
+    ("9" * 5000, r"Exceeds the limit \(4300 digits\) for integer string conversion"),
+])
+def test_json_that_python_cannot_load_is_a_bad_line(tmp_path, field, reason):
+    path = tmp_path / "hostile.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "lost", "x": ' + field + "}\n")
+    unit = WorkUnit(0, str(path), "jsonl")
+    with pytest.raises(DataError, match=r"hostile\.jsonl:2: JSON that Python cannot load \(" + reason):
+        list(iter_documents(unit))
+    stats = ReadStats()
+    assert list(iter_documents(unit, skip_bad_lines=True, stats=stats)) == ["fine"]
+    assert stats.bad_lines == 1
+
+
+def test_a_pipe_is_an_input(tokenizer, tmp_path):
+    """`--input <(zcat corpus.gz)` names a pipe: it cannot seek, and needs no seek."""
+    import threading
+
+    text = "first document\n\nsecond one\n"
+    (tmp_path / "file.txt").write_text(text)
+    os.mkfifo(tmp_path / "pipe")
+    writer = threading.Thread(target=(tmp_path / "pipe").write_text, args=(text,), daemon=True)
+    writer.start()
+    try:
+        summary = preprocess.preprocess([str(tmp_path / "pipe")], str(tmp_path / "piped"), tokenizer.model_path)
+    finally:
+        writer.join(timeout=10)
+    preprocess.preprocess([str(tmp_path / "file.txt")], str(tmp_path / "filed"), tokenizer.model_path)
+    assert summary.documents == 2
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"piped{suffix}").read_bytes() == (tmp_path / f"filed{suffix}").read_bytes()
