@@ -47,23 +47,24 @@ HELP
 }
 
 die() { echo "error: $0: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 hostfile="" config="" include="" exclude="" num_nodes="" num_gpus="" launcher=""
 master_addr=${MASTER_ADDR:-} master_port=${MASTER_PORT:-29500} python="" dry_run=0 extra_env=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --hostfile) hostfile=${2:?}; shift 2 ;;
-        --config) config=${2:?}; shift 2 ;;
-        --include) include=${2:?}; shift 2 ;;
-        --exclude) exclude=${2:?}; shift 2 ;;
-        --num-nodes) num_nodes=${2:?}; shift 2 ;;
-        --num-gpus) num_gpus=${2:?}; shift 2 ;;
-        --master-addr) master_addr=${2:?}; shift 2 ;;
-        --master-port) master_port=${2:?}; shift 2 ;;
+        --hostfile) need_value "$@"; hostfile=$2; shift 2 ;;
+        --config) need_value "$@"; config=$2; shift 2 ;;
+        --include) need_value "$@"; include=$2; shift 2 ;;
+        --exclude) need_value "$@"; exclude=$2; shift 2 ;;
+        --num-nodes) need_value "$@"; num_nodes=$2; shift 2 ;;
+        --num-gpus) need_value "$@"; num_gpus=$2; shift 2 ;;
+        --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
+        --master-port) need_value "$@"; master_port=$2; shift 2 ;;
         --env) [[ "${2:-}" == *=* ]] || die "--env ${2:-}: want NAME=VALUE"; extra_env+=("$2"); shift 2 ;;
-        --launcher) launcher=${2:?}; shift 2 ;;
-        --python) python=${2:?}; shift 2 ;;
+        --launcher) need_value "$@"; launcher=$2; shift 2 ;;
+        --python) need_value "$@"; python=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -72,11 +73,15 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$hostfile" ]] || die "--hostfile is required (see launch/hostfile.example)"
+[[ ! -d "$hostfile" ]] || die "--hostfile $hostfile: is a directory, not a hostfile"
 [[ -r "$hostfile" ]] || die "--hostfile $hostfile: cannot read it"
 [[ -n "$config" ]] || die "--config is required"
 [[ -f "$config" ]] || die "--config $config: no such file"
 [[ -z "$include" || -z "$exclude" ]] || die "--include and --exclude cannot be combined (deepspeed refuses it)"
-[[ "$master_port" =~ ^[0-9]+$ ]] || die "--master-port $master_port: need a port number"
+[[ "$master_port" =~ ^[0-9]+$ && "$master_port" -ge 1 && "$master_port" -le 65535 ]] \
+    || die "--master-port $master_port: need a port number (1-65535)"
+[[ -z "$num_nodes" || "$num_nodes" =~ ^[1-9][0-9]*$ ]] || die "--num-nodes $num_nodes: need a positive integer"
+[[ -z "$num_gpus" || "$num_gpus" =~ ^[1-9][0-9]*$ ]] || die "--num-gpus $num_gpus: need a positive integer"
 if [[ -z "$python" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
@@ -90,6 +95,7 @@ while IFS= read -r line || [[ -n "$line" ]]; do
     [[ -z "${line//[[:space:]]/}" ]] && continue
     [[ "$line" =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([0-9]+)[[:space:]]*$ ]] \
         || die "$hostfile:$line_number: '$line' is not '<host> slots=<N>'"
+    [[ "${BASH_REMATCH[2]}" -gt 0 ]] || die "$hostfile:$line_number: ${BASH_REMATCH[1]} has slots=0 (leave the host out, or --exclude it)"
     for seen in "${hosts[@]}"; do
         [[ "$seen" == "${BASH_REMATCH[1]}" ]] && die "$hostfile:$line_number: host ${BASH_REMATCH[1]} is listed twice"
     done

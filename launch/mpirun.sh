@@ -40,21 +40,22 @@ HELP
 }
 
 die() { echo "error: $0: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 np="" config="" hostfile="" npernode="" interface="" oversubscribe=0 mpirun_args="" python="" dry_run=0
 export MASTER_PORT=${MASTER_PORT:-29500}
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --np) np=${2:?}; shift 2 ;;
-        --config) config=${2:?}; shift 2 ;;
-        --hostfile) hostfile=${2:?}; shift 2 ;;
-        --npernode) npernode=${2:?}; shift 2 ;;
-        --interface) interface=${2:?}; shift 2 ;;
-        --master-port) MASTER_PORT=${2:?}; shift 2 ;;
+        --np) need_value "$@"; np=$2; shift 2 ;;
+        --config) need_value "$@"; config=$2; shift 2 ;;
+        --hostfile) need_value "$@"; hostfile=$2; shift 2 ;;
+        --npernode) need_value "$@"; npernode=$2; shift 2 ;;
+        --interface) need_value "$@"; interface=$2; shift 2 ;;
+        --master-port) need_value "$@"; MASTER_PORT=$2; shift 2 ;;
         --oversubscribe) oversubscribe=1; shift ;;
-        --mpirun-args) mpirun_args=${2:?}; shift 2 ;;
-        --python) python=${2:?}; shift 2 ;;
+        --mpirun-args) need_value "$@"; mpirun_args=$2; shift 2 ;;
+        --python) need_value "$@"; python=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -66,7 +67,10 @@ done
 [[ -n "$config" ]] || die "--config is required"
 [[ -f "$config" ]] || die "--config $config: no such file"
 [[ -z "$hostfile" || -r "$hostfile" ]] || die "--hostfile $hostfile: cannot read it"
-[[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "--master-port $MASTER_PORT: need a port number"
+[[ "$MASTER_PORT" =~ ^[0-9]+$ && "$MASTER_PORT" -ge 1 && "$MASTER_PORT" -le 65535 ]] \
+    || die "--master-port $MASTER_PORT: need a port number (1-65535)"
+[[ -z "$npernode" || "$npernode" =~ ^[1-9][0-9]*$ ]] || die "--npernode $npernode: need a positive integer"
+[[ ! -d "${hostfile:-}" ]] || die "--hostfile $hostfile: is a directory, not a hostfile"
 command -v mpirun >/dev/null || die "mpirun not found; install Open MPI (apt-get install openmpi-bin libopenmpi-dev)"
 if [[ -z "$python" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi

@@ -31,24 +31,25 @@ HELP
 }
 
 die() { echo "error: $0: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 nodes=1 gpus_per_node=8 tasks_per_node=1 cpus_per_task="" config="" time_limit="" partition="" account="" qos=""
-job_name=cheems-pretrain python="" dry_run=0 log_dir=""
+job_name=cheems-pretrain python="" dry_run=0 log_dir="" tasks_given=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --nodes) nodes=${2:?}; shift 2 ;;
-        --gpus-per-node) gpus_per_node=${2:?}; shift 2 ;;
-        --tasks-per-node) tasks_per_node=${2:?}; shift 2 ;;
-        --cpus-per-task) cpus_per_task=${2:?}; shift 2 ;;
-        --config) config=${2:?}; shift 2 ;;
-        --time) time_limit=${2:?}; shift 2 ;;
-        --partition) partition=${2:?}; shift 2 ;;
-        --account) account=${2:?}; shift 2 ;;
-        --qos) qos=${2:?}; shift 2 ;;
-        --job-name) job_name=${2:?}; shift 2 ;;
-        --python) python=${2:?}; shift 2 ;;
-        --log-dir) log_dir=${2:?}; shift 2 ;;
+        --nodes) need_value "$@"; nodes=$2; shift 2 ;;
+        --gpus-per-node) need_value "$@"; gpus_per_node=$2; shift 2 ;;
+        --tasks-per-node) need_value "$@"; tasks_per_node=$2; tasks_given=1; shift 2 ;;
+        --cpus-per-task) need_value "$@"; cpus_per_task=$2; shift 2 ;;
+        --config) need_value "$@"; config=$2; shift 2 ;;
+        --time) need_value "$@"; time_limit=$2; shift 2 ;;
+        --partition) need_value "$@"; partition=$2; shift 2 ;;
+        --account) need_value "$@"; account=$2; shift 2 ;;
+        --qos) need_value "$@"; qos=$2; shift 2 ;;
+        --job-name) need_value "$@"; job_name=$2; shift 2 ;;
+        --python) need_value "$@"; python=$2; shift 2 ;;
+        --log-dir) need_value "$@"; log_dir=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -61,12 +62,17 @@ done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes $nodes: need a positive integer"
 [[ "$gpus_per_node" =~ ^[0-9]+$ ]] || die "--gpus-per-node $gpus_per_node: need an integer >= 0"
 [[ "$tasks_per_node" =~ ^[1-9][0-9]*$ ]] || die "--tasks-per-node $tasks_per_node: need a positive integer"
+[[ "$gpus_per_node" == 0 || "$tasks_given" == 0 ]] \
+    || die "--tasks-per-node $tasks_per_node: with --gpus-per-node $gpus_per_node there is one task per GPU; use --tasks-per-node only with --gpus-per-node 0"
+[[ -z "$cpus_per_task" || "$cpus_per_task" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task $cpus_per_task: need a positive integer"
+[[ "$dry_run" == 1 ]] || command -v sbatch >/dev/null || die "sbatch not found; run this on a Slurm login node (or use --dry-run)"
 if [[ -z "$python" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
 
 log_dir=${log_dir:-$root/logs/slurm}
-mkdir -p "$log_dir"   # Slurm does not create the log's directory; without it the job dies silently
+[[ ! -e "$log_dir" || -d "$log_dir" ]] || die "--log-dir $log_dir: exists and is not a directory"
+mkdir -p "$log_dir" 2>/dev/null || die "--log-dir $log_dir: cannot create it"   # Slurm does not create the log's directory; without it the job dies silently
 log_dir=$(cd "$log_dir" && pwd)
 options=(--parsable --job-name="$job_name" --nodes="$nodes" --chdir="$root" --output="$log_dir/%x-%j.out")
 if [[ "$gpus_per_node" -gt 0 ]]; then

@@ -171,8 +171,15 @@ def set_rng_state(state: dict) -> None:
 def checkpoint_problem(path: Path) -> str | None:
     """None when `path` is a complete checkpoint, else why not (one line)."""
     meta_path = path / META_FILE
+    if not path.is_dir():
+        return f"{path}: {'not a directory' if path.exists() else 'does not exist'}; a checkpoint is a step_NNNNNNNN folder"
     if not meta_path.is_file():
-        return f"{path}: no {META_FILE} (the save did not finish)"
+        for holder in (path, path / "checkpoints"):   # a checkpoint.dir or a run dir given instead of a checkpoint
+            inside = completed_checkpoints(holder)
+            if inside:
+                return (f"{path} is not a checkpoint but holds some: name one, e.g. {inside[0]} "
+                        f"(or resume with 'auto' and checkpoint.dir={holder})")
+        return f"{path}: no {META_FILE} (not a checkpoint, or its save did not finish)"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         files = meta["files"]

@@ -156,12 +156,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pretrai
 
 
 def world_size_from_environment() -> int:
-    """The number of ranks, read before any process group exists (torchrun/deepspeed, MPI, Slurm)."""
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 1
+    """The number of ranks, read before any process group exists (torchrun/deepspeed, MPI, Slurm), from the
+    same source `distributed_env.discover_ranks` will take them from: a stray WORLD_SIZE without RANK, or
+    SLURM_NTASKS in a batch shell outside srun, is a world of one there too."""
+    from .distributed_env import world_size_of
+
+    return world_size_of(os.environ)
 
 
 def derive_batch(config: PretrainConfig, world_size: int) -> BatchLayout:
@@ -232,7 +232,7 @@ def config_problems(config: PretrainConfig, world_size: int) -> list[str]:
     if train.gc_interval < 0:
         problems.append(f"train.gc_interval={train.gc_interval} must be >= 0 (0 = Python's automatic collection)")
     optimizer = config.optimizer
-    if optimizer.lr <= 0:
+    if not optimizer.lr > 0:   # also NaN (--set optimizer.lr=.nan)
         problems.append(f"optimizer.lr={optimizer.lr} must be positive")
     if not 0 <= optimizer.min_lr <= optimizer.lr:
         problems.append(f"optimizer.min_lr={optimizer.min_lr} must be in [0, optimizer.lr={optimizer.lr}]")
@@ -259,9 +259,27 @@ def config_problems(config: PretrainConfig, world_size: int) -> list[str]:
                         "(use 'auto' for the newest in checkpoint.dir)")
     if config.logging.interval < 1:
         problems.append(f"logging.interval={config.logging.interval} must be >= 1")
+    for field_name, directory in (("logging.run_dir", config.logging.run_dir), ("checkpoint.dir", checkpoint.dir),
+                                  ("data.cache_dir", config.data.cache_dir)):
+        problem = _directory_problem(directory)
+        if problem:
+            problems.append(f"{field_name}={directory}: {problem}")
     problems += _data_problems(config)
     problems += _deepspeed_file_problems(config)
     return problems
+
+
+def _directory_problem(directory: str | None) -> str | None:
+    """Why the run could not create or write `directory` (None when it can, or when it is not set yet)."""
+    if directory is None:
+        return None
+    path = Path(directory).absolute()
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into {existing}"
+    return None
 
 
 def _data_problems(config: PretrainConfig) -> list[str]:
@@ -275,6 +293,7 @@ def _data_problems(config: PretrainConfig) -> list[str]:
         problems.append(f"data.split={data.split!r} must be three non-negative numbers like '969,30,1'")
     elif float(parts[0]) <= 0:
         problems.append(f"data.split={data.split!r} gives the training split no data")
+    split_ok = not problems or not problems[-1].startswith("data.split=")
     prefixes = []
     if data.blend is None:
         problems.append("data.blend is not set: name at least one dataset prefix (path/name for name.bin + name.idx)")
@@ -284,11 +303,21 @@ def _data_problems(config: PretrainConfig) -> list[str]:
             prefixes, _ = parse_blend(data.blend)
         except DataError as error:
             problems.append(f"data.{error}")
+    shard_vocabularies = {}   # prefix -> vocab_size recorded in its .meta.json by data_tools.preprocess
     for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                problems.append(f"data.blend: {prefix}{suffix} does not exist (build it with python -m data_tools.preprocess)")
-                break
+        missing = [suffix for suffix in (".bin", ".idx") if not Path(prefix + suffix).is_file()]
+        if missing:
+            problems.append(f"data.blend: {prefix}{missing[0]} does not exist (build it with python -m data_tools.preprocess)")
+            continue
+        if split_ok:
+            problems += _split_problems(prefix, data.split)
+        recorded = _recorded_vocab_size(prefix)
+        if recorded is not None:
+            shard_vocabularies[prefix] = recorded
+            if recorded > config.model.vocab_size:
+                problems.append(f"data.blend: {prefix} was tokenized with a {recorded}-token vocabulary "
+                                f"({prefix}.meta.json) but model.vocab_size={config.model.vocab_size}; "
+                                "re-tokenize it or raise model.vocab_size")
     if data.tokenizer_model is None:
         problems.append("data.tokenizer_model is not set (a sentencepiece .model file)")
     elif not Path(data.tokenizer_model).is_file():
@@ -306,9 +335,45 @@ def _data_problems(config: PretrainConfig) -> list[str]:
             if vocab_size > config.model.vocab_size:
                 problems.append(f"data.tokenizer_model has {vocab_size} tokens but model.vocab_size="
                                 f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
+            for prefix, recorded in shard_vocabularies.items():
+                if recorded != vocab_size:
+                    problems.append(f"data.blend: {prefix}.meta.json records a {recorded}-token tokenizer but "
+                                    f"data.tokenizer_model={data.tokenizer_model} has {vocab_size}: the shard was "
+                                    "made with another tokenizer")
+                    break
     if data.num_workers < 0:
         problems.append(f"data.num_workers={data.num_workers} must be >= 0")
     return problems
+
+
+def _recorded_vocab_size(prefix: str) -> int | None:
+    """The vocabulary size data_tools.preprocess recorded in PREFIX.meta.json (None when absent/unreadable)."""
+    try:
+        value = json.loads(Path(prefix + ".meta.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _split_problems(prefix: str, split: str) -> list[str]:
+    """megatron-core gives each split of every shard the documents [round(a * n), round(b * n)); a split with
+    a positive weight but no documents makes its GPTDataset loop forever looking for tokens, so refuse it."""
+    from data_tools.errors import DataError
+    from data_tools.indexed import read_index
+
+    try:
+        documents = read_index(prefix).num_documents
+    except DataError as error:
+        return [f"data.blend: {error}"]
+    weights = [float(part) for part in split.replace("/", ",").split(",")]   # checked by the caller
+    total, bounds = sum(weights), [0.0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight / total)
+    for name, weight, low, high in zip(("train", "valid", "test"), weights, bounds, bounds[1:]):
+        if weight > 0 and int(round(high * documents)) - int(round(low * documents)) == 0:
+            return [f"data.split={split!r}: {prefix} has {documents} documents, so its {name} split gets none "
+                    f"(megatron-core would never finish building it); use more data or give {name} weight 0"]
+    return []
 
 
 def resolve_deepspeed_config_path(config: PretrainConfig) -> Path:

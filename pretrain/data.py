@@ -36,11 +36,34 @@ def build_run_data(config: PretrainConfig, batch: BatchLayout) -> RunData:
     return RunData(train, valid, getattr(tokenizer, "eod", None), tokenizer.vocab_size)
 
 
-def build_loader(dataset, consumed_samples: int, batch: BatchLayout, data_parallel_rank: int, num_workers: int):
+def build_loader(dataset, consumed_samples: int, batch: BatchLayout, data_parallel_rank: int, num_workers: int,
+                 vocab_size: int | None = None):
+    """The rank's micro-batches; with `vocab_size`, every one is checked to hold only ids below it."""
     from data_tools.dataset import build_data_loader
 
-    return build_data_loader(dataset, consumed_samples, batch.micro_batch_size, data_parallel_rank,
-                             batch.data_parallel_size, num_workers=num_workers)
+    loader = build_data_loader(dataset, consumed_samples, batch.micro_batch_size, data_parallel_rank,
+                               batch.data_parallel_size, num_workers=num_workers)
+    return loader if vocab_size is None else _VocabularyChecked(loader, vocab_size)
+
+
+class _VocabularyChecked:
+    """A token id outside the embedding (shards made with a larger tokenizer than the model's, e.g. ones
+    without a .meta.json) would fail deep inside torch's embedding; stop with one line naming it instead."""
+
+    def __init__(self, loader, vocab_size: int):
+        self.loader, self.vocab_size = loader, vocab_size
+
+    def __iter__(self):
+        from data_tools.errors import DataError
+
+        for micro_batch in self.loader:
+            tokens = micro_batch["tokens"]
+            low, high = int(tokens.min()), int(max(tokens.max(), micro_batch["labels"].max()))
+            if low < 0 or high >= self.vocab_size:
+                raise DataError(f"data.blend: a sample holds token id {low if low < 0 else high}, outside "
+                                f"model.vocab_size={self.vocab_size}; the shards were tokenized with another "
+                                "tokenizer (see their .meta.json) or are corrupt")
+            yield micro_batch
 
 
 def to_model_inputs(micro_batch: dict, device: torch.device) -> dict:

@@ -216,6 +216,19 @@ def _from_mpi_environment(environ) -> dict:
     raise AssertionError("called without an MPI environment")
 
 
+def world_size_of(environ) -> int:
+    """The world size discover_ranks will find, without side effects (no mpi4py, nothing exported); 1 when
+    the launch is unreadable (discover_ranks then names the problem)."""
+    if "RANK" in environ:
+        names = ["WORLD_SIZE"]
+    elif _in_srun_step(environ):
+        names = ["SLURM_NTASKS"]
+    else:
+        names = [size for rank, size, _, _ in MPI_ENVIRONMENTS if rank in environ and size in environ][:1]
+    value = environ.get(names[0], "") if names else ""
+    return int(value) if value.isdigit() else 1
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))

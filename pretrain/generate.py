@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,15 +92,32 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the one the run used)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to sample per prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     arguments = parser.parse_args(argv)
+    if arguments.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {arguments.max_new_tokens}: must be >= 1")
+    if arguments.temperature < 0:
+        parser.error(f"--temperature {arguments.temperature}: must be >= 0 (0 = greedy)")
+    if arguments.top_k < 0:
+        parser.error(f"--top-k {arguments.top_k}: must be >= 0 (0 = no top-k cut)")
+    if any(prompt == "" for prompt in arguments.prompt):
+        parser.error("--prompt '': a prompt needs at least one character")
+    arguments.top_k = arguments.top_k or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("megatron", "deepspeed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # megatron-core warns at import that optional CUDA libraries are absent; it falls back to torch.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from data_tools.errors import DataError
     from data_tools.tokenizer import load_tokenizer
     try:
         model, config = load_model_from_checkpoint(arguments.checkpoint)
-        tokenizer = load_tokenizer(arguments.tokenizer or config["data"]["tokenizer_model"])
+        tokenizer_path = arguments.tokenizer or config["data"]["tokenizer_model"]
+        tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.vocab_size > config["model"]["vocab_size"]:
+            raise CheckpointError(f"tokenizer {tokenizer_path}: {tokenizer.vocab_size} tokens, but the checkpoint's "
+                                  f"model.vocab_size is {config['model']['vocab_size']}; use the run's tokenizer")
         prompts = arguments.prompt or ["The "]
         for prompt, text in zip(prompts, sample(model, tokenizer, prompts, arguments.max_new_tokens,
                                                 arguments.temperature, arguments.top_k, arguments.seed)):

@@ -71,7 +71,12 @@ def convert(source: Path, output_dir: Path, workers: int = 4) -> Path:
         raise CheckpointError(f"{final}: already exists; choose another output directory")
     if workers < 1:
         raise CheckpointError(f"--workers {workers} must be >= 1")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"{output_dir}: exists and is not a directory; choose another output directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"{output_dir}: cannot create it ({error.strerror})") from None
     staging, temporary = output_dir / (source.name + ".staging"), output_dir / (source.name + ".tmp")
     for leftover in (staging, temporary):  # from a conversion killed earlier
         shutil.rmtree(leftover, ignore_errors=True)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cheems_parallel.config import ConfigError
+
 from .checkpoint import CheckpointError, CheckpointManager, read_meta, resume_problem, universal_checkpoint_info
 from .config import BatchLayout, PretrainConfig, deepspeed_config_dict, uses_norm_guard
 from .data import build_loader, build_run_data, to_model_inputs
@@ -83,14 +85,21 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGINT; the loop acts on it at a step boundary, on every rank together."""
+    """Remembers SIGTERM/SIGINT; the loop acts on it at a step boundary, on every rank together. Before the
+    loop is armed (setup: process groups, model, dataset indices) there is nothing to save, so the signal
+    ends the process at once with 128 + its number instead of waiting for a step that may never come."""
 
     def __init__(self):
         self.received = 0
+        self.armed = False
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
+        if not self.armed:
+            logging.getLogger(__name__).warning("received %s during setup; stopping (nothing to save yet)",
+                                                signal.Signals(signum).name)
+            raise SystemExit(128 + int(signum))
         if not self.received:
             logging.getLogger(__name__).warning("received %s; saving a checkpoint at the end of this step",
                                                 signal.Signals(signum).name)
@@ -117,7 +126,8 @@ class Trainer:
         config, batch = self.config, self.batch
         init_distributed(self.device)
         if dist.get_world_size() != batch.world_size:
-            raise RuntimeError(f"validated for world size {batch.world_size}, launched with {dist.get_world_size()}")
+            raise ConfigError(f"environment: the configuration was validated for world size {batch.world_size}, but "
+                              f"the launch has {dist.get_world_size()} ranks; check the launcher's task count")
         self.rank = dist.get_rank()
         initialize_parallel(config.parallel)
         self.data_parallel_rank = parallel_state.get_data_parallel_rank()
@@ -238,7 +248,8 @@ class Trainer:
         if self.data.valid_dataset is None or self.config.eval.iterations == 0:
             return {}
         self.engine.eval()
-        loader = build_loader(self.data.valid_dataset, 0, self.batch, self.data_parallel_rank, 0)
+        loader = build_loader(self.data.valid_dataset, 0, self.batch, self.data_parallel_rank, 0,
+                              self.config.model.vocab_size)
         total, count = torch.zeros(1, dtype=torch.float64), 0
         if self.pipeline:  # eval_batch runs gradient_accumulation_steps micro-batches through the stages
             from .pipeline import pipeline_micro_batches
@@ -294,6 +305,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
+        self.stop.armed = True
         with ScheduledGarbageCollection(self.config.train.gc_interval) as collector:
             return self._train_loop(collector)
 
@@ -304,7 +316,7 @@ class Trainer:
         nonfinite_grad_steps = set(config.debug.nonfinite_grad_at_steps)
         if self.step < total_steps:
             iterator = iter(build_loader(self.data.train_dataset, self.consumed_samples, batch,
-                                         self.data_parallel_rank, config.data.num_workers))
+                                         self.data_parallel_rank, config.data.num_workers, config.model.vocab_size))
             if self.pipeline:
                 from .pipeline import pipeline_micro_batches
                 iterator = pipeline_micro_batches(iterator, self.device)

@@ -75,3 +75,11 @@ def test_float_fields_accept_exponent_strings(tmp_path):
     assert model.init_std == 0.003 and model.dt_min == 0.002
     with pytest.raises(ConfigError, match="model.init_std: expected a number, got 'small'"):
         load_model_config(write(tmp_path, "model:\n  init_std: small\n"))
+
+
+def test_duplicate_yaml_keys_are_refused_with_the_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `model:` section silently dropped the first one's keys."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  vocab_size: 512\nparallel:\n  tensor_parallel_size: 1\nmodel:\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:5: invalid YAML \(duplicate key 'model'\)"):
+        load_model_config(path)

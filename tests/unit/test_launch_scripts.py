@@ -92,14 +92,48 @@ def test_sbatch_script_refuses_to_run_outside_slurm():
     ("mpirun.sh", ["--np", "2", "--config", CONFIG, "--bogus"], "unknown option '--bogus'"),
     ("slurm_submit.sh", ["--nodes", "two", "--config", CONFIG], "--nodes two: need a positive integer"),
     ("slurm_submit.sh", ["--nodes", "1"], "--config is required"),
+    # found by the CLI audit: bash's own "line 57: 2: parameter null or not set" (status 1), cat's
+    # "Is a directory", mkdir's "File exists", or a contradiction passed on silently
+    ("deepspeed_hostfile.sh", ["--hostfile", str(LAUNCH / "hostfile.example"), "--config"], "--config needs a value"),
+    ("mpirun.sh", ["--np", "2", "--config"], "--config needs a value"),
+    ("slurm_submit.sh", ["--config", CONFIG, "--time"], "--time needs a value"),
+    ("deepspeed_hostfile.sh", ["--hostfile", str(LAUNCH), "--config", CONFIG], "is a directory, not a hostfile"),
+    ("deepspeed_hostfile.sh", ["--hostfile", "ZERO", "--config", CONFIG], "zero.hosts:1: node1 has slots=0"),
+    ("deepspeed_hostfile.sh", ["--hostfile", str(LAUNCH / "hostfile.example"), "--config", CONFIG,
+                               "--master-port", "99999"], "--master-port 99999: need a port number (1-65535)"),
+    ("deepspeed_hostfile.sh", ["--hostfile", str(LAUNCH / "hostfile.example"), "--config", CONFIG,
+                               "--num-gpus", "all"], "--num-gpus all: need a positive integer"),
+    ("mpirun.sh", ["--np", "2", "--npernode", "x", "--config", CONFIG], "--npernode x: need a positive integer"),
+    ("slurm_submit.sh", ["--gpus-per-node", "8", "--tasks-per-node", "2", "--config", CONFIG, "--dry-run"],
+     "with --gpus-per-node 8 there is one task per GPU"),
+    ("slurm_submit.sh", ["--config", CONFIG, "--log-dir", CONFIG, "--dry-run"], "exists and is not a directory"),
+    ("slurm_submit.sh", ["--config", CONFIG, "--cpus-per-task", "many", "--dry-run"],
+     "--cpus-per-task many: need a positive integer"),
 ])
 def test_user_mistakes_are_one_line_with_status_2(name, arguments, fragment, tmp_path):
     bad = tmp_path / "bad.hosts"
     bad.write_text("node1 slots=8\nnode2 slot=8\n")
     twice = tmp_path / "twice.hosts"
     twice.write_text("node1 slots=8\n# a comment\nnode1 slots=4\n")
-    arguments = [{"BAD": str(bad), "TWICE": str(twice)}.get(argument, argument) for argument in arguments]
+    zero = tmp_path / "zero.hosts"
+    zero.write_text("node1 slots=0\nnode2 slots=8\n")
+    arguments = [{"BAD": str(bad), "TWICE": str(twice), "ZERO": str(zero)}.get(argument, argument)
+                 for argument in arguments]
     result = script(name, *arguments)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_slurm_submit_without_sbatch_is_one_line(tmp_path):
+    """No sbatch on PATH (not a Slurm login node): bash's 'sbatch: command not found', status 127, before."""
+    import shutil
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "dirname", "basename", "mkdir", "sed", "cat"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run([str(tools / "bash"), str(LAUNCH / "slurm_submit.sh"), "--config", CONFIG,
+                             "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=60,
+                            env={"PATH": str(tools)}, cwd=REPOSITORY)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {LAUNCH / 'slurm_submit.sh'}: sbatch not found; run this on a Slurm login node (or use --dry-run)"]

@@ -161,3 +161,18 @@ def test_commit_records_the_model_section(tmp_path):
     manager._commit(temporary, tmp_path / tag_for_step(5), 5,
                     {"consumed_samples": 40, "config": {"model": {"hidden_size": 64}}}, {"world_size": 1})
     assert json.loads((tmp_path / tag_for_step(5) / "meta.json").read_text())["model"] == {"hidden_size": 64}
+
+
+def test_a_path_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path):
+    """export/generate/reshard/--resume given a missing path, a file, a checkpoint.dir or a run dir said
+    'no meta.json (the save did not finish)' for all four."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    from pretrain.checkpoint import publish
+    publish(_write_save(run_dir / "checkpoints", 5), run_dir / "checkpoints" / tag_for_step(5), {"step": 5})
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    assert "does not exist" in checkpoint_problem(tmp_path / "nothere")
+    assert "not a directory" in checkpoint_problem(run_dir / "metrics.jsonl")
+    for given in (run_dir, run_dir / "checkpoints"):
+        problem = checkpoint_problem(given)
+        assert "is not a checkpoint but holds some" in problem and str(run_dir / "checkpoints" / "step_00000005") in problem

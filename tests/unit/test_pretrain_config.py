@@ -24,11 +24,24 @@ def tokenizer_model(tmp_path_factory):
     return directory / "tok.model"
 
 
+def write_shard(prefix, documents, length=20, vocab_size=None):
+    """A real shard of `documents` documents (validation reads its index; token contents are read later)."""
+    import numpy
+    from data_tools.indexed import ShardWriter
+
+    with ShardWriter(str(prefix), numpy.uint16) as writer:
+        for _ in range(documents):
+            writer.add_tokens(numpy.arange(4, 4 + length))
+            writer.end_document()
+        writer.commit()
+    if vocab_size is not None:
+        Path(f"{prefix}.meta.json").write_text(json.dumps({"vocab_size": vocab_size, "eod": 3}))
+
+
 @pytest.fixture
 def data_files(tmp_path, tokenizer_model):
-    """The shard files validation checks exist (their contents are read later, by the datasets)."""
-    for name in ("shard.bin", "shard.idx"):
-        (tmp_path / name).write_bytes(b"x")
+    """The shard validation checks: files present, an index whose every split holds documents."""
+    write_shard(tmp_path / "shard", 1000)
     return [f"data.blend={tmp_path / 'shard'}", f"data.tokenizer_model={tokenizer_model}"]
 
 
@@ -74,6 +87,7 @@ def test_batch_errors(overrides, world, message, data_files):
     (["train.precision=fp16"], "must be 'bf16' or 'fp32'"),
     (["schedule.kind=linear"], "must be 'wsd' or 'cosine'"),
     (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 must be in"),
+    (["optimizer.lr=.nan"], "optimizer.lr=nan must be positive"),
     (["checkpoint.keep_last=0"], "keep_last=0 must be >= 1"),
     (["checkpoint.resume=/no/such/checkpoint"], "no such checkpoint directory"),
     (["data.tokenizer_model=/no/tok.model"], "/no/tok.model: file not found"),
@@ -163,10 +177,72 @@ def test_invalid_deepspeed_json_names_the_line(data_files, tmp_path):
 
 
 def test_world_size_from_launcher_environment(monkeypatch):
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+                 "PMIX_RANK", "PMIX_SIZE", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert world_size_from_environment() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert world_size_from_environment() == 4
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert world_size_from_environment() == 8
+
+
+def test_world_size_is_read_from_the_source_the_ranks_come_from(monkeypatch):
+    """A stray WORLD_SIZE without RANK, or SLURM_NTASKS in a batch shell (no srun step), is a world of one to
+    discover_ranks; validating for 2 ranks there ended in a RuntimeError traceback after the model was built."""
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+                 "PMIX_RANK", "PMIX_SIZE", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert world_size_from_environment() == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert world_size_from_environment() == 1
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert world_size_from_environment() == 2
+
+
+def test_a_split_without_documents_is_refused_before_it_hangs(tmp_path, tokenizer_model):
+    """megatron-core's GPTDataset loops forever on a split with a positive weight and no documents (300
+    documents give the test split of '969,30,1' none): found by validation, one line naming shard and split."""
+    write_shard(tmp_path / "small", 300)
+    config = load_config(TINY, [f"data.blend={tmp_path / 'small'}", f"data.tokenizer_model={tokenizer_model}"])
+    with pytest.raises(ConfigError, match=r"data.split='969,30,1': .*small has 300 documents, so its test split gets none"):
+        validate(config, 1)
+    config = load_config(TINY, [f"data.blend={tmp_path / 'small'}", f"data.tokenizer_model={tokenizer_model}",
+                                "data.split=969,30,0"])
+    validate(config, 1)
+
+
+def test_a_corrupt_index_is_named_by_validation(tmp_path, tokenizer_model):
+    for name in ("bad.bin", "bad.idx"):
+        (tmp_path / name).write_bytes(b"x")
+    config = load_config(TINY, [f"data.blend={tmp_path / 'bad'}", f"data.tokenizer_model={tokenizer_model}"])
+    with pytest.raises(ConfigError, match=r"data.blend: .*bad.idx: 1 bytes, shorter than"):
+        validate(config, 1)
+
+
+def test_shard_vocabulary_from_its_meta_json_must_match(tmp_path, tokenizer_model):
+    """A shard tokenized with a larger vocabulary than the model's used to fail inside torch's embedding
+    (IndexError traceback); its .meta.json says so before anything starts."""
+    write_shard(tmp_path / "big", 1000, vocab_size=32000)
+    config = load_config(TINY, [f"data.blend={tmp_path / 'big'}", f"data.tokenizer_model={tokenizer_model}"])
+    with pytest.raises(ConfigError, match=r"big was tokenized with a 32000-token vocabulary .* model.vocab_size=8192"):
+        validate(config, 1)
+    write_shard(tmp_path / "other", 1000, vocab_size=500)   # the tokenizer has 400
+    config = load_config(TINY, [f"data.blend={tmp_path / 'other'}", f"data.tokenizer_model={tokenizer_model}"])
+    with pytest.raises(ConfigError, match=r"other.meta.json records a 500-token tokenizer .* has 400: the shard was made"):
+        validate(config, 1)
+
+
+@pytest.mark.parametrize("field", ["logging.run_dir", "checkpoint.dir", "data.cache_dir"])
+def test_output_directories_that_cannot_be_created_are_named(field, data_files, tmp_path):
+    """A run or checkpoint directory under a file ended in NotADirectoryError/FileExistsError tracebacks after
+    the process group and the model were built."""
+    (tmp_path / "afile").write_text("x")
+    config = load_config(TINY, data_files + [f"{field}={tmp_path / 'afile' / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"{field}=.*afile/run: .*afile is a file, not a directory"):
+        validate(config, 1)
