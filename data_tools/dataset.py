@@ -28,6 +28,7 @@ import torch
 
 from data_tools.errors import DataError
 from data_tools.indexed import check_shard
+from data_tools.splits import empty_split
 from data_tools.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,11 @@ def build_pretraining_datasets(blend, tokenizer_model, seq_length: int, num_samp
         index = check_shard(prefix, check_tokens=False)
         if index.num_documents == 0:
             raise DataError(f"{prefix}: the shard holds no documents")
+        empty = empty_split(index.num_documents, split_weights)
+        if empty:
+            raise DataError(f"split {split!r}: {prefix} has {index.num_documents} documents, so its {empty} split "
+                            f"gets none (megatron-core would never finish building it); use more data or give "
+                            f"{empty} weight 0")
         if index.dtype == numpy.dtype(numpy.uint16) and tokenizer.vocab_size > 65536:
             raise DataError(f"{prefix} is uint16 but {tokenizer_model} has {tokenizer.vocab_size} ids: "
                             f"the shard was made with another tokenizer")
@@ -243,7 +249,8 @@ def build_pretraining_datasets(blend, tokenizer_model, seq_length: int, num_samp
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    # A split with weight 0 is not built at all; a wanted count of 0 builds nothing either.
+    # A split with weight 0 is not built at all. One with a positive weight is built even when no samples
+    # are wanted from it (megatron-core then builds it from its documents), and is returned as None.
     sizes = [count if weight > 0 else 0 for count, weight in zip(num_samples, split_weights)]
     created_group = _ensure_process_group()
     try:

@@ -356,23 +356,21 @@ def _recorded_vocab_size(prefix: str) -> int | None:
 
 
 def _split_problems(prefix: str, split: str) -> list[str]:
-    """megatron-core gives each split of every shard the documents [round(a * n), round(b * n)); a split with
-    a positive weight but no documents makes its GPTDataset loop forever looking for tokens, so refuse it."""
+    """A split with a positive weight but no documents of this shard makes megatron-core's GPTDataset loop
+    forever looking for tokens (data_tools.splits.empty_split): refuse it before any process starts."""
     from data_tools.errors import DataError
     from data_tools.indexed import read_index
+    from data_tools.splits import empty_split
 
     try:
         documents = read_index(prefix).num_documents
     except DataError as error:
         return [f"data.blend: {error}"]
     weights = [float(part) for part in split.replace("/", ",").split(",")]   # checked by the caller
-    total, bounds = sum(weights), [0.0]
-    for weight in weights:
-        bounds.append(bounds[-1] + weight / total)
-    for name, weight, low, high in zip(("train", "valid", "test"), weights, bounds, bounds[1:]):
-        if weight > 0 and int(round(high * documents)) - int(round(low * documents)) == 0:
-            return [f"data.split={split!r}: {prefix} has {documents} documents, so its {name} split gets none "
-                    f"(megatron-core would never finish building it); use more data or give {name} weight 0"]
+    empty = empty_split(documents, weights)
+    if empty:
+        return [f"data.split={split!r}: {prefix} has {documents} documents, so its {empty} split gets none "
+                f"(megatron-core would never finish building it); use more data or give {empty} weight 0"]
     return []
 
 

@@ -148,3 +148,33 @@ def test_errors_name_the_problem(shards, tmp_path):
         build_pretraining_datasets(shards["grimm"], shards["tokenizer"], SEQ, (10, 0, 0), split="a,b")
     with pytest.raises(DataError, match="consumed_samples 100"):
         ResumableSampler(50, 100, 1, 0, 1)
+
+
+def test_empty_split_agrees_with_megatron_cores_split_bounds():
+    """data_tools.splits.empty_split against megatron-core's own split matrix and rounding (the oracle)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+    from data_tools.splits import empty_split
+
+    for split in ("969,30,1", "98,2,0", "1,1,1", "0,1,0", "100,0,1"):
+        weights = [float(part) for part in split.split(",")]
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+        for documents in range(1, 400):
+            counts = [None if bounds is None else int(round(bounds[1] * documents)) - int(round(bounds[0] * documents))
+                      for bounds in matrix]
+            expected = next((name for name, count in zip(("train", "valid", "test"), counts) if count == 0), None)
+            assert empty_split(documents, weights) == expected, (split, documents, counts)
+
+
+def test_a_split_without_documents_is_an_error_not_a_hang(shards, tmp_path):
+    """megatron-core's GPTDataset loops forever on a wanted split that gets no documents: refused first."""
+    text = tmp_path / "five.txt"
+    text.write_text("\n\n".join(f"paragraph {i} of a very small corpus" for i in range(5)) + "\n")
+    prefix = str(tmp_path / "five")
+    preprocess([str(text)], prefix, shards["tokenizer"], append_eod=True)
+    for wanted in ((10, 2, 0), (10, 0, 0)):  # megatron-core builds a split of positive weight even if unused
+        with pytest.raises(DataError, match=r"five has 5 documents, so its valid split gets none"):
+            build_pretraining_datasets(prefix, shards["tokenizer"], 8, wanted, cache_dir=str(tmp_path / "cache"))
+    train, valid, test = build_pretraining_datasets(prefix, shards["tokenizer"], 8, (10, 0, 0), split="1,0,0",
+                                                    cache_dir=str(tmp_path / "cache"))
+    assert len(train) >= 10 and valid is None and test is None
