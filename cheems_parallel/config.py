@@ -238,7 +238,8 @@ def from_dict(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    # fields marked metadata={"yaml": False} are bookkeeping (e.g. the file a config came from), not keys
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known keys of {where}: {', '.join(sorted(names))})")

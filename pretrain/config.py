@@ -121,7 +121,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    source: str = "<config>"                # the file it came from, for messages (not a YAML key)
+    source: str = field(default="<config>", metadata={"yaml": False})   # the file it came from, for messages
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -145,8 +145,6 @@ class BatchLayout:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Read YAML, apply `--set` overrides, build the typed tree. Raises ConfigError naming the file."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    if "source" in data:
-        raise ConfigError(f"{path}: unknown key 'source'")
     try:
         config = from_dict(PretrainConfig, data, "config")
     except ConfigError as error:

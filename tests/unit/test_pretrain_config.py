@@ -119,6 +119,14 @@ def test_unknown_keys_and_types(overrides, message):
         load_config(TINY, overrides)
 
 
+def test_the_bookkeeping_field_source_is_neither_a_key_nor_listed_as_one():
+    with pytest.raises(ConfigError, match="unknown key 'source'") as error:
+        load_config(TINY, ["source=elsewhere.yaml"])
+    known = str(error.value).split("known keys of config: ")[1]
+    assert "source" not in known and "train" in known
+    assert load_config(TINY).source == str(TINY)
+
+
 def test_deepspeed_json_gets_the_derived_values(data_files):
     config = load_config(TINY, data_files + ["train.zero_stage=2", "train.precision=bf16", "train.micro_batch_size=2",
                                              "train.global_batch_size=8", "train.gradient_clipping=0.5"])
