@@ -49,7 +49,7 @@ def run_layout(name: str, arguments) -> dict:
         # spiked at step 4, with a 12-step one at step 9 (grad norm 10 -> 100-280, H200, session 6), and from a
         # spike on the layouts' bf16 rounding differences grow chaotically; at lr 2e-4 (session 7) no spike, all
         # layouts within 1e-3 of the one-GPU loss for 12 steps
-        f"schedule.warmup_steps={arguments.steps}", "optimizer.lr=2e-4", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
+        f"schedule.warmup_steps={arguments.steps}", "optimizer.lr=2e-4", "optimizer.min_lr=2e-5", "eval.interval=0", "eval.iterations=0", "checkpoint.interval=0",
         "checkpoint.save_at_exit=false", "logging.interval=1", "logging.tensorboard=false",
         f"logging.run_dir={run_dir}",
     ] + layout_overrides + arguments.extra
@@ -96,6 +96,8 @@ def main() -> int:
     if torch.cuda.device_count() < 2 and "train.device=cpu" not in arguments.extra:
         print(f"error: needs 2 CUDA GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
         return 2
+    if arguments.log_dir:
+        Path(arguments.log_dir).mkdir(parents=True, exist_ok=True)
     results = []
     for name in arguments.layouts:
         try:
@@ -125,7 +127,8 @@ def main() -> int:
     if arguments.log_dir:
         (Path(arguments.log_dir) / out.name).write_text(json.dumps(summary, indent=1))
     precision = next((item.split("=", 1)[1] for item in arguments.extra if item.startswith("train.precision=")), "bf16")
-    print(f"\n{summary['device']} x{summary['gpus']} | {arguments.model} | {precision}, ZeRO-1 | 8 x {arguments.seq_length} "
+    machine = "CPU, gloo, 2 processes" if on_cpu else f"{summary['device']} x{summary['gpus']}"
+    print(f"\n{machine} | {arguments.model} | {precision}, ZeRO-1 | 8 x {arguments.seq_length} "
           f"tokens per step | {arguments.steps} steps")
     print(f"{'layout':<8}{'tokens/s':>12}{'x 1gpu':>8}{'peak GiB':>10}{'first loss':>12}{'last loss':>11}"
           f"{'max rel. loss diff vs 1gpu':>28}{'steps within 1%':>17}{'max diff there':>16}")

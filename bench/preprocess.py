@@ -94,9 +94,9 @@ def run_baseline(input_path, output_prefix, tokenizer_path, workers, json_key="t
 
 
 # --------------------------------------------------------------------------- corpus and tokenizer
-def build_corpus(work_dir):
-    """JSONL of blank-line blocks of the shared texts, replicated to >= TARGET_BYTES."""
-    sources = sorted(os.path.join(SHARED_DATA, name) for name in os.listdir(SHARED_DATA) if name.endswith(".txt"))
+def build_corpus(work_dir, data_dir=SHARED_DATA):
+    """JSONL of blank-line blocks of the .txt files in data_dir, replicated to >= TARGET_BYTES."""
+    sources = sorted(os.path.join(data_dir, name) for name in os.listdir(data_dir) if name.endswith(".txt"))
     documents = []
     for path in sources:
         with open(path, encoding="utf-8") as stream:
@@ -177,6 +177,8 @@ def main():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "bench_preprocess"),
                         help="where the corpus, tokenizer and shards are written (default: runs/bench_preprocess)")
+    parser.add_argument("--data-dir", default=SHARED_DATA,
+                        help="folder of .txt files the corpus is made from (default: ../shared/data beside the repo)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for both tools (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best time kept (default: 3)")
     parser.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (default: 32000)")
@@ -192,7 +194,9 @@ def main():
 
     os.makedirs(arguments.work_dir, exist_ok=True)
     load_before = os.getloadavg()
-    sources, corpus, tiny, documents = build_corpus(arguments.work_dir)
+    if not os.path.isdir(arguments.data_dir) or not any(name.endswith(".txt") for name in os.listdir(arguments.data_dir)):
+        parser.error(f"--data-dir {arguments.data_dir}: no .txt files there (the shared texts sit in ../shared/data)")
+    sources, corpus, tiny, documents = build_corpus(arguments.work_dir, arguments.data_dir)
     tokenizer = train_tokenizer(sources, arguments.work_dir, arguments.vocab_size)
     corpus_bytes = os.path.getsize(corpus)
     ours_prefix = os.path.join(arguments.work_dir, "ours")

@@ -27,7 +27,7 @@ FORWARDED=(GLOO_SOCKET_IFNAME OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS PYTORC
            LD_LIBRARY_PATH)
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
     cat <<'HELP'
 Options:
   --hostfile FILE       DeepSpeed hostfile ("host slots=N" lines; required)

@@ -22,7 +22,7 @@ FORWARDED=(PATH LD_LIBRARY_PATH PYTHONPATH MASTER_ADDR MASTER_PORT OMP_NUM_THREA
            TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR)
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
     cat <<'HELP'
 Options:
   --np N                total ranks (required)

@@ -12,7 +12,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
     cat <<'HELP'
 Options:
   --nodes N             nodes to allocate (default 1)

@@ -28,7 +28,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         epilog="example: python -m pretrain --config configs/cheems-tiny.yaml --set train.steps=300 "
                "--set logging.run_dir=runs/tiny --resume auto\n"
                "         torchrun --nproc_per_node 2 -m pretrain --config configs/cheems-tiny.yaml "
-               "--set train.zero_stage=2",
+               "--set train.zero_stage=2 --set train.micro_batch_size=4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (sections model, parallel, data, "
                         "train, optimizer, schedule, eval, checkpoint, logging)")

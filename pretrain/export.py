@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -29,8 +30,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     output = Path(output)
     if output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
-    if not output.parent.is_dir():
-        raise CheckpointError(f"{output.parent}: directory does not exist")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"{output.parent}: cannot create the directory ({error.strerror})") from None
     model, config = load_model_from_checkpoint(checkpoint)
     tensors = {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in model.state_dict().items()
                if torch.is_tensor(tensor)}
@@ -38,6 +41,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     save_file(tensors, str(temporary / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary / "model.safetensors", 0o666 & ~umask)   # save_file leaves its temporary file's 0600
     (temporary / "config.json").write_text(json.dumps(config["model"], indent=2) + "\n")
     temporary.rename(output)
     return output
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
         epilog="example: python -m pretrain.export --checkpoint smoke/run/checkpoints/step_00000300 "
                "--output exported/cheems-tiny")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNNN): TP = PP = 1, or a universal one (pretrain.reshard)")
-    parser.add_argument("--output", required=True, help="new directory to create for the exported files")
+    parser.add_argument("--output", required=True, help="new directory to create for the exported files (missing parents are created)")
     arguments = parser.parse_args(argv)
     # megatron-core warns at import that optional CUDA libraries are absent; it falls back to torch.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

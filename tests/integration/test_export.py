@@ -23,11 +23,13 @@ def test_export_round_trip(data, tmp_path, single_process_group):  # noqa: F811
     run_dir = tmp_path / "run"
     run_pretrain(data, run_dir, extra=["train.steps=3", "checkpoint.save_at_exit=true"])
     checkpoint = newest_valid_checkpoint(run_dir / "checkpoints")
-    output = tmp_path / "exported"
+    output = tmp_path / "exports" / "exported"   # a parent that does not exist yet: created, as mkdir -p would
     command = [sys.executable, "-m", "pretrain.export", "--checkpoint", str(checkpoint), "--output", str(output)]
     done = subprocess.run(command, cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]          # no .tmp left behind
+    assert sorted(p.name for p in output.parent.iterdir()) == ["exported"]            # no .tmp left behind
+    # both files readable as the user's umask allows (safetensors alone came out 0600)
+    assert (output / "model.safetensors").stat().st_mode & 0o777 == (output / "config.json").stat().st_mode & 0o777
 
     config = from_dict(ModelConfig, json.loads((output / "config.json").read_text()), "model")
     rebuilt = CheemsForCausalLM(config, ParallelConfig())

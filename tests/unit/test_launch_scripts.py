@@ -137,3 +137,12 @@ def test_slurm_submit_without_sbatch_is_one_line(tmp_path):
                             env={"PATH": str(tools)}, cwd=REPOSITORY)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {LAUNCH / 'slurm_submit.sh'}: sbatch not found; run this on a Slurm login node (or use --dry-run)"]
+
+
+@pytest.mark.parametrize("name", ["deepspeed_hostfile.sh", "mpirun.sh", "slurm_submit.sh"])
+def test_help_is_the_header_comment_and_the_options(name):
+    result = script(name, "--help")
+    header = [line[2:] if line.startswith("# ") else line[1:]
+              for line in (LAUNCH / name).read_text().splitlines()[1:] if line.startswith("#")][:3]
+    assert result.returncode == 0 and result.stdout.startswith(header[0]) and "Options:" in result.stdout
+    assert "set -euo" not in result.stdout and "#!/" not in result.stdout   # no script lines in the help
