@@ -28,7 +28,7 @@ import torch
 
 from data_tools.errors import DataError
 from data_tools.indexed import check_shard
-from data_tools.splits import empty_split
+from data_tools.splits import empty_split_problem
 from data_tools.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -217,11 +217,9 @@ def build_pretraining_datasets(blend, tokenizer_model, seq_length: int, num_samp
         index = check_shard(prefix, check_tokens=False)
         if index.num_documents == 0:
             raise DataError(f"{prefix}: the shard holds no documents")
-        empty = empty_split(index.num_documents, split_weights)
+        empty = empty_split_problem(prefix, index.num_documents, split_weights)
         if empty:
-            raise DataError(f"split {split!r}: {prefix} has {index.num_documents} documents, so its {empty} split "
-                            f"gets none (megatron-core would never finish building it); use more data or give "
-                            f"{empty} weight 0")
+            raise DataError(f"split {split!r}: {empty}")
         if index.dtype == numpy.dtype(numpy.uint16) and tokenizer.vocab_size > 65536:
             raise DataError(f"{prefix} is uint16 but {tokenizer_model} has {tokenizer.vocab_size} ids: "
                             f"the shard was made with another tokenizer")

@@ -15,6 +15,8 @@ Layout (little endian; n sequences, d + 1 document boundaries; one sequence per 
            | int64 document_indices[d + 1] (sequence index where each document starts; 0 .. n)
     P.bin: the tokens of all sequences back to back, in the dtype of the code.
 """
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -67,6 +69,39 @@ def check_output_prefix(prefix: str, flag: str = "--output-prefix") -> str:
     if not os.path.isdir(directory):
         raise DataError(f"output directory {directory} does not exist; create it first")
     return directory
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON object from `path` (a shard's .meta.json, a tokenizer's sidecar); DataError naming the file
+    when it is not UTF-8 JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            value = json.load(stream)
+    except ValueError as error:   # malformed JSON or not UTF-8
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def write_json(path: str, value) -> None:
+    with open(path, "w") as stream:
+        json.dump(value, stream, indent=2)
+        stream.write("\n")
+
+
+@contextlib.contextmanager
+def staged_json(final_path: str, value):
+    """Write `value` as JSON under a temporary name and yield the (temporary, final) pair for `publish`
+    (e.g. a shard's .meta.json, renamed together with its .bin/.idx); the temporary file is removed on
+    exit if it was not renamed."""
+    temporary = f"{final_path}.tmp-{os.getpid()}"
+    try:
+        write_json(temporary, value)
+        yield temporary, final_path
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def publish(renames) -> None:

@@ -7,7 +7,6 @@ must share one dtype; the output is written under temporary names and renamed wh
 This imports torch and megatron-core (a few seconds); it is not on the preprocess hot path.
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -49,15 +48,8 @@ def merge_shards(input_prefixes: list[str], output_prefix: str) -> indexed.Shard
                     tokens=sum(index.num_tokens for index in indices),
                     merged_from=[os.path.abspath(prefix) for prefix in input_prefixes])
     # Written first and renamed together with the merged .bin/.idx, never apart from them.
-    renames = [(f"{output_prefix}.meta.json.tmp-{os.getpid()}", f"{output_prefix}.meta.json")]
-    try:
-        with open(renames[0][0], "w") as stream:
-            json.dump(metadata, stream, indent=2)
-            stream.write("\n")
-        indexed.join_with_megatron_builder(input_prefixes, output_prefix, indices[0].dtype, renames)
-    finally:
-        if os.path.exists(renames[0][0]):
-            os.remove(renames[0][0])
+    with indexed.staged_json(f"{output_prefix}.meta.json", metadata) as staged:
+        indexed.join_with_megatron_builder(input_prefixes, output_prefix, indices[0].dtype, [staged])
     return indexed.check_shard(output_prefix, check_tokens=False)
 
 

@@ -17,7 +17,6 @@ instead (identical bytes; costs ~3 s of imports).
 """
 import argparse
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -346,17 +345,13 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
             summary = Summary(stats.documents, total_tokens, stats.bytes_read, 0.0,
                               stats.empty_documents, stats.bad_lines, dtype.name, output_prefix)
             # The metadata is renamed into place together with the shard, never apart from it.
-            metadata = (f"{output_prefix}.meta.json.tmp-{os.getpid()}", f"{output_prefix}.meta.json")
-            try:
-                _write_metadata(metadata[0], tokenizer, summary, append_eod, paths)
+            with indexed.staged_json(f"{output_prefix}.meta.json",
+                                     _metadata(tokenizer, summary, append_eod, paths)) as metadata:
                 if writer == "megatron":
                     shard.abort()
                     _join_parts_megatron(results, output_prefix, dtype, also_rename=[metadata])
                 else:
                     shard.commit(also_rename=[metadata])
-            finally:
-                if os.path.exists(metadata[0]):
-                    os.remove(metadata[0])
     finally:
         shutil.rmtree(parts_directory, ignore_errors=True)
     bar.update(stats.documents, total_tokens, stats.bytes_read, final=True)
@@ -372,10 +367,9 @@ def _report_bad_lines(stats: ReadStats) -> None:
         logger.warning("skipped %d bad lines in total", stats.bad_lines)
 
 
-def _write_metadata(destination: str, tokenizer, summary: Summary, append_eod: bool, paths) -> None:
-    """`P.meta.json`: what made the shard; verify/inspect read the EOD id and vocab from it.
-    Written to `destination`, a temporary name the caller renames together with the shard."""
-    metadata = {
+def _metadata(tokenizer, summary: Summary, append_eod: bool, paths) -> dict:
+    """`P.meta.json`: what made the shard; verify/inspect read the EOD id and vocab from it."""
+    return {
         "tokenizer": os.path.abspath(tokenizer.model_path),
         "vocab_size": tokenizer.vocab_size,
         "eod": tokenizer.eod,
@@ -388,9 +382,6 @@ def _write_metadata(destination: str, tokenizer, summary: Summary, append_eod: b
         "bad_lines_skipped": summary.bad_lines,
         "inputs": [os.path.abspath(path) for path in paths][:1000],
     }
-    with open(destination, "w") as stream:
-        json.dump(metadata, stream, indent=2)
-        stream.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

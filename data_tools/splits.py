@@ -14,3 +14,12 @@ def empty_split(documents: int, split_weights) -> str | None:
         if weight > 0 and int(round(high * documents)) - int(round(low * documents)) == 0:
             return name
     return None
+
+
+def empty_split_problem(prefix: str, documents: int, split_weights) -> str | None:
+    """The message for `empty_split` (the caller puts the split field's name in front), or None."""
+    name = empty_split(documents, split_weights)
+    if name is None:
+        return None
+    return (f"{prefix} has {documents} documents, so its {name} split gets none (megatron-core would never "
+            f"finish building it); use more data or give {name} weight 0")

@@ -8,13 +8,12 @@ EOD (appended after each document by `preprocess --append-eod`) is the sentencep
 Megatron's SentencePiece tokenizer. Only sentencepiece is imported here (the preprocess start-up
 budget is under a second).
 """
-import json
 import os
 
 import sentencepiece
 
 from data_tools.errors import DataError
-from data_tools.indexed import check_output_prefix, publish
+from data_tools.indexed import check_output_prefix, publish, read_json_object, write_json
 
 SIDECAR_SUFFIX = ".tokenizer.json"
 # Fixed special ids: pad first so that an all-zero buffer reads as padding.
@@ -47,13 +46,7 @@ class SentencePieceTokenizer:
         ids["eod"] = ids["eos"]
         sidecar = sidecar_path(model_path)
         if os.path.exists(sidecar):
-            try:
-                with open(sidecar, encoding="utf-8") as stream:
-                    recorded = json.load(stream)
-            except ValueError as error:   # malformed JSON or not UTF-8
-                raise DataError(f"{sidecar}: not valid JSON ({error})") from None
-            if not isinstance(recorded, dict):
-                raise DataError(f"{sidecar}: expected a JSON object, found {type(recorded).__name__}")
+            recorded = read_json_object(sidecar)
             if recorded.get("vocab_size") != self.vocab_size:
                 raise DataError(f"{sidecar} says vocab_size {recorded.get('vocab_size')} but "
                                 f"{model_path} has {self.vocab_size}: the sidecar belongs to another model")
@@ -147,9 +140,7 @@ def _train_and_publish(sentences, options, model_type, model_prefix, temporary_p
         "byte_fallback": True,
         "model_file": os.path.basename(model_path),
     }
-    with open(temporary_prefix + SIDECAR_SUFFIX, "w") as stream:
-        json.dump(sidecar, stream, indent=2)
-        stream.write("\n")
+    write_json(temporary_prefix + SIDECAR_SUFFIX, sidecar)
     # The model last: whoever finds the new model also finds its sidecar.
     publish([(temporary_prefix + ".vocab", model_prefix + ".vocab"),
              (temporary_prefix + SIDECAR_SUFFIX, sidecar_path(model_path)),

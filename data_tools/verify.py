@@ -10,14 +10,13 @@ was written with --append-eod, an EOD at the end of every document. The EOD id a
 come from --tokenizer, else from PREFIX.meta.json written by data_tools.preprocess.
 """
 import argparse
-import json
 import logging
 import os
 import sys
 
 from data_tools._cli import run_cli, setup_logging
 from data_tools.errors import DataError
-from data_tools.indexed import check_shard
+from data_tools.indexed import check_shard, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +24,7 @@ logger = logging.getLogger(__name__)
 def shard_metadata(prefix: str) -> dict:
     """PREFIX.meta.json as a dict ({} when absent)."""
     path = f"{prefix}.meta.json"
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as stream:
-            metadata = json.load(stream)
-    except ValueError as error:   # malformed JSON or not UTF-8
-        raise DataError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(metadata, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(metadata).__name__}")
-    return metadata
+    return read_json_object(path) if os.path.exists(path) else {}
 
 
 def expected_ids(prefix: str, tokenizer_path: str | None, check_eod: str):

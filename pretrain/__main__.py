@@ -12,10 +12,10 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 from cheems_parallel.config import ConfigError
 
+from . import quiet_library_notices
 from .config import default_paths, load_config, validate, world_size_from_environment
 
 EXIT_USER_ERROR = 2
@@ -49,10 +49,7 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "megatron"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # megatron-core warns at import that optional CUDA libraries are absent; it falls back to torch.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    quiet_library_notices()
 
 
 def main(argv=None) -> int:

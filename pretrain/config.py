@@ -346,9 +346,12 @@ def _data_problems(config: PretrainConfig) -> list[str]:
 
 def _recorded_vocab_size(prefix: str) -> int | None:
     """The vocabulary size data_tools.preprocess recorded in PREFIX.meta.json (None when absent/unreadable)."""
+    from data_tools.errors import DataError
+    from data_tools.verify import shard_metadata
+
     try:
-        value = json.loads(Path(prefix + ".meta.json").read_text(encoding="utf-8")).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
+        value = shard_metadata(prefix).get("vocab_size")
+    except (OSError, DataError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -358,18 +361,15 @@ def _split_problems(prefix: str, split: str) -> list[str]:
     forever looking for tokens (data_tools.splits.empty_split): refuse it before any process starts."""
     from data_tools.errors import DataError
     from data_tools.indexed import read_index
-    from data_tools.splits import empty_split
+    from data_tools.splits import empty_split_problem
 
     try:
         documents = read_index(prefix).num_documents
     except DataError as error:
         return [f"data.blend: {error}"]
     weights = [float(part) for part in split.replace("/", ",").split(",")]   # checked by the caller
-    empty = empty_split(documents, weights)
-    if empty:
-        return [f"data.split={split!r}: {prefix} has {documents} documents, so its {empty} split gets none "
-                f"(megatron-core would never finish building it); use more data or give {empty} weight 0"]
-    return []
+    empty = empty_split_problem(prefix, documents, weights)
+    return [f"data.split={split!r}: {empty}"] if empty else []
 
 
 def resolve_deepspeed_config_path(config: PretrainConfig) -> Path:

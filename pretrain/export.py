@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
+from . import quiet_library_notices
 from .checkpoint import CheckpointError
 
 
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNNN): TP = PP = 1, or a universal one (pretrain.reshard)")
     parser.add_argument("--output", required=True, help="new directory to create for the exported files (missing parents are created)")
     arguments = parser.parse_args(argv)
-    # megatron-core warns at import that optional CUDA libraries are absent; it falls back to torch.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    quiet_library_notices()
     try:
         path = export_checkpoint(arguments.checkpoint, arguments.output)
     except CheckpointError as error:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
+from . import quiet_library_notices
 from .checkpoint import CheckpointError, checkpoint_problem, read_meta
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,7 @@ def main(argv=None) -> int:
         parser.error("--prompt '': a prompt needs at least one character")
     arguments.top_k = arguments.top_k or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("megatron", "deepspeed", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # megatron-core warns at import that optional CUDA libraries are absent; it falls back to torch.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    quiet_library_notices()
     from data_tools.errors import DataError
     from data_tools.tokenizer import load_tokenizer
     try:

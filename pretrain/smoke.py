@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
+
+from . import quiet_library_notices
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("pretrain.smoke")
@@ -81,9 +82,7 @@ def main(argv=None) -> int:
                         help="extra config override passed to python -m pretrain (repeatable)")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    # Sampling imports megatron-core in this process: keep its import-time notices out of the summary.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    quiet_library_notices()   # sampling imports megatron-core in this process: keep its notices out of the summary
     started = time.perf_counter()
 
     from cheems_parallel.config import read_yaml
