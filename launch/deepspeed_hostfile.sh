@@ -21,13 +21,14 @@
 #     environment (NCCL_* is forwarded) or with --env.
 # Everything after `--` goes to `python -m pretrain`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 FORWARDED=(GLOO_SOCKET_IFNAME OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF
            TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR TORCH_CUDA_ARCH_LIST
            LD_LIBRARY_PATH)
 
 usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
+    header_help
     cat <<'HELP'
 Options:
   --hostfile FILE       DeepSpeed hostfile ("host slots=N" lines; required)
@@ -46,10 +47,7 @@ Options:
 HELP
 }
 
-die() { echo "error: $0: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 hostfile="" config="" include="" exclude="" num_nodes="" num_gpus="" launcher=""
 master_addr=${MASTER_ADDR:-} master_port=${MASTER_PORT:-29500} python="" dry_run=0 extra_env=()
 while [[ $# -gt 0 ]]; do
@@ -75,16 +73,12 @@ done
 [[ -n "$hostfile" ]] || die "--hostfile is required (see launch/hostfile.example)"
 [[ ! -d "$hostfile" ]] || die "--hostfile $hostfile: is a directory, not a hostfile"
 [[ -r "$hostfile" ]] || die "--hostfile $hostfile: cannot read it"
-[[ -n "$config" ]] || die "--config is required"
-[[ -f "$config" ]] || die "--config $config: no such file"
+require_config "$config"
 [[ -z "$include" || -z "$exclude" ]] || die "--include and --exclude cannot be combined (deepspeed refuses it)"
-[[ "$master_port" =~ ^[0-9]+$ && "$master_port" -ge 1 && "$master_port" -le 65535 ]] \
-    || die "--master-port $master_port: need a port number (1-65535)"
-[[ -z "$num_nodes" || "$num_nodes" =~ ^[1-9][0-9]*$ ]] || die "--num-nodes $num_nodes: need a positive integer"
-[[ -z "$num_gpus" || "$num_gpus" =~ ^[1-9][0-9]*$ ]] || die "--num-gpus $num_gpus: need a positive integer"
-if [[ -z "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
+require_port --master-port "$master_port"
+optional_positive --num-nodes "$num_nodes"
+optional_positive --num-gpus "$num_gpus"
+python=${python:-$python_default}
 
 # Read the hostfile here (it may be a pipe) and check it, naming the line of a mistake.
 hosts=() clean_lines=() line_number=0

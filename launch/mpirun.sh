@@ -16,13 +16,14 @@
 # and every NCCL_* variable set here are exported to all ranks with -x.
 # Everything after `--` goes to `python -m pretrain`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 FORWARDED=(PATH LD_LIBRARY_PATH PYTHONPATH MASTER_ADDR MASTER_PORT OMP_NUM_THREADS GLOO_SOCKET_IFNAME
            CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF TORCH_NCCL_ASYNC_ERROR_HANDLING
            TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR)
 
 usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
+    header_help
     cat <<'HELP'
 Options:
   --np N                total ranks (required)
@@ -39,10 +40,7 @@ Options:
 HELP
 }
 
-die() { echo "error: $0: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 np="" config="" hostfile="" npernode="" interface="" oversubscribe=0 mpirun_args="" python="" dry_run=0
 export MASTER_PORT=${MASTER_PORT:-29500}
 while [[ $# -gt 0 ]]; do
@@ -63,18 +61,14 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ "$np" =~ ^[1-9][0-9]*$ ]] || die "--np ${np:-<missing>}: need a positive integer"
-[[ -n "$config" ]] || die "--config is required"
-[[ -f "$config" ]] || die "--config $config: no such file"
+require_positive --np "$np"
+require_config "$config"
 [[ -z "$hostfile" || -r "$hostfile" ]] || die "--hostfile $hostfile: cannot read it"
-[[ "$MASTER_PORT" =~ ^[0-9]+$ && "$MASTER_PORT" -ge 1 && "$MASTER_PORT" -le 65535 ]] \
-    || die "--master-port $MASTER_PORT: need a port number (1-65535)"
-[[ -z "$npernode" || "$npernode" =~ ^[1-9][0-9]*$ ]] || die "--npernode $npernode: need a positive integer"
+require_port --master-port "$MASTER_PORT"
+optional_positive --npernode "$npernode"
 [[ ! -d "${hostfile:-}" ]] || die "--hostfile $hostfile: is a directory, not a hostfile"
 command -v mpirun >/dev/null || die "mpirun not found; install Open MPI (apt-get install openmpi-bin libopenmpi-dev)"
-if [[ -z "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
+python=${python:-$python_default}
 
 command=(mpirun -np "$np" --bind-to none --map-by slot)
 [[ $(id -u) == 0 ]] && command+=(--allow-run-as-root)   # containers and CI run as root

@@ -10,9 +10,10 @@
 # Everything after `--` goes to `python -m pretrain`. The log is <log dir>/<job name>-<job id>.out,
 # one file per job, appended to by every restart of it.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"   # the header comment
+    header_help
     cat <<'HELP'
 Options:
   --nodes N             nodes to allocate (default 1)
@@ -30,10 +31,7 @@ Options:
 HELP
 }
 
-die() { echo "error: $0: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 nodes=1 gpus_per_node=8 tasks_per_node=1 cpus_per_task="" config="" time_limit="" partition="" account="" qos=""
 job_name=cheems-pretrain python="" dry_run=0 log_dir="" tasks_given=0
 while [[ $# -gt 0 ]]; do
@@ -57,18 +55,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ -n "$config" ]] || die "--config is required"
-[[ -f "$config" ]] || die "--config $config: no such file"
-[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes $nodes: need a positive integer"
+require_config "$config"
+require_positive --nodes "$nodes"
 [[ "$gpus_per_node" =~ ^[0-9]+$ ]] || die "--gpus-per-node $gpus_per_node: need an integer >= 0"
-[[ "$tasks_per_node" =~ ^[1-9][0-9]*$ ]] || die "--tasks-per-node $tasks_per_node: need a positive integer"
+require_positive --tasks-per-node "$tasks_per_node"
 [[ "$gpus_per_node" == 0 || "$tasks_given" == 0 ]] \
     || die "--tasks-per-node $tasks_per_node: with --gpus-per-node $gpus_per_node there is one task per GPU; use --tasks-per-node only with --gpus-per-node 0"
-[[ -z "$cpus_per_task" || "$cpus_per_task" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task $cpus_per_task: need a positive integer"
+optional_positive --cpus-per-task "$cpus_per_task"
 [[ "$dry_run" == 1 ]] || command -v sbatch >/dev/null || die "sbatch not found; run this on a Slurm login node (or use --dry-run)"
-if [[ -z "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
+python=${python:-$python_default}
 
 log_dir=${log_dir:-$root/logs/slurm}
 [[ ! -e "$log_dir" || -d "$log_dir" ]] || die "--log-dir $log_dir: exists and is not a directory"
