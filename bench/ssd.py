@@ -43,7 +43,7 @@ DEVICE = "cuda"
 # v4 sweep: each variant changes several kernels' tiles at once; the per-kernel profile of every variant
 # (`sweep_configs`) then picks the fastest setting of each kernel group separately (the groups' knobs are
 # independent: fwd_* -> _chunk_fwd, state_* -> _state_fwd + _state_bwd, bwd_* -> _chunk_bwd_dx,
-# dqk_* -> _chunk_bwd_dbc), and that combination is timed as "v4-combined".
+# dqk_* -> _chunk_bwd_dbc), and that combination is timed as "combined" (within the fastest variant's chunk layout).
 V2 = {"save_rotated": False, "dqk_merged": False, "fwd_block_p": 64, "fwd_warps": 4}
 V3 = {"fwd_block_p": 128, "fwd_warps": 8, "fwd_save_block_p": 128, "fwd_save_warps": 8, "bwd_block_p": 128,
       "bwd_warps": 8, "bwd_stages": 1, "bwd_chunks_per_program": 1, "dqk_maxnreg": None}   # v3's defaults
@@ -61,8 +61,8 @@ SWEEP_V4_CALL1 = [
                       dqk_stages=1)),
     ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-# call 2: around v4's defaults (the first entry is the reference of the "diff" column)
-SWEEP = [
+# call 2 of v4: around v4's defaults
+SWEEP_V4_CALL2 = [
     ("v4", 64, {}),
     ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
                   "bwd_chunks_per_program": 8, "dqk_stages": 3}),
@@ -70,6 +70,18 @@ SWEEP = [
                   "fwd_save_block_p": 64, "fwd_save_warps": 4, "state_block_p": 32, "state_stages": 3}),
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
+]
+# v9: chunks of 128 / 256 tokens in 64-row blocks (a quarter of the state bytes at 256); the first entry is
+# the reference of the "diff" column
+SWEEP = [
+    ("v4b", 64, {}),
+    ("t128", 128, {"block_t": 64}),
+    ("t256", 256, {"block_t": 64}),
+    ("t256-s1", 256, {"block_t": 64, "state_stages": 1}),
+    ("t256-dx1", 256, {"block_t": 64, "bwd_chunks_per_program": 1}),
+    ("t256-fwd2", 256, {"block_t": 64, "fwd_chunks_per_program": 2, "fwd_save_chunks_per_program": 1}),
+    ("t256-dqk3", 256, {"block_t": 64, "dqk_stages": 3, "state_block_p": 32}),
+    ("t128-s1", 128, {"block_t": 64, "state_stages": 1, "bwd_chunks_per_program": 2}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
@@ -280,7 +292,7 @@ def _knob_values(config, knob):
 
 def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_name, variants=None):
     """Time every SWEEP variant on one problem (forward+backward and no-grad forward, with per-kernel
-    profiles), combine the fastest setting of each kernel group (KNOBS) into "v4-combined", time that too,
+    profiles), combine the fastest setting of each kernel group (KNOBS) into "combined", time that too,
     and return the fastest forward+backward config, with "fwd_nograd_*" set from the fastest no-grad forward."""
     rope, groups = _problem_shape(problem_name, heads)
     problem = with_grad(make_problem(tokens, length, heads, head_dim, state_dim, rope=rope, groups=groups))
@@ -319,24 +331,31 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
     def kernel_ms(table, kernels):
         return sum(ms for key, ms in table.items() if any(key.startswith(k) for k in kernels))
 
-    # the combination: per kernel group, the variant whose kernels of that group were fastest
-    combined, picks = {}, {}
+    # the combination: per kernel group, the variant whose kernels of that group were fastest, among the
+    # variants with the fastest one's chunk layout (kernel chunk and block_t: the kernels' work depends on it)
+    fastest = min(results, key=results.get)
+
+    def layout(name):
+        return configs[name][0], configs[name][1].get("block_t") or configs[name][0]
+
+    same_layout = [name for name in profiles if layout(name) == layout(fastest)]
+    combined, picks = {"block_t": configs[fastest][1].get("block_t")}, {}
     for knob, kernels in KNOBS.items():
-        best = min(profiles, key=lambda name: kernel_ms(profiles[name], kernels))
+        best = min(same_layout, key=lambda name: kernel_ms(profiles[name], kernels))
         picks[knob] = (best, round(kernel_ms(profiles[best], kernels), 4))
         combined.update(_knob_values(configs[best][1], knob))
     # no-grad forward: the fastest _chunk_fwd among the variants (state kernels as chosen above)
-    best_fwd = min(fwd_profiles, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
+    best_fwd = min(same_layout, key=lambda name: kernel_ms(fwd_profiles[name], ("_chunk_fwd_kernel",)))
     picks["fwd_nograd"] = (best_fwd, round(kernel_ms(fwd_profiles[best_fwd], ("_chunk_fwd_kernel",)), 4))
     combined.update({key.replace("fwd_", "fwd_nograd_", 1): value
                      for key, value in _knob_values(configs[best_fwd][1], "fwd").items() if "save" not in key})
     combined_config = dict(ssd_kernels.CONFIG, **combined)
-    outputs = measure("v4-combined", 64, combined_config)
+    outputs = measure("combined", configs[fastest][0], combined_config)
     if outputs is not None:
-        errors["v4-combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
+        errors["combined"] = [round(_close(a, b), 6) for a, b in zip(outputs, reference_outputs)]
 
     print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
-          f"rel. diff vs v3 of y, dx, dB, dC, d dt_raw):")
+          f"rel. diff vs the first entry of y, dx, dB, dC, d dt_raw):")
     short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
              "_chunk_bwd_dbc_kernel")
     for name in results:
@@ -459,13 +478,15 @@ def main(argv=None):
     parser.add_argument("--profile-length", type=int, default=4096, help="L of the per-kernel breakdown (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
     parser.add_argument("--out", default="bench/results/ssd_h200.json", help="JSON output path")
+    parser.add_argument("--kernel-chunk", type=int, default=None,
+                        help="with --compile-report: the kernel chunk T to compile for (default: the module's)")
     parser.add_argument("--compile-report", metavar="JSON", nargs="?", const="{}",
                         help="no GPU: compile every kernel of the defaults (with these config overrides) for "
                              "sm_90 here and print registers / spills / shared memory, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.compile_report is not None:
-        compile_report(json.loads(args.compile_report))
+        compile_report(json.loads(args.compile_report), kernel_chunk=args.kernel_chunk or ssd_kernels.KERNEL_CHUNK)
         return 0
     for length in args.lengths + [args.sweep_length, args.profile_length]:
         if length > args.tokens or (length and args.tokens % length):
