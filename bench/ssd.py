@@ -71,9 +71,8 @@ SWEEP_V4_CALL2 = [
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
 ]
-# v9: chunks of 128 / 256 tokens in 64-row blocks (a quarter of the state bytes at 256); the first entry is
-# the reference of the "diff" column
-SWEEP = [
+# v9: chunks of 128 / 256 tokens in 64-row blocks (a quarter of the state bytes at 256), run 1 (session 8)
+SWEEP_V9_CALL1 = [
     ("v4b", 64, {}),
     ("t128", 128, {"block_t": 64}),
     ("t256", 256, {"block_t": 64}),
@@ -82,6 +81,20 @@ SWEEP = [
     ("t256-fwd2", 256, {"block_t": 64, "fwd_chunks_per_program": 2, "fwd_save_chunks_per_program": 1}),
     ("t256-dqk3", 256, {"block_t": 64, "dqk_stages": 3, "state_block_p": 32}),
     ("t128-s1", 128, {"block_t": 64, "state_stages": 1, "bwd_chunks_per_program": 2}),
+]
+# v10: one C~B~^T per B/C group ("shared_scores") and atomic dB/dC group sums, at T = 64 and in blocks (they
+# change nothing for groups = heads: the Cheems problem runs v4b's kernels in the T = 64 entries); the first
+# entry is the reference of the "diff" column
+SHARED = {"shared_scores": True, "group_reduce": "atomic"}
+SWEEP = [
+    ("v4b", 64, {}),
+    ("atomic", 64, {"group_reduce": "atomic"}),
+    ("shared", 64, {"shared_scores": True}),
+    ("shared-atomic", 64, SHARED),
+    ("shared-atomic-fwd128", 64, dict(SHARED, fwd_block_p=128, fwd_warps=8, bwd_block_p=128, bwd_warps=8,
+                                      bwd_stages=1)),
+    ("t128-shared", 128, dict(SHARED, block_t=64, state_stages=1, bwd_chunks_per_program=2)),
+    ("t256-shared", 256, dict(SHARED, block_t=64, state_stages=1)),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
@@ -336,10 +349,12 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
     fastest = min(results, key=results.get)
 
     def layout(name):
-        return configs[name][0], configs[name][1].get("block_t") or configs[name][0]
+        chunk, config = configs[name]
+        return chunk, config.get("block_t") or chunk, config.get("shared_scores", False)
 
     same_layout = [name for name in profiles if layout(name) == layout(fastest)]
-    combined, picks = {"block_t": configs[fastest][1].get("block_t")}, {}
+    combined = {key: configs[fastest][1].get(key) for key in ("block_t", "shared_scores")}
+    picks = {}
     for knob, kernels in KNOBS.items():
         best = min(same_layout, key=lambda name: kernel_ms(profiles[name], kernels))
         picks[knob] = (best, round(kernel_ms(profiles[best], kernels), 4))
@@ -451,10 +466,10 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             dt = torch.empty(batch, heads, lpad)
             D = torch.empty(heads)
             for grad in (False, True):
-                _, _, states, rotated_B, rotated_C = ssd_kernels._forward(
+                _, _, states, rotated_B, rotated_C, scores = ssd_kernels._forward(
                     x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)
             ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
-                     kernel_chunk, config, rotated_B, rotated_C)
+                     kernel_chunk, config, rotated_B, rotated_C, scores)
             for name, options, registers, stack, shared, hgmma in rows:
                 print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "

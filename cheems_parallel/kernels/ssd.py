@@ -66,7 +66,8 @@ CONFIG = {
     "fwd_save_block_p": 128, "fwd_save_warps": 8,
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
-    "save_rotated": True, "dqk_merged": False, "group_reduce": "atomic", "rope_tables_fp32": False,
+    "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
+    "block_t": None, "shared_scores": False,
 }
 
 
@@ -195,9 +196,63 @@ def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ
     return _block_masks(seq_ptr, seq_row, chunk_start, offs_t, offs_t, T, HAS_SEQ)
 
 
+@triton.jit
+def _load_scores(cb_ptr, cb_chunk, rows, cols, T: tl.constexpr):
+    """A (rows, cols) block of one chunk's shared scores [t, u] = C~_t . B~_u (float32, `_scores_kernel`)."""
+    return tl.load(cb_ptr + cb_chunk + rows[:, None] * T + cols[None, :])
+
+
 # --------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------
+@triton.jit
+def _scores_kernel(
+    b_ptr, c_ptr, cos_ptr, sin_ptr, cb_ptr,
+    L, G, NH, NCHUNK,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    T: tl.constexpr, TB: tl.constexpr, BLOCK_NH: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """C~ B~^T of one chunk of one B/C group, block (i, j) of TB x TB (j <= i; the chunk kernels read no
+    block above the diagonal), float32, into cb (b, groups, chunks, T, T): the group's heads all read it
+    ("shared_scores") instead of each recomputing it."""
+    unit = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    bi = pid_bg // G
+    gi = pid_bg % G
+    c = unit // ((T // TB) * (T // TB))
+    row_block = (unit // (T // TB)) % (T // TB)
+    col_block = unit % (T // TB)
+    if col_block <= row_block:
+        chunk_start = c * T
+        offs_t = tl.arange(0, TB)
+        rows = row_block * TB + offs_t
+        cols = col_block * TB + offs_t
+        offs_nh = tl.arange(0, BLOCK_NH)
+        mask_nh = offs_nh < NH
+        mask_r = chunk_start + rows < L
+        mask_c = chunk_start + cols < L
+        cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+        sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_r, mask_nh,
+                                                  NH, ROPE)
+        q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                          scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_r, mask_nh, NH,
+                                          ROPE)
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_c, mask_nh,
+                                                  NH, ROPE)
+        k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                          sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_c, mask_nh, NH, ROPE)
+        scores = tl.dot(_op(q_first, DOT_DTYPE, ROUND_BF16), tl.trans(_op(k_first, DOT_DTYPE, ROUND_BF16)),
+                        input_precision=DOT_PREC)
+        scores += tl.dot(_op(q_second, DOT_DTYPE, ROUND_BF16), tl.trans(_op(k_second, DOT_DTYPE, ROUND_BF16)),
+                         input_precision=DOT_PREC)
+        cb_chunk = ((bi * G + gi) * NCHUNK + c).to(tl.int64) * T * T
+        tl.store(cb_ptr + cb_chunk + rows[:, None] * T + cols[None, :], scores)
+
+
 @triton.jit
 def _state_fwd_kernel(
     x_ptr, b_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
@@ -287,7 +342,7 @@ def _state_fwd_kernel(
 @triton.jit
 def _chunk_fwd_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-    rot_b_ptr, rot_c_ptr,
+    rot_b_ptr, rot_c_ptr, cb_ptr,
     L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -296,7 +351,7 @@ def _chunk_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
     """y of one block of TB tokens of a chunk (TB = T: the whole chunk), one head, one block of p.
     SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as the products used them (x's dtype, B's layout),
@@ -314,29 +369,30 @@ def _chunk_fwd_kernel(
     # keeps loop-invariant offsets live: more registers); CPP = 1: one block, no loop
     if CPP == 1:
         _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-                       rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+                       rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
-                       T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED)
+                       T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
+                       SAVE_ROTATED, SCORES_IN)
     else:
         for unit in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK * (T // TB))):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-                           rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+                           rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                            sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                            sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, unit, bi, hi, gi, N, offs_t,
                            T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                           SAVE_ROTATED)
+                           SAVE_ROTATED, SCORES_IN)
 
 
 @triton.jit
 def _chunk_fwd_one(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-    rot_b_ptr, rot_c_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+    rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, unit, bi, hi, gi, N, offs_t,
     T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
     """`_chunk_fwd_kernel`'s work on block `unit` (chunk unit // (T / TB)): the diagonal (causal) block of
     scores, then the earlier blocks of the same chunk one at a time, then the carried state."""
@@ -371,6 +427,7 @@ def _chunk_fwd_one(
     c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
     b_first = _op(b_first, DOT_DTYPE, ROUND_BF16)
     b_second = _op(b_second, DOT_DTYPE, ROUND_BF16)
+    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
     if SAVE_ROTATED:
         if (pid_p == 0) & (hi % HPG == 0):
             mask_tn = mask_t[:, None] & mask_nh[None, :]
@@ -379,8 +436,11 @@ def _chunk_fwd_one(
             tl.store(rot_b_ptr + rot_offs + NH * sb_n, b_second.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
             tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
             tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
-    scores = tl.dot(c_first, tl.trans(b_first), input_precision=DOT_PREC)
-    scores += tl.dot(c_second, tl.trans(b_second), input_precision=DOT_PREC)
+    if SCORES_IN:
+        scores = _load_scores(cb_ptr, cb_chunk, rows, rows, T)
+    else:
+        scores = tl.dot(c_first, tl.trans(b_first), input_precision=DOT_PREC)
+        scores += tl.dot(c_second, tl.trans(b_second), input_precision=DOT_PREC)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
@@ -398,13 +458,17 @@ def _chunk_fwd_one(
             g_u = tl.load(g_ptr + gdt_row + chunk_start + cols)
             dt_u = tl.load(dt_ptr + gdt_row + chunk_start + cols)
             same_doc_u, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T, HAS_SEQ)
-            cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_u, mask_nh,
-                                                      NH, ROPE)
-            k_first, k_second = _load_rotated(b_base, sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_u,
-                                              mask_nh, NH, ROPE)
-            block_scores = tl.dot(c_first, tl.trans(_op(k_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-            block_scores += tl.dot(c_second, tl.trans(_op(k_second, DOT_DTYPE, ROUND_BF16)),
-                                   input_precision=DOT_PREC)
+            if SCORES_IN:
+                block_scores = _load_scores(cb_ptr, cb_chunk, rows, cols, T)
+            else:
+                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_u,
+                                                          mask_nh, NH, ROPE)
+                k_first, k_second = _load_rotated(b_base, sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_u,
+                                                  mask_nh, NH, ROPE)
+                block_scores = tl.dot(c_first, tl.trans(_op(k_first, DOT_DTYPE, ROUND_BF16)),
+                                      input_precision=DOT_PREC)
+                block_scores += tl.dot(c_second, tl.trans(_op(k_second, DOT_DTYPE, ROUND_BF16)),
+                                       input_precision=DOT_PREC)
             block_decay = tl.exp(tl.where(same_doc_u, g[:, None] - g_u[None, :], float("-inf")))
             block_scores = _op(block_scores * block_decay * dt_u[None, :], DOT_DTYPE, ROUND_BF16)
             x_u = tl.load(x_base + (chunk_start + cols)[:, None] * sx_l + offs_p[None, :] * sx_p,
@@ -512,7 +576,7 @@ def _state_bwd_kernel(
 @triton.jit
 def _chunk_bwd_dx_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dd_ptr,
+    dx_ptr, ddt_ptr, dd_ptr, cb_ptr,
     BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -521,7 +585,7 @@ def _chunk_bwd_dx_kernel(
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
     """dx (and the p-block's share of d(dt) and dD) for one block of TB tokens of a chunk, one head, one block
     of p (TB = T: the whole chunk).
@@ -538,28 +602,30 @@ def _chunk_bwd_dx_kernel(
     # CPP consecutive blocks per program, as in `_chunk_fwd_kernel`
     if CPP == 1:
         _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-                          dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                          dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                           sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
-                          T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+                          T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
+                          SCORES_IN)
     else:
         for unit in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK * (T // TB))):
             _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
-                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                               sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                               sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, unit, bi, hi, gi, offs_t,
-                              T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+                              T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
+                              SCORES_IN)
 
 
 @triton.jit
 def _chunk_bwd_dx_one(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+    dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, unit, bi, hi, gi, offs_t,
     T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
     """`_chunk_bwd_dx_kernel`'s work on block `unit` (chunk unit // (T / TB)): the diagonal block, then the
     chunk's later blocks (whose tokens see this one's) one at a time, then the state's gradient."""
@@ -588,15 +654,19 @@ def _chunk_bwd_dx_one(
     q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
     cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
-    q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh,
-                                      NH, ROPE)
     k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
                                       sb_l, sb_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
     k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
     k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
-    # scores transposed directly: [u, t] = k_u . q_t
-    scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-    scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
+    if SCORES_IN:
+        scores_t = tl.trans(_load_scores(cb_ptr, cb_chunk, rows, rows, T))
+    else:
+        q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t,
+                                          mask_nh, NH, ROPE)
+        # scores transposed directly: [u, t] = k_u . q_t
+        scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+        scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # same_doc is symmetric
     decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
     scores_t = _op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16)
@@ -613,12 +683,16 @@ def _chunk_bwd_dx_one(
             mask_q = chunk_start + cols < L
             g_q = tl.load(g_ptr + gdt_row + chunk_start + cols)
             same_doc_q, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T, HAS_SEQ)
-            cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_q, mask_nh,
-                                                      NH, ROPE)
-            q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_q,
-                                              mask_nh, NH, ROPE)
-            block_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-            block_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+            if SCORES_IN:
+                block_t = tl.trans(_load_scores(cb_ptr, cb_chunk, cols, rows, T))
+            else:
+                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_q,
+                                                          mask_nh, NH, ROPE)
+                q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_q,
+                                                  mask_nh, NH, ROPE)
+                block_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+                block_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)),
+                                  input_precision=DOT_PREC)
             block_decay = tl.exp(tl.where(same_doc_q, g_q[None, :] - g[:, None], float("-inf")))
             block_t = _op(block_t * block_decay, DOT_DTYPE, ROUND_BF16)
             dy_q = tl.load(dy_base + (chunk_start + cols)[:, None] * sd_l + offs_p[None, :] * sd_p,
@@ -649,7 +723,7 @@ def _chunk_bwd_dx_one(
 @triton.jit
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr, end_ptr,
+    dbc_ptr, dg_ptr, end_ptr, cb_ptr,
     L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -659,7 +733,8 @@ def _chunk_bwd_dqk_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, ATOMIC: tl.constexpr,
+    SCORES_IN: tl.constexpr,
 ):
     """dC (FOR_C) or dB of one block of TB tokens of a chunk (TB = T: the whole chunk) of one head, and that
     side's share of dg (the gradient w.r.t. the within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u]
@@ -744,8 +819,12 @@ def _chunk_bwd_dqk_kernel(
 
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
+    if SCORES_IN:
+        scores = _load_scores(cb_ptr, cb_chunk, rows, rows, T)
+    else:
+        scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+        scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
     dy_v = dy_v * decay * dt[None, :]
     products = scores * dy_v                              # M[t, u]
     dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
@@ -781,8 +860,11 @@ def _chunk_bwd_dqk_kernel(
                                                     mask_u, mask_nh, NH, ROPE_IN)
                 ku_first = _op(ku_first, DOT_DTYPE, ROUND_BF16)
                 ku_second = _op(ku_second, DOT_DTYPE, ROUND_BF16)
-                block_scores = tl.dot(q_first, tl.trans(ku_first), input_precision=DOT_PREC)
-                block_scores += tl.dot(q_second, tl.trans(ku_second), input_precision=DOT_PREC)
+                if SCORES_IN:
+                    block_scores = _load_scores(cb_ptr, cb_chunk, rows, cols, T)
+                else:
+                    block_scores = tl.dot(q_first, tl.trans(ku_first), input_precision=DOT_PREC)
+                    block_scores += tl.dot(q_second, tl.trans(ku_second), input_precision=DOT_PREC)
                 block_decay = tl.exp(tl.where(same_doc_u, g[:, None] - g_u[None, :], float("-inf")))
                 block_dy_v = block_dy_v * block_decay * dt_u[None, :]
                 dg += tl.sum(block_scores * block_dy_v, axis=1)
@@ -828,17 +910,22 @@ def _chunk_bwd_dqk_kernel(
                                                     mask_q, mask_nh, NH, ROPE_IN)
                 qt_first = _op(qt_first, DOT_DTYPE, ROUND_BF16)
                 qt_second = _op(qt_second, DOT_DTYPE, ROUND_BF16)
-                block_scores = tl.dot(qt_first, tl.trans(k_first), input_precision=DOT_PREC)
-                block_scores += tl.dot(qt_second, tl.trans(k_second), input_precision=DOT_PREC)
+                if SCORES_IN:
+                    block_scores = _load_scores(cb_ptr, cb_chunk, cols, rows, T)
+                else:
+                    block_scores = tl.dot(qt_first, tl.trans(k_first), input_precision=DOT_PREC)
+                    block_scores += tl.dot(qt_second, tl.trans(k_second), input_precision=DOT_PREC)
                 block_decay = tl.exp(tl.where(same_doc_q, g_q[:, None] - g[None, :], float("-inf")))
                 block_dy_v = block_dy_v * block_decay * dt[None, :]
                 dg -= tl.sum(block_scores * block_dy_v, axis=0)
                 block_dy_v_t = tl.trans(_op(block_dy_v, DOT_DTYPE, ROUND_BF16))
                 grad_first += tl.dot(block_dy_v_t, qt_first, input_precision=DOT_PREC)
                 grad_second += tl.dot(block_dy_v_t, qt_second, input_precision=DOT_PREC)
-    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + hi * sg_h + chunk_start * sg_l, sg_l, sg_n,
+    # ATOMIC: float32 adds into the group's rows (its heads' shares), else this head's own rows
+    out_head = gi if ATOMIC else hi
+    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
                      cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, rows, offs_nh, mask_t,
-                     mask_nh, NH, ROPE, False)
+                     mask_nh, NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
@@ -1008,7 +1095,8 @@ def _block_rows(T, config):
 
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
     """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None.
-    Returns y, final, states, and B~, C~ (rotated; None unless config "save_rotated" and RoPE on)."""
+    Returns y, final, states, B~, C~ (rotated; None unless config "save_rotated" and RoPE on) and the shared
+    scores C~B~^T per group and chunk (None unless config "shared_scores" and groups < heads)."""
     batch, length, heads, head_dim = x.shape
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
@@ -1036,6 +1124,17 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
+    # one group's heads share C~B~^T: computed once per group and chunk, read by every chunk kernel
+    scores = None
+    if heads_per_group > 1 and config.get("shared_scores", False):
+        groups = B.shape[2]
+        scores = torch.empty(batch, groups, n_chunks, T, T, device=x.device, dtype=torch.float32)
+        _scores_kernel[(n_chunks * (T // block_t) ** 2, batch * groups)](
+            B, C, cos_arg, sin_arg, scores, length, groups, half, n_chunks,
+            *B.stride(), *C.stride(), *cos_strides,
+            T=T, TB=block_t, BLOCK_NH=_next_pow2(half), ROPE=rope, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+            ROUND_BF16=round_bf16, num_warps=4, num_stages=2)
+
     # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
     save_rotated = rope and save_for_backward and config.get("save_rotated", False)
     # the forward's tiles: "fwd_*", overridden where set by "fwd_save_*" when it stores B~, C~ (RoPE and
@@ -1052,18 +1151,20 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     rotated_C = torch.empty_like(C) if save_rotated else None
     _chunk_fwd_kernel[grid](
         x, B, C, cos_arg, sin_arg, dt, g, seq_arg, states, D if D is not None else dt, y,
-        rotated_B if save_rotated else y, rotated_C if save_rotated else y,
+        rotated_B if save_rotated else y, rotated_C if save_rotated else y, scores if scores is not None else dt,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, TB=block_t, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        SAVE_ROTATED=save_rotated, CPP=cpp, num_warps=fwd["fwd_warps"], num_stages=fwd["fwd_stages"],
-        maxnreg=fwd["fwd_maxnreg"])
-    return y, final, states, rotated_B, rotated_C
+        SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None, num_warps=fwd["fwd_warps"],
+        num_stages=fwd["fwd_stages"], maxnreg=fwd["fwd_maxnreg"])
+    return y, final, states, rotated_B, rotated_C, scores
 
 
-def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
-    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
+def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None,
+              scores=None):
+    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32). `scores`: the forward's
+    shared C~B~^T (read instead of recomputed per head)."""
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     heads_per_group = heads // groups
@@ -1105,16 +1206,16 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     cpp = config.get("bwd_chunks_per_program", 1)
     _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(units, cpp), batch * heads)](
         x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
-        dx, ddt_partial, dD_partial if D is not None else dt,
+        dx, ddt_partial, dD_partial if D is not None else dt, scores if scores is not None else dt,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        BLOCK_P=block_p, TB=block_t, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
+        BLOCK_P=block_p, TB=block_t, HAS_D=D is not None, CPP=cpp, SCORES_IN=scores is not None,
+        **dict(common, ROPE=rope_in),
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
-    # (the atomic adds live in the merged kernel; the two-launch backward always sums in torch)
-    atomic = groups < heads and config.get("group_reduce") == "atomic" and config.get("dqk_merged", False)
+    atomic = groups < heads and config.get("group_reduce") == "atomic"
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out)
@@ -1142,7 +1243,9 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
             _chunk_bwd_dqk_kernel[(units, batch * heads)](
                 x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part, end_terms,
-                *shape_args, BLOCK_P=block_p, TB=block_t, FOR_C=for_c, ROPE_IN=rope_in, **common,
+                scores if scores is not None else dt,
+                *shape_args, BLOCK_P=block_p, TB=block_t, FOR_C=for_c, ROPE_IN=rope_in, ATOMIC=atomic,
+                SCORES_IN=scores is not None, **common,
                 num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
                 maxnreg=config.get("dqk_maxnreg"))
         dg += dg_from_c
@@ -1170,9 +1273,9 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:7])
-        y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
-                                                         config, save_for_backward=wants_grad)
-        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
+        y, final, states, rotated_B, rotated_C, scores = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state,
+                                                                 T, config, save_for_backward=wants_grad)
+        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores)
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -1180,11 +1283,11 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
+        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
-                                                  ctx.T, ctx.config, rotated_B, rotated_C)
+                                                  ctx.T, ctx.config, rotated_B, rotated_C, scores)
         if D is not None:
             dD = dD.to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.init_dtype is not None else None

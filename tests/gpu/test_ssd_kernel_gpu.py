@@ -68,6 +68,12 @@ CASES = [
                                                                      "save_rotated": False}),
     (1, 16384, 2, 64, 128, torch.bfloat16, True, True, True, True, 2, {"kernel_chunk": 128, "block_t": 64,
                                                                         "bwd_chunks_per_program": 1}),
+    # one group's C~B~^T computed once and read by every head; dB/dC added atomically into the group's rows
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"shared_scores": True,
+                                                                         "group_reduce": "atomic"}),
+    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"shared_scores": True}),
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"shared_scores": True, "group_reduce": "atomic",
+                                                                       "kernel_chunk": 256, "block_t": 64}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),

@@ -116,6 +116,8 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
          "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
+    (1, {"shared_scores": True, "group_reduce": "atomic"}, torch.float32),  # one C~B~^T per group, atomics
+    (2, {"shared_scores": True, "save_rotated": False}, torch.bfloat16),    # shared scores from rotate-on-load
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
     """B/C shared by groups of heads (dB/dC summed over each group's heads) and each backward variant."""
@@ -173,6 +175,7 @@ def test_matches_chunked_reference_too(kernels):
     (64, 16, 1, {"save_rotated": False, "fwd_chunks_per_program": 3,       # four blocks, one group, RoPE on load,
                  "bwd_chunks_per_program": 2}, torch.float32),             # loops over blocks (crossing chunks)
     (32, 16, 4, {}, torch.bfloat16),                                       # bf16, groups = heads
+    (32, 16, 1, {"shared_scores": True, "group_reduce": "atomic"}, torch.float32),  # shared scores' blocks
 ])
 def test_blocks_inside_a_chunk(kernels, kernel_chunk, block_t, groups, config, dtype):
     """Chunks of T tokens done in blocks of block_t rows (each program one block, walking the chunk's other
