@@ -82,11 +82,9 @@ SWEEP_V9_CALL1 = [
     ("t256-dqk3", 256, {"block_t": 64, "dqk_stages": 3, "state_block_p": 32}),
     ("t128-s1", 128, {"block_t": 64, "state_stages": 1, "bwd_chunks_per_program": 2}),
 ]
-# v10: one C~B~^T per B/C group ("shared_scores") and atomic dB/dC group sums, at T = 64 and in blocks (they
-# change nothing for groups = heads: the Cheems problem runs v4b's kernels in the T = 64 entries); the first
-# entry is the reference of the "diff" column
+# v10 call 1: one C~B~^T per B/C group ("shared_scores") and atomic dB/dC group sums, at T = 64 and in blocks
 SHARED = {"shared_scores": True, "group_reduce": "atomic"}
-SWEEP = [
+SWEEP_V10_CALL1 = [
     ("v4b", 64, {}),
     ("atomic", 64, {"group_reduce": "atomic"}),
     ("shared", 64, {"shared_scores": True}),
@@ -95,6 +93,18 @@ SWEEP = [
                                       bwd_stages=1)),
     ("t128-shared", 128, dict(SHARED, block_t=64, state_stages=1, bwd_chunks_per_program=2)),
     ("t256-shared", 256, dict(SHARED, block_t=64, state_stages=1)),
+]
+# v10 call 2: the group dB/dC kernel (one program per group and chunk, looping over its heads) and the
+# forward-only shared scores (all change nothing for groups = heads: the Cheems problem runs v4b's kernels);
+# the first entry is the reference of the "diff" column
+SWEEP = [
+    ("v4b", 64, {}),
+    ("atomic", 64, {"group_reduce": "atomic"}),
+    ("group", 64, {"dqk_group": True}),
+    ("group-s3", 64, {"dqk_group": True, "dqk_group_stages": 3}),
+    ("group-s1", 64, {"dqk_group": True, "dqk_group_stages": 1}),
+    ("group-shfwd", 64, {"dqk_group": True, "shared_scores": "forward"}),
+    ("atomic-shfwd", 64, {"group_reduce": "atomic", "shared_scores": "forward"}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),

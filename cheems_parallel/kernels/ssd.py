@@ -58,8 +58,12 @@ KERNEL_CHUNK = 64
 # B~, C~ for the backward kernels (no RoPE on their loads: no register spills there); dqk_merged: one launch
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
-# heads, the Cheems layer, stores directly); rope_tables_fp32: float32 tables for bf16 inputs (default: the
-# input's type, as apply_rope uses them).
+# heads, the Cheems layer, stores directly; "atomic" is not used with dqk_group); rope_tables_fp32: float32 tables
+# for bf16 inputs (default: the input's type, as apply_rope uses them). block_t: rows per block inside a
+# chunk (None: the whole chunk; smaller lets the chunk, the states' stride, grow at 64-row tiles); for groups <
+# heads only: shared_scores (C~B~^T computed once per group and chunk and read by the heads' kernels: True, or
+# "forward" for the forward only) and dqk_group (dB/dC by one program per group and chunk looping over its
+# heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg). bench/ssd_notes.md v9/v10.
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -67,7 +71,7 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
-    "block_t": None, "shared_scores": False,
+    "block_t": None, "shared_scores": False, "dqk_group": False,
 }
 
 
@@ -1052,6 +1056,117 @@ def _chunk_bwd_dbc_kernel(
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
+@triton.jit
+def _chunk_bwd_dqk_group_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+    dbc_ptr, dg_ptr,
+    L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    sd_b, sd_l, sd_h, sd_p,
+    sg_b, sg_l, sg_h, sg_n,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
+):
+    """dC (FOR_C) or dB of one chunk of one B/C group, summed over the group's heads in the program, and each
+    head's share of dg (the same math as `_chunk_bwd_dqk_kernel`, whose docstring has the formulas).
+    The heads share q = C~ and k = B~, so with W = sum_h (dy_h v_h^T) * Gam_h (T x T) the head loop keeps
+    only W and the carried-state accumulator (dy_h S_h, or x_h G_h, each head's rows scaled by its own
+    decay), and the products with k (FOR_C: dq = W k + ...) or q (dk = W^T q + ...) happen once per group.
+    No per-head dB/dC rows, no group sum afterwards, no atomics. One p-tile of BLOCK_P >= P per head."""
+    c = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    G = H // HPG
+    bi = pid_bg // G
+    gi = pid_bg % G
+    N = 2 * NH
+    chunk_start = c * T
+    offs_t = tl.arange(0, T)
+    offs_l = chunk_start + offs_t
+    mask_t = offs_l < L
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_nh = offs_nh < NH
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    mask_pn = mask_p[:, None] & mask_nh[None, :]
+
+    seq_row = bi.to(tl.int64) * LPAD
+    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
+    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
+    q_first, q_second = _load_rotated_operands(
+        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    k_first, k_second = _load_rotated_operands(
+        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    if FOR_C:
+        state_ptr = states_ptr   # slot c: the state entering chunk c
+    else:
+        state_ptr = dstates_ptr  # slot c: d loss / d(state leaving chunk c)
+
+    weights = tl.zeros((T, T), dtype=tl.float32)            # W = sum_h (dy_h . x_h) * Gam_h * dt_h
+    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)   # sum_h e_h * dy_h S_h (FOR_C) or w_h dt_h x_h G_h
+    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    for hi in range(gi * HPG, gi * HPG + HPG):
+        gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+        g = tl.load(g_ptr + gdt_row + offs_l)
+        dt = tl.load(dt_ptr + gdt_row + offs_l)
+        x = _op(tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                        mask=mask_tp, other=0.0), DOT_DTYPE, ROUND_BF16)
+        dy = _op(tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
+                         mask=mask_tp, other=0.0), DOT_DTYPE, ROUND_BF16)
+        pn_ptrs = (state_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                   + offs_p[:, None] * N + offs_nh[None, :])
+        tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
+        if FOR_C:
+            head_first = tl.dot(dy, tile_first, input_precision=DOT_PREC)
+            head_second = tl.dot(dy, tile_second, input_precision=DOT_PREC)
+            scale = tl.where(sees_carried, tl.exp(g), 0.0)
+        else:
+            head_first = tl.dot(x, tile_first, input_precision=DOT_PREC)
+            head_second = tl.dot(x, tile_second, input_precision=DOT_PREC)
+            g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
+            scale = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: the product holds x G, not v G
+        head_first = head_first * scale[:, None]
+        head_second = head_second * scale[:, None]
+        dy_v = tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
+        dy_v = dy_v * tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf"))) * dt[None, :]
+        products = scores * dy_v                              # M_h[t, u]
+        if FOR_C:
+            carried = tl.sum(q_first.to(tl.float32) * head_first + q_second.to(tl.float32) * head_second, axis=1)
+            dg = tl.sum(products, axis=1) + carried
+        else:
+            carried = tl.sum(k_first.to(tl.float32) * head_first + k_second.to(tl.float32) * head_second, axis=1)
+            # the end terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
+            dg = -tl.sum(products, axis=0) - carried + tl.where(offs_t == T - 1, tl.sum(carried, axis=0), 0.0)
+        tl.store(dg_ptr + gdt_row + offs_l, dg)
+        weights += dy_v
+        acc_first += head_first
+        acc_second += head_second
+
+    weights = _op(weights, DOT_DTYPE, ROUND_BF16)
+    if FOR_C:
+        grad_first = acc_first + tl.dot(weights, k_first, input_precision=DOT_PREC)
+        grad_second = acc_second + tl.dot(weights, k_second, input_precision=DOT_PREC)
+    else:
+        weights_t = tl.trans(weights)
+        grad_first = acc_first + tl.dot(weights_t, q_first, input_precision=DOT_PREC)
+        grad_second = acc_second + tl.dot(weights_t, q_second, input_precision=DOT_PREC)
+    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + gi * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
+                     mask_nh, NH, ROPE, False)
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -1090,6 +1205,9 @@ def _block_rows(T, config):
                          f"chunk {T}")
     if block < T and config.get("dqk_merged", False):
         raise ValueError("ssd_fused: the merged dB/dC kernel (dqk_merged) needs block_t equal to the kernel chunk")
+    if config.get("dqk_group", False) and (block < T or config.get("dqk_merged", False)):
+        raise ValueError("ssd_fused: the group dB/dC kernel (dqk_group) needs block_t equal to the kernel chunk "
+                         "and dqk_merged off")
     return block
 
 
@@ -1215,11 +1333,12 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
-    atomic = groups < heads and config.get("group_reduce") == "atomic"
+    group_kernel = groups < heads and config.get("dqk_group", False)   # one program per group: no sum needed
+    atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
         dC_out = torch.zeros_like(dB_out)
-    elif groups < heads:
+    elif groups < heads and not group_kernel:
         dB_out = torch.empty(batch, length, heads, 2 * half, device=x.device, dtype=x.dtype)
         dC_out = torch.empty_like(dB_out)
     else:
@@ -1228,7 +1347,17 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
     shape_args = (length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
                   *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
-    if config.get("dqk_merged", False):
+    if group_kernel:
+        dg_from_c = torch.empty_like(g)
+        dg = torch.empty_like(g)   # dg from the B side, then the sum
+        for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
+            _chunk_bwd_dqk_group_kernel[(n_chunks, batch * groups)](
+                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=_next_pow2(head_dim), FOR_C=for_c, ROPE_IN=rope_in, **common,
+                num_warps=config.get("dqk_group_warps", 8), num_stages=config.get("dqk_group_stages", 2),
+                maxnreg=config.get("dqk_group_maxnreg"))
+        dg += dg_from_c
+    elif config.get("dqk_merged", False):
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
@@ -1251,7 +1380,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dg += dg_from_c
         if block_t < T:
             dg.view(batch, heads, n_chunks, T)[..., -1] += end_terms.sum(dim=-1)
-    if groups < heads:
+    if groups < heads and not group_kernel:
         if not atomic:
             dB_out = dB_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
             dC_out = dC_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
@@ -1275,6 +1404,8 @@ class _SSDChunkedFunction(torch.autograd.Function):
         wants_grad = any(ctx.needs_input_grad[:7])
         y, final, states, rotated_B, rotated_C, scores = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state,
                                                                  T, config, save_for_backward=wants_grad)
+        if config.get("shared_scores") == "forward":   # the backward kernels compute their own (measured faster)
+            scores = None
         ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores)
         ctx.T = T
         ctx.config = config

@@ -74,6 +74,12 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"shared_scores": True}),
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"shared_scores": True, "group_reduce": "atomic",
                                                                        "kernel_chunk": 256, "block_t": 64}),
+    # dB/dC by one program per group and chunk, looping over the group's heads
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group": True}),
+    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dqk_group": True, "shared_scores": "forward"}),
+    (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"dqk_group": True, "dqk_group_stages": 3,
+                                                                    "save_rotated": False}),
+    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 1, {"dqk_group": True, "shared_scores": True}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),

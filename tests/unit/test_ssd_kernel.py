@@ -118,6 +118,8 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
     (1, {"shared_scores": True, "group_reduce": "atomic"}, torch.float32),  # one C~B~^T per group, atomics
     (2, {"shared_scores": True, "save_rotated": False}, torch.bfloat16),    # shared scores from rotate-on-load
+    (1, {"dqk_group": True}, torch.float32),                                # dB/dC by one program per group
+    (2, {"dqk_group": True, "save_rotated": False, "shared_scores": "forward"}, torch.bfloat16),
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
     """B/C shared by groups of heads (dB/dC summed over each group's heads) and each backward variant."""
@@ -196,9 +198,11 @@ def test_blocks_inside_a_chunk(kernels, kernel_chunk, block_t, groups, config, d
     (24, {}, "block_t = 24 must be a power of two"),
     (64, {}, "block_t = 64 must be a power of two >= 16 dividing the kernel chunk 32"),
     (16, {"dqk_merged": True}, "merged dB/dC kernel"),
+    (16, {"dqk_group": True}, "group dB/dC kernel"),
 ])
 def test_block_config_errors_name_the_field(kernels, block_t, config, message):
     generator = torch.Generator().manual_seed(0)
     inputs = make_inputs(1, 40, 2, 16, 16, torch.float32, False, False, False, False, generator)
+    inputs["B"], inputs["C"] = inputs["B"][:, :, :1].contiguous(), inputs["C"][:, :, :1].contiguous()
     with pytest.raises(ValueError, match=message):
         kernels.ssd_fused(**inputs, kernel_chunk=32, config=dict(config, block_t=block_t))
