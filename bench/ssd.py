@@ -107,8 +107,9 @@ SWEEP = [
     ("atomic-shfwd", 64, {"group_reduce": "atomic", "shared_scores": "forward"}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
-KNOBS = {"fwd": ("_chunk_fwd_kernel",), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel",), "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel")}
+KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
+         "bwd": ("_chunk_bwd_dx_kernel",),
+         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 
 def load_mamba_chunk_scan_combined():

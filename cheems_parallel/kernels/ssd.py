@@ -50,7 +50,8 @@ from cheems_parallel.ops.ssd import ssd_chunked
 KERNEL_CHUNK = 64
 # Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md); since v4b the dB/dC backward
 # is the two-launch one at 4 warps (28% / 15% faster than the merged one on mamba's / the Cheems shape, and
-# deterministic: no atomics). Per kernel: *_block_p, *_warps,
+# deterministic: no atomics); since v10, with groups < heads, the group dB/dC kernel (3 stages) and the
+# forward reading shared C~B~^T (mamba's one-group shape: 6.12 -> ~5.4 ms fwd+bwd at L = 4k). Per kernel: *_block_p, *_warps,
 # *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some spilling), and for
 # the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next tiles the
 # compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
@@ -71,7 +72,7 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
-    "block_t": None, "shared_scores": False, "dqk_group": False,
+    "block_t": None, "shared_scores": "forward", "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
 }
 
 
@@ -1205,9 +1206,6 @@ def _block_rows(T, config):
                          f"chunk {T}")
     if block < T and config.get("dqk_merged", False):
         raise ValueError("ssd_fused: the merged dB/dC kernel (dqk_merged) needs block_t equal to the kernel chunk")
-    if config.get("dqk_group", False) and (block < T or config.get("dqk_merged", False)):
-        raise ValueError("ssd_fused: the group dB/dC kernel (dqk_group) needs block_t equal to the kernel chunk "
-                         "and dqk_merged off")
     return block
 
 
@@ -1333,7 +1331,10 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
 
     # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
     # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
-    group_kernel = groups < heads and config.get("dqk_group", False)   # one program per group: no sum needed
+    # one program per group and chunk (no per-head rows, no sum); written for whole chunks, and not with the
+    # merged kernel: those configs keep the per-head kernels
+    group_kernel = (groups < heads and config.get("dqk_group", False) and block_t == T
+                    and not config.get("dqk_merged", False))
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)

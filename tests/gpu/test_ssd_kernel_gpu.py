@@ -51,9 +51,11 @@ CASES = [
     (3, 2048, 2, 128, 128, torch.bfloat16, True, True, False, True, 2, {}),       # documents, Cheems shape
     (1, 16384, 2, 64, 128, torch.bfloat16, True, True, True, True, 2, {}),        # L = 16k
     (1, 16384, 1, 64, 64, torch.float32, True, False, True, False, 1, {}),        # L = 16k, float32
-    # shared B/C groups (mamba_ssm's layout) and the non-default backward variants
+    # shared B/C groups (mamba_ssm's layout; the defaults run the group dB/dC kernel and shared forward scores
+    # there) and the non-default backward variants
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {}),      # one group for 8 heads
-    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2, {"group_reduce": "sum", "dqk_merged": False}),
+    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2, {"group_reduce": "sum", "dqk_merged": False,
+                                                                      "dqk_group": False, "shared_scores": False}),
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {}),        # groups with RoPE, bf16
     (3, 2048, 4, 128, 128, torch.bfloat16, True, True, False, True, 4, {"dqk_merged": "not default"}),
     (2, 1000, 4, 64, 128, torch.bfloat16, True, True, True, True, 4, {"save_rotated": "not default"}),
@@ -69,13 +71,14 @@ CASES = [
     (1, 16384, 2, 64, 128, torch.bfloat16, True, True, True, True, 2, {"kernel_chunk": 128, "block_t": 64,
                                                                         "bwd_chunks_per_program": 1}),
     # one group's C~B~^T computed once and read by every head; dB/dC added atomically into the group's rows
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"shared_scores": True,
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"shared_scores": True, "dqk_group": False,
                                                                          "group_reduce": "atomic"}),
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"shared_scores": True}),
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"shared_scores": True, "group_reduce": "atomic",
                                                                        "kernel_chunk": 256, "block_t": 64}),
     # dB/dC by one program per group and chunk, looping over the group's heads
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group": True}),
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group_stages": 2,
+                                                                         "shared_scores": False}),
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dqk_group": True, "shared_scores": "forward"}),
     (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"dqk_group": True, "dqk_group_stages": 3,
                                                                     "save_rotated": False}),

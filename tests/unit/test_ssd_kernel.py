@@ -112,11 +112,13 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
 
 @pytest.mark.parametrize("groups, config, dtype", [
     (1, {"dqk_merged": True, "group_reduce": "atomic", "save_rotated": True}, torch.float32),  # one group
-    (2, {"dqk_merged": False, "save_rotated": True}, torch.float32),   # two groups, two-launch backward
+    (2, {"dqk_merged": False, "dqk_group": False,                      # two groups, per-head two-launch
+         "save_rotated": True}, torch.float32),                        # backward + torch group sum
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
          "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
-    (1, {"shared_scores": True, "group_reduce": "atomic"}, torch.float32),  # one C~B~^T per group, atomics
+    (1, {"shared_scores": True, "group_reduce": "atomic",                 # one C~B~^T per group, per-head
+         "dqk_group": False}, torch.float32),                             # dB/dC added by atomics
     (2, {"shared_scores": True, "save_rotated": False}, torch.bfloat16),    # shared scores from rotate-on-load
     (1, {"dqk_group": True}, torch.float32),                                # dB/dC by one program per group
     (2, {"dqk_group": True, "save_rotated": False, "shared_scores": "forward"}, torch.bfloat16),
@@ -198,7 +200,6 @@ def test_blocks_inside_a_chunk(kernels, kernel_chunk, block_t, groups, config, d
     (24, {}, "block_t = 24 must be a power of two"),
     (64, {}, "block_t = 64 must be a power of two >= 16 dividing the kernel chunk 32"),
     (16, {"dqk_merged": True}, "merged dB/dC kernel"),
-    (16, {"dqk_group": True}, "group dB/dC kernel"),
 ])
 def test_block_config_errors_name_the_field(kernels, block_t, config, message):
     generator = torch.Generator().manual_seed(0)
