@@ -71,40 +71,21 @@ SWEEP_V4_CALL2 = [
     ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
                   "bwd_chunks_per_program": 2}),
 ]
-# v9: chunks of 128 / 256 tokens in 64-row blocks (a quarter of the state bytes at 256), run 1 (session 8)
-SWEEP_V9_CALL1 = [
-    ("v4b", 64, {}),
-    ("t128", 128, {"block_t": 64}),
-    ("t256", 256, {"block_t": 64}),
-    ("t256-s1", 256, {"block_t": 64, "state_stages": 1}),
-    ("t256-dx1", 256, {"block_t": 64, "bwd_chunks_per_program": 1}),
-    ("t256-fwd2", 256, {"block_t": 64, "fwd_chunks_per_program": 2, "fwd_save_chunks_per_program": 1}),
-    ("t256-dqk3", 256, {"block_t": 64, "dqk_stages": 3, "state_block_p": 32}),
-    ("t128-s1", 128, {"block_t": 64, "state_stages": 1, "bwd_chunks_per_program": 2}),
-]
-# v10 call 1: one C~B~^T per B/C group ("shared_scores") and atomic dB/dC group sums, at T = 64 and in blocks
-SHARED = {"shared_scores": True, "group_reduce": "atomic"}
-SWEEP_V10_CALL1 = [
-    ("v4b", 64, {}),
-    ("atomic", 64, {"group_reduce": "atomic"}),
-    ("shared", 64, {"shared_scores": True}),
-    ("shared-atomic", 64, SHARED),
-    ("shared-atomic-fwd128", 64, dict(SHARED, fwd_block_p=128, fwd_warps=8, bwd_block_p=128, bwd_warps=8,
-                                      bwd_stages=1)),
-    ("t128-shared", 128, dict(SHARED, block_t=64, state_stages=1, bwd_chunks_per_program=2)),
-    ("t256-shared", 256, dict(SHARED, block_t=64, state_stages=1)),
-]
-# v10 call 2: the group dB/dC kernel (one program per group and chunk, looping over its heads) and the
-# forward-only shared scores (all change nothing for groups = heads: the Cheems problem runs v4b's kernels);
-# the first entry is the reference of the "diff" column
+# v9 (chunks of 128 / 256 in 64-row blocks) and v10 call 1 (shared scores in the backward too, T = 128/256 with
+# shared scores) were measured slower and their code removed: bench/ssd_notes.md has their sweeps.
+# v10 call 2: the group dB/dC kernel (one program per group and chunk, looping over its heads) and the forward's
+# shared C~B~^T (neither applies with groups = heads: the Cheems problem runs v4b's kernels); the first entry
+# is the reference of the "diff" column. "v4b" spells out the old defaults.
+V4B = {"dqk_group": False, "shared_scores": False}
 SWEEP = [
-    ("v4b", 64, {}),
-    ("atomic", 64, {"group_reduce": "atomic"}),
-    ("group", 64, {"dqk_group": True}),
-    ("group-s3", 64, {"dqk_group": True, "dqk_group_stages": 3}),
-    ("group-s1", 64, {"dqk_group": True, "dqk_group_stages": 1}),
-    ("group-shfwd", 64, {"dqk_group": True, "shared_scores": "forward"}),
-    ("atomic-shfwd", 64, {"group_reduce": "atomic", "shared_scores": "forward"}),
+    ("v4b", 64, V4B),
+    ("atomic", 64, dict(V4B, group_reduce="atomic")),
+    ("group", 64, {"dqk_group_stages": 2, "shared_scores": False}),
+    ("group-s3", 64, {"shared_scores": False}),
+    ("group-s1", 64, {"dqk_group_stages": 1, "shared_scores": False}),
+    ("group-shfwd", 64, {"dqk_group_stages": 2}),
+    ("atomic-shfwd", 64, {"dqk_group": False, "group_reduce": "atomic"}),
+    ("v10", 64, {}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
@@ -356,15 +337,15 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
         return sum(ms for key, ms in table.items() if any(key.startswith(k) for k in kernels))
 
     # the combination: per kernel group, the variant whose kernels of that group were fastest, among the
-    # variants with the fastest one's chunk layout (kernel chunk and block_t: the kernels' work depends on it)
+    # variants with the fastest one's layout (kernel chunk and shared scores: the kernels' work depends on it)
     fastest = min(results, key=results.get)
 
     def layout(name):
         chunk, config = configs[name]
-        return chunk, config.get("block_t") or chunk, config.get("shared_scores", False)
+        return chunk, config.get("shared_scores", False)
 
     same_layout = [name for name in profiles if layout(name) == layout(fastest)]
-    combined = {key: configs[fastest][1].get(key) for key in ("block_t", "shared_scores")}
+    combined = {"shared_scores": configs[fastest][1].get("shared_scores")}
     picks = {}
     for knob, kernels in KNOBS.items():
         best = min(same_layout, key=lambda name: kernel_ms(profiles[name], kernels))
@@ -477,10 +458,10 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             dt = torch.empty(batch, heads, lpad)
             D = torch.empty(heads)
             for grad in (False, True):
-                _, _, states, rotated_B, rotated_C, scores = ssd_kernels._forward(
+                _, _, states, rotated_B, rotated_C = ssd_kernels._forward(
                     x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)
             ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
-                     kernel_chunk, config, rotated_B, rotated_C, scores)
+                     kernel_chunk, config, rotated_B, rotated_C)
             for name, options, registers, stack, shared, hgmma in rows:
                 print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "

@@ -51,7 +51,7 @@ KERNEL_CHUNK = 64
 # Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md); since v4b the dB/dC backward
 # is the two-launch one at 4 warps (28% / 15% faster than the merged one on mamba's / the Cheems shape, and
 # deterministic: no atomics); since v10, with groups < heads, the group dB/dC kernel (3 stages) and the
-# forward reading shared C~B~^T (mamba's one-group shape: 6.12 -> ~5.4 ms fwd+bwd at L = 4k). Per kernel: *_block_p, *_warps,
+# forward reading shared C~B~^T (mamba's one-group shape: 6.12 -> 5.40 ms of kernels fwd+bwd at L = 4k). Per kernel: *_block_p, *_warps,
 # *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some spilling), and for
 # the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next tiles the
 # compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
@@ -60,11 +60,11 @@ KERNEL_CHUNK = 64
 # for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
 # heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
 # heads, the Cheems layer, stores directly; "atomic" is not used with dqk_group); rope_tables_fp32: float32 tables
-# for bf16 inputs (default: the input's type, as apply_rope uses them). block_t: rows per block inside a
-# chunk (None: the whole chunk; smaller lets the chunk, the states' stride, grow at 64-row tiles); for groups <
-# heads only: shared_scores (C~B~^T computed once per group and chunk and read by the heads' kernels: True, or
-# "forward" for the forward only) and dqk_group (dB/dC by one program per group and chunk looping over its
-# heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg). bench/ssd_notes.md v9/v10.
+# for bf16 inputs (default: the input's type, as apply_rope uses them). For groups < heads only:
+# shared_scores (the forward reads C~B~^T computed once per group and chunk by `_scores_kernel` instead of
+# each head recomputing it) and dqk_group (dB/dC by one program per group and chunk looping over its heads,
+# `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with dqk_merged).
+# bench/ssd_notes.md v9/v10 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -72,7 +72,7 @@ CONFIG = {
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
-    "block_t": None, "shared_scores": "forward", "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
+    "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
 }
 
 
@@ -174,37 +174,23 @@ def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, 
 
 
 @triton.jit
-def _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Document masks between two blocks of one chunk (rows, cols: offsets inside the chunk; 1 where
-    allowed): (rows, cols) same document, row sees the carried state, col reaches the chunk's end state,
-    the state crosses the chunk ()."""
+def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Document masks of one chunk (1 where allowed): token-to-token (T, T) same document,
+    token sees the carried state (T,), token reaches the chunk's end state (T,), state crosses the chunk ()."""
     if HAS_SEQ:
-        seq_rows = tl.load(seq_ptr + seq_row + chunk_start + rows)
-        seq_cols = tl.load(seq_ptr + seq_row + chunk_start + cols)
+        seq = tl.load(seq_ptr + seq_row + chunk_start + offs_t)
         seq_last = tl.load(seq_ptr + seq_row + chunk_start + T - 1)
         seq_prev = tl.load(seq_ptr + seq_row + tl.maximum(chunk_start - 1, 0))
-        same_doc = seq_rows[:, None] == seq_cols[None, :]
-        sees_carried = seq_rows == seq_prev
-        reaches_end = seq_cols == seq_last
+        same_doc = seq[:, None] == seq[None, :]
+        sees_carried = seq == seq_prev
+        reaches_end = seq == seq_last
         crosses = seq_prev == seq_last
     else:
-        same_doc = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-        sees_carried = rows >= 0
-        reaches_end = cols >= 0
+        same_doc = offs_t[:, None] >= 0
+        sees_carried = offs_t >= 0
+        reaches_end = offs_t >= 0
         crosses = chunk_start >= 0
     return same_doc, sees_carried, reaches_end, crosses
-
-
-@triton.jit
-def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """`_block_masks` of a block with itself."""
-    return _block_masks(seq_ptr, seq_row, chunk_start, offs_t, offs_t, T, HAS_SEQ)
-
-
-@triton.jit
-def _load_scores(cb_ptr, cb_chunk, rows, cols, T: tl.constexpr):
-    """A (rows, cols) block of one chunk's shared scores [t, u] = C~_t . B~_u (float32, `_scores_kernel`)."""
-    return tl.load(cb_ptr + cb_chunk + rows[:, None] * T + cols[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,45 +203,32 @@ def _scores_kernel(
     sb_b, sb_l, sb_h, sb_n,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_NH: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    T: tl.constexpr, BLOCK_NH: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """C~ B~^T of one chunk of one B/C group, block (i, j) of TB x TB (j <= i; the chunk kernels read no
-    block above the diagonal), float32, into cb (b, groups, chunks, T, T): the group's heads all read it
-    ("shared_scores") instead of each recomputing it."""
-    unit = tl.program_id(0)
+    """C~ B~^T of one chunk of one B/C group, float32, into cb (b, groups, chunks, T, T): the group's heads
+    all read it in `_chunk_fwd_kernel` ("shared_scores") instead of each recomputing it."""
+    c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     bi = pid_bg // G
     gi = pid_bg % G
-    c = unit // ((T // TB) * (T // TB))
-    row_block = (unit // (T // TB)) % (T // TB)
-    col_block = unit % (T // TB)
-    if col_block <= row_block:
-        chunk_start = c * T
-        offs_t = tl.arange(0, TB)
-        rows = row_block * TB + offs_t
-        cols = col_block * TB + offs_t
-        offs_nh = tl.arange(0, BLOCK_NH)
-        mask_nh = offs_nh < NH
-        mask_r = chunk_start + rows < L
-        mask_c = chunk_start + cols < L
-        cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-        sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_r, mask_nh,
-                                                  NH, ROPE)
-        q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                          scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_r, mask_nh, NH,
-                                          ROPE)
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_c, mask_nh,
-                                                  NH, ROPE)
-        k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                          sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_c, mask_nh, NH, ROPE)
-        scores = tl.dot(_op(q_first, DOT_DTYPE, ROUND_BF16), tl.trans(_op(k_first, DOT_DTYPE, ROUND_BF16)),
-                        input_precision=DOT_PREC)
-        scores += tl.dot(_op(q_second, DOT_DTYPE, ROUND_BF16), tl.trans(_op(k_second, DOT_DTYPE, ROUND_BF16)),
-                         input_precision=DOT_PREC)
-        cb_chunk = ((bi * G + gi) * NCHUNK + c).to(tl.int64) * T * T
-        tl.store(cb_ptr + cb_chunk + rows[:, None] * T + cols[None, :], scores)
+    chunk_start = c * T
+    offs_t = tl.arange(0, T)
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_nh = offs_nh < NH
+    mask_t = chunk_start + offs_t < L
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    q_first, q_second = _load_rotated_operands(
+        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    k_first, k_second = _load_rotated_operands(
+        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    cb_chunk = ((bi * G + gi) * NCHUNK + c).to(tl.int64) * T * T
+    tl.store(cb_ptr + cb_chunk + offs_t[:, None] * T + offs_t[None, :], scores)
 
 
 @triton.jit
@@ -265,12 +238,10 @@ def _state_fwd_kernel(
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     sc_b, sc_l, sc_n,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    """The state entering each chunk of T tokens, walking the chunks in order; each chunk's update is summed
-    over its T / TB blocks of TB tokens (unrolled), so the tiles stay TB rows tall at any chunk length."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_blocks = (NH + BLOCK_NH - 1) // BLOCK_NH   # not tl.cdiv: a @jit helper the interpreter runs only if triton was imported under TRITON_INTERPRET=1
@@ -280,7 +251,7 @@ def _state_fwd_kernel(
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
-    offs_t = tl.arange(0, TB)
+    offs_t = tl.arange(0, T)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_nh = pid_n * BLOCK_NH + tl.arange(0, BLOCK_NH)
     mask_p = offs_p < P
@@ -310,31 +281,26 @@ def _state_fwd_kernel(
         tl.store(out_ptrs, state_first.to(states_ptr.dtype.element_ty), mask=mask_pn)
         tl.store(out_ptrs + NH, state_second.to(states_ptr.dtype.element_ty), mask=mask_pn)
 
+        offs_l = chunk_start + offs_t
+        mask_t = offs_l < L
+        g = tl.load(g_ptr + gdt_row + offs_l)
+        dt = tl.load(dt_ptr + gdt_row + offs_l)
         g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-        _, _, _, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
+        _, _, reaches_end, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
+        weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
-        state_first = state_first * chunk_decay
-        state_second = state_second * chunk_decay
-        for block in tl.static_range(T // TB):
-            offs_l = chunk_start + block * TB + offs_t
-            mask_t = offs_l < L
-            g = tl.load(g_ptr + gdt_row + offs_l)
-            dt = tl.load(dt_ptr + gdt_row + offs_l)
-            _, _, reaches_end, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, block * TB + offs_t, T, HAS_SEQ)
-            weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)
 
-            # x enters the product as stored (exact); the dt*decay weights ride on B~, which is rounded anyway
-            x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                            mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
-            cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l,
-                                                      sin_base + chunk_start * sc_l, sc_l, sc_n,
-                                                      block * TB + offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-            b_first, b_second = _load_rotated(b_base + chunk_start * sb_l, sb_l, sb_n, cos1, cos2, sin1, sin2,
-                                              block * TB + offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-            b_first = _op(b_first * weight[:, None], DOT_DTYPE, ROUND_BF16)
-            b_second = _op(b_second * weight[:, None], DOT_DTYPE, ROUND_BF16)
-            state_first += tl.dot(tl.trans(x), b_first, input_precision=DOT_PREC)
-            state_second += tl.dot(tl.trans(x), b_second, input_precision=DOT_PREC)
+        # x enters the product as stored (exact); the dt*decay weights ride on B~, which is rounded anyway
+        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                        mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
+                                                  sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        b_first, b_second = _load_rotated(b_base + chunk_start * sb_l, sb_l, sb_n, cos1, cos2, sin1, sin2,
+                                          offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        b_first = _op(b_first * weight[:, None], DOT_DTYPE, ROUND_BF16)
+        b_second = _op(b_second * weight[:, None], DOT_DTYPE, ROUND_BF16)
+        state_first = state_first * chunk_decay + tl.dot(tl.trans(x), b_first, input_precision=DOT_PREC)
+        state_second = state_second * chunk_decay + tl.dot(tl.trans(x), b_second, input_precision=DOT_PREC)
 
     # the final state also goes into the last slot (the backward reads the state leaving every chunk)
     out_ptrs = states_ptr + ((bi * (NCHUNK + 1) + NCHUNK) * H + hi).to(tl.int64) * P * N + pn_offs
@@ -354,14 +320,13 @@ def _chunk_fwd_kernel(
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
     sy_b, sy_l, sy_h, sy_p,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
-    """y of one block of TB tokens of a chunk (TB = T: the whole chunk), one head, one block of p.
-    SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as the products used them (x's dtype, B's layout),
-    once per group and block, for the backward kernels, which then load them as stored: rotating on load
-    there costs register spills (bench/ssd_notes.md v3)."""
+    """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
+    the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
+    which then load them as stored: rotating on load there costs register spills (bench/ssd_notes.md v3)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -369,23 +334,23 @@ def _chunk_fwd_kernel(
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
-    offs_t = tl.arange(0, TB)
-    # CPP consecutive blocks per program: the loop lets the compiler prefetch the next block's tiles (it also
-    # keeps loop-invariant offsets live: more registers); CPP = 1: one block, no loop
+    offs_t = tl.arange(0, T)
+    # CPP consecutive chunks per program: the loop lets the compiler prefetch the next chunk's tiles (it also
+    # keeps loop-invariant offsets live: more registers); CPP = 1: one chunk, no loop
     if CPP == 1:
         _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                        rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
-                       T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                       SAVE_ROTATED, SCORES_IN)
+                       T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
+                       SCORES_IN)
     else:
-        for unit in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK * (T // TB))):
+        for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
                            rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
                            sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-                           sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, unit, bi, hi, gi, N, offs_t,
-                           T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
+                           sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+                           T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
                            SAVE_ROTATED, SCORES_IN)
 
 
@@ -394,18 +359,14 @@ def _chunk_fwd_one(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
     rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, unit, bi, hi, gi, N, offs_t,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
-    """`_chunk_fwd_kernel`'s work on block `unit` (chunk unit // (T / TB)): the diagonal (causal) block of
-    scores, then the earlier blocks of the same chunk one at a time, then the carried state."""
-    c = unit // (T // TB)
-    row_start = (unit % (T // TB)) * TB
-    rows = row_start + offs_t   # this block's tokens, as offsets inside the chunk
+    """`_chunk_fwd_kernel`'s work on chunk c. SCORES_IN: C~B~^T from `_scores_kernel` (shared by the group)."""
     chunk_start = c * T
-    offs_l = chunk_start + rows
+    offs_l = chunk_start + offs_t
     mask_t = offs_l < L
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -413,26 +374,21 @@ def _chunk_fwd_one(
     mask_nh = offs_nh < NH
 
     gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-    seq_row = bi.to(tl.int64) * LPAD
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
-    same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, rows, T, HAS_SEQ)
+    same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    c_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    b_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l
-    x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first, c_second = _load_rotated(c_base, scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh,
-                                      NH, ROPE)
-    b_first, b_second = _load_rotated(b_base, sb_l, sb_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh,
-                                      NH, ROPE)
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     c_first = _op(c_first, DOT_DTYPE, ROUND_BF16)
     c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
     b_first = _op(b_first, DOT_DTYPE, ROUND_BF16)
     b_second = _op(b_second, DOT_DTYPE, ROUND_BF16)
-    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
     if SAVE_ROTATED:
         if (pid_p == 0) & (hi % HPG == 0):
             mask_tn = mask_t[:, None] & mask_nh[None, :]
@@ -442,7 +398,8 @@ def _chunk_fwd_one(
             tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
             tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
     if SCORES_IN:
-        scores = _load_scores(cb_ptr, cb_chunk, rows, rows, T)
+        cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T
+        scores = tl.load(cb_ptr + cb_chunk + offs_t[:, None] * T + offs_t[None, :])
     else:
         scores = tl.dot(c_first, tl.trans(b_first), input_precision=DOT_PREC)
         scores += tl.dot(c_second, tl.trans(b_second), input_precision=DOT_PREC)
@@ -450,35 +407,10 @@ def _chunk_fwd_one(
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
 
-    x = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+    x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=mask_t[:, None] & mask_p[None, :], other=0.0)
     xf = x.to(tl.float32)
     y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
-
-    if T > TB:
-        # the chunk's earlier blocks: below the diagonal, so only the document mask applies
-        for col_start in range(0, row_start, TB):
-            cols = col_start + offs_t
-            mask_u = chunk_start + cols < L
-            g_u = tl.load(g_ptr + gdt_row + chunk_start + cols)
-            dt_u = tl.load(dt_ptr + gdt_row + chunk_start + cols)
-            same_doc_u, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T, HAS_SEQ)
-            if SCORES_IN:
-                block_scores = _load_scores(cb_ptr, cb_chunk, rows, cols, T)
-            else:
-                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_u,
-                                                          mask_nh, NH, ROPE)
-                k_first, k_second = _load_rotated(b_base, sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_u,
-                                                  mask_nh, NH, ROPE)
-                block_scores = tl.dot(c_first, tl.trans(_op(k_first, DOT_DTYPE, ROUND_BF16)),
-                                      input_precision=DOT_PREC)
-                block_scores += tl.dot(c_second, tl.trans(_op(k_second, DOT_DTYPE, ROUND_BF16)),
-                                       input_precision=DOT_PREC)
-            block_decay = tl.exp(tl.where(same_doc_u, g[:, None] - g_u[None, :], float("-inf")))
-            block_scores = _op(block_scores * block_decay * dt_u[None, :], DOT_DTYPE, ROUND_BF16)
-            x_u = tl.load(x_base + (chunk_start + cols)[:, None] * sx_l + offs_p[None, :] * sx_p,
-                          mask=mask_u[:, None] & mask_p[None, :], other=0.0)
-            y += tl.dot(block_scores, _op(x_u, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
 
     state_ptrs = (states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
                   + offs_p[None, :] * N + offs_nh[:, None])        # (n, p) view: transposed state
@@ -505,7 +437,7 @@ def _state_bwd_kernel(
     sd_b, sd_l, sd_h, sd_p,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
@@ -520,7 +452,7 @@ def _state_bwd_kernel(
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
-    offs_t = tl.arange(0, TB)
+    offs_t = tl.arange(0, T)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_nh = pid_n * BLOCK_NH + tl.arange(0, BLOCK_NH)
     mask_p = offs_p < P
@@ -551,28 +483,25 @@ def _state_bwd_kernel(
         state_second = tl.load(states_ptr + slot + NH, mask=mask_pn, other=0.0).to(tl.float32)
         overlap = tl.sum(tl.sum(state_first * grad_first + state_second * grad_second, axis=1), axis=0)
 
+        offs_l = chunk_start + offs_t
+        mask_t = offs_l < L
+        g = tl.load(g_ptr + g_row + offs_l)
         g_last = tl.load(g_ptr + g_row + chunk_start + T - 1)
-        _, _, _, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
+        _, sees_carried, _, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
+        into = tl.where(sees_carried, tl.exp(g), 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
         tl.store(overlap_ptr + ((pid_pn * BATCH + bi) * H + hi).to(tl.int64) * NCHUNK + c, overlap * chunk_decay)
-        grad_first = grad_first * chunk_decay
-        grad_second = grad_second * chunk_decay
-        for block in tl.static_range(T // TB):   # the chunk's blocks of TB tokens (unrolled)
-            rows = block * TB + offs_t
-            offs_l = chunk_start + rows
-            mask_t = offs_l < L
-            g = tl.load(g_ptr + g_row + offs_l)
-            _, sees_carried, _, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, rows, T, HAS_SEQ)
-            into = tl.where(sees_carried, tl.exp(g), 0.0)
-            dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                         mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-            dy_into = _op(dy * into[:, None], DOT_DTYPE, ROUND_BF16)
-            cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
-                                                      sc_l, sc_n, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
-            c_first, c_second = _load_rotated(c_base + chunk_start * scc_l, scc_l, scc_n, cos1, cos2, sin1, sin2,
-                                              rows, offs_nh, mask_t, mask_nh, NH, ROPE)
-            grad_first += tl.dot(tl.trans(dy_into), _op(c_first, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
-            grad_second += tl.dot(tl.trans(dy_into), _op(c_second, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
+        dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
+                     mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        dy_into = _op(dy * into[:, None], DOT_DTYPE, ROUND_BF16)
+        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base + chunk_start * sc_l, sin_base + chunk_start * sc_l,
+                                                  sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        c_first, c_second = _load_rotated(c_base + chunk_start * scc_l, scc_l, scc_n, cos1, cos2, sin1, sin2,
+                                          offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+        grad_first = grad_first * chunk_decay + tl.dot(tl.trans(dy_into), _op(c_first, DOT_DTYPE, ROUND_BF16),
+                                                       input_precision=DOT_PREC)
+        grad_second = grad_second * chunk_decay + tl.dot(tl.trans(dy_into), _op(c_second, DOT_DTYPE, ROUND_BF16),
+                                                         input_precision=DOT_PREC)
 
     tl.store(dinit_ptr + head_pn + pn_offs, grad_first, mask=mask_pn)
     tl.store(dinit_ptr + head_pn + pn_offs + NH, grad_second, mask=mask_pn)
@@ -581,19 +510,18 @@ def _state_bwd_kernel(
 @triton.jit
 def _chunk_bwd_dx_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dd_ptr, cb_ptr,
+    dx_ptr, ddt_ptr, dd_ptr,
     BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
     scc_b, scc_l, scc_h, scc_n,
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr,
 ):
-    """dx (and the p-block's share of d(dt) and dD) for one block of TB tokens of a chunk, one head, one block
-    of p (TB = T: the whole chunk).
+    """dx (and the p-block's share of d(dt) and dD) for one chunk, one head, one block of p.
 
     With v = dt x, q = C~, k = B~, Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state
     leaving the chunk), w_u = exp(g_last - g_u) (masked):  dv = (qk^T*Gam)^T dy + w * k G^T."""
@@ -603,43 +531,37 @@ def _chunk_bwd_dx_kernel(
     bi = pid_bh // H
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
-    offs_t = tl.arange(0, TB)
-    # CPP consecutive blocks per program, as in `_chunk_fwd_kernel`
+    offs_t = tl.arange(0, T)
+    # CPP consecutive chunks per program, as in `_chunk_fwd_kernel`
     if CPP == 1:
         _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-                          dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                          dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                           sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
-                          T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                          SCORES_IN)
+                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
     else:
-        for unit in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK * (T // TB))):
+        for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
-                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+                              dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                               sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-                              sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, unit, bi, hi, gi, offs_t,
-                              T, TB, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                              SCORES_IN)
+                              sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
+                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
 def _chunk_bwd_dx_one(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dd_ptr, cb_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+    dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, unit, bi, hi, gi, offs_t,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, SCORES_IN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """`_chunk_bwd_dx_kernel`'s work on block `unit` (chunk unit // (T / TB)): the diagonal block, then the
-    chunk's later blocks (whose tokens see this one's) one at a time, then the state's gradient."""
+    """`_chunk_bwd_dx_kernel`'s work on chunk c."""
     N = 2 * NH
-    c = unit // (T // TB)
-    row_start = (unit % (T // TB)) * TB
-    rows = row_start + offs_t   # this block's tokens u, as offsets inside the chunk
     chunk_start = c * T
-    offs_l = chunk_start + rows
+    offs_l = chunk_start + offs_t
     mask_t = offs_l < L
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -647,62 +569,33 @@ def _chunk_bwd_dx_one(
     mask_nh = offs_nh < NH
 
     gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-    seq_row = bi.to(tl.int64) * LPAD
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, rows, T, HAS_SEQ)
+    same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
     weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh, NH, ROPE)
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
     k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
     k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
-    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
-    if SCORES_IN:
-        scores_t = tl.trans(_load_scores(cb_ptr, cb_chunk, rows, rows, T))
-    else:
-        q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t,
-                                          mask_nh, NH, ROPE)
-        # scores transposed directly: [u, t] = k_u . q_t
-        scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-        scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    # scores transposed directly: [u, t] = k_u . q_t
+    scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # same_doc is symmetric
     decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
     scores_t = _op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16)
 
     mask_tp = mask_t[:, None] & mask_p[None, :]
-    dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
+                 mask=mask_tp, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=mask_tp, other=0.0).to(tl.float32)
-    dv = tl.dot(scores_t, _op(dy, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
-    if T > TB:
-        # the chunk's later blocks t: above the diagonal, so only the document mask applies
-        for col_start in range(row_start + TB, T, TB):
-            cols = col_start + offs_t
-            mask_q = chunk_start + cols < L
-            g_q = tl.load(g_ptr + gdt_row + chunk_start + cols)
-            same_doc_q, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T, HAS_SEQ)
-            if SCORES_IN:
-                block_t = tl.trans(_load_scores(cb_ptr, cb_chunk, cols, rows, T))
-            else:
-                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_q,
-                                                          mask_nh, NH, ROPE)
-                q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, cols, offs_nh, mask_q,
-                                                  mask_nh, NH, ROPE)
-                block_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-                block_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)),
-                                  input_precision=DOT_PREC)
-            block_decay = tl.exp(tl.where(same_doc_q, g_q[None, :] - g[:, None], float("-inf")))
-            block_t = _op(block_t * block_decay, DOT_DTYPE, ROUND_BF16)
-            dy_q = tl.load(dy_base + (chunk_start + cols)[:, None] * sd_l + offs_p[None, :] * sd_p,
-                           mask=mask_q[:, None] & mask_p[None, :], other=0.0)
-            dv += tl.dot(block_t, _op(dy_q, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
     # G^T tile (n, p) of the state leaving chunk c, both halves
     grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
                  + offs_p[None, :] * N + offs_nh[:, None])
@@ -710,13 +603,14 @@ def _chunk_bwd_dx_one(
     grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
     grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
 
+    dv = tl.dot(scores_t, _op(dy, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
     dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
     dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
     dv += dv_end * weight[:, None]
     dx = dv * dt[:, None]
     if HAS_D:
         dx += tl.load(d_ptr + hi).to(tl.float32) * dy
-        partial_row = (pid_p * BATCH + bi) * NCHUNK * (T // TB) + unit
+        partial_row = (pid_p * BATCH + bi) * NCHUNK + c
         tl.store(dd_ptr + partial_row * H + hi, tl.sum(tl.sum(dy * x, axis=1), axis=0))
     tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
              dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
@@ -728,7 +622,7 @@ def _chunk_bwd_dx_one(
 @triton.jit
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr, end_ptr, cb_ptr,
+    dbc_ptr, dg_ptr,
     L, H, HPG, P, NH, NCHUNK, LPAD,
     sx_b, sx_l, sx_h, sx_p,
     sb_b, sb_l, sb_h, sb_n,
@@ -736,63 +630,56 @@ def _chunk_bwd_dqk_kernel(
     sc_b, sc_l, sc_n,
     sd_b, sd_l, sd_h, sd_p,
     sg_b, sg_l, sg_h, sg_n,
-    T: tl.constexpr, TB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, ATOMIC: tl.constexpr,
-    SCORES_IN: tl.constexpr,
 ):
-    """dC (FOR_C) or dB of one block of TB tokens of a chunk (TB = T: the whole chunk) of one head, and that
-    side's share of dg (the gradient w.r.t. the within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u]
-    (dy_t.v_u), e_t = exp(g_t), S = state entering the chunk, G = d loss/d(state leaving it):
+    """dC (FOR_C) or dB of one chunk of one head, and that side's share of dg (the gradient w.r.t. the
+    within-chunk cumsum g). With M[t,u] = (q_t.k_u) Gam[t,u] (dy_t.v_u), e_t = exp(g_t), S = state
+    entering the chunk, G = d loss/d(state leaving it):
       FOR_C: dq = ((dy v^T)*Gam) k + e * dy S;   dg_t += sum_u M[t,u] + q_t.(e_t (dy S)_t)
       else:  dk = ((dy v^T)*Gam)^T q + w * v G;  dg_u += -sum_t M[t,u] - k_u.(w_u (v G)_u).
     The chunk's last token also gets sum_u k_u.(w_u (x G)_u) dt_u here and exp(g_last) <G, S> from the state
-    kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk. With
-    TB < T that sum is the launcher's too: each block writes its part to end_ptr.
+    kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk.
     M is summed by rows and by columns of one matrix, so its diagonal cancels exactly; q.dq - k.dk
-    would leave bf16 rounding of the large diagonal terms in dt's gradient. The C side walks the chunk's
-    earlier blocks u, the B side its later blocks t, each a (TB, TB) block of M at a time."""
-    unit = tl.program_id(0)
+    would leave bf16 rounding of the large diagonal terms in dt's gradient."""
+    c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
     hi = pid_bh % H
     gi = hi // HPG   # the B/C group this head reads
     N = 2 * NH
-    c = unit // (T // TB)
-    row_start = (unit % (T // TB)) * TB
     chunk_start = c * T
-    offs_t = tl.arange(0, TB)
-    rows = row_start + offs_t   # this block's tokens, as offsets inside the chunk
-    offs_l = chunk_start + rows
+    offs_t = tl.arange(0, T)
+    offs_l = chunk_start + offs_t
     mask_t = offs_l < L
     offs_nh = tl.arange(0, BLOCK_NH)
     mask_nh = offs_nh < NH
 
     gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-    seq_row = bi.to(tl.int64) * LPAD
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, seq_row, chunk_start, rows, T, HAS_SEQ)
+    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
+                                                          HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    k_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l
     # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, rows, offs_nh, mask_t, mask_nh, NH,
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
                                               ROPE_IN)
-    q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh,
-                                      NH, ROPE_IN)
-    k_first, k_second = _load_rotated(k_base, sb_l, sb_n, cos1, cos2, sin1, sin2, rows, offs_nh, mask_t, mask_nh,
-                                      NH, ROPE_IN)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
+                                      ROPE_IN)
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN)
     q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
     q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
     k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
     k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
 
-    dy_v = tl.zeros((TB, TB), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
-    acc_first = tl.zeros((TB, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
-    acc_second = tl.zeros((TB, BLOCK_NH), dtype=tl.float32)
+    dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
+    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
+    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
     # slot c of states is the state entering chunk c; slot c of dstates, d loss / d(state leaving it)
     if FOR_C:
         state_ptr = states_ptr
@@ -824,12 +711,8 @@ def _chunk_bwd_dqk_kernel(
 
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T   # SCORES_IN: this chunk's scores
-    if SCORES_IN:
-        scores = _load_scores(cb_ptr, cb_chunk, rows, rows, T)
-    else:
-        scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-        scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
+    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
     dy_v = dy_v * decay * dt[None, :]
     products = scores * dy_v                              # M[t, u]
     dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
@@ -841,41 +724,6 @@ def _chunk_bwd_dqk_kernel(
                                                + q_second.to(tl.float32) * acc_second, axis=1)
         grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
         grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
-        if T > TB:
-            # the chunk's earlier blocks u (below the diagonal: only the document mask applies)
-            for col_start in range(0, row_start, TB):
-                cols = col_start + offs_t
-                mask_u = chunk_start + cols < L
-                block_dy_v = tl.zeros((TB, TB), dtype=tl.float32)
-                for p_start in range(0, P, BLOCK_P):
-                    offs_p = p_start + tl.arange(0, BLOCK_P)
-                    mask_p = offs_p < P
-                    dy_rows = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                                      mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-                    x_u = tl.load(x_base + (chunk_start + cols)[:, None] * sx_l + offs_p[None, :] * sx_p,
-                                  mask=mask_u[:, None] & mask_p[None, :], other=0.0)
-                    block_dy_v += tl.dot(_op(dy_rows, DOT_DTYPE, ROUND_BF16), tl.trans(_op(x_u, DOT_DTYPE, ROUND_BF16)),
-                                         input_precision=DOT_PREC)
-                g_u = tl.load(g_ptr + gdt_row + chunk_start + cols)
-                dt_u = tl.load(dt_ptr + gdt_row + chunk_start + cols)
-                same_doc_u, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, rows, cols, T, HAS_SEQ)
-                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_u,
-                                                          mask_nh, NH, ROPE_IN)
-                ku_first, ku_second = _load_rotated(k_base, sb_l, sb_n, cos1, cos2, sin1, sin2, cols, offs_nh,
-                                                    mask_u, mask_nh, NH, ROPE_IN)
-                ku_first = _op(ku_first, DOT_DTYPE, ROUND_BF16)
-                ku_second = _op(ku_second, DOT_DTYPE, ROUND_BF16)
-                if SCORES_IN:
-                    block_scores = _load_scores(cb_ptr, cb_chunk, rows, cols, T)
-                else:
-                    block_scores = tl.dot(q_first, tl.trans(ku_first), input_precision=DOT_PREC)
-                    block_scores += tl.dot(q_second, tl.trans(ku_second), input_precision=DOT_PREC)
-                block_decay = tl.exp(tl.where(same_doc_u, g[:, None] - g_u[None, :], float("-inf")))
-                block_dy_v = block_dy_v * block_decay * dt_u[None, :]
-                dg += tl.sum(block_scores * block_dy_v, axis=1)
-                block_dy_v = _op(block_dy_v, DOT_DTYPE, ROUND_BF16)
-                grad_first += tl.dot(block_dy_v, ku_first, input_precision=DOT_PREC)
-                grad_second += tl.dot(block_dy_v, ku_second, input_precision=DOT_PREC)
     else:
         weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
         acc_first = acc_first * weight[:, None]
@@ -884,52 +732,14 @@ def _chunk_bwd_dqk_kernel(
         dg = -tl.sum(products, axis=0) - end_terms
         # the same terms again at the last token, from the same fp32 numbers: the reverse cumsum that turns
         # dg into d(dt A) then cancels them exactly (a bf16 <G, state leaving> here would not)
-        if T == TB:
-            dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
-        else:
-            tl.store(end_ptr + ((bi * H + hi).to(tl.int64) * NCHUNK + c) * (T // TB) + row_start // TB,
-                     tl.sum(end_terms, axis=0))
+        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
         dy_v_t = tl.trans(dy_v)
         grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
         grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
-        if T > TB:
-            # the chunk's later blocks t (above the diagonal: only the document mask applies)
-            for col_start in range(row_start + TB, T, TB):
-                cols = col_start + offs_t
-                mask_q = chunk_start + cols < L
-                block_dy_v = tl.zeros((TB, TB), dtype=tl.float32)   # [t, u]
-                for p_start in range(0, P, BLOCK_P):
-                    offs_p = p_start + tl.arange(0, BLOCK_P)
-                    mask_p = offs_p < P
-                    dy_q = tl.load(dy_base + (chunk_start + cols)[:, None] * sd_l + offs_p[None, :] * sd_p,
-                                   mask=mask_q[:, None] & mask_p[None, :], other=0.0)
-                    x_rows = tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                                     mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-                    block_dy_v += tl.dot(_op(dy_q, DOT_DTYPE, ROUND_BF16), tl.trans(_op(x_rows, DOT_DTYPE, ROUND_BF16)),
-                                         input_precision=DOT_PREC)
-                g_q = tl.load(g_ptr + gdt_row + chunk_start + cols)
-                same_doc_q, _, _, _ = _block_masks(seq_ptr, seq_row, chunk_start, cols, rows, T, HAS_SEQ)
-                cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, cols, offs_nh, mask_q,
-                                                          mask_nh, NH, ROPE_IN)
-                qt_first, qt_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, cols, offs_nh,
-                                                    mask_q, mask_nh, NH, ROPE_IN)
-                qt_first = _op(qt_first, DOT_DTYPE, ROUND_BF16)
-                qt_second = _op(qt_second, DOT_DTYPE, ROUND_BF16)
-                if SCORES_IN:
-                    block_scores = _load_scores(cb_ptr, cb_chunk, cols, rows, T)
-                else:
-                    block_scores = tl.dot(qt_first, tl.trans(k_first), input_precision=DOT_PREC)
-                    block_scores += tl.dot(qt_second, tl.trans(k_second), input_precision=DOT_PREC)
-                block_decay = tl.exp(tl.where(same_doc_q, g_q[:, None] - g[None, :], float("-inf")))
-                block_dy_v = block_dy_v * block_decay * dt[None, :]
-                dg -= tl.sum(block_scores * block_dy_v, axis=0)
-                block_dy_v_t = tl.trans(_op(block_dy_v, DOT_DTYPE, ROUND_BF16))
-                grad_first += tl.dot(block_dy_v_t, qt_first, input_precision=DOT_PREC)
-                grad_second += tl.dot(block_dy_v_t, qt_second, input_precision=DOT_PREC)
     # ATOMIC: float32 adds into the group's rows (its heads' shares), else this head's own rows
     out_head = gi if ATOMIC else hi
     _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, rows, offs_nh, mask_t,
+                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
                      mask_nh, NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
@@ -1198,27 +1008,13 @@ def _rope_args(cos, sin, fallback):
     return cos, sin, cos.stride(), True
 
 
-def _block_rows(T, config):
-    """Rows per block inside a chunk ("block_t"; None: the whole chunk), checked against the chunk T."""
-    block = config.get("block_t") or T
-    if block > T or T % block or block < 16 or block & (block - 1):
-        raise ValueError(f"ssd_fused: config block_t = {block} must be a power of two >= 16 dividing the kernel "
-                         f"chunk {T}")
-    if block < T and config.get("dqk_merged", False):
-        raise ValueError("ssd_fused: the merged dB/dC kernel (dqk_merged) needs block_t equal to the kernel chunk")
-    return block
-
-
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
     """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None.
-    Returns y, final, states, B~, C~ (rotated; None unless config "save_rotated" and RoPE on) and the shared
-    scores C~B~^T per group and chunk (None unless config "shared_scores" and groups < heads)."""
+    Returns y, final, states, and B~, C~ (rotated; None unless config "save_rotated" and RoPE on)."""
     batch, length, heads, head_dim = x.shape
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
-    block_t = _block_rows(T, config)
-    units = n_chunks * (T // block_t)   # blocks of block_t tokens
     # slot c holds the state entering chunk c; slot n_chunks the final state
     states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
@@ -1236,19 +1032,19 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         initial_state if initial_state is not None else dt, states, final,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *cos_strides,
-        T=T, TB=block_t, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope, HAS_SEQ=seq is not None,
         HAS_INIT=initial_state is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
-    # one group's heads share C~B~^T: computed once per group and chunk, read by every chunk kernel
+    # one group's heads share C~B~^T: computed once per group and chunk, read by each head's forward
     scores = None
     if heads_per_group > 1 and config.get("shared_scores", False):
         groups = B.shape[2]
         scores = torch.empty(batch, groups, n_chunks, T, T, device=x.device, dtype=torch.float32)
-        _scores_kernel[(n_chunks * (T // block_t) ** 2, batch * groups)](
+        _scores_kernel[(n_chunks, batch * groups)](
             B, C, cos_arg, sin_arg, scores, length, groups, half, n_chunks,
             *B.stride(), *C.stride(), *cos_strides,
-            T=T, TB=block_t, BLOCK_NH=_next_pow2(half), ROPE=rope, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
+            T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, DOT_PREC=precision, DOT_DTYPE=dot_dtype,
             ROUND_BF16=round_bf16, num_warps=4, num_stages=2)
 
     # the rotated B~, C~ for the backward (only when it will run: RoPE on and gradients wanted)
@@ -1262,7 +1058,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
     cpp = fwd["fwd_chunks_per_program"]
-    grid = (triton.cdiv(head_dim, block_p), triton.cdiv(units, cpp), batch * heads)
+    grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks, cpp), batch * heads)
     rotated_B = torch.empty_like(B) if save_rotated else None
     rotated_C = torch.empty_like(C) if save_rotated else None
     _chunk_fwd_kernel[grid](
@@ -1270,24 +1066,20 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         rotated_B if save_rotated else y, rotated_C if save_rotated else y, scores if scores is not None else dt,
         length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
-        T=T, TB=block_t, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None, num_warps=fwd["fwd_warps"],
         num_stages=fwd["fwd_stages"], maxnreg=fwd["fwd_maxnreg"])
-    return y, final, states, rotated_B, rotated_C, scores
+    return y, final, states, rotated_B, rotated_C
 
 
-def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None,
-              scores=None):
-    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32). `scores`: the forward's
-    shared C~B~^T (read instead of recomputed per head)."""
+def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
+    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     heads_per_group = heads // groups
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
-    block_t = _block_rows(T, config)
-    units = n_chunks * (T // block_t)   # blocks of block_t tokens
     dstates = torch.empty_like(states)
     dinit = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)
     cos_arg, sin_arg, cos_strides, rope = _rope_args(cos, sin, dt)
@@ -1308,7 +1100,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *dy.stride(), *C.stride(), *cos_strides,
-        T=T, TB=block_t, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
+        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
@@ -1318,23 +1110,20 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["bwd_block_p"], _next_pow2(head_dim))
     p_blocks = triton.cdiv(head_dim, block_p)
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
-    dD_partial = torch.empty(p_blocks, batch, units, heads, device=x.device, dtype=torch.float32) if D is not None else None
+    dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
     cpp = config.get("bwd_chunks_per_program", 1)
-    _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(units, cpp), batch * heads)](
+    _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
         x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
-        dx, ddt_partial, dD_partial if D is not None else dt, scores if scores is not None else dt,
+        dx, ddt_partial, dD_partial if D is not None else dt,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        BLOCK_P=block_p, TB=block_t, HAS_D=D is not None, CPP=cpp, SCORES_IN=scores is not None,
-        **dict(common, ROPE=rope_in),
+        BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
-    # dB/dC: written per head, then summed over each group's heads in float32 (groups < heads), or added
-    # atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored directly.
-    # one program per group and chunk (no per-head rows, no sum); written for whole chunks, and not with the
-    # merged kernel: those configs keep the per-head kernels
-    group_kernel = (groups < heads and config.get("dqk_group", False) and block_t == T
-                    and not config.get("dqk_merged", False))
+    # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
+    # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
+    # ("group_reduce": "atomic"); groups = heads: stored directly.
+    group_kernel = groups < heads and config.get("dqk_group", False) and not config.get("dqk_merged", False)
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
@@ -1355,7 +1144,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             _chunk_bwd_dqk_group_kernel[(n_chunks, batch * groups)](
                 x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
                 *shape_args, BLOCK_P=_next_pow2(head_dim), FOR_C=for_c, ROPE_IN=rope_in, **common,
-                num_warps=config.get("dqk_group_warps", 8), num_stages=config.get("dqk_group_stages", 2),
+                num_warps=config.get("dqk_group_warps", 8), num_stages=config.get("dqk_group_stages", 3),
                 maxnreg=config.get("dqk_group_maxnreg"))
         dg += dg_from_c
     elif config.get("dqk_merged", False):
@@ -1368,19 +1157,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     else:
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
-        # with blocks (block_t < T) each B-side block's end terms, summed here into the chunk's last token
-        end_terms = torch.empty(batch, heads, n_chunks, T // block_t, device=x.device, dtype=torch.float32)
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            _chunk_bwd_dqk_kernel[(units, batch * heads)](
-                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part, end_terms,
-                scores if scores is not None else dt,
-                *shape_args, BLOCK_P=block_p, TB=block_t, FOR_C=for_c, ROPE_IN=rope_in, ATOMIC=atomic,
-                SCORES_IN=scores is not None, **common,
+            _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
+                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, ATOMIC=atomic, **common,
                 num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
                 maxnreg=config.get("dqk_maxnreg"))
         dg += dg_from_c
-        if block_t < T:
-            dg.view(batch, heads, n_chunks, T)[..., -1] += end_terms.sum(dim=-1)
     if groups < heads and not group_kernel:
         if not atomic:
             dB_out = dB_out.view(batch, length, groups, heads_per_group, -1).sum(dim=3, dtype=torch.float32)
@@ -1403,11 +1186,9 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:7])
-        y, final, states, rotated_B, rotated_C, scores = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state,
-                                                                 T, config, save_for_backward=wants_grad)
-        if config.get("shared_scores") == "forward":   # the backward kernels compute their own (measured faster)
-            scores = None
-        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores)
+        y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
+                                                         config, save_for_backward=wants_grad)
+        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -1415,11 +1196,11 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores = ctx.saved_tensors
+        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
-                                                  ctx.T, ctx.config, rotated_B, rotated_C, scores)
+                                                  ctx.T, ctx.config, rotated_B, rotated_C)
         if D is not None:
             dD = dD.to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.init_dtype is not None else None

@@ -62,27 +62,13 @@ CASES = [
     # several chunks per program (the last program's share partial: 16 chunks)
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4,
      {"fwd_chunks_per_program": 3, "bwd_chunks_per_program": 5, "fwd_stages": 2, "bwd_stages": 2}),
-    # chunks of 128 / 256 tokens in 64-row blocks ("kernel_chunk" here is ssd_fused's argument)
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"kernel_chunk": 256, "block_t": 64}),
-    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 2, {"kernel_chunk": 128, "block_t": 64}),
-    (3, 2048, 4, 128, 128, torch.bfloat16, True, True, False, True, 4, {"kernel_chunk": 256, "block_t": 64}),
-    (1, 100, 1, 64, 64, torch.bfloat16, True, True, True, True, 1, {"kernel_chunk": 256, "block_t": 64,
-                                                                     "save_rotated": False}),
-    (1, 16384, 2, 64, 128, torch.bfloat16, True, True, True, True, 2, {"kernel_chunk": 128, "block_t": 64,
-                                                                        "bwd_chunks_per_program": 1}),
-    # one group's C~B~^T computed once and read by every head; dB/dC added atomically into the group's rows
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"shared_scores": True, "dqk_group": False,
-                                                                         "group_reduce": "atomic"}),
-    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"shared_scores": True}),
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, True, True, 1, {"shared_scores": True, "group_reduce": "atomic",
-                                                                       "kernel_chunk": 256, "block_t": 64}),
-    # dB/dC by one program per group and chunk, looping over the group's heads
+    # per-head dB/dC added atomically into the group's rows (the defaults use the group kernel instead)
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group": False, "group_reduce": "atomic"}),
+    # the group dB/dC kernel at 2 stages with the forward's own C~B~^T; and rotating on load
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group_stages": 2,
                                                                          "shared_scores": False}),
-    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dqk_group": True, "shared_scores": "forward"}),
-    (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"dqk_group": True, "dqk_group_stages": 3,
-                                                                    "save_rotated": False}),
-    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 1, {"dqk_group": True, "shared_scores": True}),
+    (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"save_rotated": False}),
+    (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 1, {}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
@@ -100,11 +86,9 @@ def test_kernel_matches_float64_reference(batch, length, heads, head_dim, state_
     inputs = make_inputs(batch, length, heads, head_dim, state_dim, dtype, rope, use_d, use_init, use_seq)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    kernel_chunk = overrides.pop("kernel_chunk", None)
-    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=overrides, kernel_chunk=kernel_chunk)
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=overrides)
     tolerance = 1e-3 if dtype == torch.float32 else 1e-2
-    print(f"\nshape b={batch} l={length} h={heads} g={groups} p={head_dim} n={state_dim} {dtype} "
-          f"chunk {kernel_chunk} {overrides}: "
+    print(f"\nshape b={batch} l={length} h={heads} g={groups} p={head_dim} n={state_dim} {dtype} {overrides}: "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < tolerance}

@@ -117,11 +117,10 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
          "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
-    (1, {"shared_scores": True, "group_reduce": "atomic",                 # one C~B~^T per group, per-head
-         "dqk_group": False}, torch.float32),                             # dB/dC added by atomics
-    (2, {"shared_scores": True, "save_rotated": False}, torch.bfloat16),    # shared scores from rotate-on-load
-    (1, {"dqk_group": True}, torch.float32),                                # dB/dC by one program per group
-    (2, {"dqk_group": True, "save_rotated": False, "shared_scores": "forward"}, torch.bfloat16),
+    (1, {"shared_scores": False, "group_reduce": "atomic",                # per-head dB/dC added by atomics,
+         "dqk_group": False}, torch.float32),                             # each head's own C~B~^T
+    (1, {"dqk_group": True, "shared_scores": True}, torch.float32),         # the defaults for groups < heads
+    (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
     """B/C shared by groups of heads (dB/dC summed over each group's heads) and each backward variant."""
@@ -173,37 +172,3 @@ def test_matches_chunked_reference_too(kernels):
                                    inputs["C"].double(), 8, inputs["D"].double(), None, inputs["seq_idx"])
     assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
 
-
-@pytest.mark.parametrize("kernel_chunk, block_t, groups, config, dtype", [
-    (32, 16, 2, {}, torch.float32),                                        # two blocks per chunk, groups < heads
-    (64, 16, 1, {"save_rotated": False, "fwd_chunks_per_program": 3,       # four blocks, one group, RoPE on load,
-                 "bwd_chunks_per_program": 2}, torch.float32),             # loops over blocks (crossing chunks)
-    (32, 16, 4, {}, torch.bfloat16),                                       # bf16, groups = heads
-    (32, 16, 1, {"shared_scores": True, "group_reduce": "atomic"}, torch.float32),  # shared scores' blocks
-])
-def test_blocks_inside_a_chunk(kernels, kernel_chunk, block_t, groups, config, dtype):
-    """Chunks of T tokens done in blocks of block_t rows (each program one block, walking the chunk's other
-    blocks): every output and gradient against the float64 recurrence; L = 70 ends inside a chunk and
-    inside a block, documents and an initial state on. (Dropping the cross-block terms of y moves it by
-    ~40% here; 1% on any one of them fails.)"""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    inputs = make_inputs(2, 70, 4, 16, 16, dtype, True, True, True, True, generator)
-    # slow decay, so the blocks' cross terms carry weight (make_inputs' A forgets within a few tokens)
-    inputs["A"] = -torch.rand(4, generator=generator) * 0.05 - 0.01
-    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
-    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
-    compare_with_oracle(kernels, inputs, kernel_chunk, tolerance=1e-3 if dtype == torch.float32 else 2e-2,
-                        config=dict(config, block_t=block_t))
-
-
-@pytest.mark.parametrize("block_t, config, message", [
-    (24, {}, "block_t = 24 must be a power of two"),
-    (64, {}, "block_t = 64 must be a power of two >= 16 dividing the kernel chunk 32"),
-    (16, {"dqk_merged": True}, "merged dB/dC kernel"),
-])
-def test_block_config_errors_name_the_field(kernels, block_t, config, message):
-    generator = torch.Generator().manual_seed(0)
-    inputs = make_inputs(1, 40, 2, 16, 16, torch.float32, False, False, False, False, generator)
-    inputs["B"], inputs["C"] = inputs["B"][:, :, :1].contiguous(), inputs["C"][:, :, :1].contiguous()
-    with pytest.raises(ValueError, match=message):
-        kernels.ssd_fused(**inputs, kernel_chunk=32, config=dict(config, block_t=block_t))
