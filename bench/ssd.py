@@ -74,10 +74,10 @@ SWEEP_V4_CALL2 = [
 # v9 (chunks of 128 / 256 in 64-row blocks) and v10 call 1 (shared scores in the backward too, T = 128/256 with
 # shared scores) were measured slower and their code removed: bench/ssd_notes.md has their sweeps.
 # v10 call 2: the group dB/dC kernel (one program per group and chunk, looping over its heads) and the forward's
-# shared C~B~^T (neither applies with groups = heads: the Cheems problem runs v4b's kernels); the first entry
-# is the reference of the "diff" column. "v4b" spells out the old defaults.
+# shared C~B~^T (neither applies with groups = heads: the Cheems problem runs v4b's kernels). "v4b" spells out
+# the old defaults.
 V4B = {"dqk_group": False, "shared_scores": False}
-SWEEP = [
+SWEEP_V10_CALL2 = [
     ("v4b", 64, V4B),
     ("atomic", 64, dict(V4B, group_reduce="atomic")),
     ("group", 64, {"dqk_group_stages": 2, "shared_scores": False}),
@@ -87,9 +87,18 @@ SWEEP = [
     ("atomic-shfwd", 64, {"dqk_group": False, "group_reduce": "atomic"}),
     ("v10", 64, {}),
 ]
+# v11 (built in session 8, not yet timed): dx by one program per group ("dx_group"); the first entry (the v10
+# defaults) is the reference of the "diff" column
+SWEEP = [
+    ("v10", 64, {}),
+    ("dxg", 64, {"dx_group": True}),
+    ("dxg-s2", 64, {"dx_group": True, "dx_group_stages": 2}),
+    ("dxg-4w", 64, {"dx_group": True, "dx_group_warps": 4, "dx_group_stages": 2}),
+    ("dxg-p128", 64, {"dx_group": True, "dx_group_block_p": 128}),
+]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel",),
+         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel"),
          "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 
@@ -289,6 +298,8 @@ def _knob_values(config, knob):
     values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
     if knob == "dqk":  # the two-launch backward and its group sum come with its tiles
         values.update(dqk_merged=config.get("dqk_merged"), group_reduce=config.get("group_reduce"))
+    if knob == "bwd":  # the dx kernel: per head ("bwd_*") or per group ("dx_group*")
+        values.update({key: value for key, value in config.items() if key.startswith("dx_group")})
     values.setdefault(knob + "_maxnreg", None)
     if knob in ("fwd", "bwd"):
         values.setdefault(knob + "_chunks_per_program", 1)

@@ -63,7 +63,8 @@ KERNEL_CHUNK = 64
 # for bf16 inputs (default: the input's type, as apply_rope uses them). For groups < heads only:
 # shared_scores (the forward reads C~B~^T computed once per group and chunk by `_scores_kernel` instead of
 # each head recomputing it) and dqk_group (dB/dC by one program per group and chunk looping over its heads,
-# `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with dqk_merged).
+# `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with dqk_merged) and dx_group
+# (dx the same way, `_chunk_bwd_dx_group_kernel`: built and CPU-tested in session 8, not yet timed, so off).
 # bench/ssd_notes.md v9/v10 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -73,6 +74,7 @@ CONFIG = {
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
+    "dx_group": False, "dx_group_block_p": 64, "dx_group_warps": 8, "dx_group_stages": 3,
 }
 
 
@@ -620,6 +622,89 @@ def _chunk_bwd_dx_one(
 
 
 @triton.jit
+def _chunk_bwd_dx_group_kernel(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dd_ptr,
+    BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p,
+    sb_b, sb_l, sb_h, sb_n,
+    scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n,
+    sd_b, sd_l, sd_h, sd_p,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """`_chunk_bwd_dx_kernel`'s work for every head of one B/C group: one program per (p-block, chunk, group)
+    loads k = B~ and q = C~ and forms the scores k q^T once, then loops over the group's heads (its loads
+    of dy, x and the state gradient prefetched across heads), each head applying its own decay.
+    ("dx_group"; groups < heads only.)"""
+    pid_p = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    G = H // HPG
+    bi = pid_bg // G
+    gi = pid_bg % G
+    N = 2 * NH
+    chunk_start = c * T
+    offs_t = tl.arange(0, T)
+    offs_l = chunk_start + offs_t
+    mask_t = offs_l < L
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    offs_nh = tl.arange(0, BLOCK_NH)
+    mask_nh = offs_nh < NH
+    mask_np = mask_nh[:, None] & mask_p[None, :]
+
+    same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
+    allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # [u, t]; same_doc is symmetric
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    q_first, q_second = _load_rotated_operands(
+        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    k_first, k_second = _load_rotated_operands(
+        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    # scores transposed directly: [u, t] = k_u . q_t, shared by the group's heads
+    scores_t = tl.dot(k_first, tl.trans(q_first), input_precision=DOT_PREC)
+    scores_t += tl.dot(k_second, tl.trans(q_second), input_precision=DOT_PREC)
+
+    for hi in range(gi * HPG, gi * HPG + HPG):
+        gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+        g = tl.load(g_ptr + gdt_row + offs_l)
+        dt = tl.load(dt_ptr + gdt_row + offs_l)
+        g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
+        weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
+        decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
+        dy = tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
+                     mask=mask_tp, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                    mask=mask_tp, other=0.0).to(tl.float32)
+        # G^T tile (n, p) of the state leaving chunk c, both halves
+        grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                     + offs_p[None, :] * N + offs_nh[:, None])
+        grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+        grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+        dv = tl.dot(_op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16), _op(dy, DOT_DTYPE, ROUND_BF16),
+                    input_precision=DOT_PREC)
+        dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
+        dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
+        dv += dv_end * weight[:, None]
+        dx = dv * dt[:, None]
+        if HAS_D:
+            dx += tl.load(d_ptr + hi).to(tl.float32) * dy
+            partial_row = (pid_p * BATCH + bi) * NCHUNK + c
+            tl.store(dd_ptr + partial_row * H + hi, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+        # this p-block's share of d(dt) = sum_p dv * x; the launcher sums the shares
+        ddt_row = ((pid_p * BATCH + bi) * H + hi).to(tl.int64) * LPAD
+        tl.store(ddt_ptr + ddt_row + offs_l, tl.sum(dv * x, axis=1))
+
+
+@triton.jit
 def _chunk_bwd_dqk_kernel(
     x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dbc_ptr, dg_ptr,
@@ -1107,18 +1192,26 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
     dx = torch.empty_like(x)
-    block_p = min(config["bwd_block_p"], _next_pow2(head_dim))
+    # dx: per head, or with groups < heads and "dx_group" one program per group looping over its heads
+    dx_group = groups < heads and config.get("dx_group", False)
+    block_p = min(config["dx_group_block_p" if dx_group else "bwd_block_p"], _next_pow2(head_dim))
     p_blocks = triton.cdiv(head_dim, block_p)
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
-    cpp = config.get("bwd_chunks_per_program", 1)
-    _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
-        x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
-        dx, ddt_partial, dD_partial if D is not None else dt,
-        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-        *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(),
-        BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
-        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
+    dx_args = (x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
+               dx, ddt_partial, dD_partial if D is not None else dt,
+               batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+               *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride())
+    if dx_group:
+        _chunk_bwd_dx_group_kernel[(p_blocks, n_chunks, batch * groups)](
+            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, **dict(common, ROPE=rope_in),
+            num_warps=config["dx_group_warps"], num_stages=config["dx_group_stages"],
+            maxnreg=config.get("dx_group_maxnreg"))
+    else:
+        cpp = config.get("bwd_chunks_per_program", 1)
+        _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
+            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
+            num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
     # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
     # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
