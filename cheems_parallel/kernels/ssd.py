@@ -561,7 +561,6 @@ def _chunk_bwd_dx_one(
     DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """`_chunk_bwd_dx_kernel`'s work on chunk c."""
-    N = 2 * NH
     chunk_start = c * T
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
@@ -590,6 +589,25 @@ def _chunk_bwd_dx_one(
     scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # same_doc is symmetric
+    _dx_of_head(x_ptr, dstates_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr,
+                BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
+                scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p, mask_p,
+                offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _dx_of_head(
+    x_ptr, dstates_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr,
+    BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
+    scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p, mask_p, offs_nh,
+    mask_nh, T: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """dx of head hi on chunk c and one block of p from the undecayed scores [u, t] = k_u . q_t: with v = dt x,
+    Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state leaving the chunk), `weight` w_u =
+    exp(g_last - g_u) (masked): dv = (qk^T*Gam)^T dy + w * k G^T; also the p-block's shares of d(dt), dD."""
+    N = 2 * NH
+    offs_l = c * T + offs_t
     decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
     scores_t = _op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16)
 
@@ -645,18 +663,11 @@ def _chunk_bwd_dx_group_kernel(
     G = H // HPG
     bi = pid_bg // G
     gi = pid_bg % G
-    N = 2 * NH
     chunk_start = c * T
     offs_t = tl.arange(0, T)
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask_tp = mask_t[:, None] & mask_p[None, :]
+    mask_t = chunk_start + offs_t < L
     offs_nh = tl.arange(0, BLOCK_NH)
     mask_nh = offs_nh < NH
-    mask_np = mask_nh[:, None] & mask_p[None, :]
-
     same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # [u, t]; same_doc is symmetric
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
@@ -670,38 +681,19 @@ def _chunk_bwd_dx_group_kernel(
     # scores transposed directly: [u, t] = k_u . q_t, shared by the group's heads
     scores_t = tl.dot(k_first, tl.trans(q_first), input_precision=DOT_PREC)
     scores_t += tl.dot(k_second, tl.trans(q_second), input_precision=DOT_PREC)
-
+    offs_l = chunk_start + offs_t
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
     for hi in range(gi * HPG, gi * HPG + HPG):
         gdt_row = (bi * H + hi).to(tl.int64) * LPAD
         g = tl.load(g_ptr + gdt_row + offs_l)
         dt = tl.load(dt_ptr + gdt_row + offs_l)
         g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
         weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
-        decay_t = tl.exp(tl.where(allowed_t, g[None, :] - g[:, None], float("-inf")))
-        dy = tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                     mask=mask_tp, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                    mask=mask_tp, other=0.0).to(tl.float32)
-        # G^T tile (n, p) of the state leaving chunk c, both halves
-        grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                     + offs_p[None, :] * N + offs_nh[:, None])
-        grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        dv = tl.dot(_op(scores_t * decay_t, DOT_DTYPE, ROUND_BF16), _op(dy, DOT_DTYPE, ROUND_BF16),
-                    input_precision=DOT_PREC)
-        dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
-        dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
-        dv += dv_end * weight[:, None]
-        dx = dv * dt[:, None]
-        if HAS_D:
-            dx += tl.load(d_ptr + hi).to(tl.float32) * dy
-            partial_row = (pid_p * BATCH + bi) * NCHUNK + c
-            tl.store(dd_ptr + partial_row * H + hi, tl.sum(tl.sum(dy * x, axis=1), axis=0))
-        tl.store(dx_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
-        # this p-block's share of d(dt) = sum_p dv * x; the launcher sums the shares
-        ddt_row = ((pid_p * BATCH + bi) * H + hi).to(tl.int64) * LPAD
-        tl.store(ddt_ptr + ddt_row + offs_l, tl.sum(dv * x, axis=1))
+        _dx_of_head(x_ptr, dstates_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr,
+                    BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
+                    scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p,
+                    mask_p, offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
