@@ -45,7 +45,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    raw_rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")).strip()
+    rank = int(raw_rank) if raw_rank.isdigit() else 0   # a bad RANK is reported by the launch check, not here
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
@@ -64,7 +65,14 @@ def main(argv=None) -> int:
             overrides.append(f"checkpoint.resume={arguments.resume}")
         config = load_config(arguments.config, overrides)
         default_paths(config)
-        batch = validate(config, world_size_from_environment())
+        if arguments.check:
+            # the launch environment as a real run reads it, on a copy (nothing exported, MPI not initialised):
+            # a RANK without WORLD_SIZE or a rank outside the world fails here as it would at launch
+            from .distributed_env import discover_ranks
+            world_size = discover_ranks(dict(os.environ), use_mpi4py=False, announce=False)["world_size"]
+        else:
+            world_size = world_size_from_environment()
+        batch = validate(config, world_size)
         if arguments.check:
             print(f"{config.source}: ok | world {batch.world_size} = data parallel {batch.data_parallel_size} x "
                   f"tensor {config.parallel.tensor_parallel_size} x pipeline {config.parallel.pipeline_parallel_size}"

@@ -137,3 +137,21 @@ def test_export_of_a_run_directory_names_a_checkpoint_inside_in_one_line(tmp_pat
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and f"is not a checkpoint but holds some: name one, e.g. {checkpoint}" in lines[0]
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("environment, fragment", [
+    ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "rank 5 of world size 2"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+])
+def test_check_reads_the_launch_environment_as_a_launch_does(environment, fragment):
+    """`--check` under a launcher environment that a real run refuses fails the same way: one line, exit 2
+    (it used to print "ok" for a RANK without WORLD_SIZE and end in a traceback for a non-integer RANK)."""
+    launch_names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {name: value for name, value in os.environ.items()
+           if name not in launch_names and not name.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    env.update(environment)
+    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/cheems-tiny.yaml", "--check"],
+                            cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
