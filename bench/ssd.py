@@ -42,8 +42,9 @@ DEVICE = "cuda"
 # kernel configurations tried on each problem at one length before the table (v2/v3: bench/ssd_notes.md).
 # v4 sweep: each variant changes several kernels' tiles at once; the per-kernel profile of every variant
 # (`sweep_configs`) then picks the fastest setting of each kernel group separately (the groups' knobs are
-# independent: fwd_* -> _chunk_fwd, state_* -> _state_fwd + _state_bwd, bwd_* -> _chunk_bwd_dx,
-# dqk_* -> _chunk_bwd_dbc), and that combination is timed as "combined" (within the fastest variant's chunk layout).
+# independent: fwd_* -> _chunk_fwd, state_* -> _state_fwd + _state_bwd, bwd_* / dx_group* -> the dx kernels,
+# dqk_* -> the dB/dC kernels), and that combination is timed as "combined" (among the variants with the
+# fastest one's kernel chunk and shared scores).
 V2 = {"save_rotated": False, "dqk_merged": False, "fwd_block_p": 64, "fwd_warps": 4}
 V3 = {"fwd_block_p": 128, "fwd_warps": 8, "fwd_save_block_p": 128, "fwd_save_warps": 8, "bwd_block_p": 128,
       "bwd_warps": 8, "bwd_stages": 1, "bwd_chunks_per_program": 1, "dqk_maxnreg": None}   # v3's defaults
@@ -61,32 +62,8 @@ SWEEP_V4_CALL1 = [
                       dqk_stages=1)),
     ("v4-e", 64, dict(V3, fwd_maxnreg=128, bwd_maxnreg=128, state_maxnreg=96, dqk_block_p=32, dqk_maxnreg=128)),
 ]
-# call 2 of v4: around v4's defaults
-SWEEP_V4_CALL2 = [
-    ("v4", 64, {}),
-    ("v4-f", 64, {"fwd_chunks_per_program": 4, "fwd_save_chunks_per_program": 1, "state_stages": 3,
-                  "bwd_chunks_per_program": 8, "dqk_stages": 3}),
-    ("v4-g", 64, {"dqk_merged": False, "group_reduce": "sum", "bwd_maxnreg": 168, "fwd_save_maxnreg": 168,
-                  "fwd_save_block_p": 64, "fwd_save_warps": 4, "state_block_p": 32, "state_stages": 3}),
-    ("v4-h", 64, {"dqk_merged": False, "group_reduce": "sum", "dqk_warps": 4, "dqk_maxnreg": None,
-                  "bwd_chunks_per_program": 2}),
-]
-# v9 (chunks of 128 / 256 in 64-row blocks) and v10 call 1 (shared scores in the backward too, T = 128/256 with
-# shared scores) were measured slower and their code removed: bench/ssd_notes.md has their sweeps.
-# v10 call 2: the group dB/dC kernel (one program per group and chunk, looping over its heads) and the forward's
-# shared C~B~^T (neither applies with groups = heads: the Cheems problem runs v4b's kernels). "v4b" spells out
-# the old defaults.
-V4B = {"dqk_group": False, "shared_scores": False}
-SWEEP_V10_CALL2 = [
-    ("v4b", 64, V4B),
-    ("atomic", 64, dict(V4B, group_reduce="atomic")),
-    ("group", 64, {"dqk_group_stages": 2, "shared_scores": False}),
-    ("group-s3", 64, {"shared_scores": False}),
-    ("group-s1", 64, {"dqk_group_stages": 1, "shared_scores": False}),
-    ("group-shfwd", 64, {"dqk_group_stages": 2}),
-    ("atomic-shfwd", 64, {"dqk_group": False, "group_reduce": "atomic"}),
-    ("v10", 64, {}),
-]
+# v4's call 2 and v9/v10's sweeps (sub-tiled chunks, shared scores in the backward, atomics, the group dB/dC
+# kernel's stages) are recorded with their configs and numbers in bench/ssd_notes.md and bench/results/.
 # v11 (built in session 8, not yet timed): dx by one program per group ("dx_group"); the first entry (the v10
 # defaults) is the reference of the "diff" column
 SWEEP = [

@@ -48,24 +48,24 @@ from cheems_parallel.ops.ssd import ssd_chunked
 
 # The kernels' chunk length and tile sizes. Tunable (bench/ssd.py sweeps them); the math does not depend on them.
 KERNEL_CHUNK = 64
-# Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md); since v4b the dB/dC backward
-# is the two-launch one at 4 warps (28% / 15% faster than the merged one on mamba's / the Cheems shape, and
-# deterministic: no atomics); since v10, with groups < heads, the group dB/dC kernel (3 stages) and the
-# forward reading shared C~B~^T (mamba's one-group shape: 6.12 -> 5.40 ms of kernels fwd+bwd at L = 4k). Per kernel: *_block_p, *_warps,
-# *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some spilling), and for
-# the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next tiles the
-# compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
-# backward follows. save_rotated: the forward stores
-# B~, C~ for the backward kernels (no RoPE on their loads: no register spills there); dqk_merged: one launch
-# for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"): how dB/dC are summed over a B/C group's
-# heads when groups < heads (atomic: float32 adds in no fixed order, so not bitwise deterministic; groups =
-# heads, the Cheems layer, stores directly; "atomic" is not used with dqk_group); rope_tables_fp32: float32 tables
-# for bf16 inputs (default: the input's type, as apply_rope uses them). For groups < heads only:
-# shared_scores (the forward reads C~B~^T computed once per group and chunk by `_scores_kernel` instead of
-# each head recomputing it) and dqk_group (dB/dC by one program per group and chunk looping over its heads,
-# `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with dqk_merged) and dx_group
-# (dx the same way, `_chunk_bwd_dx_group_kernel`: built and CPU-tested in session 8, not yet timed, so off).
-# bench/ssd_notes.md v9/v10 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
+# Defaults: the winners of v3's and v4's sweeps on the H200 (bench/ssd_notes.md); since v4b the dB/dC backward is
+# the two-launch one at 4 warps (28% / 15% faster than the merged one on mamba's / the Cheems shape, and
+# deterministic: no atomics); since v10, with groups < heads, the group dB/dC kernel (3 stages) and the forward
+# reading shared C~B~^T (mamba's one-group shape: 6.12 -> 5.40 ms of kernels fwd+bwd at L = 4k). Per kernel:
+# *_block_p, *_warps, *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some
+# spilling), and for the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next
+# tiles the compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
+# backward follows. save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no
+# register spills there); dqk_merged: one launch for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"):
+# how dB/dC are summed over a B/C group's heads when groups < heads (atomic: float32 adds in no fixed order, so
+# not bitwise deterministic; groups = heads, the Cheems layer, stores directly; "atomic" is not used with
+# dqk_group); rope_tables_fp32: float32 tables for bf16 inputs (default: the input's type, as apply_rope uses
+# them). For groups < heads only: shared_scores (the forward reads C~B~^T computed once per group and chunk by
+# `_scores_kernel` instead of each head recomputing it) and dqk_group (dB/dC by one program per group and chunk
+# looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with
+# dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`: built and CPU-tested in session 8, not
+# yet timed, so off). bench/ssd_notes.md v9/v10 has the measurements (v9's sub-tiled chunks of 128/256 were
+# slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -153,6 +153,20 @@ def _load_rotated_operands(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, strid
 
 
 @triton.jit
+def _load_group_qk(c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+                   scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """q = rope(C) and k = rope(B) of one chunk of B/C group gi, each as its two halves' product operands."""
+    q_first, q_second = _load_rotated_operands(
+        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    k_first, k_second = _load_rotated_operands(
+        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
+        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    return q_first, q_second, k_first, k_second
+
+
+@triton.jit
 def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
                      grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
                      ATOMIC: tl.constexpr):
@@ -221,12 +235,9 @@ def _scores_kernel(
     mask_t = chunk_start + offs_t < L
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_first, q_second = _load_rotated_operands(
-        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
-    k_first, k_second = _load_rotated_operands(
-        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    q_first, q_second, k_first, k_second = _load_group_qk(
+        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE, DOT_DTYPE, ROUND_BF16)
     scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
     scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
     cb_chunk = ((bi * G + gi) * NCHUNK + c).to(tl.int64) * T * T
@@ -672,12 +683,9 @@ def _chunk_bwd_dx_group_kernel(
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # [u, t]; same_doc is symmetric
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_first, q_second = _load_rotated_operands(
-        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
-    k_first, k_second = _load_rotated_operands(
-        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE, DOT_DTYPE, ROUND_BF16)
+    q_first, q_second, k_first, k_second = _load_group_qk(
+        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE, DOT_DTYPE, ROUND_BF16)
     # scores transposed directly: [u, t] = k_u . q_t, shared by the group's heads
     scores_t = tl.dot(k_first, tl.trans(q_first), input_precision=DOT_PREC)
     scores_t += tl.dot(k_second, tl.trans(q_second), input_precision=DOT_PREC)
@@ -888,12 +896,9 @@ def _chunk_bwd_dbc_kernel(
                              input_precision=DOT_PREC)
 
     # q = C~, k = B~ only now: holding them through the loop costs registers the loop's accumulators need
-    q_first, q_second = _load_rotated_operands(
-        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-    k_first, k_second = _load_rotated_operands(
-        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    q_first, q_second, k_first, k_second = _load_group_qk(
+        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE_IN, DOT_DTYPE, ROUND_BF16)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
@@ -988,12 +993,9 @@ def _chunk_bwd_dqk_group_kernel(
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
-    q_first, q_second = _load_rotated_operands(
-        c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-    k_first, k_second = _load_rotated_operands(
-        b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n, cos_base, sin_base,
-        sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    q_first, q_second, k_first, k_second = _load_group_qk(
+        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE_IN, DOT_DTYPE, ROUND_BF16)
     scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
     scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
     if FOR_C:
@@ -1222,17 +1224,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
     shape_args = (length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
                   *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
-    if group_kernel:
-        dg_from_c = torch.empty_like(g)
-        dg = torch.empty_like(g)   # dg from the B side, then the sum
-        for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            _chunk_bwd_dqk_group_kernel[(n_chunks, batch * groups)](
-                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                *shape_args, BLOCK_P=_next_pow2(head_dim), FOR_C=for_c, ROPE_IN=rope_in, **common,
-                num_warps=config.get("dqk_group_warps", 8), num_stages=config.get("dqk_group_stages", 3),
-                maxnreg=config.get("dqk_group_maxnreg"))
-        dg += dg_from_c
-    elif config.get("dqk_merged", False):
+    if config.get("dqk_merged", False) and not group_kernel:
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
@@ -1240,14 +1232,20 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
                 maxnreg=config.get("dqk_maxnreg"))
     else:
+        # two launches, C side then B side: per group (one program loops over the group's heads) or per head
+        if group_kernel:
+            kernel, grid = _chunk_bwd_dqk_group_kernel, (n_chunks, batch * groups)
+            tiles = dict(BLOCK_P=_next_pow2(head_dim), num_warps=config["dqk_group_warps"],
+                         num_stages=config["dqk_group_stages"], maxnreg=config.get("dqk_group_maxnreg"))
+        else:
+            kernel, grid = _chunk_bwd_dqk_kernel, (n_chunks, batch * heads)
+            tiles = dict(BLOCK_P=block_p, ATOMIC=atomic, num_warps=config["dqk_warps"],
+                         num_stages=config["dqk_stages"], maxnreg=config.get("dqk_maxnreg"))
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            _chunk_bwd_dqk_kernel[(n_chunks, batch * heads)](
-                x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                *shape_args, BLOCK_P=block_p, FOR_C=for_c, ROPE_IN=rope_in, ATOMIC=atomic, **common,
-                num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
-                maxnreg=config.get("dqk_maxnreg"))
+            kernel[grid](x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                         *shape_args, FOR_C=for_c, ROPE_IN=rope_in, **common, **tiles)
         dg += dg_from_c
     if groups < heads and not group_kernel:
         if not atomic:
