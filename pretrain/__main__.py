@@ -65,14 +65,7 @@ def main(argv=None) -> int:
             overrides.append(f"checkpoint.resume={arguments.resume}")
         config = load_config(arguments.config, overrides)
         default_paths(config)
-        if arguments.check:
-            # the launch environment as a real run reads it, on a copy (nothing exported, MPI not initialised):
-            # a RANK without WORLD_SIZE or a rank outside the world fails here as it would at launch
-            from .distributed_env import discover_ranks
-            world_size = discover_ranks(dict(os.environ), use_mpi4py=False, announce=False)["world_size"]
-        else:
-            world_size = world_size_from_environment()
-        batch = validate(config, world_size)
+        batch = validate(config, world_size_from_environment())
         if arguments.check:
             print(f"{config.source}: ok | world {batch.world_size} = data parallel {batch.data_parallel_size} x "
                   f"tensor {config.parallel.tensor_parallel_size} x pipeline {config.parallel.pipeline_parallel_size}"

@@ -217,11 +217,15 @@ def _from_mpi_environment(environ) -> dict:
 
 
 def world_size_of(environ) -> int:
-    """The world size discover_ranks will find, without side effects (no mpi4py, nothing exported); 1 when
-    the launch is unreadable (discover_ranks then names the problem)."""
+    """The world size discover_ranks will find, without side effects (no mpi4py, nothing exported). A
+    torchrun-style launch is read by discover_ranks' own parser and checks (a RANK without WORLD_SIZE, a
+    non-integer, a rank outside the world are ConfigErrors here already); an MPI or Slurm launch that is
+    unreadable counts as 1 (discover_ranks then names the problem)."""
     if "RANK" in environ:
-        names = ["WORLD_SIZE"]
-    elif _in_srun_step(environ):
+        layout = _from_torchrun(environ)
+        _check_layout(layout)
+        return layout["world_size"]
+    if _in_srun_step(environ):
         names = ["SLURM_NTASKS"]
     else:
         names = [size for rank, size, _, _ in MPI_ENVIRONMENTS if rank in environ and size in environ][:1]
@@ -260,18 +264,22 @@ def discover_ranks(environ: MutableMapping[str, str] | None = None, use_mpi4py: 
                   "master_addr": environ.get("MASTER_ADDR", LOOPBACK),
                   "master_port": environ.get("MASTER_PORT", str(_free_port())), "source": "single"}
 
-    if layout["world_size"] < 1 or not 0 <= layout["rank"] < layout["world_size"]:
-        raise ConfigError(f"environment: rank {layout['rank']} of world size {layout['world_size']} (from "
-                          f"{layout['source']}) is impossible; check the launcher's task count")
-    if layout["local_rank"] < 0 or layout["local_rank"] > layout["rank"]:
-        raise ConfigError(f"environment: local rank {layout['local_rank']} with global rank {layout['rank']} "
-                          f"(from {layout['source']}) is impossible")
+    _check_layout(layout)
     environ.update({"RANK": str(layout["rank"]), "WORLD_SIZE": str(layout["world_size"]),
                     "LOCAL_RANK": str(layout["local_rank"]), "MASTER_ADDR": layout["master_addr"],
                     "MASTER_PORT": str(layout["master_port"])})
     if announce:
         _announce(layout)
     return layout
+
+
+def _check_layout(layout: dict) -> None:
+    if layout["world_size"] < 1 or not 0 <= layout["rank"] < layout["world_size"]:
+        raise ConfigError(f"environment: rank {layout['rank']} of world size {layout['world_size']} (from "
+                          f"{layout['source']}) is impossible; check the launcher's task count")
+    if layout["local_rank"] < 0 or layout["local_rank"] > layout["rank"]:
+        raise ConfigError(f"environment: local rank {layout['local_rank']} with global rank {layout['rank']} "
+                          f"(from {layout['source']}) is impossible")
 
 
 def _mpi4py_available() -> bool:
