@@ -351,12 +351,10 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
 
     print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
           f"rel. diff vs the first entry of y, dx, dB, dC, d dt_raw):")
-    short = ("_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_dx_kernel",
-             "_chunk_bwd_dbc_kernel")
+    columns = (("_state_fwd_kernel",), ("_chunk_fwd_kernel",), ("_state_bwd_kernel",), KNOBS["bwd"], KNOBS["dqk"])
     for name in results:
-        per_kernel = " ".join(f"{kernel_ms(profiles[name], KNOBS['dqk'] if k in KNOBS['dqk'] else (k,)):6.3f}"
-                              for k in short)
-        fwd_kernels = " ".join(f"{kernel_ms(fwd_profiles[name], (k,)):6.3f}" for k in short[:2])
+        per_kernel = " ".join(f"{kernel_ms(profiles[name], kernels):6.3f}" for kernels in columns)
+        fwd_kernels = " ".join(f"{kernel_ms(fwd_profiles[name], kernels):6.3f}" for kernels in columns[:2])
         print(f"  {name:12s} fwd+bwd {results[name]:7.3f} ms ({tokens / results[name] / 1e3:6.2f} Mtok/s) "
               f"[{per_kernel}]  fwd {fwd_ms[name]:6.3f} ms ({tokens / fwd_ms[name] / 1e3:6.2f}) [{fwd_kernels}]  "
               f"diff {errors.get(name)}")

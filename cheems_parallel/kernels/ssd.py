@@ -63,9 +63,9 @@ KERNEL_CHUNK = 64
 # them). For groups < heads only: shared_scores (the forward reads C~B~^T computed once per group and chunk by
 # `_scores_kernel` instead of each head recomputing it) and dqk_group (dB/dC by one program per group and chunk
 # looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with
-# dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`: built and CPU-tested in session 8, not
-# yet timed, so off). bench/ssd_notes.md v9/v10 has the measurements (v9's sub-tiled chunks of 128/256 were
-# slower: removed).
+# dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps,
+# 2 stages: dx 1.25 -> 1.12 ms on mamba's shape at L = 4k, while 8 warps were slower than per-head dx).
+# bench/ssd_notes.md v9-v11 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -74,7 +74,7 @@ CONFIG = {
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
-    "dx_group": False, "dx_group_block_p": 64, "dx_group_warps": 8, "dx_group_stages": 3,
+    "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
 }
 
 

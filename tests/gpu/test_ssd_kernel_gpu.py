@@ -69,10 +69,10 @@ CASES = [
                                                                          "shared_scores": False}),
     (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"save_rotated": False}),
     (2, 1000, 4, 64, 128, torch.float32, True, True, True, True, 1, {}),
-    # dx by one program per group (not yet the default: built in session 8 without a GPU)
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dx_group": True}),
-    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dx_group": True, "dx_group_warps": 4,
-                                                                      "dx_group_stages": 2}),
+    # dx per head with groups (dx_group is the default since v11), dx_group at 8 warps 3 stages, rotating on load
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dx_group": False}),
+    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dx_group": True, "dx_group_warps": 8,
+                                                                      "dx_group_stages": 3}),
     (1, 100, 4, 64, 64, torch.float32, True, True, True, True, 1, {"dx_group": True, "save_rotated": False}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,

@@ -121,7 +121,7 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
          "dqk_group": False}, torch.float32),                             # each head's own C~B~^T
     (1, {"dqk_group": True, "shared_scores": True}, torch.float32),         # the defaults for groups < heads
     (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
-    (1, {"dx_group": True}, torch.float32),                                 # dx by one program per group
+    (1, {"dx_group": False}, torch.float32),                                # per-head dx with groups < heads
     (2, {"dx_group": True, "dx_group_block_p": 8, "save_rotated": False}, torch.bfloat16),  # 2 p-blocks
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
