@@ -64,17 +64,18 @@ SWEEP_V4_CALL1 = [
 ]
 # v4's call 2 and v9/v10's sweeps (sub-tiled chunks, shared scores in the backward, atomics, the group dB/dC
 # kernel's stages) are recorded with their configs and numbers in bench/ssd_notes.md and bench/results/.
-# v12 (session 9): dx and the B side of dB/dC in one launch per group ("dxb_group"); the first entry (the v11
-# defaults) is the reference of the "diff" column
+# v11 (session 9): the defaults first (the reference of the "diff" column), then the dx kernel's neighbours and the
+# group dB/dC kernel at 4 warps (two programs per SM, spilling offline); v12's fused dx + B side was removed after
+# its sweep (bench/ssd_notes.md)
 SWEEP = [
     ("v11", 64, {}),
-    ("dxb", 64, {"dxb_group": True}),
-    ("dxb-s3", 64, {"dxb_group": True, "dxb_group_stages": 3}),
-    ("dxb-s1", 64, {"dxb_group": True, "dxb_group_stages": 1}),
+    ("dxg-4w-s3", 64, {"dx_group_stages": 3}),
+    ("dxg-4w-p32", 64, {"dx_group_block_p": 32}),
+    ("dqkg-4w-s2", 64, {"dqk_group_warps": 4, "dqk_group_stages": 2}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel", "_chunk_bwd_dxb_group_kernel"),
+         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel"),
          "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 
@@ -274,8 +275,8 @@ def _knob_values(config, knob):
     values = {key: value for key, value in config.items() if key.startswith(knob + "_") and "nograd" not in key}
     if knob == "dqk":  # the two-launch backward and its group sum come with its tiles
         values.update(dqk_merged=config.get("dqk_merged"), group_reduce=config.get("group_reduce"))
-    if knob == "bwd":  # the dx kernel: per head ("bwd_*"), per group ("dx_group*"), or with the B side ("dxb_*")
-        values.update({key: value for key, value in config.items() if key.startswith(("dx_group", "dxb_group"))})
+    if knob == "bwd":  # the dx kernel: per head ("bwd_*") or per group ("dx_group*")
+        values.update({key: value for key, value in config.items() if key.startswith("dx_group")})
     values.setdefault(knob + "_maxnreg", None)
     if knob in ("fwd", "bwd"):
         values.setdefault(knob + "_chunks_per_program", 1)
@@ -443,10 +444,10 @@ def compile_report(overrides, kernel_chunk=64, batch=2, length=1024, heads=32, h
             dt = torch.empty(batch, heads, lpad)
             D = torch.empty(heads)
             for grad in (False, True):
-                _, _, states, rotated_B, rotated_C, scores = ssd_kernels._forward(
+                _, _, states, rotated_B, rotated_C = ssd_kernels._forward(
                     x, B, C, cos, sin, dt, dt, None, D, None, kernel_chunk, config, save_for_backward=grad)
             ssd_kernels._backward(torch.empty_like(x), None, x, B, C, cos, sin, dt, dt, None, D, states,
-                                  kernel_chunk, config, rotated_B, rotated_C, scores)
+                     kernel_chunk, config, rotated_B, rotated_C)
             for name, options, registers, stack, shared, hgmma in rows:
                 print(f"{problem_name:7s} {name:24s} warps {options['num_warps']} stages {options['num_stages']} "
                       f"cap {options.get('maxnreg', '-')!s:4s} registers {registers:3d} stack {stack:5d} B "

@@ -75,7 +75,6 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "dxb_group": False, "dxb_group_warps": 8, "dxb_group_stages": 2,
 }
 
 
@@ -1058,147 +1057,6 @@ def _chunk_bwd_dqk_group_kernel(
                      mask_nh, NH, ROPE, False)
 
 
-@triton.jit
-def _full_columns(BLOCK_NH: tl.constexpr, NH):
-    """Columns of a full-width (T, n) tile laid out as its two rotate-half halves, each padded to BLOCK_NH:
-    tile column i holds state column (i // BLOCK_NH) * NH + i % BLOCK_NH, valid where i % BLOCK_NH < NH; the
-    partner column rotate_half pairs it with, and that pairing's sign in rope (-1 on the first half)."""
-    offs = tl.arange(0, 2 * BLOCK_NH)
-    half = offs // BLOCK_NH
-    within = offs % BLOCK_NH
-    return half * NH + within, (1 - half) * NH + within, within < NH, tl.where(half == 0, -1.0, 1.0)
-
-
-@triton.jit
-def _load_full_operand(base_ptr, stride_t, stride_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
-                       mask_c, sign, ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """rope(v) of a (T, n) tile as one full-width product operand (columns from `_full_columns`):
-    rope(v)[i] = v[i] cos[i] + sign[i] v[partner[i]] sin[i]."""
-    mask = mask_t[:, None] & mask_c[None, :]
-    value = tl.load(base_ptr + offs_t[:, None] * stride_t + cols[None, :] * stride_n, mask=mask, other=0.0)
-    if ROPE:
-        value = value.to(tl.float32)
-        other = tl.load(base_ptr + offs_t[:, None] * stride_t + partner[None, :] * stride_n, mask=mask,
-                        other=0.0).to(tl.float32)
-        table = offs_t[:, None] * sc_l + cols[None, :] * sc_n
-        cos = tl.load(cos_base + table, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_base + table, mask=mask, other=0.0).to(tl.float32)
-        value = value * cos + sign[None, :] * other * sin
-    return _op(value, DOT_DTYPE, ROUND_BF16)
-
-
-@triton.jit
-def _chunk_bwd_dxb_group_kernel(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dd_ptr, db_ptr, dg_ptr, cb_ptr,
-    BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
-    sx_b, sx_l, sx_h, sx_p,
-    sb_b, sb_l, sb_h, sb_n,
-    scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n,
-    sd_b, sd_l, sd_h, sd_p,
-    sg_b, sg_l, sg_h, sg_n,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, SCORES_IN: tl.constexpr,
-):
-    """dx and the B side of one chunk of one B/C group in one program ("dxb_group"; groups < heads): the two
-    read the same dy, x and state gradient G of each head, so each head's tiles are loaded once for
-    `_chunk_bwd_dx_group_kernel`'s dx (and d(dt), dD shares) and `_chunk_bwd_dqk_group_kernel`'s dB (FOR_C
-    False) and dg share; their docstrings have the formulas. One (T, BLOCK_P >= P) tile per head.
-
-    Written so that no product's result flows into another product inside the head loop: Triton gives such
-    "chained" products all warps on the row axis, and a 64-row tile on 8 warps is then held and computed twice
-    (registers spill). Hence full-width n operands (one product, not one per rotate-half half), the scores
-    read from the forward's `_scores_kernel` (SCORES_IN) rather than formed here, k reloaded per head (an
-    operand in shared memory, not registers), dv's two terms added after their scaling, and the B side's
-    carried term k_u . (x G)_u taken as sum_p x[u, p] (k G^T)[u, p] from dx's k G^T."""
-    c = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    G = H // HPG
-    bi = pid_bg // G
-    gi = pid_bg % G
-    N = 2 * NH
-    chunk_start = c * T
-    offs_t = tl.arange(0, T)
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
-    mask_pc = mask_p[:, None] & mask_c[None, :]
-
-    same_doc, _, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
-    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    k_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l
-    if SCORES_IN:
-        scores = tl.load(cb_ptr + ((bi * G + gi) * NCHUNK + c).to(tl.int64) * T * T
-                         + offs_t[:, None] * T + offs_t[None, :])                      # [t, u] = q_t . k_u
-    else:
-        q = _load_full_operand(q_base, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
-                               mask_c, sign, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-        k = _load_full_operand(k_base, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
-                               mask_c, sign, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-
-    weights = tl.zeros((T, T), dtype=tl.float32)                  # W = sum_h (dy_h . x_h) * Gam_h * dt_h
-    acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)           # sum_h w_h dt_h x_h G_h
-    for hi in range(gi * HPG, gi * HPG + HPG):
-        gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-        g = tl.load(g_ptr + gdt_row + offs_l)
-        dt = tl.load(dt_ptr + gdt_row + offs_l)
-        g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-        weight = tl.where(reaches_end, tl.exp(g_last - g), 0.0)
-        scale = weight * dt   # the B side's row scale (dt: its product holds x G, not v G)
-        decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))            # Gam_h [t, u]
-        # k again for each head (hi // H is 0: a per-head address, so the load stays in the loop, into shared memory)
-        k = _load_full_operand(k_base + (hi // H) * sb_l, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t,
-                               cols, partner, mask_c, sign, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-        head_xo = bi.to(tl.int64) * sx_b + hi * sx_h   # x and dx
-        x_in = tl.load(x_ptr + head_xo + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0)
-        dy_in = tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                        mask=mask_tp, other=0.0)
-        grad = _op(tl.load(dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                           + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0), DOT_DTYPE, ROUND_BF16)
-        x = _op(x_in, DOT_DTYPE, ROUND_BF16)
-        dy = _op(dy_in, DOT_DTYPE, ROUND_BF16)
-        x_f = x_in.to(tl.float32)
-
-        # dx: dv = (q k^T * Gam)^T dy + w * k G^T
-        dv_intra = tl.dot(_op(tl.trans(scores * decay), DOT_DTYPE, ROUND_BF16), dy, input_precision=DOT_PREC)
-        dv_end = tl.dot(k, tl.trans(grad), input_precision=DOT_PREC)
-        end_x = tl.sum(dv_end * x_f, axis=1)
-        dx = dv_intra * dt[:, None] + dv_end * scale[:, None]
-        if HAS_D:
-            dy_f = dy_in.to(tl.float32)
-            dx += tl.load(d_ptr + hi).to(tl.float32) * dy_f
-            tl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, tl.sum(tl.sum(dy_f * x_f, axis=1), axis=0))
-        tl.store(dx_ptr + head_xo + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, dx.to(dx_ptr.dtype.element_ty),
-                 mask=mask_tp)
-        tl.store(ddt_ptr + gdt_row + offs_l, tl.sum(dv_intra * x_f, axis=1) + weight * end_x)   # sum_p dv x
-
-        # B side: dk = W^T q + sum_h w_h dt_h x_h G_h (row scale folded into x); dg's share
-        acc = tl.dot(_op(x_f * scale[:, None], DOT_DTYPE, ROUND_BF16), grad, acc, input_precision=DOT_PREC)
-        dy_v = tl.dot(dy, tl.trans(x), input_precision=DOT_PREC) * decay * dt[None, :]
-        weights += dy_v
-        carried = end_x * scale   # k_u . (w_u dt_u (x G)_u)
-        dg = -tl.sum(scores * dy_v, axis=0) - carried + tl.where(offs_t == T - 1, tl.sum(carried, axis=0), 0.0)
-        tl.store(dg_ptr + gdt_row + offs_l, dg)
-
-    q = _load_full_operand(q_base, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
-                           mask_c, sign, ROPE_IN, DOT_DTYPE, ROUND_BF16)
-    grad = acc + tl.dot(tl.trans(_op(weights, DOT_DTYPE, ROUND_BF16)), q, input_precision=DOT_PREC)
-    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
-    offs_nh = tl.arange(0, BLOCK_NH)
-    _store_unrotated(db_ptr + bi.to(tl.int64) * sg_b + gi * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     offs_nh < NH, NH, ROPE, False)
-
-
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -1231,8 +1089,7 @@ def _rope_args(cos, sin, fallback):
 
 def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_for_backward=True):
     """Kernel forward. dt, g (b, h, lpad) float32; seq (b, lpad) int32 or None.
-    Returns y, final, states, B~, C~ (rotated; None unless config "save_rotated" and RoPE on), and the
-    group's C~B~^T per chunk (None unless "shared_scores" with groups < heads)."""
+    Returns y, final, states, and B~, C~ (rotated; None unless config "save_rotated" and RoPE on)."""
     batch, length, heads, head_dim = x.shape
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
@@ -1292,13 +1149,11 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None, num_warps=fwd["fwd_warps"],
         num_stages=fwd["fwd_stages"], maxnreg=fwd["fwd_maxnreg"])
-    return y, final, states, rotated_B, rotated_C, scores
+    return y, final, states, rotated_B, rotated_C
 
 
-def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None,
-              scores=None):
-    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32). scores: the forward's
-    C~B~^T per group and chunk, read by "dxb_group" (formed in the kernel when None)."""
+def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
+    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     heads_per_group = heads // groups
@@ -1330,26 +1185,18 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
-    # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), whose
-    # B side may also compute dx ("dxb_group"), or written per head, then summed over each group's heads in
-    # float32, or added atomically into float32 group rows ("group_reduce": "atomic"); groups = heads: stored
-    # directly.
-    group_kernel = groups < heads and config.get("dqk_group", False) and not config.get("dqk_merged", False)
-    dxb_group = group_kernel and config.get("dxb_group", False)
     dx = torch.empty_like(x)
     # dx: per head, or with groups < heads and "dx_group" one program per group looping over its heads
     dx_group = groups < heads and config.get("dx_group", False)
     block_p = min(config["dx_group_block_p" if dx_group else "bwd_block_p"], _next_pow2(head_dim))
-    p_blocks = 1 if dxb_group else triton.cdiv(head_dim, block_p)
+    p_blocks = triton.cdiv(head_dim, block_p)
     ddt_partial = torch.empty(p_blocks, *dt.shape, device=x.device, dtype=torch.float32)
     dD_partial = torch.empty(p_blocks, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
     dx_args = (x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, dstates, D if D is not None else dt, dy,
                dx, ddt_partial, dD_partial if D is not None else dt,
                batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
                *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride())
-    if dxb_group:
-        pass   # with the B side below
-    elif dx_group:
+    if dx_group:
         _chunk_bwd_dx_group_kernel[(p_blocks, n_chunks, batch * groups)](
             *dx_args, BLOCK_P=block_p, HAS_D=D is not None, **dict(common, ROPE=rope_in),
             num_warps=config["dx_group_warps"], num_stages=config["dx_group_stages"],
@@ -1360,6 +1207,10 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             *dx_args, BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
             num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
+    # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
+    # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
+    # ("group_reduce": "atomic"); groups = heads: stored directly.
+    group_kernel = groups < heads and config.get("dqk_group", False) and not config.get("dqk_merged", False)
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
@@ -1393,15 +1244,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dg_from_c = torch.empty_like(g)
         dg = torch.empty_like(g)   # dg from the B side, then the sum
         for for_c, grad, dg_part in ((True, dC_out, dg_from_c), (False, dB_out, dg)):
-            if for_c or not dxb_group:
-                kernel[grid](x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
-                             *shape_args, FOR_C=for_c, ROPE_IN=rope_in, **common, **tiles)
-        if dxb_group:   # the B side and dx in one launch
-            _chunk_bwd_dxb_group_kernel[grid](
-                *dx_args[:14], dB_out, dg, scores if scores is not None else dt, *dx_args[14:], *dB_out.stride(),
-                BLOCK_P=_next_pow2(head_dim), SCORES_IN=scores is not None,
-                HAS_D=D is not None, ROPE_IN=rope_in, **common, num_warps=config["dxb_group_warps"],
-                num_stages=config["dxb_group_stages"], maxnreg=config.get("dxb_group_maxnreg"))
+            kernel[grid](x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, grad, dg_part,
+                         *shape_args, FOR_C=for_c, ROPE_IN=rope_in, **common, **tiles)
         dg += dg_from_c
     if groups < heads and not group_kernel:
         if not atomic:
@@ -1425,11 +1269,9 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:7])
-        y, final, states, rotated_B, rotated_C, scores = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state,
-                                                                 T, config, save_for_backward=wants_grad)
-        if not config.get("dxb_group", False):
-            scores = None   # only the fused dx / B-side kernel reads them: not kept otherwise
-        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores)
+        y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
+                                                         config, save_for_backward=wants_grad)
+        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -1437,11 +1279,11 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C, scores = ctx.saved_tensors
+        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
-                                                  ctx.T, ctx.config, rotated_B, rotated_C, scores)
+                                                  ctx.T, ctx.config, rotated_B, rotated_C)
         if D is not None:
             dD = dD.to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.init_dtype is not None else None

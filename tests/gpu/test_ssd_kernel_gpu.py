@@ -74,12 +74,6 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dx_group": True, "dx_group_warps": 8,
                                                                       "dx_group_stages": 3}),
     (1, 100, 4, 64, 64, torch.float32, True, True, True, True, 1, {"dx_group": True, "save_rotated": False}),
-    # dx and the B side in one launch per group (v12): one group; RoPE, documents and two groups; rotating on load;
-    # without the forward's scores (formed in the kernel)
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dxb_group": True}),
-    (2, 1000, 8, 64, 128, torch.float32, True, True, True, True, 2, {"dxb_group": True}),
-    (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dxb_group": True, "save_rotated": False}),
-    (1, 100, 4, 64, 64, torch.bfloat16, True, True, True, True, 1, {"dxb_group": True, "shared_scores": False}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),

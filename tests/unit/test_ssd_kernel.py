@@ -123,9 +123,6 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
     (1, {"dx_group": False}, torch.float32),                                # per-head dx with groups < heads
     (2, {"dx_group": True, "dx_group_block_p": 8, "save_rotated": False}, torch.bfloat16),  # 2 p-blocks
-    (1, {"dxb_group": True}, torch.float32),                                # dx and the B side in one launch
-    (2, {"dxb_group": True, "save_rotated": False}, torch.bfloat16),        # the same, rotating on load
-    (2, {"dxb_group": True, "shared_scores": False}, torch.float32),        # forming C~B~^T itself
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
     """B/C shared by groups of heads (dB/dC summed over each group's heads) and each backward variant."""
