@@ -64,13 +64,16 @@ SWEEP_V4_CALL1 = [
 ]
 # v4's call 2 and v9/v10's sweeps (sub-tiled chunks, shared scores in the backward, atomics, the group dB/dC
 # kernel's stages) are recorded with their configs and numbers in bench/ssd_notes.md and bench/results/.
-# v11 (session 9): the defaults first (the reference of the "diff" column), then the dx kernel's neighbours and the
-# group dB/dC kernel at 4 warps (two programs per SM, spilling offline); v12's fused dx + B side was removed after
-# its sweep (bench/ssd_notes.md)
+# v13 (session 9): the forward with full-width n operands ("fwd_full_width"), at its tiles' neighbours; the first
+# entry (the v11 defaults) is the reference of the "diff" column; then two config-only checks of the v11 kernels
+FULL = {"fwd_full_width": True}
 SWEEP = [
     ("v11", 64, {}),
+    ("full", 64, FULL),
+    ("full-save4w", 64, dict(FULL, fwd_save_warps=4, fwd_save_block_p=64)),
+    ("full-p128-8w", 64, dict(FULL, fwd_block_p=128, fwd_warps=8)),
+    ("full-cpp2", 64, dict(FULL, fwd_chunks_per_program=2, fwd_save_chunks_per_program=2)),
     ("dxg-4w-s3", 64, {"dx_group_stages": 3}),
-    ("dxg-4w-p32", 64, {"dx_group_block_p": 32}),
     ("dqkg-4w-s2", 64, {"dqk_group_warps": 4, "dqk_group_stages": 2}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)

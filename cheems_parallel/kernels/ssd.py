@@ -167,6 +167,35 @@ def _load_group_qk(c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t
 
 
 @triton.jit
+def _full_columns(BLOCK_NH: tl.constexpr, NH):
+    """Columns of a full-width (T, n) tile laid out as its two rotate-half halves, each padded to BLOCK_NH:
+    tile column i holds state column (i // BLOCK_NH) * NH + i % BLOCK_NH, valid where i % BLOCK_NH < NH; the
+    partner column rotate_half pairs it with, and that pairing's sign in rope (-1 on the first half)."""
+    offs = tl.arange(0, 2 * BLOCK_NH)
+    half = offs // BLOCK_NH
+    within = offs % BLOCK_NH
+    return half * NH + within, (1 - half) * NH + within, within < NH, tl.where(half == 0, -1.0, 1.0)
+
+
+@triton.jit
+def _load_full_operand(base_ptr, stride_t, stride_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
+                       mask_c, sign, ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """rope(v) of a (T, n) tile as one full-width product operand (columns from `_full_columns`):
+    rope(v)[i] = v[i] cos[i] + sign[i] v[partner[i]] sin[i]."""
+    mask = mask_t[:, None] & mask_c[None, :]
+    value = tl.load(base_ptr + offs_t[:, None] * stride_t + cols[None, :] * stride_n, mask=mask, other=0.0)
+    if ROPE:
+        value = value.to(tl.float32)
+        other = tl.load(base_ptr + offs_t[:, None] * stride_t + partner[None, :] * stride_n, mask=mask,
+                        other=0.0).to(tl.float32)
+        table = offs_t[:, None] * sc_l + cols[None, :] * sc_n
+        cos = tl.load(cos_base + table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_base + table, mask=mask, other=0.0).to(tl.float32)
+        value = value * cos + sign[None, :] * other * sin
+    return _op(value, DOT_DTYPE, ROUND_BF16)
+
+
+@triton.jit
 def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
                      grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
                      ATOMIC: tl.constexpr):
@@ -336,6 +365,7 @@ def _chunk_fwd_kernel(
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
+    FULL_WIDTH: tl.constexpr,
 ):
     """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
     the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
@@ -356,7 +386,7 @@ def _chunk_fwd_kernel(
                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
                        T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
-                       SCORES_IN)
+                       SCORES_IN, FULL_WIDTH)
     else:
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
@@ -364,7 +394,7 @@ def _chunk_fwd_kernel(
                            sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                            sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
                            T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                           SAVE_ROTATED, SCORES_IN)
+                           SAVE_ROTATED, SCORES_IN, FULL_WIDTH)
 
 
 @triton.jit
@@ -375,9 +405,18 @@ def _chunk_fwd_one(
     sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr, FULL_WIDTH: tl.constexpr,
 ):
-    """`_chunk_fwd_kernel`'s work on chunk c. SCORES_IN: C~B~^T from `_scores_kernel` (shared by the group)."""
+    """`_chunk_fwd_kernel`'s work on chunk c. SCORES_IN: C~B~^T from `_scores_kernel` (shared by the group).
+    FULL_WIDTH: `_chunk_fwd_full` instead (one product over n, not one per rotate-half half)."""
+    if FULL_WIDTH:
+        _chunk_fwd_full(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+                        rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+                        T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
+                        SCORES_IN)
+        return
     chunk_start = c * T
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
@@ -438,6 +477,73 @@ def _chunk_fwd_one(
         y += tl.load(d_ptr + hi).to(tl.float32) * xf
     tl.store(y_ptr + bi.to(tl.int64) * sy_b + hi * sy_h + offs_l[:, None] * sy_l + offs_p[None, :] * sy_p,
              y.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _chunk_fwd_full(
+    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
+    rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
+    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
+    sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr,
+):
+    """`_chunk_fwd_one` with full-width n operands ("fwd_full_width"): C~, B~ and the state as single (., n)
+    tiles, so C~S^T is one product, and y's two products do not feed each other (the intra-chunk one takes D x
+    as its accumulator; the carried one is added after its row scale). Triton gives a product that feeds
+    another all warps on the row axis, which on 8 warps holds and computes a 64-row tile twice
+    (bench/ssd_notes.md v12); only the scores product (when formed here) still feeds one."""
+    chunk_start = c * T
+    offs_l = chunk_start + offs_t
+    mask_t = offs_l < L
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
+
+    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
+    g = tl.load(g_ptr + gdt_row + offs_l)
+    dt = tl.load(dt_ptr + gdt_row + offs_l)
+    same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
+    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
+    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
+                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE,
+                           DOT_DTYPE, ROUND_BF16)
+    if SCORES_IN:
+        cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T
+        scores = tl.load(cb_ptr + cb_chunk + offs_t[:, None] * T + offs_t[None, :])
+    if SAVE_ROTATED or not SCORES_IN:
+        k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
+                               cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE,
+                               DOT_DTYPE, ROUND_BF16)
+        if not SCORES_IN:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SAVE_ROTATED:
+            if (pid_p == 0) & (hi % HPG == 0):
+                mask_tc = mask_t[:, None] & mask_c[None, :]
+                rot_offs = bi.to(tl.int64) * sb_b + gi * sb_h + offs_l[:, None] * sb_l + cols[None, :] * sb_n
+                tl.store(rot_b_ptr + rot_offs, k.to(rot_b_ptr.dtype.element_ty), mask=mask_tc)
+                tl.store(rot_c_ptr + rot_offs, q.to(rot_c_ptr.dtype.element_ty), mask=mask_tc)
+    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
+    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
+    scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
+
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                mask=mask_tp, other=0.0)
+    if HAS_D:
+        y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), tl.load(d_ptr + hi).to(tl.float32) * x.to(tl.float32),
+                   input_precision=DOT_PREC)
+    else:
+        y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
+    state_t = _op(tl.load(states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                          + offs_p[None, :] * N + cols[:, None], mask=mask_c[:, None] & mask_p[None, :], other=0.0),
+                  DOT_DTYPE, ROUND_BF16)                          # (n, p) view: transposed state
+    into = tl.where(sees_carried, tl.exp(g), 0.0)
+    y += tl.dot(q, state_t, input_precision=DOT_PREC) * into[:, None]
+    tl.store(y_ptr + bi.to(tl.int64) * sy_b + hi * sy_h + offs_l[:, None] * sy_l + offs_p[None, :] * sy_p,
+             y.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1147,7 +1253,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         *x.stride(), *B.stride(), *C.stride(), *cos_strides, *y.stride(),
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None, num_warps=fwd["fwd_warps"],
+        SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None,
+        FULL_WIDTH=config.get("fwd_full_width", False), num_warps=fwd["fwd_warps"],
         num_stages=fwd["fwd_stages"], maxnreg=fwd["fwd_maxnreg"])
     return y, final, states, rotated_B, rotated_C
 
