@@ -55,7 +55,8 @@ KERNEL_CHUNK = 64
 # *_block_p, *_warps, *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some
 # spilling), and for the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next
 # tiles the compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
-# backward follows. save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no
+# backward follows (and it forms its own scores); fwd_full_width: the forward's products over the full n
+# (`_chunk_fwd_full`, since v13: the Cheems forward 2.53 -> 1.67 ms at L = 4k, see its docstring). save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no
 # register spills there); dqk_merged: one launch for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"):
 # how dB/dC are summed over a B/C group's heads when groups < heads (atomic: float32 adds in no fixed order, so
 # not bitwise deterministic; groups = heads, the Cheems layer, stores directly; "atomic" is not used with
@@ -65,11 +66,12 @@ KERNEL_CHUNK = 64
 # looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with
 # dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps,
 # 2 stages: dx 1.25 -> 1.12 ms on mamba's shape at L = 4k, while 8 warps were slower than per-head dx).
-# bench/ssd_notes.md v9-v11 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
+# bench/ssd_notes.md v9-v13 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
-    "fwd_save_block_p": 128, "fwd_save_warps": 8,
+    "fwd_save_block_p": 128, "fwd_save_warps": 8, "fwd_save_chunks_per_program": 2, "fwd_full_width": True,
+    "fwd_nograd_block_p": 128, "fwd_nograd_warps": 8,
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
@@ -1236,9 +1238,11 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     save_rotated = rope and save_for_backward and config.get("save_rotated", False)
     # the forward's tiles: "fwd_*", overridden where set by "fwd_save_*" when it stores B~, C~ (RoPE and
     # gradients: the rotation and the extra stores want 8 warps) or by "fwd_nograd_*" when no backward follows
+    # and the forward forms its own C~B~^T (groups = heads; with a group's shared scores each program is light
+    # and the "fwd_*" tiles win, bench/ssd_notes.md v13)
     fwd = {key: config.get(key) for key in ("fwd_block_p", "fwd_warps", "fwd_stages", "fwd_maxnreg")}
     fwd["fwd_chunks_per_program"] = config.get("fwd_chunks_per_program", 1)
-    mode = "fwd_save_" if save_rotated else ("fwd_nograd_" if not save_for_backward else None)
+    mode = "fwd_save_" if save_rotated else ("fwd_nograd_" if not save_for_backward and scores is None else None)
     if mode:
         fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))

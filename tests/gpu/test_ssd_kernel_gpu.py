@@ -74,12 +74,12 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dx_group": True, "dx_group_warps": 8,
                                                                       "dx_group_stages": 3}),
     (1, 100, 4, 64, 64, torch.float32, True, True, True, True, 1, {"dx_group": True, "save_rotated": False}),
-    # the full-width forward (v13): the Cheems shape saving B~, C~ (8 warps); 4 warps without D; one group reading
-    # the shared scores, float32
-    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"fwd_full_width": True}),
-    (1, 777, 2, 64, 64, torch.bfloat16, True, False, False, True, 2, {"fwd_full_width": True, "fwd_save_warps": 4,
-                                                                      "fwd_save_block_p": 64}),
-    (2, 1000, 8, 64, 128, torch.float32, False, True, True, False, 1, {"fwd_full_width": True}),
+    # the forward: half-width (before v13) on the Cheems shape and on one group, float32; full-width (the default)
+    # at 4 warps without D, one chunk per program
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"fwd_full_width": False}),
+    (2, 1000, 8, 64, 128, torch.float32, False, True, True, False, 1, {"fwd_full_width": False}),
+    (1, 777, 2, 64, 64, torch.bfloat16, True, False, False, True, 2, {"fwd_save_warps": 4, "fwd_save_block_p": 64,
+                                                                      "fwd_save_chunks_per_program": 1}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),

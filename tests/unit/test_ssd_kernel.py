@@ -122,9 +122,9 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (1, {"dqk_group": True, "shared_scores": True}, torch.float32),         # the defaults for groups < heads
     (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
     (1, {"dx_group": False}, torch.float32),                                # per-head dx with groups < heads
-    (4, {"fwd_full_width": True}, torch.float32),                           # full-width forward, g = h, RoPE
-    (2, {"fwd_full_width": True, "shared_scores": False}, torch.bfloat16),  # the same forming its scores, bf16
-    (1, {"fwd_full_width": True, "save_rotated": False}, torch.float32),    # with the shared scores
+    (4, {"fwd_full_width": False}, torch.float32),                          # the half-width forward, g = h
+    (2, {"fwd_full_width": False, "shared_scores": False}, torch.bfloat16), # the same forming its scores, bf16
+    (1, {"fwd_full_width": False, "save_rotated": False}, torch.float32),   # with the shared scores
     (2, {"dx_group": True, "dx_group_block_p": 8, "save_rotated": False}, torch.bfloat16),  # 2 p-blocks
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
