@@ -64,22 +64,24 @@ SWEEP_V4_CALL1 = [
 ]
 # v4's call 2 and v9/v10's sweeps (sub-tiled chunks, shared scores in the backward, atomics, the group dB/dC
 # kernel's stages) are recorded with their configs and numbers in bench/ssd_notes.md and bench/results/.
-# v13 (session 9): the forward with full-width n operands ("fwd_full_width"), at its tiles' neighbours; the first
-# entry (the v11 defaults) is the reference of the "diff" column; then two config-only checks of the v11 kernels
-FULL = {"fwd_full_width": True}
+# v14 (session 9): the backward kernels with full-width n operands ("dqk_full_width" per head, the Cheems shape;
+# "dqk_group_full_width", mamba's; "dx_full_width" both); the first entry (the v13 defaults) is the reference of
+# the "diff" column. (v13's sweep of the full-width forward: bench/ssd_notes.md.)
 SWEEP = [
-    ("v11", 64, {}),
-    ("full", 64, FULL),
-    ("full-save4w", 64, dict(FULL, fwd_save_warps=4, fwd_save_block_p=64)),
-    ("full-p128-8w", 64, dict(FULL, fwd_block_p=128, fwd_warps=8)),
-    ("full-cpp2", 64, dict(FULL, fwd_chunks_per_program=2, fwd_save_chunks_per_program=2)),
-    ("dxg-4w-s3", 64, {"dx_group_stages": 3}),
-    ("dqkg-4w-s2", 64, {"dqk_group_warps": 4, "dqk_group_stages": 2}),
+    ("v13", 64, {}),
+    ("dqkf", 64, {"dqk_full_width": True, "dqk_group_full_width": True}),
+    ("dqkf-8w", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_group_full_width": True,
+                     "dqk_group_stages": 2}),
+    ("dqkf-8w-p128", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_block_p": 128}),
+    ("dqkf-8w-s3", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_stages": 3}),
+    ("dxf", 64, {"dx_full_width": True}),
+    ("dxf-8w", 64, {"dx_full_width": True, "bwd_warps": 8, "dx_group_warps": 8}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
          "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel"),
-         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
+         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel",
+                 "_chunk_bwd_dqk_full_kernel", "_chunk_bwd_dqk_group_full_kernel")}
 
 
 def load_mamba_chunk_scan_combined():
