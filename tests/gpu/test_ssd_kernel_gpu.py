@@ -80,6 +80,11 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.float32, False, True, True, False, 1, {"fwd_full_width": False}),
     (1, 777, 2, 64, 64, torch.bfloat16, True, False, False, True, 2, {"fwd_save_warps": 4, "fwd_save_block_p": 64,
                                                                       "fwd_save_chunks_per_program": 1}),
+    # the backward's full-width kernels (v14): per-head dB/dC (4 and 8 warps), group dB/dC, dx
+    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"dqk_full_width": True, "dx_full_width": True}),
+    (1, 777, 2, 64, 64, torch.float32, True, True, True, True, 2, {"dqk_full_width": True, "dqk_warps": 8}),
+    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group_full_width": True,
+                                                                         "dx_full_width": True}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
