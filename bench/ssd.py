@@ -64,24 +64,19 @@ SWEEP_V4_CALL1 = [
 ]
 # v4's call 2 and v9/v10's sweeps (sub-tiled chunks, shared scores in the backward, atomics, the group dB/dC
 # kernel's stages) are recorded with their configs and numbers in bench/ssd_notes.md and bench/results/.
-# v14 (session 9): the backward kernels with full-width n operands ("dqk_full_width" per head, the Cheems shape;
-# "dqk_group_full_width", mamba's; "dx_full_width" both); the first entry (the v13 defaults) is the reference of
-# the "diff" column. (v13's sweep of the full-width forward: bench/ssd_notes.md.)
+# v13 / v14 (session 9): the forward and the per-head dB/dC with full-width n operands; their sweeps (and v12's,
+# v11's) are in bench/ssd_notes.md and bench/results/ssd_v1[1-4]_sweep_h200.json. The list below is the v14
+# defaults (the reference of the "diff" column) and their nearest untried neighbours.
 SWEEP = [
-    ("v13", 64, {}),
-    ("dqkf", 64, {"dqk_full_width": True, "dqk_group_full_width": True}),
-    ("dqkf-8w", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_group_full_width": True,
-                     "dqk_group_stages": 2}),
-    ("dqkf-8w-p128", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_block_p": 128}),
-    ("dqkf-8w-s3", 64, {"dqk_full_width": True, "dqk_warps": 8, "dqk_stages": 3}),
-    ("dxf", 64, {"dx_full_width": True}),
-    ("dxf-8w", 64, {"dx_full_width": True, "bwd_warps": 8, "dx_group_warps": 8}),
+    ("v14", 64, {}),
+    ("save-cpp4", 64, {"fwd_save_chunks_per_program": 4}),
+    ("dqk-p128", 64, {"dqk_block_p": 128}),
+    ("dqk-s3", 64, {"dqk_stages": 3}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
          "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel"),
-         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel",
-                 "_chunk_bwd_dqk_full_kernel", "_chunk_bwd_dqk_group_full_kernel")}
+         "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 
 def load_mamba_chunk_scan_combined():

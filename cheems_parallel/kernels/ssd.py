@@ -55,9 +55,10 @@ KERNEL_CHUNK = 64
 # *_block_p, *_warps, *_stages, *_maxnreg (a register cap: 128 lets two 8-warp programs share an SM, at some
 # spilling), and for the forward and dx kernels *_chunks_per_program (a loop over consecutive chunks, whose next
 # tiles the compiler prefetches); fwd_save_* / fwd_nograd_*: the forward's tiles when it stores B~/C~ / when no
-# backward follows (and it forms its own scores); fwd_full_width: the forward's products over the full n
-# (`_chunk_fwd_full`, since v13: the Cheems forward 2.53 -> 1.67 ms at L = 4k, see its docstring). save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no
-# register spills there); dqk_merged: one launch for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"):
+# backward follows (and it forms its own scores). The forward and the per-head dB/dC kernel take full-width n
+# operands since v13 / v14 (`_chunk_fwd_one`'s docstring: the Cheems shape 8.55 -> 7.47 ms at L = 4k).
+# save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no register spills
+# there); dqk_merged: one launch for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"):
 # how dB/dC are summed over a B/C group's heads when groups < heads (atomic: float32 adds in no fixed order, so
 # not bitwise deterministic; groups = heads, the Cheems layer, stores directly; "atomic" is not used with
 # dqk_group); rope_tables_fp32: float32 tables for bf16 inputs (default: the input's type, as apply_rope uses
@@ -66,13 +67,12 @@ KERNEL_CHUNK = 64
 # looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with
 # dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps,
 # 2 stages: dx 1.25 -> 1.12 ms on mamba's shape at L = 4k, while 8 warps were slower than per-head dx).
-# bench/ssd_notes.md v9-v13 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
+# bench/ssd_notes.md v9-v14 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
-    "fwd_save_block_p": 128, "fwd_save_warps": 8, "fwd_save_chunks_per_program": 2, "fwd_full_width": True,
+    "fwd_save_block_p": 128, "fwd_save_warps": 8, "fwd_save_chunks_per_program": 2,
     "fwd_nograd_block_p": 128, "fwd_nograd_warps": 8,
-    "dqk_full_width": False, "dx_full_width": False, "dqk_group_full_width": False,
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
     "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
@@ -368,7 +368,6 @@ def _chunk_fwd_kernel(
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, CPP: tl.constexpr, SCORES_IN: tl.constexpr,
-    FULL_WIDTH: tl.constexpr,
 ):
     """y of one chunk, one head, one block of p. SAVE_ROTATED: also store B~ = rope(B) and C~ = rope(C) as
     the products used them (x's dtype, B's layout), once per group and chunk, for the backward kernels,
@@ -389,7 +388,7 @@ def _chunk_fwd_kernel(
                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, pid_c, bi, hi, gi, N, offs_t,
                        T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
-                       SCORES_IN, FULL_WIDTH)
+                       SCORES_IN)
     else:
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_fwd_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
@@ -397,7 +396,7 @@ def _chunk_fwd_kernel(
                            sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                            sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
                            T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                           SAVE_ROTATED, SCORES_IN, FULL_WIDTH)
+                           SAVE_ROTATED, SCORES_IN)
 
 
 @triton.jit
@@ -408,95 +407,15 @@ def _chunk_fwd_one(
     sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr, FULL_WIDTH: tl.constexpr,
-):
-    """`_chunk_fwd_kernel`'s work on chunk c. SCORES_IN: C~B~^T from `_scores_kernel` (shared by the group).
-    FULL_WIDTH: `_chunk_fwd_full` instead (one product over n, not one per rotate-half half)."""
-    if FULL_WIDTH:
-        _chunk_fwd_full(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-                        rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
-                        sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-                        sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
-                        T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, SAVE_ROTATED,
-                        SCORES_IN)
-        return
-    chunk_start = c * T
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    offs_nh = tl.arange(0, BLOCK_NH)
-    mask_nh = offs_nh < NH
-
-    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-    g = tl.load(g_ptr + gdt_row + offs_l)
-    dt = tl.load(dt_ptr + gdt_row + offs_l)
-    same_doc, sees_carried, _, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T, HAS_SEQ)
-
-    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first, c_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    b_first, b_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
-    c_first = _op(c_first, DOT_DTYPE, ROUND_BF16)
-    c_second = _op(c_second, DOT_DTYPE, ROUND_BF16)
-    b_first = _op(b_first, DOT_DTYPE, ROUND_BF16)
-    b_second = _op(b_second, DOT_DTYPE, ROUND_BF16)
-    if SAVE_ROTATED:
-        if (pid_p == 0) & (hi % HPG == 0):
-            mask_tn = mask_t[:, None] & mask_nh[None, :]
-            rot_offs = (bi.to(tl.int64) * sb_b + gi * sb_h + offs_l[:, None] * sb_l + offs_nh[None, :] * sb_n)
-            tl.store(rot_b_ptr + rot_offs, b_first.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
-            tl.store(rot_b_ptr + rot_offs + NH * sb_n, b_second.to(rot_b_ptr.dtype.element_ty), mask=mask_tn)
-            tl.store(rot_c_ptr + rot_offs, c_first.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
-            tl.store(rot_c_ptr + rot_offs + NH * sb_n, c_second.to(rot_c_ptr.dtype.element_ty), mask=mask_tn)
-    if SCORES_IN:
-        cb_chunk = ((bi * (H // HPG) + gi) * NCHUNK + c).to(tl.int64) * T * T
-        scores = tl.load(cb_ptr + cb_chunk + offs_t[:, None] * T + offs_t[None, :])
-    else:
-        scores = tl.dot(c_first, tl.trans(b_first), input_precision=DOT_PREC)
-        scores += tl.dot(c_second, tl.trans(b_second), input_precision=DOT_PREC)
-    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = _op(scores * decay * dt[None, :], DOT_DTYPE, ROUND_BF16)   # dt_u on the columns: x stays exact
-
-    x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-    xf = x.to(tl.float32)
-    y = tl.dot(scores, _op(x, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
-
-    state_ptrs = (states_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                  + offs_p[None, :] * N + offs_nh[:, None])        # (n, p) view: transposed state
-    mask_np = mask_nh[:, None] & mask_p[None, :]
-    state_first_t = _op(tl.load(state_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-    state_second_t = _op(tl.load(state_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-    carried = tl.dot(c_first, state_first_t, input_precision=DOT_PREC)
-    carried += tl.dot(c_second, state_second_t, input_precision=DOT_PREC)
-    into = tl.where(sees_carried, tl.exp(g), 0.0)
-    y += carried * into[:, None]
-    if HAS_D:
-        y += tl.load(d_ptr + hi).to(tl.float32) * xf
-    tl.store(y_ptr + bi.to(tl.int64) * sy_b + hi * sy_h + offs_l[:, None] * sy_l + offs_p[None, :] * sy_p,
-             y.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
-
-
-@triton.jit
-def _chunk_fwd_full(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, d_ptr, y_ptr,
-    rot_b_ptr, rot_c_ptr, cb_ptr, L, H, HPG, P, NH, NCHUNK, LPAD,
-    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n, sy_b, sy_l, sy_h, sy_p, pid_p, c, bi, hi, gi, N, offs_t,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ROUND_BF16: tl.constexpr, SAVE_ROTATED: tl.constexpr, SCORES_IN: tl.constexpr,
 ):
-    """`_chunk_fwd_one` with full-width n operands ("fwd_full_width"): C~, B~ and the state as single (., n)
-    tiles, so C~S^T is one product, and y's two products do not feed each other (the intra-chunk one takes D x
-    as its accumulator; the carried one is added after its row scale). Triton gives a product that feeds
-    another all warps on the row axis, which on 8 warps holds and computes a 64-row tile twice
-    (bench/ssd_notes.md v12); only the scores product (when formed here) still feeds one."""
+    """`_chunk_fwd_kernel`'s work on chunk c. SCORES_IN: C~B~^T from `_scores_kernel` (shared by the group).
+    C~, B~ and the state are full-width (., n) tiles (the rotate-half halves side by side, `_full_columns`), so
+    C~S^T is one product, and y's two products do not feed each other (the intra-chunk one takes D x as its
+    accumulator; the carried one is added after its row scale). Triton gives a product that feeds another all
+    warps on the row axis, which on 8 warps holds and computes a 64-row tile twice (bench/ssd_notes.md v12,
+    v13: the half-width version of this forward was 1.5x slower on the Cheems shape); only the scores product
+    (when formed here) still feeds one."""
     chunk_start = c * T
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
@@ -641,7 +560,7 @@ def _chunk_bwd_dx_kernel(
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr, FULL_WIDTH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, CPP: tl.constexpr,
 ):
     """dx (and the p-block's share of d(dt) and dD) for one chunk, one head, one block of p.
 
@@ -660,15 +579,14 @@ def _chunk_bwd_dx_kernel(
                           dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                           sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                           sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, pid_c, bi, hi, gi, offs_t,
-                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, FULL_WIDTH)
+                          T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
     else:
         for c in range(pid_c * CPP, tl.minimum(pid_c * CPP + CPP, NCHUNK)):
             _chunk_bwd_dx_one(x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, dstates_ptr, d_ptr,
                               dy_ptr, dx_ptr, ddt_ptr, dd_ptr, BATCH, L, H, HPG, P, NH, NCHUNK, LPAD,
                               sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_h, sb_n, scc_b, scc_l, scc_h, scc_n,
                               sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
-                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16,
-                              FULL_WIDTH)
+                              T, BLOCK_P, BLOCK_NH, ROPE, HAS_SEQ, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
@@ -679,9 +597,9 @@ def _chunk_bwd_dx_one(
     sc_b, sc_l, sc_n, sd_b, sd_l, sd_h, sd_p, pid_p, c, bi, hi, gi, offs_t,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, FULL_WIDTH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """`_chunk_bwd_dx_kernel`'s work on chunk c (FULL_WIDTH: q, k and G over all n columns, one product each)."""
+    """`_chunk_bwd_dx_kernel`'s work on chunk c."""
     chunk_start = c * T
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
@@ -699,33 +617,21 @@ def _chunk_bwd_dx_one(
 
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q_base = c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l
-    k_base = b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l
-    if FULL_WIDTH:   # k_first is all of k (k_second unused)
-        cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
-        q = _load_full_operand(q_base, scc_l, scc_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner,
-                               mask_c, sign, ROPE, DOT_DTYPE, ROUND_BF16)
-        k_first = _load_full_operand(k_base, sb_l, sb_n, cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols,
-                                     partner, mask_c, sign, ROPE, DOT_DTYPE, ROUND_BF16)
-        k_second = k_first
-        scores_t = tl.dot(k_first, tl.trans(q), input_precision=DOT_PREC)   # [u, t] = k_u . q_t
-    else:
-        cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                                  ROPE)
-        q_first, q_second = _load_rotated(q_base, scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t,
-                                          mask_nh, NH, ROPE)
-        k_first, k_second = _load_rotated(k_base, sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t,
-                                          mask_nh, NH, ROPE)
-        k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
-        k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
-        # scores transposed directly: [u, t] = k_u . q_t
-        scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
-        scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
+                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
+                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE)
+    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
+    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
+    # scores transposed directly: [u, t] = k_u . q_t
+    scores_t = tl.dot(k_first, tl.trans(_op(q_first, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
+    scores_t += tl.dot(k_second, tl.trans(_op(q_second, DOT_DTYPE, ROUND_BF16)), input_precision=DOT_PREC)
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # same_doc is symmetric
     _dx_of_head(x_ptr, dstates_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr,
                 BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
                 scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p, mask_p,
-                offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, FULL_WIDTH, BLOCK_NH)
+                offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
@@ -734,7 +640,7 @@ def _dx_of_head(
     BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
     scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p, mask_p, offs_nh,
     mask_nh, T: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, FULL_WIDTH: tl.constexpr, BLOCK_NH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """dx of head hi on chunk c and one block of p from the undecayed scores [u, t] = k_u . q_t: with v = dt x,
     Gam[t,u] = exp(g_t - g_u) (u <= t, same document), G = d loss/d(state leaving the chunk), `weight` w_u =
@@ -749,21 +655,16 @@ def _dx_of_head(
                  mask=mask_tp, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=mask_tp, other=0.0).to(tl.float32)
-    # G^T tile (n, p) of the state leaving chunk c: both halves, or (FULL_WIDTH) all n columns against k_first = k
-    head_grad = dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + offs_p[None, :] * N
+    # G^T tile (n, p) of the state leaving chunk c, both halves
+    grad_ptrs = (dstates_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
+                 + offs_p[None, :] * N + offs_nh[:, None])
+    mask_np = mask_nh[:, None] & mask_p[None, :]
+    grad_first_t = _op(tl.load(grad_ptrs, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+    grad_second_t = _op(tl.load(grad_ptrs + NH, mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
+
     dv = tl.dot(scores_t, _op(dy, DOT_DTYPE, ROUND_BF16), input_precision=DOT_PREC)
-    if FULL_WIDTH:
-        cols, _, mask_c, _ = _full_columns(BLOCK_NH, NH)
-        grad_t = _op(tl.load(head_grad + cols[:, None], mask=mask_c[:, None] & mask_p[None, :], other=0.0),
-                     DOT_DTYPE, ROUND_BF16)
-        dv_end = tl.dot(k_first, grad_t, input_precision=DOT_PREC)
-    else:
-        mask_np = mask_nh[:, None] & mask_p[None, :]
-        grad_first_t = _op(tl.load(head_grad + offs_nh[:, None], mask=mask_np, other=0.0), DOT_DTYPE, ROUND_BF16)
-        grad_second_t = _op(tl.load(head_grad + NH + offs_nh[:, None], mask=mask_np, other=0.0), DOT_DTYPE,
-                            ROUND_BF16)
-        dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
-        dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
+    dv_end = tl.dot(k_first, grad_first_t, input_precision=DOT_PREC)
+    dv_end += tl.dot(k_second, grad_second_t, input_precision=DOT_PREC)
     dv += dv_end * weight[:, None]
     dx = dv * dt[:, None]
     if HAS_D:
@@ -789,7 +690,7 @@ def _chunk_bwd_dx_group_kernel(
     sd_b, sd_l, sd_h, sd_p,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, FULL_WIDTH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """`_chunk_bwd_dx_kernel`'s work for every head of one B/C group: one program per (p-block, chunk, group)
     loads k = B~ and q = C~ and forms the scores k q^T once, then loops over the group's heads (its loads
@@ -810,23 +711,12 @@ def _chunk_bwd_dx_group_kernel(
     allowed_t = (offs_t[None, :] >= offs_t[:, None]) & same_doc     # [u, t]; same_doc is symmetric
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    if FULL_WIDTH:   # k_first is all of k (k_second unused)
-        cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
-        q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
-                               cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE,
-                               DOT_DTYPE, ROUND_BF16)
-        k_first = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
-                                     cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign,
-                                     ROPE, DOT_DTYPE, ROUND_BF16)
-        k_second = k_first
-        scores_t = tl.dot(k_first, tl.trans(q), input_precision=DOT_PREC)   # [u, t] = k_u . q_t, shared by the group
-    else:
-        q_first, q_second, k_first, k_second = _load_group_qk(
-            c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
-            scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE, DOT_DTYPE, ROUND_BF16)
-        # scores transposed directly: [u, t] = k_u . q_t, shared by the group's heads
-        scores_t = tl.dot(k_first, tl.trans(q_first), input_precision=DOT_PREC)
-        scores_t += tl.dot(k_second, tl.trans(q_second), input_precision=DOT_PREC)
+    q_first, q_second, k_first, k_second = _load_group_qk(
+        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
+        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE, DOT_DTYPE, ROUND_BF16)
+    # scores transposed directly: [u, t] = k_u . q_t, shared by the group's heads
+    scores_t = tl.dot(k_first, tl.trans(q_first), input_precision=DOT_PREC)
+    scores_t += tl.dot(k_second, tl.trans(q_second), input_precision=DOT_PREC)
     offs_l = chunk_start + offs_t
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -839,7 +729,7 @@ def _chunk_bwd_dx_group_kernel(
         _dx_of_head(x_ptr, dstates_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr,
                     BATCH, H, P, NH, NCHUNK, LPAD, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h, sd_p,
                     scores_t, k_first, k_second, allowed_t, g, dt, weight, pid_p, c, bi, hi, offs_t, mask_t, offs_p,
-                    mask_p, offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16, FULL_WIDTH, BLOCK_NH)
+                    mask_p, offs_nh, mask_nh, T, HAS_D, DOT_PREC, DOT_DTYPE, ROUND_BF16)
 
 
 @triton.jit
@@ -865,127 +755,10 @@ def _chunk_bwd_dqk_kernel(
     The chunk's last token also gets sum_u k_u.(w_u (x G)_u) dt_u here and exp(g_last) <G, S> from the state
     kernel (added by the launcher): together d loss / d g_last through the state leaving the chunk.
     M is summed by rows and by columns of one matrix, so its diagonal cancels exactly; q.dq - k.dk
-    would leave bf16 rounding of the large diagonal terms in dt's gradient."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    hi = pid_bh % H
-    gi = hi // HPG   # the B/C group this head reads
-    N = 2 * NH
-    chunk_start = c * T
-    offs_t = tl.arange(0, T)
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_nh = tl.arange(0, BLOCK_NH)
-    mask_nh = offs_nh < NH
-
-    gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-    g = tl.load(g_ptr + gdt_row + offs_l)
-    dt = tl.load(dt_ptr + gdt_row + offs_l)
-    g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
-                                                          HAS_SEQ)
-    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
-    cos1, cos2, sin1, sin2 = _maybe_load_rope(cos_base, sin_base, sc_l, sc_n, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                              ROPE_IN)
-    q_first, q_second = _load_rotated(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l,
-                                      scc_l, scc_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH,
-                                      ROPE_IN)
-    k_first, k_second = _load_rotated(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l,
-                                      sb_l, sb_n, cos1, cos2, sin1, sin2, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE_IN)
-    q_first = _op(q_first, DOT_DTYPE, ROUND_BF16)
-    q_second = _op(q_second, DOT_DTYPE, ROUND_BF16)
-    k_first = _op(k_first, DOT_DTYPE, ROUND_BF16)
-    k_second = _op(k_second, DOT_DTYPE, ROUND_BF16)
-
-    dy_v = tl.zeros((T, T), dtype=tl.float32)            # [t, u] = dy_t . x_u (times dt_u after the loop)
-    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)  # dy S (FOR_C) or x G (else), unscaled
-    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    # slot c of states is the state entering chunk c; slot c of dstates, d loss / d(state leaving it)
-    if FOR_C:
-        state_ptr = states_ptr
-    else:
-        state_ptr = dstates_ptr
-    state_base = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-    x_base = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h
-    dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
-    for p_start in range(0, P, BLOCK_P):
-        offs_p = p_start + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        mask_tp = mask_t[:, None] & mask_p[None, :]
-        # x and dy enter the products as stored (exact); dt is applied to the fp32 results after the loop
-        x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_tp, other=0.0),
-                DOT_DTYPE, ROUND_BF16)
-        dy = _op(tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0),
-                 DOT_DTYPE, ROUND_BF16)
-        dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
-        pn_ptrs = state_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
-        mask_pn = mask_p[:, None] & mask_nh[None, :]
-        tile_first = _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
-        tile_second = _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16)
-        if FOR_C:
-            acc_first += tl.dot(dy, tile_first, input_precision=DOT_PREC)
-            acc_second += tl.dot(dy, tile_second, input_precision=DOT_PREC)
-        else:
-            acc_first += tl.dot(x, tile_first, input_precision=DOT_PREC)
-            acc_second += tl.dot(x, tile_second, input_precision=DOT_PREC)
-
-    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-    decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
-    dy_v = dy_v * decay * dt[None, :]
-    products = scores * dy_v                              # M[t, u]
-    dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
-    if FOR_C:
-        into = tl.where(sees_carried, tl.exp(g), 0.0)
-        acc_first = acc_first * into[:, None]
-        acc_second = acc_second * into[:, None]
-        dg = tl.sum(products, axis=1) + tl.sum(q_first.to(tl.float32) * acc_first
-                                               + q_second.to(tl.float32) * acc_second, axis=1)
-        grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
-        grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
-    else:
-        weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
-        acc_first = acc_first * weight[:, None]
-        acc_second = acc_second * weight[:, None]
-        end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
-        dg = -tl.sum(products, axis=0) - end_terms
-        # the same terms again at the last token, from the same fp32 numbers: the reverse cumsum that turns
-        # dg into d(dt A) then cancels them exactly (a bf16 <G, state leaving> here would not)
-        dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
-        dy_v_t = tl.trans(dy_v)
-        grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
-        grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
-    # ATOMIC: float32 adds into the group's rows (its heads' shares), else this head's own rows
-    out_head = gi if ATOMIC else hi
-    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     mask_nh, NH, ROPE, ATOMIC)
-    tl.store(dg_ptr + gdt_row + offs_l, dg)
-
-
-@triton.jit
-def _chunk_bwd_dqk_full_kernel(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr,
-    L, H, HPG, P, NH, NCHUNK, LPAD,
-    sx_b, sx_l, sx_h, sx_p,
-    sb_b, sb_l, sb_h, sb_n,
-    scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n,
-    sd_b, sd_l, sd_h, sd_p,
-    sg_b, sg_l, sg_h, sg_n,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, ATOMIC: tl.constexpr,
-):
-    """`_chunk_bwd_dqk_kernel` (same arguments, same math: its docstring has the formulas) with full-width n
-    operands ("dqk_full_width"): q, k, the state tiles and the accumulator span all n columns (the two
-    rotate-half halves side by side, `_full_columns`), so each product is one instead of two, and no product
-    feeds another (see `_chunk_fwd_full`)."""
+    would leave bf16 rounding of the large diagonal terms in dt's gradient.
+    q, k, the state tiles and the accumulator are full-width (all n columns: the two rotate-half halves side by
+    side, `_full_columns`), one product each, none feeding another (see `_chunk_fwd_one`; v14: 10% faster than
+    the half-width version on the Cheems shape)."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
@@ -1056,7 +829,8 @@ def _chunk_bwd_dqk_full_kernel(
         weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
         acc = acc * weight[:, None]
         end_terms = tl.sum(k.to(tl.float32) * acc, axis=1)
-        # the end terms again at the last token, as in `_chunk_bwd_dqk_kernel`
+        # the same terms again at the last token, from the same fp32 numbers: the reverse cumsum that turns
+        # dg into d(dt A) then cancels them exactly (a bf16 <G, state leaving> here would not)
         dg = -tl.sum(products, axis=0) - end_terms + tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
         grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
     grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
@@ -1297,101 +1071,6 @@ def _chunk_bwd_dqk_group_kernel(
                      mask_nh, NH, ROPE, False)
 
 
-@triton.jit
-def _chunk_bwd_dqk_group_full_kernel(
-    x_ptr, b_ptr, c_ptr, cos_ptr, sin_ptr, dt_ptr, g_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dbc_ptr, dg_ptr,
-    L, H, HPG, P, NH, NCHUNK, LPAD,
-    sx_b, sx_l, sx_h, sx_p,
-    sb_b, sb_l, sb_h, sb_n,
-    scc_b, scc_l, scc_h, scc_n,
-    sc_b, sc_l, sc_n,
-    sd_b, sd_l, sd_h, sd_p,
-    sg_b, sg_l, sg_h, sg_n,
-    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, FOR_C: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
-):
-    """`_chunk_bwd_dqk_group_kernel` (same arguments and math) with full-width n operands
-    ("dqk_group_full_width"): q, k, each head's state tile and the accumulator span all n columns, so each
-    product is one instead of two and none feeds another (see `_chunk_fwd_full`)."""
-    c = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    G = H // HPG
-    bi = pid_bg // G
-    gi = pid_bg % G
-    N = 2 * NH
-    chunk_start = c * T
-    offs_t = tl.arange(0, T)
-    offs_l = chunk_start + offs_t
-    mask_t = offs_l < L
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
-    mask_pc = mask_p[:, None] & mask_c[None, :]
-
-    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
-                                                          HAS_SEQ)
-    allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
-    cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
-    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
-    k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if FOR_C:
-        state_ptr = states_ptr   # slot c: the state entering chunk c
-    else:
-        state_ptr = dstates_ptr  # slot c: d loss / d(state leaving chunk c)
-
-    weights = tl.zeros((T, T), dtype=tl.float32)            # W = sum_h (dy_h . x_h) * Gam_h * dt_h
-    acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)     # sum_h e_h * dy_h S_h (FOR_C) or w_h dt_h x_h G_h
-    for hi in range(gi * HPG, gi * HPG + HPG):
-        gdt_row = (bi * H + hi).to(tl.int64) * LPAD
-        g = tl.load(g_ptr + gdt_row + offs_l)
-        dt = tl.load(dt_ptr + gdt_row + offs_l)
-        x = _op(tl.load(x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                        mask=mask_tp, other=0.0), DOT_DTYPE, ROUND_BF16)
-        dy = _op(tl.load(dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
-                         mask=mask_tp, other=0.0), DOT_DTYPE, ROUND_BF16)
-        tile = _op(tl.load(state_ptr + ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N
-                           + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0), DOT_DTYPE, ROUND_BF16)
-        if FOR_C:
-            head = tl.dot(dy, tile, input_precision=DOT_PREC)
-            scale = tl.where(sees_carried, tl.exp(g), 0.0)
-        else:
-            head = tl.dot(x, tile, input_precision=DOT_PREC)
-            g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-            scale = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: the product holds x G, not v G
-        head = head * scale[:, None]
-        dy_v = tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
-        dy_v = dy_v * tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf"))) * dt[None, :]
-        products = scores * dy_v                              # M_h[t, u]
-        if FOR_C:
-            dg = tl.sum(products, axis=1) + tl.sum(q.to(tl.float32) * head, axis=1)
-        else:
-            carried = tl.sum(k.to(tl.float32) * head, axis=1)
-            # the end terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
-            dg = -tl.sum(products, axis=0) - carried + tl.where(offs_t == T - 1, tl.sum(carried, axis=0), 0.0)
-        tl.store(dg_ptr + gdt_row + offs_l, dg)
-        weights += dy_v
-        acc += head
-
-    weights = _op(weights, DOT_DTYPE, ROUND_BF16)
-    if FOR_C:
-        grad = acc + tl.dot(weights, k, input_precision=DOT_PREC)
-    else:
-        grad = acc + tl.dot(tl.trans(weights), q, input_precision=DOT_PREC)
-    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
-    offs_nh = tl.arange(0, BLOCK_NH)
-    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + gi * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     offs_nh < NH, NH, ROPE, False)
-
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -1485,7 +1164,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
         T=T, BLOCK_P=block_p, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None,
         HAS_D=D is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         SAVE_ROTATED=save_rotated, CPP=cpp, SCORES_IN=scores is not None,
-        FULL_WIDTH=config.get("fwd_full_width", False), num_warps=fwd["fwd_warps"],
+        num_warps=fwd["fwd_warps"],
         num_stages=fwd["fwd_stages"], maxnreg=fwd["fwd_maxnreg"])
     return y, final, states, rotated_B, rotated_C
 
@@ -1536,14 +1215,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
                *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride())
     if dx_group:
         _chunk_bwd_dx_group_kernel[(p_blocks, n_chunks, batch * groups)](
-            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, FULL_WIDTH=config.get("dx_full_width", False),
-            **dict(common, ROPE=rope_in), num_warps=config["dx_group_warps"], num_stages=config["dx_group_stages"],
+            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, **dict(common, ROPE=rope_in),
+            num_warps=config["dx_group_warps"], num_stages=config["dx_group_stages"],
             maxnreg=config.get("dx_group_maxnreg"))
     else:
         cpp = config.get("bwd_chunks_per_program", 1)
         _chunk_bwd_dx_kernel[(p_blocks, triton.cdiv(n_chunks, cpp), batch * heads)](
-            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, FULL_WIDTH=config.get("dx_full_width", False),
-            **dict(common, ROPE=rope_in),
+            *dx_args, BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
             num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
     # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
@@ -1573,14 +1251,11 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     else:
         # two launches, C side then B side: per group (one program loops over the group's heads) or per head
         if group_kernel:
-            kernel = (_chunk_bwd_dqk_group_full_kernel if config.get("dqk_group_full_width", False)
-                      else _chunk_bwd_dqk_group_kernel)
-            grid = (n_chunks, batch * groups)
+            kernel, grid = _chunk_bwd_dqk_group_kernel, (n_chunks, batch * groups)
             tiles = dict(BLOCK_P=_next_pow2(head_dim), num_warps=config["dqk_group_warps"],
                          num_stages=config["dqk_group_stages"], maxnreg=config.get("dqk_group_maxnreg"))
         else:
-            kernel = _chunk_bwd_dqk_full_kernel if config.get("dqk_full_width", False) else _chunk_bwd_dqk_kernel
-            grid = (n_chunks, batch * heads)
+            kernel, grid = _chunk_bwd_dqk_kernel, (n_chunks, batch * heads)
             tiles = dict(BLOCK_P=block_p, ATOMIC=atomic, num_warps=config["dqk_warps"],
                          num_stages=config["dqk_stages"], maxnreg=config.get("dqk_maxnreg"))
         dg_from_c = torch.empty_like(g)

@@ -74,17 +74,10 @@ CASES = [
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {"dx_group": True, "dx_group_warps": 8,
                                                                       "dx_group_stages": 3}),
     (1, 100, 4, 64, 64, torch.float32, True, True, True, True, 1, {"dx_group": True, "save_rotated": False}),
-    # the forward: half-width (before v13) on the Cheems shape and on one group, float32; full-width (the default)
-    # at 4 warps without D, one chunk per program
-    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"fwd_full_width": False}),
-    (2, 1000, 8, 64, 128, torch.float32, False, True, True, False, 1, {"fwd_full_width": False}),
+    # the full-width forward (v13) at 4 warps without D, one chunk per program; per-head dB/dC (v14) at 8 warps
     (1, 777, 2, 64, 64, torch.bfloat16, True, False, False, True, 2, {"fwd_save_warps": 4, "fwd_save_block_p": 64,
                                                                       "fwd_save_chunks_per_program": 1}),
-    # the backward's full-width kernels (v14): per-head dB/dC (4 and 8 warps), group dB/dC, dx
-    (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4, {"dqk_full_width": True, "dx_full_width": True}),
-    (1, 777, 2, 64, 64, torch.float32, True, True, True, True, 2, {"dqk_full_width": True, "dqk_warps": 8}),
-    (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1, {"dqk_group_full_width": True,
-                                                                         "dx_full_width": True}),
+    (1, 777, 2, 64, 64, torch.float32, True, True, True, True, 2, {"dqk_warps": 8}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
      {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),

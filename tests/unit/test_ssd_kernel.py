@@ -122,17 +122,10 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (1, {"dqk_group": True, "shared_scores": True}, torch.float32),         # the defaults for groups < heads
     (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
     (1, {"dx_group": False}, torch.float32),                                # per-head dx with groups < heads
-    (4, {"fwd_full_width": False}, torch.float32),                          # the half-width forward, g = h
-    (2, {"fwd_full_width": False, "shared_scores": False}, torch.bfloat16), # the same forming its scores, bf16
-    (1, {"fwd_full_width": False, "save_rotated": False}, torch.float32),   # with the shared scores
-    (4, {"dqk_full_width": True}, torch.float32),                           # full-width per-head dB/dC, g = h
-    (4, {"dqk_full_width": True, "save_rotated": False}, torch.bfloat16),   # the same rotating on load
-    (2, {"dqk_full_width": True, "dqk_group": False, "group_reduce": "atomic"}, torch.float32),  # atomics
-    (4, {"dx_full_width": True, "save_rotated": False}, torch.bfloat16),    # full-width per-head dx, rotating
-    (2, {"dx_full_width": True, "dx_group_block_p": 8}, torch.float32),     # full-width group dx, 2 p-blocks
-    (2, {"dx_full_width": True, "dx_group": False, "bwd_chunks_per_program": 2}, torch.float32),  # per head
-    (1, {"dqk_group_full_width": True}, torch.float32),                     # full-width group dB/dC
-    (2, {"dqk_group_full_width": True, "save_rotated": False}, torch.bfloat16),  # the same, rotating on load
+    (4, {}, torch.float32),                                                 # g = h: per-head dB/dC, forward
+    (4, {"save_rotated": False}, torch.bfloat16),                           # the same rotating on load, bf16
+    (2, {"shared_scores": False, "fwd_save_chunks_per_program": 1}, torch.bfloat16),  # forward forming scores
+    (2, {"dqk_group": False, "group_reduce": "atomic"}, torch.float32),     # per-head dB/dC, atomics
     (2, {"dx_group": True, "dx_group_block_p": 8, "save_rotated": False}, torch.bfloat16),  # 2 p-blocks
 ])
 def test_groups_and_backward_variants(kernels, groups, config, dtype):
