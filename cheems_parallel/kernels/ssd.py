@@ -1152,7 +1152,9 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     if mode:
         fwd = {key: config.get(key.replace("fwd_", mode, 1), value) for key, value in fwd.items()}
     block_p = min(fwd["fwd_block_p"], _next_pow2(head_dim))
-    cpp = fwd["fwd_chunks_per_program"]
+    # float32 tiles are twice the bytes: the chunk loop's prefetch would overflow shared memory (312 KB for the
+    # saving forward at n = 128), so float32 runs one chunk per program
+    cpp = fwd["fwd_chunks_per_program"] if x.element_size() <= 2 else 1
     grid = (triton.cdiv(head_dim, block_p), triton.cdiv(n_chunks, cpp), batch * heads)
     rotated_B = torch.empty_like(B) if save_rotated else None
     rotated_C = torch.empty_like(C) if save_rotated else None
