@@ -115,7 +115,8 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
     (2, {"dqk_merged": False, "dqk_group": False,                      # two groups, per-head two-launch
          "save_rotated": True}, torch.float32),                        # backward + torch group sum
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
-         "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.float32),  # chunk loops (3 > chunks)
+         "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.bfloat16),  # chunk loops (3 > chunks;
+                                                                                     # float32 runs one chunk)
     (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
     (1, {"shared_scores": False, "group_reduce": "atomic",                # per-head dB/dC added by atomics,
          "dqk_group": False}, torch.float32),                             # each head's own C~B~^T
