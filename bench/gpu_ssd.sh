@@ -24,9 +24,12 @@ run_tests() {
 }
 # TESTS_LAST=1: the benchmark first (its log and JSON reach $OUT before the tests start)
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" != "1" ]; then run_tests; fi
-python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | grep -v "^  [0-9 .]*  " | tail -75
-cp -n bench/results/ssd_h200.json "$OUT/" 2>/dev/null   # -n: never over a JSON the bench wrote there (--out $OUT/ssd_h200.json)
-echo "bench done at $(( $(date +%s) - start )) s"
+# SKIP_BENCH=1: the GPU grid only
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  python3 bench/ssd.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" | grep -v "^  [0-9 .]*  " | tail -75
+  cp -n bench/results/ssd_h200.json "$OUT/" 2>/dev/null   # -n: never over a JSON the bench wrote there (--out $OUT/ssd_h200.json)
+  echo "bench done at $(( $(date +%s) - start )) s"
+fi
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" = "1" ]; then run_tests; fi
 # SWEEP_AFTER=1: then bench/ssd.py's SWEEP at L = 4k for the notes only ($OUT/sweep.json; the table above stays)
 if [ "${SWEEP_AFTER:-0}" = "1" ]; then
