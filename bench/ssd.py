@@ -67,10 +67,13 @@ SWEEP_V4_CALL1 = [
 # v13 / v14 (session 9): the forward and the per-head dB/dC with full-width n operands; their sweeps (and v12's,
 # v11's) are in bench/ssd_notes.md and bench/results/ssd_v1[1-4]_sweep_h200.json. The list below is the v14
 # defaults (the reference of the "diff" column) and their nearest untried neighbours.
+# v15 (prepared in session 9, not timed): the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`).
 SWEEP = [
     ("v14", 64, {}),
+    ("merged-4w", 64, {"dqk_merged": True}),
+    ("merged-8w", 64, {"dqk_merged": True, "dqk_warps": 8}),
+    ("merged-8w-s3", 64, {"dqk_merged": True, "dqk_warps": 8, "dqk_stages": 3}),
     ("save-cpp4", 64, {"fwd_save_chunks_per_program": 4}),
-    ("dqk-p128", 64, {"dqk_block_p": 128}),
     ("dqk-s3", 64, {"dqk_stages": 3}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)

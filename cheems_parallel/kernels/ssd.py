@@ -860,8 +860,10 @@ def _chunk_bwd_dbc_kernel(
 ):
     """dC and dB of one chunk of one head and the whole dg of that chunk, in one program: the same math as
     `_chunk_bwd_dqk_kernel` for both sides, sharing q, k, the RoPE tables, dy.x^T and M (one read of dy and
-    of the inputs instead of two). Two passes over p keep only one side's (T, n) accumulators live at a
+    of the inputs instead of two). Two passes over p keep only one side's (T, n) accumulator live at a
     time: pass 1 dy x^T and dy S (C side, finished and stored), pass 2 x G (B side; x re-read, from L2).
+    Full-width n operands as in `_chunk_bwd_dqk_kernel` (session 9; not timed in this form: the half-width
+    version was 28% / 15% slower than the two launches on mamba's / the Cheems shape, v4b).
     dB/dC go to per-head rows of db_ptr/dc_ptr (strides sg_*), or with ATOMIC are added into the
     float32 rows of the head's group."""
     c = tl.program_id(0)
@@ -874,8 +876,7 @@ def _chunk_bwd_dbc_kernel(
     offs_t = tl.arange(0, T)
     offs_l = chunk_start + offs_t
     mask_t = offs_l < L
-    offs_nh = tl.arange(0, BLOCK_NH)
-    mask_nh = offs_nh < NH
+    cols, partner, mask_c, sign = _full_columns(BLOCK_NH, NH)
 
     gdt_row = (bi * H + hi).to(tl.int64) * LPAD
     g = tl.load(g_ptr + gdt_row + offs_l)
@@ -891,8 +892,7 @@ def _chunk_bwd_dbc_kernel(
     dy_base = dy_ptr + bi.to(tl.int64) * sd_b + hi * sd_h
     # pass 1: dy x^T and dy S (S = the state entering the chunk, slot c of states)
     dy_v = tl.zeros((T, T), dtype=tl.float32)
-    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
@@ -901,65 +901,58 @@ def _chunk_bwd_dbc_kernel(
                 DOT_DTYPE, ROUND_BF16)
         dy = _op(tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0),
                  DOT_DTYPE, ROUND_BF16)
-        dy_v += tl.dot(dy, tl.trans(x), input_precision=DOT_PREC)
-        pn_ptrs = states_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
-        mask_pn = mask_p[:, None] & mask_nh[None, :]
-        acc_first += tl.dot(dy, _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
-                            input_precision=DOT_PREC)
-        acc_second += tl.dot(dy, _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
-                             input_precision=DOT_PREC)
+        dy_v = tl.dot(dy, tl.trans(x), dy_v, input_precision=DOT_PREC)
+        tile = _op(tl.load(states_ptr + state_base + offs_p[:, None] * N + cols[None, :],
+                           mask=mask_p[:, None] & mask_c[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
+        acc = tl.dot(dy, tile, acc, input_precision=DOT_PREC)
 
     # q = C~, k = B~ only now: holding them through the loop costs registers the loop's accumulators need
-    q_first, q_second, k_first, k_second = _load_group_qk(
-        c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, offs_nh, mask_t, mask_nh, NH,
-        scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE_IN, DOT_DTYPE, ROUND_BF16)
+    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
+                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
+                           DOT_DTYPE, ROUND_BF16)
+    k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
+                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
+                           DOT_DTYPE, ROUND_BF16)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
-    scores = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PREC)
-    scores += tl.dot(q_second, tl.trans(k_second), input_precision=DOT_PREC)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     dy_v = dy_v * decay * dt[None, :]
     products = scores * dy_v                              # M[t, u]; its diagonal cancels exactly in dg
     dg = tl.sum(products, axis=1) - tl.sum(products, axis=0)
     dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
 
     # C side: dq = ((dy v^T)*Gam) k + e * dy S
+    offs_nh = tl.arange(0, BLOCK_NH)
     into = tl.where(sees_carried, tl.exp(g), 0.0)
-    acc_first = acc_first * into[:, None]
-    acc_second = acc_second * into[:, None]
-    dg += tl.sum(q_first.to(tl.float32) * acc_first + q_second.to(tl.float32) * acc_second, axis=1)
-    grad_first = acc_first + tl.dot(dy_v, k_first, input_precision=DOT_PREC)
-    grad_second = acc_second + tl.dot(dy_v, k_second, input_precision=DOT_PREC)
+    acc = acc * into[:, None]
+    dg += tl.sum(q.to(tl.float32) * acc, axis=1)
+    grad = acc + tl.dot(dy_v, k, input_precision=DOT_PREC)
+    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
     out_head = gi if ATOMIC else hi
     _store_unrotated(dc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
                      cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     mask_nh, NH, ROPE, ATOMIC)
+                     offs_nh < NH, NH, ROPE, ATOMIC)
 
     # pass 2, B side: dk = ((dy v^T)*Gam)^T q + w * v G (G = d loss / d state leaving, slot c of dstates)
-    acc_first = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
-    acc_second = tl.zeros((T, BLOCK_NH), dtype=tl.float32)
+    acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                         mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
-        pn_ptrs = dstates_ptr + state_base + offs_p[:, None] * N + offs_nh[None, :]
-        mask_pn = mask_p[:, None] & mask_nh[None, :]
-        acc_first += tl.dot(x, _op(tl.load(pn_ptrs, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
-                            input_precision=DOT_PREC)
-        acc_second += tl.dot(x, _op(tl.load(pn_ptrs + NH, mask=mask_pn, other=0.0), DOT_DTYPE, ROUND_BF16),
-                             input_precision=DOT_PREC)
+        tile = _op(tl.load(dstates_ptr + state_base + offs_p[:, None] * N + cols[None, :],
+                           mask=mask_p[:, None] & mask_c[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
+        acc = tl.dot(x, tile, acc, input_precision=DOT_PREC)
     weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
-    acc_first = acc_first * weight[:, None]
-    acc_second = acc_second * weight[:, None]
-    end_terms = tl.sum(k_first.to(tl.float32) * acc_first + k_second.to(tl.float32) * acc_second, axis=1)
+    acc = acc * weight[:, None]
+    end_terms = tl.sum(k.to(tl.float32) * acc, axis=1)
     # the same terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
     dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0) - end_terms
-    dy_v_t = tl.trans(dy_v)
-    grad_first = acc_first + tl.dot(dy_v_t, q_first, input_precision=DOT_PREC)
-    grad_second = acc_second + tl.dot(dy_v_t, q_second, input_precision=DOT_PREC)
+    grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
+    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
     _store_unrotated(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
                      cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     mask_nh, NH, ROPE, ATOMIC)
+                     offs_nh < NH, NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
