@@ -199,6 +199,20 @@ def _load_full_operand(base_ptr, stride_t, stride_n, cos_base, sin_base, sc_l, s
 
 
 @triton.jit
+def _load_group_qk_full(c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, mask_t, cols, partner, mask_c,
+                        sign, scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """q = rope(C) and k = rope(B) of one chunk of B/C group gi as full-width product operands."""
+    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
+                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE,
+                           DOT_DTYPE, ROUND_BF16)
+    k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
+                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE,
+                           DOT_DTYPE, ROUND_BF16)
+    return q, k
+
+
+@triton.jit
 def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn,
                      grad_first, grad_second, offs_t, offs_nh, mask_t, mask_nh, NH, ROPE: tl.constexpr,
                      ATOMIC: tl.constexpr):
@@ -780,12 +794,9 @@ def _chunk_bwd_dqk_kernel(
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     # ROPE_IN: rotate B, C on load; else b_ptr/c_ptr hold B~, C~ already (the forward's SAVE_ROTATED)
-    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
-    k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
+    q, k = _load_group_qk_full(c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, mask_t, cols, partner,
+                               mask_c, sign, scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE_IN,
+                               DOT_DTYPE, ROUND_BF16)
 
     dy_v = tl.zeros((T, T), dtype=tl.float32)              # [t, u] = dy_t . x_u (times dt_u after the loop)
     acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)    # dy S (FOR_C) or x G (else), unscaled
@@ -907,12 +918,9 @@ def _chunk_bwd_dbc_kernel(
         acc = tl.dot(dy, tile, acc, input_precision=DOT_PREC)
 
     # q = C~, k = B~ only now: holding them through the loop costs registers the loop's accumulators need
-    q = _load_full_operand(c_ptr + bi.to(tl.int64) * scc_b + gi * scc_h + chunk_start * scc_l, scc_l, scc_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
-    k = _load_full_operand(b_ptr + bi.to(tl.int64) * sb_b + gi * sb_h + chunk_start * sb_l, sb_l, sb_n,
-                           cos_base, sin_base, sc_l, sc_n, offs_t, mask_t, cols, partner, mask_c, sign, ROPE_IN,
-                           DOT_DTYPE, ROUND_BF16)
+    q, k = _load_group_qk_full(c_ptr, b_ptr, cos_base, sin_base, bi, gi, chunk_start, offs_t, mask_t, cols, partner,
+                               mask_c, sign, scc_b, scc_l, scc_h, scc_n, sb_b, sb_l, sb_h, sb_n, sc_l, sc_n, ROPE_IN,
+                               DOT_DTYPE, ROUND_BF16)
     allowed = (offs_t[:, None] >= offs_t[None, :]) & same_doc
     decay = tl.exp(tl.where(allowed, g[:, None] - g[None, :], float("-inf")))
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
