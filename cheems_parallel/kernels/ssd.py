@@ -236,6 +236,16 @@ def _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, 
 
 
 @triton.jit
+def _store_unrotated_full(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, grad, offs_t, mask_t,
+                          NH, T: tl.constexpr, BLOCK_NH: tl.constexpr, ROPE: tl.constexpr, ATOMIC: tl.constexpr):
+    """`_store_unrotated` of a full-width (T, 2 BLOCK_NH) gradient (columns from `_full_columns`)."""
+    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
+    offs_nh = tl.arange(0, BLOCK_NH)
+    _store_unrotated(base_ptr, stride_t, stride_n, cos_ptr, sin_ptr, stride_ct, stride_cn, grad_first, grad_second,
+                     offs_t, offs_nh, mask_t, offs_nh < NH, NH, ROPE, ATOMIC)
+
+
+@triton.jit
 def _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Document masks of one chunk (1 where allowed): token-to-token (T, T) same document,
     token sees the carried state (T,), token reaches the chunk's end state (T,), state crosses the chunk ()."""
@@ -844,13 +854,10 @@ def _chunk_bwd_dqk_kernel(
         # dg into d(dt A) then cancels them exactly (a bf16 <G, state leaving> here would not)
         dg = -tl.sum(products, axis=0) - end_terms + tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0)
         grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
-    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
-    offs_nh = tl.arange(0, BLOCK_NH)
     # ATOMIC: float32 adds into the group's rows (its heads' shares), else this head's own rows
     out_head = gi if ATOMIC else hi
-    _store_unrotated(dbc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     offs_nh < NH, NH, ROPE, ATOMIC)
+    _store_unrotated_full(dbc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                          cos_base, sin_base, sc_l, sc_n, grad, offs_t, mask_t, NH, T, BLOCK_NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
@@ -930,16 +937,13 @@ def _chunk_bwd_dbc_kernel(
     dy_v = _op(dy_v, DOT_DTYPE, ROUND_BF16)
 
     # C side: dq = ((dy v^T)*Gam) k + e * dy S
-    offs_nh = tl.arange(0, BLOCK_NH)
     into = tl.where(sees_carried, tl.exp(g), 0.0)
     acc = acc * into[:, None]
     dg += tl.sum(q.to(tl.float32) * acc, axis=1)
     grad = acc + tl.dot(dy_v, k, input_precision=DOT_PREC)
-    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
     out_head = gi if ATOMIC else hi
-    _store_unrotated(dc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     offs_nh < NH, NH, ROPE, ATOMIC)
+    _store_unrotated_full(dc_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                          cos_base, sin_base, sc_l, sc_n, grad, offs_t, mask_t, NH, T, BLOCK_NH, ROPE, ATOMIC)
 
     # pass 2, B side: dk = ((dy v^T)*Gam)^T q + w * v G (G = d loss / d state leaving, slot c of dstates)
     acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)
@@ -957,10 +961,8 @@ def _chunk_bwd_dbc_kernel(
     # the same terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
     dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0) - end_terms
     grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
-    grad_first, grad_second = tl.split(tl.permute(tl.reshape(grad, (T, 2, BLOCK_NH)), (0, 2, 1)))
-    _store_unrotated(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
-                     cos_base, sin_base, sc_l, sc_n, grad_first, grad_second, offs_t, offs_nh, mask_t,
-                     offs_nh < NH, NH, ROPE, ATOMIC)
+    _store_unrotated_full(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
+                          cos_base, sin_base, sc_l, sc_n, grad, offs_t, mask_t, NH, T, BLOCK_NH, ROPE, ATOMIC)
     tl.store(dg_ptr + gdt_row + offs_l, dg)
 
 
