@@ -17,10 +17,12 @@ start=$(date +%s)
 run_tests() {
   parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n 4"   # compile in 4 processes
   # TEST_TIMEOUT: seconds the grid may take (a slow grid must not cost the lease's table)
-  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -rP $parallel -p no:cacheprovider tests/gpu/test_ssd_kernel_gpu.py \
+  # TEST_FILTER: a pytest -k expression (e.g. "gluon") to run part of the grid
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -rP $parallel -p no:cacheprovider ${TEST_FILTER:+-k "$TEST_FILTER"} \
+    tests/gpu/test_ssd_kernel_gpu.py \
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "^shape|^no-grad|passed|failed|Error|error" "$OUT/gpu_tests.log" | cut -c1-400 | head -40
+  grep -E "^shape|^gluon|^no-grad|passed|failed|Error|error" "$OUT/gpu_tests.log" | cut -c1-400 | head -40
 }
 # TESTS_LAST=1: the benchmark first (its log and JSON reach $OUT before the tests start)
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${TESTS_LAST:-0}" != "1" ]; then run_tests; fi

@@ -70,15 +70,13 @@ SWEEP_V4_CALL1 = [
 # v15 (prepared in session 9, not timed): the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`).
 SWEEP = [
     ("v14", 64, {}),
+    ("gluon", 64, {"gluon_bwd": True}),
     ("merged-4w", 64, {"dqk_merged": True}),
-    ("merged-8w", 64, {"dqk_merged": True, "dqk_warps": 8}),
     ("merged-8w-s3", 64, {"dqk_merged": True, "dqk_warps": 8, "dqk_stages": 3}),
-    ("save-cpp4", 64, {"fwd_save_chunks_per_program": 4}),
-    ("dqk-s3", 64, {"dqk_stages": 3}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel"),
+         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel", "_fused_group_bwd_kernel"),
          "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 

@@ -1205,6 +1205,16 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
 
+    # groups < heads, "gluon_bwd": dx, dB, dC and dg by one warp-specialised Gluon launch (ssd_gluon_bwd.py)
+    if config.get("gluon_bwd", False) and groups < heads and not rope and x.is_cuda:
+        from cheems_parallel.kernels import ssd_gluon_bwd
+        if ssd_gluon_bwd.supported(x, B_in, dy, states, T, seq):
+            dx, dB, dC, ddt_partial, dg, dD_partial = ssd_gluon_bwd.fused_group_backward(
+                x, dy, B_in, C_in, dt, g, D, states, dstates)
+            dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
+            dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
+            return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
+
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
     dx = torch.empty_like(x)

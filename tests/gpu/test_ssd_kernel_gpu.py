@@ -120,3 +120,33 @@ def test_forward_without_gradients_matches_float64_reference(groups, rope):
     errors = {"y": relative_error(y.double().cpu(), y_ref.cpu()), "final": relative_error(final.double().cpu(), final_ref.cpu())}
     print(f"\nno-grad forward g={groups} rope={rope}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     assert all(error < 1e-2 for error in errors.values()), errors
+
+
+# the Gluon fused group backward ("gluon_bwd", ssd_gluon_bwd.py): one group for 8 heads, p = n = 128 with D;
+# two groups of two heads at l = 16k (each ring slot used once per program); p = n = 64 without D and with an
+# initial state; three heads per group (an odd head count: the last head's slot is slot 0)
+GLUON_CASES = [
+    (2, 768, 8, 128, 128, True, False, 1),
+    (1, 16384, 4, 64, 128, True, True, 2),
+    (2, 1024, 8, 64, 64, False, True, 4),
+    (1, 512, 3, 128, 128, True, False, 1),
+]
+
+
+@pytest.mark.parametrize("batch, length, heads, head_dim, state_dim, use_d, use_init, groups", GLUON_CASES)
+def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, head_dim, state_dim, use_d, use_init,
+                                                        groups):
+    from cheems_parallel.kernels import ssd_gluon_bwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(batch, length, heads, head_dim, state_dim, torch.bfloat16, False, use_d, use_init, False)
+    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
+    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
+    launches = ssd_gluon_bwd.LAUNCHES
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config={"gluon_bwd": True})
+    assert ssd_gluon_bwd.LAUNCHES > launches, "the Gluon backward did not run for this case"
+    print(f"\ngluon shape b={batch} l={length} h={heads} g={groups} p={head_dim} n={state_dim} D={use_d}: "
+          + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
+          + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
+    bad = {name: error for name, error in errors.items() if not error < 1e-2}
+    assert not bad, f"relative error over 1e-2: {bad}"

@@ -1,0 +1,40 @@
+"""Offline sm_90 compile report of the Gluon fused group backward (`ssd_gluon_bwd._fused_group_bwd_kernel`):
+registers, stack (spills), STL/LDL, shared memory, HGMMA, setmaxnreg. No GPU needed.
+
+  PYTHONPATH=/tmp/t36site .venv/bin/python bench/ssd_gluon_compile.py     # Triton 3.6, the GPU's version
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+
+from dmattn_gluon_compile import compile_kernel
+
+
+def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, heads=32, groups=1, **overrides):
+    from cheems_parallel.kernels import ssd_gluon_bwd as m
+    T = m.CHUNK
+    n_chunks = length // T
+    x = torch.empty(batch, length, heads, head_dim, dtype=torch.bfloat16)
+    B = torch.empty(batch, length, groups, state_dim, dtype=torch.bfloat16)
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
+    vec = torch.empty(batch, heads, length)
+    descs = m.descriptors(x, x, states, states, B, B)
+    f32 = torch.empty(4)
+    args = (*descs, vec, vec, f32, x, f32, f32, f32, vec, vec, vec, f32, length, heads, heads // groups, n_chunks,
+            length)
+    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
+                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
+    constexprs.update(overrides)
+    return compile_kernel(m._fused_group_bwd_kernel, args, constexprs, 4)
+
+
+if __name__ == "__main__":
+    for p, n, has_d in ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, True)):
+        try:
+            report, _ = fused_case(p, n, has_d)
+            print("fused p", p, "n", n, "D", has_d, json.dumps(report))
+        except Exception as error:
+            print("fused p", p, "n", n, "D", has_d, "FAILED", type(error).__name__, str(error)[-2500:])
