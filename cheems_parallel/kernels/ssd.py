@@ -504,10 +504,11 @@ def _state_bwd_kernel(
     sc_b, sc_l, sc_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, OVERLAP: tl.constexpr = True,
 ):
-    """dstates[c] = d loss / d (state leaving chunk c), walking the chunks backwards; also this tile's share
-    of exp(g_last) <dstates[c], state entering chunk c> (masked), the carried state's part of d loss / d g_last."""
+    """dstates[c] = d loss / d (state leaving chunk c), walking the chunks backwards; also (OVERLAP) this tile's
+    share of exp(g_last) <dstates[c], state entering chunk c> (masked), the carried state's part of d loss /
+    d g_last (the Gluon backward forms it itself from the tiles it loads anyway: no states read here then)."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_blocks = (NH + BLOCK_NH - 1) // BLOCK_NH   # not tl.cdiv: a @jit helper the interpreter runs only if triton was imported under TRITON_INTERPRET=1
@@ -544,10 +545,6 @@ def _state_bwd_kernel(
         slot = ((bi * (NCHUNK + 1) + c) * H + hi).to(tl.int64) * P * N + pn_offs
         tl.store(dstates_ptr + slot, grad_first.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
         tl.store(dstates_ptr + slot + NH, grad_second.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
-        state_first = tl.load(states_ptr + slot, mask=mask_pn, other=0.0).to(tl.float32)
-        state_second = tl.load(states_ptr + slot + NH, mask=mask_pn, other=0.0).to(tl.float32)
-        overlap = tl.sum(tl.sum(state_first * grad_first + state_second * grad_second, axis=1), axis=0)
-
         offs_l = chunk_start + offs_t
         mask_t = offs_l < L
         g = tl.load(g_ptr + g_row + offs_l)
@@ -555,7 +552,11 @@ def _state_bwd_kernel(
         _, sees_carried, _, crosses = _chunk_masks(seq_ptr, seq_row, chunk_start, offs_t, T, HAS_SEQ)
         into = tl.where(sees_carried, tl.exp(g), 0.0)
         chunk_decay = tl.where(crosses, tl.exp(g_last), 0.0)
-        tl.store(overlap_ptr + ((pid_pn * BATCH + bi) * H + hi).to(tl.int64) * NCHUNK + c, overlap * chunk_decay)
+        if OVERLAP:
+            state_first = tl.load(states_ptr + slot, mask=mask_pn, other=0.0).to(tl.float32)
+            state_second = tl.load(states_ptr + slot + NH, mask=mask_pn, other=0.0).to(tl.float32)
+            overlap = tl.sum(tl.sum(state_first * grad_first + state_second * grad_second, axis=1), axis=0)
+            tl.store(overlap_ptr + ((pid_pn * BATCH + bi) * H + hi).to(tl.int64) * NCHUNK + c, overlap * chunk_decay)
         dy = tl.load(dy_base + offs_l[:, None] * sd_l + offs_p[None, :] * sd_p,
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         dy_into = _op(dy * into[:, None], DOT_DTYPE, ROUND_BF16)
@@ -1193,6 +1194,12 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     B_in = B if rotated_B is None else rotated_B
     C_in = C if rotated_C is None else rotated_C
 
+    # groups < heads, "gluon_bwd": dx, dB, dC and dg by one warp-specialised Gluon launch (ssd_gluon_bwd.py)
+    gluon = None
+    if config.get("gluon_bwd", False) and groups < heads and not rope and x.is_cuda:
+        from cheems_parallel.kernels import ssd_gluon_bwd
+        gluon = ssd_gluon_bwd if ssd_gluon_bwd.supported(x, B_in, dy, states, T, seq) else None
+
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
@@ -1203,17 +1210,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+        OVERLAP=gluon is None,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
-
-    # groups < heads, "gluon_bwd": dx, dB, dC and dg by one warp-specialised Gluon launch (ssd_gluon_bwd.py)
-    if config.get("gluon_bwd", False) and groups < heads and not rope and x.is_cuda:
-        from cheems_parallel.kernels import ssd_gluon_bwd
-        if ssd_gluon_bwd.supported(x, B_in, dy, states, T, seq):
-            dx, dB, dC, ddt_partial, dg, dD_partial = ssd_gluon_bwd.fused_group_backward(
-                x, dy, B_in, C_in, dt, g, D, states, dstates)
-            dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
-            dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
-            return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
+    if gluon is not None:
+        dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(x, dy, B_in, C_in, dt, g, D, states,
+                                                                             dstates)
+        dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
+        return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)

@@ -74,11 +74,22 @@ def _producer(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, x_smem, dy_smem,
         tma.async_copy_global_to_shared(ds_desc, [state_row0 + head * P, 0], bar, ds_smem.index(slot))
 
 
+@gluon.jit
+def _tile_dot(a_smem, b_smem, P: gl.constexpr, N: gl.constexpr):
+    """sum(a * b) of two (P, N) shared-memory tiles, 32 rows at a time (float32)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    total = gl.zeros([32, N], gl.float32, layout)
+    for r in gl.static_range(0, P, 32):
+        total += (a_smem.slice(r, 32, dim=0).load(layout).to(gl.float32)
+                  * b_smem.slice(r, 32, dim=0).load(layout).to(gl.float32))
+    return gl.sum(gl.sum(total, axis=1), axis=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # C-side partition (default, one warp group): W, M, dg's C share, acc_C; dC and W^T q at the end.
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _c_side(x_smem, dy_smem, s_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
+def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
             gdt_row0, token_row, group_col, GN, HPG, LPAD,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
     tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
@@ -116,11 +127,14 @@ def _c_side(x_smem, dy_smem, s_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr
         dy_a = (dy_tile.load(a_tn).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
         acc_c = warpgroup_mma(dy_a, s_smem.index(slot), acc_c, is_async=True)
         acc_c, dy_a = warpgroup_mma_wait(0, deps=(acc_c, dy_a))
+        # exp(g_last) <S, G>: the carried state's part of d loss / d g_last (the B side's G tile is in this slot)
+        overlap = _tile_dot(s_smem.index(slot), ds_smem.index(slot), P, N)
         mbarrier.arrive(empty.index(slot))
         current = gl.sum(q_smem.load(tn_layout).to(gl.float32) * acc_c, axis=1)
         carried = gl.convert_layout(current - previous, gl.SliceLayout(1, tt_layout))
         previous = current
-        gl.store(dgc_ptr + gdt_row + rows, share + carried)
+        end_term = gl.where(rows == T - 1, overlap * gl.exp(gl.load(g_ptr + gdt_row + T - 1)), 0.0)
+        gl.store(dgc_ptr + gdt_row + rows, share + carried + end_term)
 
     # dC = acc_C + W k; W^T q is dB's share (the other partition adds acc_B). W^T as an operand goes through
     # shared memory: the x buffer of the last head's slot, once the other partition has released it (a
@@ -247,7 +261,7 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
         mbarrier.init(empty.index(i), count=2)
 
     gl.warp_specialize([
-        (_c_side, (x_smem, dy_smem, s_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr,
+        (_c_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr,
                    dgc_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES)),
         (_b_side, (x_smem, dy_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr,
                    db_ptr, dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, first_head,
