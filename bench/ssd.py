@@ -67,12 +67,11 @@ SWEEP_V4_CALL1 = [
 # v13 / v14 (session 9): the forward and the per-head dB/dC with full-width n operands; their sweeps (and v12's,
 # v11's) are in bench/ssd_notes.md and bench/results/ssd_v1[1-4]_sweep_h200.json. The list below is the v14
 # defaults (the reference of the "diff" column) and their nearest untried neighbours.
-# v15 (prepared in session 9, not timed): the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`).
+# v15: the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`, the default for groups = heads since
+# session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
-    ("v14", 64, {}),
-    ("gluon", 64, {"gluon_bwd": True}),
-    ("merged-4w", 64, {"dqk_merged": True}),
-    ("merged-8w-s3", 64, {"dqk_merged": True, "dqk_warps": 8, "dqk_stages": 3}),
+    ("v16", 64, {}),
+    ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),

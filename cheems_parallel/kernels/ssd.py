@@ -58,16 +58,19 @@ KERNEL_CHUNK = 64
 # backward follows (and it forms its own scores). The forward and the per-head dB/dC kernel take full-width n
 # operands since v13 / v14 (`_chunk_fwd_one`'s docstring: the Cheems shape 8.55 -> 7.47 ms at L = 4k).
 # save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no register spills
-# there); dqk_merged: one launch for dB, dC, dg instead of two; group_reduce ("sum" | "atomic"):
+# there); dqk_merged: one launch for dB, dC, dg instead of two (the default since v15 in full width: the Cheems
+# shape's dB/dC 2.28 -> 2.05 ms at L = 4k; with groups < heads dqk_group takes precedence); group_reduce ("sum" | "atomic"):
 # how dB/dC are summed over a B/C group's heads when groups < heads (atomic: float32 adds in no fixed order, so
 # not bitwise deterministic; groups = heads, the Cheems layer, stores directly; "atomic" is not used with
 # dqk_group); rope_tables_fp32: float32 tables for bf16 inputs (default: the input's type, as apply_rope uses
 # them). For groups < heads only: shared_scores (the forward reads C~B~^T computed once per group and chunk by
 # `_scores_kernel` instead of each head recomputing it) and dqk_group (dB/dC by one program per group and chunk
-# looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg; not with
-# dqk_merged) and dx_group (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps,
-# 2 stages: dx 1.25 -> 1.12 ms on mamba's shape at L = 4k, while 8 warps were slower than per-head dx).
-# bench/ssd_notes.md v9-v14 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
+# looping over its heads, `_chunk_bwd_dqk_group_kernel`, with dqk_group_warps / _stages / _maxnreg) and dx_group
+# (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps, 2 stages: dx 1.25 -> 1.12 ms
+# on mamba's shape at L = 4k, while 8 warps were slower than per-head dx); gluon_bwd (v16, the default): on a
+# Hopper GPU, without RoPE or documents and with l a multiple of 64, dx, dB, dC and dg by one warp-specialised
+# Gluon launch instead of dx_group + dqk_group (`ssd_gluon_bwd.py`; mamba's shape 5.25 -> ~4.2 ms fwd+bwd at 4k).
+# bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
     "fwd_block_p": 64, "fwd_warps": 4, "fwd_stages": 2, "fwd_chunks_per_program": 1,
@@ -75,9 +78,10 @@ CONFIG = {
     "fwd_nograd_block_p": 128, "fwd_nograd_warps": 8,
     "bwd_block_p": 64, "bwd_warps": 4, "bwd_stages": 2, "bwd_chunks_per_program": 4,
     "dqk_block_p": 64, "dqk_warps": 4, "dqk_stages": 2, "dqk_maxnreg": None,
-    "save_rotated": True, "dqk_merged": False, "group_reduce": "sum", "rope_tables_fp32": False,
+    "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
+    "gluon_bwd": True,
 }
 
 
@@ -1245,7 +1249,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
     # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
     # ("group_reduce": "atomic"); groups = heads: stored directly.
-    group_kernel = groups < heads and config.get("dqk_group", False) and not config.get("dqk_merged", False)
+    group_kernel = groups < heads and config.get("dqk_group", False)
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)

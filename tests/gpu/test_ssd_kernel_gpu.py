@@ -58,6 +58,8 @@ CASES = [
                                                                       "dqk_group": False, "shared_scores": False}),
     (2, 1000, 8, 64, 128, torch.bfloat16, True, True, True, True, 2, {}),        # groups with RoPE, bf16
     (3, 2048, 4, 128, 128, torch.bfloat16, True, True, False, True, 4, {"dqk_merged": "not default"}),
+    # the non-Gluon backward where the Gluon one would run (one group, l a multiple of 64, no RoPE or documents)
+    (2, 768, 8, 128, 128, torch.bfloat16, False, True, True, False, 1, {"gluon_bwd": False}),
     (2, 1000, 4, 64, 128, torch.bfloat16, True, True, True, True, 4, {"save_rotated": "not default"}),
     # several chunks per program (the last program's share partial: 16 chunks)
     (2, 1000, 4, 128, 128, torch.bfloat16, True, True, True, True, 4,
@@ -80,7 +82,7 @@ CASES = [
     (1, 777, 2, 64, 64, torch.float32, True, True, True, True, 2, {"dqk_warps": 8}),
     # the merged dB/dC/dg launch at v4's tuning (the default before v4b), atomics over one shared group
     (2, 777, 8, 128, 128, torch.bfloat16, False, True, False, False, 1,
-     {"dqk_merged": True, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
+     {"dqk_merged": True, "dqk_group": False, "dqk_warps": 8, "dqk_maxnreg": 128, "group_reduce": "atomic"}),
 ]
 
 

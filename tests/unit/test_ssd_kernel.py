@@ -111,19 +111,21 @@ def test_kernel_matches_float64_recurrence_bf16(kernels):
 
 
 @pytest.mark.parametrize("groups, config, dtype", [
-    (1, {"dqk_merged": True, "group_reduce": "atomic", "save_rotated": True}, torch.float32),  # one group
+    (1, {"dqk_merged": True, "dqk_group": False, "group_reduce": "atomic",  # one group, merged, atomics
+         "save_rotated": True}, torch.float32),
     (2, {"dqk_merged": False, "dqk_group": False,                      # two groups, per-head two-launch
          "save_rotated": True}, torch.float32),                        # backward + torch group sum
     (4, {"dqk_merged": True, "save_rotated": False,                    # groups = heads, merged, rotate on load,
          "fwd_chunks_per_program": 2, "bwd_chunks_per_program": 3}, torch.bfloat16),  # chunk loops (3 > chunks;
                                                                                      # float32 runs one chunk)
-    (2, {"dqk_merged": True, "save_rotated": True}, torch.bfloat16),   # bf16 through the grouped sum
+    (2, {"dqk_merged": True, "dqk_group": False, "save_rotated": True}, torch.bfloat16),  # bf16, grouped sum
     (1, {"shared_scores": False, "group_reduce": "atomic",                # per-head dB/dC added by atomics,
          "dqk_group": False}, torch.float32),                             # each head's own C~B~^T
     (1, {"dqk_group": True, "shared_scores": True}, torch.float32),         # the defaults for groups < heads
     (2, {"dqk_group": True, "save_rotated": False}, torch.bfloat16),        # group dB/dC rotating on load
     (1, {"dx_group": False}, torch.float32),                                # per-head dx with groups < heads
-    (4, {}, torch.float32),                                                 # g = h: per-head dB/dC, forward
+    (4, {}, torch.float32),                                                 # g = h: the defaults (merged dB/dC)
+    (4, {"dqk_merged": False}, torch.float32),                              # g = h: per-head two-launch dB/dC
     (4, {"save_rotated": False}, torch.bfloat16),                           # the same rotating on load, bf16
     (2, {"shared_scores": False, "fwd_save_chunks_per_program": 1}, torch.bfloat16),  # forward forming scores
     (2, {"dqk_group": False, "group_reduce": "atomic"}, torch.float32),     # per-head dB/dC, atomics
