@@ -75,11 +75,11 @@ def _producer(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, x_smem, dy_smem,
 
 
 @gluon.jit
-def _tile_dot(a_smem, b_smem, P: gl.constexpr, N: gl.constexpr):
-    """sum(a * b) of two (P, N) shared-memory tiles, 32 rows at a time (float32)."""
+def _tile_dot(a_smem, b_smem, FIRST: gl.constexpr, LAST: gl.constexpr, N: gl.constexpr):
+    """sum(a * b) over rows [FIRST, LAST) of two (P, N) shared-memory tiles, 32 rows at a time (float32)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     total = gl.zeros([32, N], gl.float32, layout)
-    for r in gl.static_range(0, P, 32):
+    for r in gl.static_range(FIRST, LAST, 32):
         total += (a_smem.slice(r, 32, dim=0).load(layout).to(gl.float32)
                   * b_smem.slice(r, 32, dim=0).load(layout).to(gl.float32))
     return gl.sum(gl.sum(total, axis=1), axis=0)
@@ -91,7 +91,7 @@ def _tile_dot(a_smem, b_smem, P: gl.constexpr, N: gl.constexpr):
 @gluon.jit
 def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
             gdt_row0, token_row, group_col, GN, HPG, LPAD,
-            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
+            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr):
     tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
     tn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
     a_tn: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tn_layout, k_width=2)
@@ -128,7 +128,7 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         acc_c = warpgroup_mma(dy_a, s_smem.index(slot), acc_c, is_async=True)
         acc_c, dy_a = warpgroup_mma_wait(0, deps=(acc_c, dy_a))
         # exp(g_last) <S, G>: the carried state's part of d loss / d g_last (the B side's G tile is in this slot)
-        overlap = _tile_dot(s_smem.index(slot), ds_smem.index(slot), P, N)
+        overlap = _tile_dot(s_smem.index(slot), ds_smem.index(slot), 0, P_C, N)
         mbarrier.arrive(empty.index(slot))
         current = gl.sum(q_smem.load(tn_layout).to(gl.float32) * acc_c, axis=1)
         carried = gl.convert_layout(current - previous, gl.SliceLayout(1, tt_layout))
@@ -160,9 +160,10 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
 # B-side and dx partition (one warp group).
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _b_side(x_smem, dy_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr, db_ptr,
+def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr, db_ptr,
             dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD, first_head, HP, dd_row0,
-            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr):
+            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
+            P_C: gl.constexpr):
     tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
     tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
     tn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
@@ -216,6 +217,8 @@ def _b_side(x_smem, dy_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_pt
         x_a = (x_tile.load(a_tn).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
         acc_b = warpgroup_mma(x_a, ds_tile, acc_b, is_async=True)
         total = gl.sum(carried, axis=0)
+        if P_C < P:  # this partition's rows of exp(g_last) <S, G> (the C side has the first P_C)
+            total += _tile_dot(s_smem.index(slot), ds_tile, P_C, P, N) * gl.exp(g_last)
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
         acc_b, x_a = warpgroup_mma_wait(0, deps=(acc_b, x_a))
         mbarrier.arrive(empty.index(slot))
@@ -230,7 +233,8 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
                             dx_ptr, dc_ptr, db_ptr, dbw_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
                             L, H, HPG, NCHUNK, LPAD,
                             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
-                            HAS_D: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            HAS_D: gl.constexpr, P_C: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr,
                             num_warps: gl.constexpr):
     """Grid (chunks, batch·groups). Descriptors: x, dy over (b·l, h·p) rows in blocks of (T, p); S, G over the
     (b·(chunks+1)·h·p, n) rows of the states in blocks of (p, n); C~, B~ over (b·l, g·n) in blocks of (T, n)."""
@@ -262,10 +266,10 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr,
-                   dgc_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES)),
-        (_b_side, (x_smem, dy_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr,
+                   dgc_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES, P_C)),
+        (_b_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr,
                    db_ptr, dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, first_head,
-                   H * P, dd_row0, T, P, N, STAGES, HAS_D)),
+                   H * P, dd_row0, T, P, N, STAGES, HAS_D, P_C)),
         (_producer, (x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, x_smem, dy_smem, s_smem, ds_smem, q_smem,
                      k_smem, qk_bar, ready, empty, token_row, group_col, state_row0, first_head, HPG, P, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -292,7 +296,7 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
             make(B_in, tokens, groups * state_dim, [CHUNK, state_dim]))
 
 
-def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates):
+def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk
     terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~ (RoPE, if any, left to
     the caller). dB and dC are float32 for the caller to cast (and un-rotate)."""
@@ -314,7 +318,8 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates):
     _fused_group_bwd_kernel[(n_chunks, batch * groups)](
         *descs, g, dt, D if D is not None else dt, dx, dC, dB, dB_w, dg_c, dg_b, ddt, dD if D is not None else dt,
         length, heads, heads // groups, n_chunks, lpad,
-        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
+        P_C=head_dim // 2 if overlap_split else head_dim, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dB += dB_w
     dg_c += dg_b

@@ -126,18 +126,19 @@ def test_forward_without_gradients_matches_float64_reference(groups, rope):
 
 # the Gluon fused group backward ("gluon_bwd", ssd_gluon_bwd.py): one group for 8 heads, p = n = 128 with D;
 # two groups of two heads at l = 16k (each ring slot used once per program); p = n = 64 without D and with an
-# initial state; three heads per group (an odd head count: the last head's slot is slot 0)
+# initial state; three heads per group (an odd head count: the last head's slot is slot 0); <S, G> all in the C side
 GLUON_CASES = [
-    (2, 768, 8, 128, 128, True, False, 1),
-    (1, 16384, 4, 64, 128, True, True, 2),
-    (2, 1024, 8, 64, 64, False, True, 4),
-    (1, 512, 3, 128, 128, True, False, 1),
+    (2, 768, 8, 128, 128, True, False, 1, {}),
+    (1, 16384, 4, 64, 128, True, True, 2, {}),
+    (2, 1024, 8, 64, 64, False, True, 4, {}),
+    (1, 512, 3, 128, 128, True, False, 1, {}),
+    (2, 768, 8, 128, 128, True, True, 1, {"gluon_overlap_split": False}),
 ]
 
 
-@pytest.mark.parametrize("batch, length, heads, head_dim, state_dim, use_d, use_init, groups", GLUON_CASES)
+@pytest.mark.parametrize("batch, length, heads, head_dim, state_dim, use_d, use_init, groups, overrides", GLUON_CASES)
 def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, head_dim, state_dim, use_d, use_init,
-                                                        groups):
+                                                        groups, overrides):
     from cheems_parallel.kernels import ssd_gluon_bwd
     from cheems_parallel.kernels.ssd import ssd_fused
 
@@ -145,7 +146,7 @@ def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, he
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     launches = ssd_gluon_bwd.LAUNCHES
-    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config={"gluon_bwd": True})
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_bwd=True))
     assert ssd_gluon_bwd.LAUNCHES > launches, "the Gluon backward did not run for this case"
     print(f"\ngluon shape b={batch} l={length} h={heads} g={groups} p={head_dim} n={state_dim} D={use_d}: "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
