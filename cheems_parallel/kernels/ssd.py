@@ -81,7 +81,7 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "gluon_bwd": True,
+    "gluon_bwd": True, "gluon_overlap_split": True,
 }
 
 
