@@ -2,6 +2,8 @@
 registers, stack (spills), STL/LDL, shared memory, HGMMA, setmaxnreg. No GPU needed.
 
   PYTHONPATH=/tmp/t36site .venv/bin/python bench/ssd_gluon_compile.py     # Triton 3.6, the GPU's version
+(not under TRITON_INTERPRET=1: Gluon compiles only with the real compiler; tests/unit/test_ssd_gluon_compile.py
+runs this file in a subprocess without it).
 """
 import json
 import os
@@ -31,10 +33,13 @@ def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, he
     return compile_kernel(m._fused_group_bwd_kernel, args, constexprs, 4)
 
 
+CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
+
 if __name__ == "__main__":
-    for p, n, has_d in ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, True)):
+    # one JSON object per line: {"p", "n", "D", "report"} or {"p", "n", "D", "error"}
+    for p, n, has_d in CASES:
         try:
             report, _ = fused_case(p, n, has_d)
-            print("fused p", p, "n", n, "D", has_d, json.dumps(report))
+            print(json.dumps({"p": p, "n": n, "D": has_d, "report": report}))
         except Exception as error:
-            print("fused p", p, "n", n, "D", has_d, "FAILED", type(error).__name__, str(error)[-2500:])
+            print(json.dumps({"p": p, "n": n, "D": has_d, "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))

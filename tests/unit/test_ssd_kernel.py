@@ -140,6 +140,20 @@ def test_groups_and_backward_variants(kernels, groups, config, dtype):
     compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2, config=config)
 
 
+def test_gluon_backward_flag_falls_back_on_cpu(kernels):
+    """gluon_bwd (the default) with one shared group on CPU tensors: the Triton backward runs and matches the
+    oracle, and the Gluon module (Hopper only) is not imported for it."""
+    import sys as system
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    inputs = make_inputs(1, 64, 4, 16, 16, torch.float32, False, True, False, False, generator)
+    inputs["B"] = inputs["B"][:, :, :1].contiguous()
+    inputs["C"] = inputs["C"][:, :, :1].contiguous()
+    name = "cheems_parallel.kernels.ssd_gluon_bwd"
+    imported_before = name in system.modules
+    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3, config={"gluon_bwd": True})
+    assert imported_before or name not in system.modules
+
+
 def test_reference_composition_equals_oracle(kernels):
     """ssd_fused_reference (what the layer runs on CPU) is the same function as the float64 oracle."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)

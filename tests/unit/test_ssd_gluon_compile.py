@@ -1,0 +1,33 @@
+"""The Gluon SSD backward (`ssd_gluon_bwd.py`, Hopper only) compiled for sm_90 here, without a GPU (ptxas and
+cuobjdump ship in the Triton wheel): every shape it accepts must fit the H200's shared memory per block and be
+warp-specialised (producer and consumer register counts set by setmaxnreg). Its numbers are checked on the H200
+by tests/gpu/test_ssd_kernel_gpu.py; this catches, in CI, a change that would no longer launch (one more ring
+stage, a layout conversion needing scratch). Runs bench/ssd_gluon_compile.py in a subprocess: the test session
+sets TRITON_INTERPRET=1 (tests/conftest.py), under which Gluon cannot compile."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+H200_SHARED_MEMORY_PER_BLOCK = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on the H200
+
+
+def test_gluon_backward_compiles_for_sm90_within_shared_memory():
+    pytest.importorskip("triton.experimental.gluon")
+    from cheems_parallel.kernels import ssd_gluon_bwd
+
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ssd_gluon_compile.py")], cwd=ROOT,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4, result.stdout[-3000:]
+    for row in rows:
+        assert "error" not in row, row
+        report = row["report"]
+        assert report["smem"] <= H200_SHARED_MEMORY_PER_BLOCK, row
+        assert {ssd_gluon_bwd.PRODUCER_REGISTERS, ssd_gluon_bwd.CONSUMER_REGISTERS} <= set(report["setmaxnreg"]), row
+        assert report["hgmma"] > 0, row
