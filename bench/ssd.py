@@ -71,6 +71,7 @@ SWEEP_V4_CALL1 = [
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
     ("v16", 64, {}),
+    ("v16-nosplit", 64, {"gluon_overlap_split": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)

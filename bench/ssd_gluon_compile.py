@@ -25,7 +25,8 @@ def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, he
     vec = torch.empty(batch, heads, length)
     descs = m.descriptors(x, x, states, states, B, B)
     f32 = torch.empty(4)
-    args = (*descs, vec, vec, f32, x, B, B, vec, vec, vec, f32, length, heads, heads // groups, n_chunks, length)
+    args = (*descs, vec, vec, f32, x, f32, f32, f32, vec, vec, vec, f32, length, heads, heads // groups, n_chunks,
+            length)
     constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=head_dim // 2,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)

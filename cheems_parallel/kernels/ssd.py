@@ -1222,7 +1222,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
             x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
-        return dx, dB, dC, ddt_partial[0], dg, dD, dinit
+        return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)

@@ -12,12 +12,11 @@ One program per (chunk of T tokens, batch·group), looping over the group's head
   (Gam[t,u] = exp(g_t - g_u), t >= u), W += dyv, M = scores * dyv, and the carried-state product
   acc_C += (exp(g) * dy) S accumulated in place by wgmma. The carried term of dg, rowsum(q * exp(g) dy S),
   is the change of rowsum(q * acc_C) over the head (float32: exact to ~1e-6 relative, no (T, n) temporary).
-  dg's share rowsum(M) - colsum(M) + carried. After the loop dC = acc_C + W k; W to shared memory for the B side.
+  dg's share rowsum(M) - colsum(M) + carried. After the loop dC = acc_C + W k, and W^T q (dB's share).
 - B-side/dx partition (one warp group): scores^T once; per head dv = w * (k G^T) + (scores^T * Gam^T) dy
   (w_u = exp(g_last - g_u)), dx = dv dt + D dy, d dt = rowsum(dv * x), dD's share, and
   acc_B += (w dt x) G in place; dg's share -c + [t = T-1] sum(c), c = w dt rowsum(x * (k G^T)).
-dB = acc_B + W^T q in the B side, W passed through shared memory after the loop; the launcher sums the two dg
-shares.
+dB = acc_B + W^T q is summed by the launcher (two float32 buffers), as are the two dg shares.
 
 Scope (`supported`): bf16/fp16, T = 64, p and n in {64, 128}, l a multiple of T, no document mask, B~ and C~
 given unrotated or pre-rotated (the forward's saved B~, C~) with RoPE handled by the caller; contiguous tensors.
@@ -90,7 +89,7 @@ def _tile_dot(a_smem, b_smem, FIRST: gl.constexpr, LAST: gl.constexpr, N: gl.con
 # C-side partition (default, one warp group): W, M, dg's C share, acc_C; dC and W^T q at the end.
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, w_bar, g_ptr, dt_ptr, dc_ptr, dgc_ptr,
+def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
             gdt_row0, token_row, group_col, GN, HPG, LPAD,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr):
     tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
@@ -137,9 +136,9 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         end_term = gl.where(rows == T - 1, overlap * gl.exp(gl.load(g_ptr + gdt_row + T - 1)), 0.0)
         gl.store(dgc_ptr + gdt_row + rows, share + carried + end_term)
 
-    # dC = acc_C + W k. The B side needs W^T q for dB: W goes to shared memory (the x buffer of the last head's
-    # slot, once the other partition has released it; a register transpose would need 8 KB of scratch that the
-    # ring leaves no room for), and w_bar tells the B side it is there.
+    # dC = acc_C + W k; W^T q is dB's share (the other partition adds acc_B). W^T as an operand goes through
+    # shared memory: the x buffer of the last head's slot, once the other partition has released it (a
+    # register transpose would need 8 KB of scratch that the ring leaves no room for).
     weights_low = weights.to(dtype)
     acc_c = warpgroup_mma(gl.convert_layout(weights_low, a_tn), k_smem, acc_c, is_async=True)
     last = (HPG - 1) % STAGES
@@ -147,25 +146,21 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
     w_smem = x_smem.index(last)._reinterpret(dtype, [T, T], gl.NVMMASharedLayout.get_default_for([T, T], dtype))
     w_smem.store(weights_low)
     fence_async_shared()
-    mbarrier.arrive(w_bar)
-    acc_c = warpgroup_mma_wait(0, deps=(acc_c, ))
-    _store_rows(dc_ptr, acc_c, token_row, group_col, GN, T, N, tn_layout)
-
-
-@gluon.jit
-def _store_rows(out_ptr, tile, token_row, group_col, GN, T: gl.constexpr, N: gl.constexpr, layout: gl.constexpr):
-    """A (T, n) gradient tile into the (b·l, g·n) rows of dB or dC, in the output's dtype."""
-    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
-    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+    zero_tn = gl.zeros([T, N], gl.float32, tn_layout)
+    dbw = warpgroup_mma(w_smem.permute((1, 0)), q_smem, zero_tn, use_acc=False, is_async=True)
+    acc_c, dbw = warpgroup_mma_wait(0, deps=(acc_c, dbw))
+    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, tn_layout))
+    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, tn_layout))
     offsets = (token_row + gl.expand_dims(out_rows, 1)).to(gl.int64) * GN + group_col + gl.expand_dims(out_cols, 0)
-    gl.store(out_ptr + offsets, tile.to(out_ptr.dtype.element_ty))
+    gl.store(dc_ptr + offsets, acc_c.to(dc_ptr.dtype.element_ty))
+    gl.store(dbw_ptr + offsets, dbw)
 
 
 # ----------------------------------------------------------------------------------------------
 # B-side and dx partition (one warp group).
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, w_bar, g_ptr, dt_ptr, d_ptr, dx_ptr, db_ptr,
+def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr, db_ptr,
             dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD, first_head, HP, dd_row0,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             P_C: gl.constexpr):
@@ -227,17 +222,15 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
         acc_b, x_a = warpgroup_mma_wait(0, deps=(acc_b, x_a))
         mbarrier.arrive(empty.index(slot))
-    # dB = acc_B + W^T q, with W from the C side (w_bar)
-    mbarrier.wait(w_bar, 0)
-    w_smem = x_smem.index((HPG - 1) % STAGES)._reinterpret(dtype, [T, T],
-                                                          gl.NVMMASharedLayout.get_default_for([T, T], dtype))
-    acc_b = warpgroup_mma(w_smem.permute((1, 0)), q_smem, acc_b)
-    _store_rows(db_ptr, acc_b, token_row, group_col, GN, T, N, tn_layout)
+    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, tn_layout))
+    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, tn_layout))
+    offsets = (token_row + gl.expand_dims(out_rows, 1)).to(gl.int64) * GN + group_col + gl.expand_dims(out_cols, 0)
+    gl.store(db_ptr + offsets, acc_b)
 
 
 @gluon.jit
 def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_ptr, dt_ptr, d_ptr,
-                            dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+                            dx_ptr, dc_ptr, db_ptr, dbw_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
                             L, H, HPG, NCHUNK, LPAD,
                             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                             HAS_D: gl.constexpr, P_C: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -264,19 +257,17 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     qk_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    w_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(qk_bar, count=1)
-    mbarrier.init(w_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
 
     gl.warp_specialize([
-        (_c_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, w_bar, g_ptr, dt_ptr, dc_ptr,
+        (_c_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr,
                    dgc_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES, P_C)),
-        (_b_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, w_bar, g_ptr, dt_ptr, d_ptr, dx_ptr,
+        (_b_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr,
                    db_ptr, dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, first_head,
                    H * P, dd_row0, T, P, N, STAGES, HAS_D, P_C)),
         (_producer, (x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, x_smem, dy_smem, s_smem, ds_smem, q_smem,
@@ -308,14 +299,15 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
 def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk
     terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~ (RoPE, if any, left to
-    the caller). dB and dC in x's dtype."""
+    the caller). dB and dC are float32 for the caller to cast (and un-rotate)."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B_in.shape[2], B_in.shape[3]
     lpad = dt.shape[-1]
     n_chunks = lpad // CHUNK
     dx = torch.empty_like(x)
-    dC = torch.empty(batch, length, groups, state_dim, device=x.device, dtype=x.dtype)
+    dC = torch.empty(batch, length, groups, state_dim, device=x.device, dtype=torch.float32)
     dB = torch.empty_like(dC)
+    dB_w = torch.empty_like(dC)
     dg_c = torch.empty_like(g)
     dg_b = torch.empty_like(g)
     ddt = torch.empty(1, *dt.shape, device=x.device, dtype=torch.float32)
@@ -324,10 +316,11 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_s
     global LAUNCHES
     LAUNCHES += 1
     _fused_group_bwd_kernel[(n_chunks, batch * groups)](
-        *descs, g, dt, D if D is not None else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
+        *descs, g, dt, D if D is not None else dt, dx, dC, dB, dB_w, dg_c, dg_b, ddt, dD if D is not None else dt,
         length, heads, heads // groups, n_chunks, lpad,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
         P_C=head_dim // 2 if overlap_split else head_dim, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    dB += dB_w
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD
