@@ -881,7 +881,7 @@ def _chunk_bwd_dbc_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, OVERLAP: tl.constexpr = False,
 ):
     """dC and dB of one chunk of one head and the whole dg of that chunk, in one program: the same math as
     `_chunk_bwd_dqk_kernel` for both sides, sharing q, k, the RoPE tables, dy.x^T and M (one read of dy and
@@ -890,7 +890,8 @@ def _chunk_bwd_dbc_kernel(
     Full-width n operands as in `_chunk_bwd_dqk_kernel` (session 9; not timed in this form: the half-width
     version was 28% / 15% slower than the two launches on mamba's / the Cheems shape, v4b).
     dB/dC go to per-head rows of db_ptr/dc_ptr (strides sg_*), or with ATOMIC are added into the
-    float32 rows of the head's group."""
+    float32 rows of the head's group. OVERLAP: also the carried state's exp(g_last) <S, G> term of dg (what
+    `_state_bwd` forms otherwise, reading every state for it): pass 2 re-reads S beside G, from L2."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
@@ -907,8 +908,8 @@ def _chunk_bwd_dbc_kernel(
     g = tl.load(g_ptr + gdt_row + offs_l)
     dt = tl.load(dt_ptr + gdt_row + offs_l)
     g_last = tl.load(g_ptr + gdt_row + chunk_start + T - 1)
-    same_doc, sees_carried, reaches_end, _ = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start, offs_t, T,
-                                                          HAS_SEQ)
+    same_doc, sees_carried, reaches_end, crosses = _chunk_masks(seq_ptr, bi.to(tl.int64) * LPAD, chunk_start,
+                                                                offs_t, T, HAS_SEQ)
     cos_base = cos_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
     sin_base = sin_ptr + bi.to(tl.int64) * sc_b + chunk_start * sc_l
 
@@ -954,19 +955,26 @@ def _chunk_bwd_dbc_kernel(
 
     # pass 2, B side: dk = ((dy v^T)*Gam)^T q + w * v G (G = d loss / d state leaving, slot c of dstates)
     acc = tl.zeros((T, 2 * BLOCK_NH), dtype=tl.float32)
+    overlap = 0.0
     for p_start in range(0, P, BLOCK_P):
         offs_p = p_start + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         x = _op(tl.load(x_base + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                         mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
-        tile = _op(tl.load(dstates_ptr + state_base + offs_p[:, None] * N + cols[None, :],
-                           mask=mask_p[:, None] & mask_c[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
-        acc = tl.dot(x, tile, acc, input_precision=DOT_PREC)
+        mask_pc = mask_p[:, None] & mask_c[None, :]
+        tile = tl.load(dstates_ptr + state_base + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0)
+        if OVERLAP:
+            state = tl.load(states_ptr + state_base + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0)
+            overlap += tl.sum(tl.sum(state.to(tl.float32) * tile.to(tl.float32), axis=1), axis=0)
+        acc = tl.dot(x, _op(tile, DOT_DTYPE, ROUND_BF16), acc, input_precision=DOT_PREC)
     weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
     acc = acc * weight[:, None]
     end_terms = tl.sum(k.to(tl.float32) * acc, axis=1)
     # the same terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
-    dg += tl.where(offs_t == T - 1, tl.sum(end_terms, axis=0), 0.0) - end_terms
+    last_token = tl.sum(end_terms, axis=0)
+    if OVERLAP:
+        last_token += overlap * tl.where(crosses, tl.exp(g_last), 0.0)
+    dg += tl.where(offs_t == T - 1, last_token, 0.0) - end_terms
     grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
     _store_unrotated_full(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
                           cos_base, sin_base, sc_l, sc_n, grad, offs_t, mask_t, NH, T, BLOCK_NH, ROPE, ATOMIC)
@@ -1206,6 +1214,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         from cheems_parallel.kernels import ssd_gluon_bwd
         gluon = ssd_gluon_bwd if ssd_gluon_bwd.supported(x, B_in, dy, states, T, seq) else None
 
+    # the dB/dC kernels: per group ("dqk_group", groups < heads), else merged ("dqk_merged") or two launches
+    group_kernel = groups < heads and config.get("dqk_group", False)
+    merged = config.get("dqk_merged", False) and not group_kernel
+    # the carried state's exp(g_last) <S, G> term of dg: formed by the Gluon or the merged kernel from tiles they
+    # load anyway, else by _state_bwd (which then reads every state for it)
+    overlap_in_state_bwd = gluon is None and not merged
+
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
@@ -1216,7 +1231,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         *dy.stride(), *C.stride(), *cos_strides,
         T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
         HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        OVERLAP=gluon is None,
+        OVERLAP=overlap_in_state_bwd,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
     if gluon is not None:
         dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
@@ -1251,7 +1266,6 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
     # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
     # ("group_reduce": "atomic"); groups = heads: stored directly.
-    group_kernel = groups < heads and config.get("dqk_group", False)
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
     if atomic:
         dB_out = torch.zeros(batch, length, groups, 2 * half, device=x.device, dtype=torch.float32)
@@ -1265,11 +1279,11 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["dqk_block_p"], _next_pow2(head_dim))
     shape_args = (length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
                   *x.stride(), *B.stride(), *C.stride(), *cos_strides, *dy.stride(), *dB_out.stride())
-    if config.get("dqk_merged", False) and not group_kernel:
+    if merged:
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
-            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, **common,
+            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, OVERLAP=True, **common,
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
                 maxnreg=config.get("dqk_maxnreg"))
     else:
@@ -1296,7 +1310,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     else:
         dB, dC = dB_out, dC_out
     # d loss / d g_last through the carried state: exp(g_last) <G_c, S_c-1>, at each chunk's last token
-    dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
+    if overlap_in_state_bwd:
+        dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
     ddt = ddt_partial.sum(dim=0)
     dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
     return dx, dB, dC, ddt, dg, dD, dinit
