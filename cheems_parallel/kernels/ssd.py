@@ -59,7 +59,9 @@ KERNEL_CHUNK = 64
 # operands since v13 / v14 (`_chunk_fwd_one`'s docstring: the Cheems shape 8.55 -> 7.47 ms at L = 4k).
 # save_rotated: the forward stores B~, C~ for the backward kernels (no RoPE on their loads: no register spills
 # there); dqk_merged: one launch for dB, dC, dg instead of two (the default since v15 in full width: the Cheems
-# shape's dB/dC 2.28 -> 2.05 ms at L = 4k; with groups < heads dqk_group takes precedence); group_reduce ("sum" | "atomic"):
+# shape's dB/dC 2.28 -> 2.05 ms at L = 4k; since v17 it also forms dg's exp(g_last) <S, G> term, so _state_bwd
+# skips the states: Cheems fwd+bwd 7.24 -> 7.04 ms; with groups < heads dqk_group takes precedence);
+# group_reduce ("sum" | "atomic"):
 # how dB/dC are summed over a B/C group's heads when groups < heads (atomic: float32 adds in no fixed order, so
 # not bitwise deterministic; groups = heads, the Cheems layer, stores directly; "atomic" is not used with
 # dqk_group); rope_tables_fp32: float32 tables for bf16 inputs (default: the input's type, as apply_rope uses
