@@ -883,7 +883,7 @@ def _chunk_bwd_dbc_kernel(
     sg_b, sg_l, sg_h, sg_n,
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
     ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr, OVERLAP: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ROPE_IN: tl.constexpr,
 ):
     """dC and dB of one chunk of one head and the whole dg of that chunk, in one program: the same math as
     `_chunk_bwd_dqk_kernel` for both sides, sharing q, k, the RoPE tables, dy.x^T and M (one read of dy and
@@ -892,8 +892,8 @@ def _chunk_bwd_dbc_kernel(
     Full-width n operands as in `_chunk_bwd_dqk_kernel` (session 9; not timed in this form: the half-width
     version was 28% / 15% slower than the two launches on mamba's / the Cheems shape, v4b).
     dB/dC go to per-head rows of db_ptr/dc_ptr (strides sg_*), or with ATOMIC are added into the
-    float32 rows of the head's group. OVERLAP: also the carried state's exp(g_last) <S, G> term of dg (what
-    `_state_bwd` forms otherwise, reading every state for it): pass 2 re-reads S beside G, from L2."""
+    float32 rows of the head's group. dg includes the carried state's exp(g_last) <S, G> term (which `_state_bwd`
+    forms for the other dB/dC kernels, reading every state for it): pass 2 re-reads S beside G, from L2."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
@@ -965,17 +965,14 @@ def _chunk_bwd_dbc_kernel(
                         mask=mask_t[:, None] & mask_p[None, :], other=0.0), DOT_DTYPE, ROUND_BF16)
         mask_pc = mask_p[:, None] & mask_c[None, :]
         tile = tl.load(dstates_ptr + state_base + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0)
-        if OVERLAP:
-            state = tl.load(states_ptr + state_base + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0)
-            overlap += tl.sum(tl.sum(state.to(tl.float32) * tile.to(tl.float32), axis=1), axis=0)
+        state = tl.load(states_ptr + state_base + offs_p[:, None] * N + cols[None, :], mask=mask_pc, other=0.0)
+        overlap += tl.sum(tl.sum(state.to(tl.float32) * tile.to(tl.float32), axis=1), axis=0)
         acc = tl.dot(x, _op(tile, DOT_DTYPE, ROUND_BF16), acc, input_precision=DOT_PREC)
     weight = tl.where(reaches_end, tl.exp(g_last - g) * dt, 0.0)   # dt: acc holds x G, not v G
     acc = acc * weight[:, None]
     end_terms = tl.sum(k.to(tl.float32) * acc, axis=1)
     # the same terms again at the last token, from the same fp32 numbers (see `_chunk_bwd_dqk_kernel`)
-    last_token = tl.sum(end_terms, axis=0)
-    if OVERLAP:
-        last_token += overlap * tl.where(crosses, tl.exp(g_last), 0.0)
+    last_token = tl.sum(end_terms, axis=0) + overlap * tl.where(crosses, tl.exp(g_last), 0.0)
     dg += tl.where(offs_t == T - 1, last_token, 0.0) - end_terms
     grad = acc + tl.dot(tl.trans(dy_v), q, input_precision=DOT_PREC)
     _store_unrotated_full(db_ptr + bi.to(tl.int64) * sg_b + out_head * sg_h + chunk_start * sg_l, sg_l, sg_n,
@@ -1226,7 +1223,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     block_p = min(config["state_block_p"], _next_pow2(head_dim))
     block_nh = min(config["state_block_nh"], _next_pow2(half))
     pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
-    overlap = torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
+    overlap = (torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
+               if overlap_in_state_bwd else dt)
     _state_bwd_kernel[(pn_blocks, batch * heads)](
         dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
         batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
@@ -1265,7 +1263,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             *dx_args, BLOCK_P=block_p, HAS_D=D is not None, CPP=cpp, **dict(common, ROPE=rope_in),
             num_warps=config["bwd_warps"], num_stages=config["bwd_stages"], maxnreg=config.get("bwd_maxnreg"))
 
-    # dB/dC with groups < heads: by one program per group ("dqk_group", not with the merged kernel), or written
+    # dB/dC with groups < heads: by one program per group ("dqk_group", ahead of "dqk_merged"), or written
     # per head, then summed over each group's heads in float32, or added atomically into float32 group rows
     # ("group_reduce": "atomic"); groups = heads: stored directly.
     atomic = groups < heads and config.get("group_reduce") == "atomic" and not group_kernel
@@ -1285,7 +1283,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         dg = torch.empty_like(g)
         _chunk_bwd_dbc_kernel[(n_chunks, batch * heads)](
             x, B_in, C_in, cos_arg, sin_arg, dt, g, seq_arg, states, dstates, dy, dB_out, dC_out, dg,
-            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, OVERLAP=True, **common,
+            *shape_args, BLOCK_P=block_p, ATOMIC=atomic, ROPE_IN=rope_in, **common,
             num_warps=config["dqk_warps"], num_stages=config["dqk_stages"],
                 maxnreg=config.get("dqk_maxnreg"))
     else:

@@ -149,11 +149,17 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
     zero_tn = gl.zeros([T, N], gl.float32, tn_layout)
     dbw = warpgroup_mma(w_smem.permute((1, 0)), q_smem, zero_tn, use_acc=False, is_async=True)
     acc_c, dbw = warpgroup_mma_wait(0, deps=(acc_c, dbw))
-    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, tn_layout))
-    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, tn_layout))
+    _store_rows(dc_ptr, acc_c, token_row, group_col, GN, T, N, tn_layout)
+    _store_rows(dbw_ptr, dbw, token_row, group_col, GN, T, N, tn_layout)
+
+
+@gluon.jit
+def _store_rows(out_ptr, tile, token_row, group_col, GN, T: gl.constexpr, N: gl.constexpr, layout: gl.constexpr):
+    """A (T, n) gradient tile into the (b·l, g·n) float32 rows of dB, dC or W^T q."""
+    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
+    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, layout))
     offsets = (token_row + gl.expand_dims(out_rows, 1)).to(gl.int64) * GN + group_col + gl.expand_dims(out_cols, 0)
-    gl.store(dc_ptr + offsets, acc_c.to(dc_ptr.dtype.element_ty))
-    gl.store(dbw_ptr + offsets, dbw)
+    gl.store(out_ptr + offsets, tile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +206,7 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         weight_p = gl.exp(g_last - g_p)
         end = warpgroup_mma_wait(0, deps=(end, ))
+        # x is re-read from shared memory at each use (here, dD, d dt): kept live it cost in-loop spills
         # c / (w dt) = rowsum(x * k G^T) = rowsum(k * x G)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
         dv = warpgroup_mma(st_a, dy_tile, end * gl.expand_dims(weight_p, 1), is_async=True)
@@ -222,10 +229,7 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
         acc_b, x_a = warpgroup_mma_wait(0, deps=(acc_b, x_a))
         mbarrier.arrive(empty.index(slot))
-    out_rows = gl.arange(0, T, layout=gl.SliceLayout(1, tn_layout))
-    out_cols = gl.arange(0, N, layout=gl.SliceLayout(0, tn_layout))
-    offsets = (token_row + gl.expand_dims(out_rows, 1)).to(gl.int64) * GN + group_col + gl.expand_dims(out_cols, 0)
-    gl.store(db_ptr + offsets, acc_b)
+    _store_rows(db_ptr, acc_b, token_row, group_col, GN, T, N, tn_layout)
 
 
 @gluon.jit
@@ -299,7 +303,7 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
 def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk
     terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~ (RoPE, if any, left to
-    the caller). dB and dC are float32 for the caller to cast (and un-rotate)."""
+    the caller). dB and dC are float32 for the caller to cast."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B_in.shape[2], B_in.shape[3]
     lpad = dt.shape[-1]
