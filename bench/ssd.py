@@ -70,13 +70,15 @@ SWEEP_V4_CALL1 = [
 # v15: the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`, the default for groups = heads since
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
-    ("v16", 64, {}),
-    ("v16-nosplit", 64, {"gluon_overlap_split": False}),
+    ("v18", 64, {}),
+    ("v18-nosplit", 64, {"gluon_overlap_split": False}),
+    ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
 KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
-         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel", "_fused_group_bwd_kernel"),
+         "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel", "_fused_group_bwd_kernel",
+                 "_fused_head_bwd_kernel"),
          "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
 
 

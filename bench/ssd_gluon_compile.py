@@ -33,7 +33,29 @@ def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, he
     return compile_kernel(m._fused_group_bwd_kernel, args, constexprs, 4)
 
 
+def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8, **overrides):
+    """The groups = heads kernel (`ssd_gluon_head_bwd`, n = 128)."""
+    from cheems_parallel.kernels import ssd_gluon_head_bwd as m
+    state_dim = 128
+    T = m.CHUNK
+    n_chunks = length // T
+    x = torch.empty(batch, length, heads, head_dim, dtype=torch.bfloat16)
+    B = torch.empty(batch, length, heads, state_dim, dtype=torch.bfloat16)
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
+    vec = torch.empty(batch, heads, length)
+    table = torch.empty(batch, length, state_dim)
+    descs = m.descriptors(x, x, states, states, B, B)
+    f32 = torch.empty(4)
+    args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, length, heads, batch * heads,
+            n_chunks, length, n_chunks * batch * heads, *table.stride())
+    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=head_dim // 2, ROPE=rope,
+                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
+    constexprs.update(overrides)
+    return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)
+
+
 CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
+HEAD_CASES = ((128, True, True), (128, False, False), (64, True, True))
 
 if __name__ == "__main__":
     # one JSON object per line: {"p", "n", "D", "report"} or {"p", "n", "D", "error"}
@@ -43,3 +65,10 @@ if __name__ == "__main__":
             print(json.dumps({"p": p, "n": n, "D": has_d, "report": report}))
         except Exception as error:
             print(json.dumps({"p": p, "n": n, "D": has_d, "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))
+    for p, has_d, rope in HEAD_CASES:
+        try:
+            report, _ = head_case(p, has_d, rope)
+            print(json.dumps({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "report": report}))
+        except Exception as error:
+            print(json.dumps({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope,
+                              "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))

@@ -83,7 +83,7 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "gluon_bwd": True, "gluon_overlap_split": True,
+    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True,
 }
 
 
@@ -1207,11 +1207,18 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     B_in = B if rotated_B is None else rotated_B
     C_in = C if rotated_C is None else rotated_C
 
-    # groups < heads, "gluon_bwd": dx, dB, dC and dg by one warp-specialised Gluon launch (ssd_gluon_bwd.py)
+    # "gluon_bwd": dx, dB, dC and dg by one warp-specialised Gluon launch on Hopper: for groups < heads without
+    # RoPE (ssd_gluon_bwd.py), for groups = heads from the forward's rotated B~, C~ or without RoPE
+    # ("gluon_head_bwd", ssd_gluon_head_bwd.py)
     gluon = None
-    if config.get("gluon_bwd", False) and groups < heads and not rope and x.is_cuda:
-        from cheems_parallel.kernels import ssd_gluon_bwd
-        gluon = ssd_gluon_bwd if ssd_gluon_bwd.supported(x, B_in, dy, states, T, seq) else None
+    if config.get("gluon_bwd", False) and x.is_cuda:
+        if groups < heads and not rope:
+            from cheems_parallel.kernels import ssd_gluon_bwd as module
+        elif groups == heads and not rope_in and config.get("gluon_head_bwd", False):
+            from cheems_parallel.kernels import ssd_gluon_head_bwd as module
+        else:
+            module = None
+        gluon = module if module is not None and module.supported(x, B_in, dy, states, T, seq) else None
 
     # the dB/dC kernels: per group ("dqk_group", groups < heads), else merged ("dqk_merged") or two launches
     group_kernel = groups < heads and config.get("dqk_group", False)
@@ -1234,8 +1241,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         OVERLAP=overlap_in_state_bwd,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
     if gluon is not None:
-        dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
-            x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
+        split = config.get("gluon_overlap_split", True)
+        if groups < heads:
+            dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
+                x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=split)
+        else:
+            dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
+                x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_split=split)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 

@@ -153,3 +153,33 @@ def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, he
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
     assert not bad, f"relative error over 1e-2: {bad}"
+
+
+# the Gluon fused backward for groups = heads ("gluon_head_bwd", ssd_gluon_head_bwd.py, persistent over
+# (chunk, head) tiles): the Cheems shape with RoPE (un-rotated in the kernel) and D; p = 64 with an initial state at
+# l = 16k (many tiles per program); no RoPE with three heads; a single tile per program (4 tiles); <S, G> all in
+# the C side
+GLUON_HEAD_CASES = [
+    (2, 768, 8, 128, True, True, False, {}),
+    (1, 16384, 4, 64, True, False, True, {}),
+    (2, 512, 3, 128, False, True, True, {}),
+    (1, 128, 2, 128, True, True, True, {}),
+    (2, 768, 8, 128, True, True, False, {"gluon_overlap_split": False}),
+]
+
+
+@pytest.mark.parametrize("batch, length, heads, head_dim, rope, use_d, use_init, overrides", GLUON_HEAD_CASES)
+def test_gluon_head_backward_matches_float64_reference(batch, length, heads, head_dim, rope, use_d, use_init,
+                                                       overrides):
+    from cheems_parallel.kernels import ssd_gluon_head_bwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(batch, length, heads, head_dim, 128, torch.bfloat16, rope, use_d, use_init, False)
+    launches = ssd_gluon_head_bwd.LAUNCHES
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_bwd=True, gluon_head_bwd=True))
+    assert ssd_gluon_head_bwd.LAUNCHES > launches, "the Gluon head backward did not run for this case"
+    print(f"\ngluon-head shape b={batch} l={length} h={heads} p={head_dim} rope={rope} D={use_d}: "
+          + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
+          + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
+    bad = {name: error for name, error in errors.items() if not error < 1e-2}
+    assert not bad, f"relative error over 1e-2: {bad}"

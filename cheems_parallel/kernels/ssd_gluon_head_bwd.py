@@ -1,0 +1,318 @@
+"""SSD chunk backward for groups = heads (the Cheems shape) in Gluon: dx, dB, dC, dg, ddt and dD in one persistent,
+warp-specialised launch (Hopper), with RoPE's un-rotation of dB~, dC~ in the epilogue.
+
+Computes what `_chunk_bwd_dx_kernel` and the merged `_chunk_bwd_dbc_kernel` of `ssd._backward` compute, given the
+state gradients from `_state_bwd`. Those two launches read q = C~, k = B~, x, dy and the state tiles twice; here
+each (chunk, head) tile is read once (bench/ssd_notes.md v18). Same math as `ssd_gluon_bwd.py` with one head per
+group, except that nothing is summed over heads, so each side finishes its own gradient:
+
+- producer (1 warp): per tile, TMA loads of q, k, x, dy (T x n, T x p) into a 2-stage ring, and of the state
+  entering the chunk S and d loss / d(state leaving it) G (p x n) into one buffer that both consumers release
+  early (their products with S and G come first), so the next tile's S and G load under the rest of the work.
+  Two stages of all six tiles (128 KB each) would not fit in shared memory.
+- C side (default partition): acc_C = (exp(g) dy) S, the carried term rowsum(q * acc_C), scores = q k^T,
+  W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, then dC~ = acc_C + W k.
+- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, dv = (scores^T * Gam^T) dy + w * end, dx, d dt,
+  dD, then W^T = (x dy^T) * Gam^T * dt (formed again here rather than passed over: no barrier between the
+  consumers) and dB~ = acc_B + W^T q.
+The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
+shared-memory operands), so that RoPE's transpose pairs registers of the same thread.
+
+Scope (`supported`): bf16/fp16, T = 64, p in {64, 128}, n = 128, l a multiple of T, no document mask, B~ and C~
+given rotated (the forward's saved copies) or RoPE off; contiguous tensors.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, CONSUMER_REGISTERS, PRODUCER_REGISTERS, _tile_dot, descriptors
+
+STAGES = 2
+LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
+
+
+def supported(x, B, dy, states, T, seq):
+    """True when this kernel can run the backward of these inputs (else the Triton kernels run)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
+            and B.shape[2] == x.shape[2] and seq is None and x.shape[1] % T == 0
+            and x.shape[-1] in (64, 128) and B.shape[-1] == 128
+            and all(t.is_contiguous() for t in (x, B, dy, states)))
+
+
+@gluon.jit
+def _tile_coords(tile, BH, H):
+    """(chunk, batch, head) of a tile; consecutive tiles are the heads of one chunk."""
+    c = tile // BH
+    bh = tile % BH
+    return c, bh // H, bh % H
+
+
+@gluon.jit
+def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem,
+              ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES,
+              T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
+    i = 0
+    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        c, bi, hi = _tile_coords(tile, BH, H)
+        token_row = bi * L + c * T
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [token_row, hi * N], bar, q_smem.index(slot))
+        tma.async_copy_global_to_shared(k_desc, [token_row, hi * N], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(x_desc, [token_row, hi * P], bar, x_smem.index(slot))
+        tma.async_copy_global_to_shared(dy_desc, [token_row, hi * P], bar, dy_smem.index(slot))
+        mbarrier.wait(sg_empty, (i & 1) ^ 1)
+        mbarrier.expect(sg_ready, 2 * s_desc.block_type.nbytes)
+        state_row = ((bi * (NCHUNK + 1) + c) * H + hi) * P
+        tma.async_copy_global_to_shared(s_desc, [state_row, 0], sg_ready, s_smem)
+        tma.async_copy_global_to_shared(ds_desc, [state_row, 0], sg_ready, ds_smem)
+        i += 1
+
+
+@gluon.jit
+def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, token_row, col0, row_stride,
+                     T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
+    """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE), into the (b·l, h·n)
+    rows of dB or dC: out = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
+    rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
+    if ROPE:
+        table = table_base + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0) * sc_n
+        cos1 = gl.load(cos_ptr + table).to(gl.float32)
+        sin2 = gl.load(sin_ptr + table + NH * sc_n).to(gl.float32)
+        out_first = first * cos1 + second * sin2
+        cos2 = gl.load(cos_ptr + table + NH * sc_n).to(gl.float32)
+        sin1 = gl.load(sin_ptr + table).to(gl.float32)
+        out_second = second * cos2 - first * sin1
+    else:
+        out_first = first
+        out_second = second
+    offsets = (token_row + gl.expand_dims(rows, 1)).to(gl.int64) * row_stride + col0 + gl.expand_dims(cols, 0)
+    gl.store(out_ptr + offsets, out_first.to(out_ptr.dtype.element_ty))
+    gl.store(out_ptr + offsets + NH, out_second.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# C side (default partition, one warp group): dC and dg's C share.
+# ----------------------------------------------------------------------------------------------
+@gluon.jit
+def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
+            g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
+            sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
+            HAS_D: gl.constexpr, ROPE: gl.constexpr):
+    NH: gl.constexpr = N // 2
+    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
+    th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
+    a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
+    dtype: gl.constexpr = x_smem.dtype
+    rows = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
+    cols = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))
+    rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
+    causal = gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0)
+    zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
+    zero_th = gl.zeros([T, NH], gl.float32, th_layout)
+    i = 0
+    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        c, bi, hi = _tile_coords(tile, BH, H)
+        slot = i % STAGES
+        gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
+        token_row = bi * L + c * T
+        scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
+        g_last = gl.load(g_ptr + gdt_row + T - 1)
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        x_tile = x_smem.index(slot)
+        dy_tile = dy_smem.index(slot)
+        q_tile = q_smem.index(slot)
+        k_tile = k_smem.index(slot)
+        # the carried-state product first: S is released as soon as it is done
+        dy_a = (dy_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
+        mbarrier.wait(sg_ready, i & 1)
+        acc_1 = warpgroup_mma(dy_a, s_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
+        acc_2 = warpgroup_mma(dy_a, s_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
+        # exp(g_last) <S, G>: the carried state's part of d loss / d g_last (rows [0, P_C); the B side the rest)
+        overlap = _tile_dot(s_smem, ds_smem, 0, P_C, N)
+        acc_1, acc_2, dy_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, dy_a))
+        mbarrier.arrive(sg_empty)
+        scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
+        dyv = warpgroup_mma(dy_tile, x_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
+        scores, dyv = warpgroup_mma_wait(0, deps=(scores, dyv))
+        g_rows = gl.load(g_ptr + gdt_row + rows)
+        g_cols = gl.load(g_ptr + gdt_row + cols)
+        dt_cols = gl.load(dt_ptr + gdt_row + cols)
+        decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
+        dyv = dyv * decay * gl.expand_dims(dt_cols, 0)
+        products = scores * dyv
+        share = gl.sum(products, axis=1) - gl.convert_layout(gl.sum(products, axis=0), gl.SliceLayout(1, tt_layout))
+        carried = (gl.sum(q_tile.slice(0, NH, dim=1).load(th_layout).to(gl.float32) * acc_1, axis=1)
+                   + gl.sum(q_tile.slice(NH, NH, dim=1).load(th_layout).to(gl.float32) * acc_2, axis=1))
+        w_a = gl.convert_layout(dyv.to(dtype), a_th)
+        acc_1 = warpgroup_mma(w_a, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
+        acc_2 = warpgroup_mma(w_a, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
+        acc_1, acc_2, w_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, w_a))
+        if HAS_D:  # dD's share of this tile, sum(dy * x) (here: the B side is the register-bound one)
+            gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
+        mbarrier.arrive(empty.index(slot))
+        end_term = gl.where(rows == T - 1, overlap * gl.exp(g_last), 0.0)
+        gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
+        _store_unrotated(dc_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
+                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        i += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# B side and dx (worker partition, one warp group): dx, d dt, dD, dB and dg's B share.
+# ----------------------------------------------------------------------------------------------
+@gluon.jit
+def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
+            g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
+            L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n,
+            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
+            P_C: gl.constexpr, ROPE: gl.constexpr):
+    NH: gl.constexpr = N // 2
+    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
+    tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
+    th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
+    a_tp: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tp_layout, k_width=2)
+    a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
+    dtype: gl.constexpr = x_smem.dtype
+    rows = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))   # u
+    cols = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))   # t
+    rows_p = gl.arange(0, T, layout=gl.SliceLayout(1, tp_layout))
+    cols_p = gl.arange(0, P, layout=gl.SliceLayout(0, tp_layout))
+    rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
+    causal_t = gl.expand_dims(cols, 0) >= gl.expand_dims(rows, 1)  # [u, t]: t >= u
+    zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
+    zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
+    zero_th = gl.zeros([T, NH], gl.float32, th_layout)
+    i = 0
+    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        c, bi, hi = _tile_coords(tile, BH, H)
+        slot = i % STAGES
+        gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
+        token_row = bi * L + c * T
+        g_last = gl.load(g_ptr + gdt_row + T - 1)
+        scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        x_tile = x_smem.index(slot)
+        dy_tile = dy_smem.index(slot)
+        q_tile = q_smem.index(slot)
+        k_tile = k_smem.index(slot)
+        # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
+        x_a = (x_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
+        mbarrier.wait(sg_ready, i & 1)
+        end = warpgroup_mma(k_tile, ds_smem.permute((1, 0)), zero_tp, use_acc=False, is_async=True)
+        acc_1 = warpgroup_mma(x_a, ds_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
+        acc_2 = warpgroup_mma(x_a, ds_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
+        overlap = 0.0
+        if P_C < P:  # this partition's rows of exp(g_last) <S, G> (the C side has the first P_C)
+            overlap = _tile_dot(s_smem, ds_smem, P_C, P, N)
+        end, acc_1, acc_2, x_a = warpgroup_mma_wait(0, deps=(end, acc_1, acc_2, x_a))
+        mbarrier.arrive(sg_empty)
+
+        g_p = gl.load(g_ptr + gdt_row + rows_p)
+        dt_p = gl.load(dt_ptr + gdt_row + rows_p)
+        weight_p = gl.exp(g_last - g_p)
+        # c / (w dt) = rowsum(x * k G^T)
+        carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
+        scores_t = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_tt, use_acc=False)   # [u, t] = k_u . q_t
+        g_rows = gl.load(g_ptr + gdt_row + rows)
+        g_cols = gl.load(g_ptr + gdt_row + cols)
+        decay_t = gl.exp(gl.where(causal_t, gl.expand_dims(g_cols, 0) - gl.expand_dims(g_rows, 1), float("-inf")))
+        st_a = gl.convert_layout((scores_t * decay_t).to(dtype), a_tp)
+        dv = warpgroup_mma(st_a, dy_tile, end * gl.expand_dims(weight_p, 1), is_async=True)
+        dv, st_a = warpgroup_mma_wait(0, deps=(dv, st_a))
+        # d dt first, then dx in dv's registers (acc_B is live: a second (T, p) tile here spilled)
+        gl.store(ddt_ptr + gdt_row + rows_p, gl.sum(dv * x_tile.load(tp_layout).to(gl.float32), axis=1))
+        dv = dv * gl.expand_dims(dt_p, 1)
+        if HAS_D:
+            dv += gl.load(d_ptr + hi).to(gl.float32) * dy_tile.load(tp_layout).to(gl.float32)
+        dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
+        gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0), dv.to(dx_ptr.dtype.element_ty))
+
+        # W^T = (x dy^T) * Gam^T * dt (rows u), then dB~ = acc_B + W^T q
+        xdy = warpgroup_mma(x_tile, dy_tile.permute((1, 0)), zero_tt, use_acc=False)
+        dt_rows = gl.load(dt_ptr + gdt_row + rows)
+        wt_a = gl.convert_layout((xdy * decay_t * gl.expand_dims(dt_rows, 1)).to(dtype), a_th)
+        acc_1 = warpgroup_mma(wt_a, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
+        acc_2 = warpgroup_mma(wt_a, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
+        acc_1, acc_2, wt_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, wt_a))
+        mbarrier.arrive(empty.index(slot))
+        total = gl.sum(carried, axis=0) + overlap * gl.exp(g_last)
+        gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
+        _store_unrotated(db_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
+                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        i += 1
+
+
+@gluon.jit
+def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
+                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+                           L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
+                           T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
+                           HAS_D: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
+    `ssd_gluon_bwd.descriptors` with groups = heads."""
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    dy_smem = gl.allocate_shared_memory(dy_desc.dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    s_smem = gl.allocate_shared_memory(s_desc.dtype, s_desc.block_type.shape, s_desc.layout)
+    ds_smem = gl.allocate_shared_memory(ds_desc.dtype, ds_desc.block_type.shape, ds_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    sg_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    sg_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    mbarrier.init(sg_ready, count=1)
+    mbarrier.init(sg_empty, count=2)
+
+    gl.warp_specialize([
+        (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
+                   g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
+                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, ROPE)),
+        (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
+                   g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
+                   L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, P_C, ROPE)),
+        (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
+                     ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_split=True, programs=None):
+    """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
+    as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
+    copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype."""
+    batch, length, heads, head_dim = x.shape
+    state_dim = B_in.shape[-1]
+    lpad = dt.shape[-1]
+    n_chunks = lpad // CHUNK
+    dx = torch.empty_like(x)
+    dB = torch.empty(batch, length, heads, state_dim, device=x.device, dtype=x.dtype)
+    dC = torch.empty_like(dB)
+    dg_c = torch.empty_like(g)
+    dg_b = torch.empty_like(g)
+    ddt = torch.empty(1, *dt.shape, device=x.device, dtype=torch.float32)
+    dD = torch.empty(1, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
+    rope = cos is not None
+    table_strides = cos.stride() if rope else (0, 0, 0)
+    n_tiles = n_chunks * batch * heads
+    if programs is None:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    global LAUNCHES
+    LAUNCHES += 1
+    _fused_head_bwd_kernel[(min(programs, n_tiles), )](
+        *descriptors(x, dy, states, dstates, B_in, C_in), g, dt, D if D is not None else dt,
+        cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
+        length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
+        P_C=head_dim // 2 if overlap_split else head_dim, ROPE=rope, PRODUCER_REGS=PRODUCER_REGISTERS,
+        CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    dg_c += dg_b
+    return dx, dB, dC, ddt, dg_c, dD
