@@ -70,8 +70,8 @@ SWEEP_V4_CALL1 = [
 # v15: the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`, the default for groups = heads since
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
-    ("v18", 64, {}),
-    ("v18-nosplit", 64, {"gluon_overlap_split": False}),
+    ("v18b", 64, {}),
+    ("v18b-split", 64, {"gluon_head_overlap_split": True}),
     ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]

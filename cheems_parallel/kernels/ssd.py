@@ -83,7 +83,7 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True,
+    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_split": False,
 }
 
 
@@ -1241,13 +1241,13 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         OVERLAP=overlap_in_state_bwd,
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
     if gluon is not None:
-        split = config.get("gluon_overlap_split", True)
         if groups < heads:
             dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
-                x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=split)
+                x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
         else:
             dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
-                x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_split=split)
+                x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
+                overlap_split=config.get("gluon_head_overlap_split", False))
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 

@@ -24,7 +24,13 @@ given rotated (the forward's saved copies) or RoPE off; contiguous tensors.
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, CONSUMER_REGISTERS, PRODUCER_REGISTERS, _tile_dot, descriptors
 
@@ -100,8 +106,8 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
 # C side (default partition, one warp group): dC and dg's C share.
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
-            g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
+def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
+            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
             sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
             HAS_D: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
@@ -144,15 +150,22 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_r
         g_cols = gl.load(g_ptr + gdt_row + cols)
         dt_cols = gl.load(dt_ptr + gdt_row + cols)
         decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
+        # the B side's two (T, T) operands, transposed there by a shared-memory view: scores * Gam for dv and W
+        # for W^T q (it is the longer partition: these were its own products)
+        sd_tile = sd_smem.index(slot)
+        w_tile = w_smem.index(slot)
+        sd_tile.store((scores * decay).to(dtype))
         dyv = dyv * decay * gl.expand_dims(dt_cols, 0)
+        w_tile.store(dyv.to(dtype))
+        fence_async_shared()
+        mbarrier.arrive(handoff.index(slot))
         products = scores * dyv
         share = gl.sum(products, axis=1) - gl.convert_layout(gl.sum(products, axis=0), gl.SliceLayout(1, tt_layout))
         carried = (gl.sum(q_tile.slice(0, NH, dim=1).load(th_layout).to(gl.float32) * acc_1, axis=1)
                    + gl.sum(q_tile.slice(NH, NH, dim=1).load(th_layout).to(gl.float32) * acc_2, axis=1))
-        w_a = gl.convert_layout(dyv.to(dtype), a_th)
-        acc_1 = warpgroup_mma(w_a, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
-        acc_2 = warpgroup_mma(w_a, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        acc_1, acc_2, w_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, w_a))
+        acc_1 = warpgroup_mma(w_tile, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
+        acc_2 = warpgroup_mma(w_tile, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
+        acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
         if HAS_D:  # dD's share of this tile, sum(dy * x) (here: the B side is the register-bound one)
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         mbarrier.arrive(empty.index(slot))
@@ -167,25 +180,19 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_r
 # B side and dx (worker partition, one warp group): dx, d dt, dD, dB and dg's B share.
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
-def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
-            g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
+def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
+            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
             L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             P_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
-    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
     tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
     th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
-    a_tp: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tp_layout, k_width=2)
     a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
-    rows = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))   # u
-    cols = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))   # t
     rows_p = gl.arange(0, T, layout=gl.SliceLayout(1, tp_layout))
     cols_p = gl.arange(0, P, layout=gl.SliceLayout(0, tp_layout))
     rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
-    causal_t = gl.expand_dims(cols, 0) >= gl.expand_dims(rows, 1)  # [u, t]: t >= u
-    zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     i = 0
@@ -218,13 +225,14 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_r
         weight_p = gl.exp(g_last - g_p)
         # c / (w dt) = rowsum(x * k G^T)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
-        scores_t = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_tt, use_acc=False)   # [u, t] = k_u . q_t
-        g_rows = gl.load(g_ptr + gdt_row + rows)
-        g_cols = gl.load(g_ptr + gdt_row + cols)
-        decay_t = gl.exp(gl.where(causal_t, gl.expand_dims(g_cols, 0) - gl.expand_dims(g_rows, 1), float("-inf")))
-        st_a = gl.convert_layout((scores_t * decay_t).to(dtype), a_tp)
-        dv = warpgroup_mma(st_a, dy_tile, end * gl.expand_dims(weight_p, 1), is_async=True)
-        dv, st_a = warpgroup_mma_wait(0, deps=(dv, st_a))
+        # dv = (scores^T * Gam^T) dy + w * end and dB~'s W^T q, from the C side's (T, T) tiles
+        mbarrier.wait(handoff.index(slot), (i // STAGES) & 1)
+        dv = warpgroup_mma(sd_smem.index(slot).permute((1, 0)), dy_tile, end * gl.expand_dims(weight_p, 1),
+                           is_async=True)
+        wt_tile = w_smem.index(slot).permute((1, 0))
+        acc_1 = warpgroup_mma(wt_tile, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
+        acc_2 = warpgroup_mma(wt_tile, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
+        dv, acc_1, acc_2 = warpgroup_mma_wait(0, deps=(dv, acc_1, acc_2))
         # d dt first, then dx in dv's registers (acc_B is live: a second (T, p) tile here spilled)
         gl.store(ddt_ptr + gdt_row + rows_p, gl.sum(dv * x_tile.load(tp_layout).to(gl.float32), axis=1))
         dv = dv * gl.expand_dims(dt_p, 1)
@@ -233,13 +241,6 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_r
         dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
         gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0), dv.to(dx_ptr.dtype.element_ty))
 
-        # W^T = (x dy^T) * Gam^T * dt (rows u), then dB~ = acc_B + W^T q
-        xdy = warpgroup_mma(x_tile, dy_tile.permute((1, 0)), zero_tt, use_acc=False)
-        dt_rows = gl.load(dt_ptr + gdt_row + rows)
-        wt_a = gl.convert_layout((xdy * decay_t * gl.expand_dims(dt_rows, 1)).to(dtype), a_th)
-        acc_1 = warpgroup_mma(wt_a, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
-        acc_2 = warpgroup_mma(wt_a, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        acc_1, acc_2, wt_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, wt_a))
         mbarrier.arrive(empty.index(slot))
         total = gl.sum(carried, axis=0) + overlap * gl.exp(g_last)
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
@@ -263,22 +264,27 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     s_smem = gl.allocate_shared_memory(s_desc.dtype, s_desc.block_type.shape, s_desc.layout)
     ds_smem = gl.allocate_shared_memory(ds_desc.dtype, ds_desc.block_type.shape, ds_desc.layout)
+    tt_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([T, T], x_desc.dtype)
+    sd_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, T, T], tt_shared)   # scores * Gam (C side -> B side)
+    w_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, T, T], tt_shared)    # W (C side -> B side)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     sg_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     sg_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    handoff = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
+        mbarrier.init(handoff.index(s), count=1)
     mbarrier.init(sg_ready, count=1)
     mbarrier.init(sg_empty, count=2)
 
     gl.warp_specialize([
-        (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
-                   g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
+        (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
+                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
                    sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, ROPE)),
-        (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, ready, empty, sg_ready, sg_empty,
-                   g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
+        (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
+                   sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
                    L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, P_C, ROPE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
