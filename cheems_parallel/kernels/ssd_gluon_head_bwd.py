@@ -109,7 +109,7 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
             handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
             sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
-            HAS_D: gl.constexpr, ROPE: gl.constexpr):
+            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
     th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
@@ -140,7 +140,9 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         acc_1 = warpgroup_mma(dy_a, s_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
         acc_2 = warpgroup_mma(dy_a, s_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
         # exp(g_last) <S, G>: the carried state's part of d loss / d g_last (rows [0, P_C); the B side the rest)
-        overlap = _tile_dot(s_smem, ds_smem, 0, P_C, N)
+        overlap = 0.0
+        if P_C > 0:
+            overlap = _tile_dot(s_smem, ds_smem, 0, P_C, N)
         acc_1, acc_2, dy_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, dy_a))
         mbarrier.arrive(sg_empty)
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
@@ -166,7 +168,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         acc_1 = warpgroup_mma(w_tile, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(w_tile, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
         acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
-        if HAS_D:  # dD's share of this tile, sum(dy * x) (here: the B side is the register-bound one)
+        if HAS_D and DD_IN_C:  # dD's share of this tile, sum(dy * x)
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         mbarrier.arrive(empty.index(slot))
         end_term = gl.where(rows == T - 1, overlap * gl.exp(g_last), 0.0)
@@ -181,10 +183,10 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
-            L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n,
+            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-            P_C: gl.constexpr, ROPE: gl.constexpr):
+            DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
     th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
@@ -238,6 +240,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         dv = dv * gl.expand_dims(dt_p, 1)
         if HAS_D:
             dv += gl.load(d_ptr + hi).to(gl.float32) * dy_tile.load(tp_layout).to(gl.float32)
+        if HAS_D and not DD_IN_C:
+            gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
         gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0), dv.to(dx_ptr.dtype.element_ty))
 
@@ -254,7 +258,7 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
                            dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
-                           HAS_D: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
+                           HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
     `ssd_gluon_bwd.descriptors` with groups = heads."""
@@ -282,19 +286,22 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
-                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, ROPE)),
+                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr,
-                   L, H, BH, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, P_C, ROPE)),
+                   sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+                   L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_split=True, programs=None):
+def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=64, dd_in_c=True,
+                        programs=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
-    copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype."""
+    copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
+    overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
+    the rest); dd_in_c: which side sums dD's share; programs: the persistent grid (default: one per SM)."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
     lpad = dt.shape[-1]
@@ -318,7 +325,7 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
         cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
         length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
-        P_C=head_dim // 2 if overlap_split else head_dim, ROPE=rope, PRODUCER_REGS=PRODUCER_REGISTERS,
+        P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD
