@@ -48,7 +48,7 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     f32 = torch.empty(4)
     args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, length, heads, batch * heads,
             n_chunks, length, n_chunks * batch * heads, *table.stride())
-    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=min(head_dim, 64),
+    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=min(head_dim, m.OVERLAP_C_ROWS),
                       DD_IN_C=True, ROPE=rope, PRODUCER_REGS=m.PRODUCER_REGISTERS,
                       CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)

@@ -71,7 +71,11 @@ KERNEL_CHUNK = 64
 # (dx the same way, `_chunk_bwd_dx_group_kernel`; since v11 the default at 4 warps, 2 stages: dx 1.25 -> 1.12 ms
 # on mamba's shape at L = 4k, while 8 warps were slower than per-head dx); gluon_bwd (v16, the default): on a
 # Hopper GPU, without RoPE or documents and with l a multiple of 64, dx, dB, dC and dg by one warp-specialised
-# Gluon launch instead of dx_group + dqk_group (`ssd_gluon_bwd.py`; mamba's shape 5.25 -> ~4.2 ms fwd+bwd at 4k).
+# Gluon launch instead of dx_group + dqk_group (`ssd_gluon_bwd.py`; mamba's shape 5.25 -> ~4.2 ms fwd+bwd at 4k);
+# gluon_head_bwd (v18, the default): the same for groups = heads, persistent over (chunk, head) tiles, from the
+# forward's rotated B~, C~ (`ssd_gluon_head_bwd.py`: one launch instead of dx + the merged dB/dC, 3.63 -> ~2.6 ms
+# on the Cheems shape at 4k), with gluon_head_overlap_c_rows of exp(g_last) <S, G> in its C side (0: all in the
+# B side) and dD's share in the C side (gluon_head_dd_in_c).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -83,7 +87,7 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 64,
+    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 0,
     "gluon_head_dd_in_c": True,
 }
 
@@ -1248,7 +1252,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         else:
             dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
-                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 64), dd_in_c=config.get("gluon_head_dd_in_c", True))
+                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True))
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 

@@ -11,10 +11,12 @@ group, except that nothing is summed over heads, so each side finishes its own g
   early (their products with S and G come first), so the next tile's S and G load under the rest of the work.
   Two stages of all six tiles (128 KB each) would not fit in shared memory.
 - C side (default partition): acc_C = (exp(g) dy) S, the carried term rowsum(q * acc_C), scores = q k^T,
-  W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, then dC~ = acc_C + W k.
-- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, dv = (scores^T * Gam^T) dy + w * end, dx, d dt,
-  dD, then W^T = (x dy^T) * Gam^T * dt (formed again here rather than passed over: no barrier between the
-  consumers) and dB~ = acc_B + W^T q.
+  W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, dD's share, then
+  dC~ = acc_C + W k. It hands scores * Gam and W (T x T, 16-bit) to the B side through shared memory.
+- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, exp(g_last) <S, G> (OVERLAP_C_ROWS: how many
+  of its rows the C side sums instead), dv = (scores * Gam)^T dy + w * end, dx, d dt, then dB~ = acc_B + W^T q
+  (both (T, T) operands are the C side's tiles, transposed as shared-memory views: the B side was the longer
+  partition while it formed them itself, bench/ssd_notes.md v18b).
 The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
 shared-memory operands), so that RoPE's transpose pairs registers of the same thread.
 
@@ -35,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, CONSUMER_REGISTERS, PRODUCER_REGISTERS, _tile_dot, descriptors
 
 STAGES = 2
+OVERLAP_C_ROWS = 0  # rows of exp(g_last) <S, G> summed by the C side (call 3: 0 fastest; 64: +0.09 ms, 128: +0.19)
 LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
 
 
@@ -295,7 +298,7 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=64, dd_in_c=True,
+def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS, dd_in_c=True,
                         programs=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
