@@ -140,17 +140,18 @@ def test_groups_and_backward_variants(kernels, groups, config, dtype):
     compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2, config=config)
 
 
-def test_gluon_backward_flag_falls_back_on_cpu(kernels):
-    """gluon_bwd (the default) with one shared group on CPU tensors: the Triton backward runs and matches the
-    oracle, and the Gluon module (Hopper only) is not imported for it."""
+@pytest.mark.parametrize("groups, rope, module", [(1, False, "ssd_gluon_bwd"), (4, True, "ssd_gluon_head_bwd")])
+def test_gluon_backward_flag_falls_back_on_cpu(kernels, groups, rope, module):
+    """gluon_bwd / gluon_head_bwd (the defaults) on CPU tensors, with one shared group and with groups = heads and
+    RoPE: the Triton backward runs and matches the oracle, and the Gluon module (Hopper only) is not imported."""
     import sys as system
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    inputs = make_inputs(1, 64, 4, 16, 16, torch.float32, False, True, False, False, generator)
-    inputs["B"] = inputs["B"][:, :, :1].contiguous()
-    inputs["C"] = inputs["C"][:, :, :1].contiguous()
-    name = "cheems_parallel.kernels.ssd_gluon_bwd"
+    inputs = make_inputs(1, 64, 4, 16, 16, torch.float32, rope, True, False, False, generator)
+    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
+    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
+    name = "cheems_parallel.kernels." + module
     imported_before = name in system.modules
-    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3, config={"gluon_bwd": True})
+    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3, config={"gluon_bwd": True, "gluon_head_bwd": True})
     assert imported_before or name not in system.modules
 
 
