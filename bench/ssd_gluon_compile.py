@@ -15,19 +15,23 @@ import torch
 from dmattn_gluon_compile import compile_kernel
 
 
-def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, heads=32, groups=1, **overrides):
-    from cheems_parallel.kernels import ssd_gluon_bwd as m
-    T = m.CHUNK
-    n_chunks = length // T
+def _placeholders(batch, length, heads, head_dim, state_dim, groups):
+    """Empty CPU tensors of a problem's shapes (only their shapes, strides and dtypes reach the compiler):
+    x, the states, a (b, h, l) float32 vector, the six TMA descriptors and a small float32 buffer."""
+    from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, descriptors
     x = torch.empty(batch, length, heads, head_dim, dtype=torch.bfloat16)
     B = torch.empty(batch, length, groups, state_dim, dtype=torch.bfloat16)
-    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
+    states = torch.empty(batch, length // CHUNK + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
     vec = torch.empty(batch, heads, length)
-    descs = m.descriptors(x, x, states, states, B, B)
-    f32 = torch.empty(4)
-    args = (*descs, vec, vec, f32, x, f32, f32, f32, vec, vec, vec, f32, length, heads, heads // groups, n_chunks,
-            length)
-    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=head_dim // 2,
+    return x, B, vec, descriptors(x, x, states, states, B, B), torch.empty(4)
+
+
+def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, heads=32, groups=1, **overrides):
+    from cheems_parallel.kernels import ssd_gluon_bwd as m
+    x, _, vec, descs, f32 = _placeholders(batch, length, heads, head_dim, state_dim, groups)
+    args = (*descs, vec, vec, f32, x, f32, f32, f32, vec, vec, vec, f32, length, heads, heads // groups,
+            length // m.CHUNK, length)
+    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=head_dim // 2,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_group_bwd_kernel, args, constexprs, 4)
@@ -37,20 +41,14 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     """The groups = heads kernel (`ssd_gluon_head_bwd`, n = 128)."""
     from cheems_parallel.kernels import ssd_gluon_head_bwd as m
     state_dim = 128
-    T = m.CHUNK
-    n_chunks = length // T
-    x = torch.empty(batch, length, heads, head_dim, dtype=torch.bfloat16)
-    B = torch.empty(batch, length, heads, state_dim, dtype=torch.bfloat16)
-    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
-    vec = torch.empty(batch, heads, length)
+    n_chunks = length // m.CHUNK
+    x, B, vec, descs, f32 = _placeholders(batch, length, heads, head_dim, state_dim, heads)
     table = torch.empty(batch, length, state_dim)
-    descs = m.descriptors(x, x, states, states, B, B)
-    f32 = torch.empty(4)
     args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, length, heads, batch * heads,
             n_chunks, length, n_chunks * batch * heads, *table.stride())
-    constexprs = dict(T=T, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, P_C=min(head_dim, m.OVERLAP_C_ROWS),
-                      DD_IN_C=True, ROPE=rope, PRODUCER_REGS=m.PRODUCER_REGISTERS,
-                      CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
+    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
+                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope,
+                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)
 

@@ -52,6 +52,12 @@ def supported(x, B, dy, states, T, seq):
             and all(t.is_contiguous() for t in (x, B, dy, states)))
 
 
+@gluon.constexpr_function
+def wgmma_layout(columns):
+    """Accumulator layout of a 64-row wgmma by one warp group, `columns` wide (both Gluon SSD backwards)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
+
+
 # ----------------------------------------------------------------------------------------------
 # Producer partition (1 warp).
 # ----------------------------------------------------------------------------------------------
@@ -92,8 +98,8 @@ def _tile_dot(a_smem, b_smem, FIRST: gl.constexpr, LAST: gl.constexpr, N: gl.con
 def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
             gdt_row0, token_row, group_col, GN, HPG, LPAD,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr):
-    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
-    tn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+    tt_layout: gl.constexpr = wgmma_layout(T)
+    tn_layout: gl.constexpr = wgmma_layout(N)
     a_tn: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tn_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
     rows = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
@@ -170,9 +176,9 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
             dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD, first_head, HP, dd_row0,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             P_C: gl.constexpr):
-    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
-    tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
-    tn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+    tt_layout: gl.constexpr = wgmma_layout(T)
+    tp_layout: gl.constexpr = wgmma_layout(P)
+    tn_layout: gl.constexpr = wgmma_layout(N)
     a_tp: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tp_layout, k_width=2)
     a_tn: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tn_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype

@@ -34,7 +34,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, CONSUMER_REGISTERS, PRODUCER_REGISTERS, _tile_dot, descriptors
+from cheems_parallel.kernels.ssd_gluon_bwd import (
+    CHUNK,
+    CONSUMER_REGISTERS,
+    PRODUCER_REGISTERS,
+    _tile_dot,
+    descriptors,
+    wgmma_layout,
+)
 
 STAGES = 2
 OVERLAP_C_ROWS = 0  # rows of exp(g_last) <S, G> summed by the C side (call 3: 0 fastest; 64: +0.09 ms, 128: +0.19)
@@ -56,6 +63,19 @@ def _tile_coords(tile, BH, H):
     c = tile // BH
     bh = tile % BH
     return c, bh // H, bh % H
+
+
+@gluon.jit
+def _consumer_tile(tile, i, BH, H, L, LPAD, T: gl.constexpr, STAGES: gl.constexpr):
+    """A consumer's view of its i-th tile: (chunk, batch, head, ring slot, row of g / dt, first token row)."""
+    c, bi, hi = _tile_coords(tile, BH, H)
+    gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
+    return c, bi, hi, i % STAGES, gdt_row, bi * L + c * T
+
+
+@gluon.jit
+def _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem):
+    return x_smem.index(slot), dy_smem.index(slot), q_smem.index(slot), k_smem.index(slot)
 
 
 @gluon.jit
@@ -114,8 +134,8 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
             HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
-    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, T, 16])
-    th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
+    tt_layout: gl.constexpr = wgmma_layout(T)
+    th_layout: gl.constexpr = wgmma_layout(NH)
     a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
     rows = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
@@ -126,17 +146,11 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-        c, bi, hi = _tile_coords(tile, BH, H)
-        slot = i % STAGES
-        gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
-        token_row = bi * L + c * T
+        c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        x_tile = x_smem.index(slot)
-        dy_tile = dy_smem.index(slot)
-        q_tile = q_smem.index(slot)
-        k_tile = k_smem.index(slot)
+        x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the carried-state product first: S is released as soon as it is done
         dy_a = (dy_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
         mbarrier.wait(sg_ready, i & 1)
@@ -191,8 +205,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
-    tp_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, P, 16])
-    th_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NH, 16])
+    tp_layout: gl.constexpr = wgmma_layout(P)
+    th_layout: gl.constexpr = wgmma_layout(NH)
     a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
     rows_p = gl.arange(0, T, layout=gl.SliceLayout(1, tp_layout))
@@ -202,17 +216,11 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-        c, bi, hi = _tile_coords(tile, BH, H)
-        slot = i % STAGES
-        gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
-        token_row = bi * L + c * T
+        c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        x_tile = x_smem.index(slot)
-        dy_tile = dy_smem.index(slot)
-        q_tile = q_smem.index(slot)
-        k_tile = k_smem.index(slot)
+        x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
         x_a = (x_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
         mbarrier.wait(sg_ready, i & 1)
