@@ -70,9 +70,9 @@ SWEEP_V4_CALL1 = [
 # v15: the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`, the default for groups = heads since
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
-    ("v18d", 64, {}),
-    ("v18d-tables-early", 64, {"gluon_head_tables_early": True}),
-    ("v18d-c64", 64, {"gluon_head_overlap_c_rows": 64}),
+    ("v18", 64, {}),
+    ("v18-c64", 64, {"gluon_head_overlap_c_rows": 64}),
+    ("v18-ddb", 64, {"gluon_head_dd_in_c": False}),
     ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]

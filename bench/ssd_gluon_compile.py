@@ -47,7 +47,7 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, length, heads, batch * heads,
             n_chunks, length, n_chunks * batch * heads, *table.stride())
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
-                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, TABLES_EARLY=False,
+                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)

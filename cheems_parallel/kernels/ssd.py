@@ -88,7 +88,7 @@ CONFIG = {
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
     "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 0,
-    "gluon_head_dd_in_c": True, "gluon_head_tables_early": False,
+    "gluon_head_dd_in_c": True,
 }
 
 
@@ -1252,8 +1252,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         else:
             dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
-                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
-                tables_early=config.get("gluon_head_tables_early", False))
+                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True))
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 

@@ -103,30 +103,20 @@ def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem,
 
 
 @gluon.jit
-def _rope_tables(cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr,
-                 ROPE: gl.constexpr):
-    """cos and sin of a tile's (T, n) rows, each as its two rotate-half halves in `layout` (the table's dtype)."""
-    if ROPE:
-        rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
-        table = table_base + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0) * sc_n
-        return (gl.load(cos_ptr + table), gl.load(sin_ptr + table),
-                gl.load(cos_ptr + table + NH * sc_n), gl.load(sin_ptr + table + NH * sc_n))
-    else:
-        return 0.0, 0.0, 0.0, 0.0
-
-
-@gluon.jit
-def _store_unrotated(out_ptr, first, second, tables, token_row, col0, row_stride,
+def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, token_row, col0, row_stride,
                      T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
-    """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE; `tables` from
-    `_rope_tables`), into the (b·l, h·n) rows of dB or dC: out = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
+    """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE), into the (b·l, h·n)
+    rows of dB or dC: out = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
     rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
     if ROPE:
-        cos1, sin1, cos2, sin2 = tables
-        out_first = first * cos1.to(gl.float32) + second * sin2.to(gl.float32)
-        out_second = second * cos2.to(gl.float32) - first * sin1.to(gl.float32)
+        table = table_base + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0) * sc_n
+        cos1 = gl.load(cos_ptr + table).to(gl.float32)
+        sin2 = gl.load(sin_ptr + table + NH * sc_n).to(gl.float32)
+        out_first = first * cos1 + second * sin2
+        cos2 = gl.load(cos_ptr + table + NH * sc_n).to(gl.float32)
+        sin1 = gl.load(sin_ptr + table).to(gl.float32)
+        out_second = second * cos2 - first * sin1
     else:
         out_first = first
         out_second = second
@@ -142,7 +132,7 @@ def _store_unrotated(out_ptr, first, second, tables, token_row, col0, row_stride
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
             handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
             sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
-            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, TABLES_EARLY: gl.constexpr):
+            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -157,12 +147,8 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
-        # this tile's decay rows first: their loads then wait on nothing
         scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
         g_last = gl.load(g_ptr + gdt_row + T - 1)
-        g_rows = gl.load(g_ptr + gdt_row + rows)
-        g_cols = gl.load(g_ptr + gdt_row + cols)
-        dt_cols = gl.load(dt_ptr + gdt_row + cols)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the carried-state product first: S is released as soon as it is done
@@ -179,6 +165,9 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         dyv = warpgroup_mma(dy_tile, x_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         scores, dyv = warpgroup_mma_wait(0, deps=(scores, dyv))
+        g_rows = gl.load(g_ptr + gdt_row + rows)
+        g_cols = gl.load(g_ptr + gdt_row + cols)
+        dt_cols = gl.load(dt_ptr + gdt_row + cols)
         decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         # the B side's two (T, T) operands, transposed there by a shared-memory view: scores * Gam for dv and W
         # for W^T q (it is the longer partition: these were its own products)
@@ -195,19 +184,14 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
                    + gl.sum(q_tile.slice(NH, NH, dim=1).load(th_layout).to(gl.float32) * acc_2, axis=1))
         acc_1 = warpgroup_mma(w_tile, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(w_tile, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        # under the products: dD's share of this tile, sum(dy * x), and (TABLES_EARLY) the epilogue's RoPE tables
-        if HAS_D and DD_IN_C:
-            gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
-        table_base = bi.to(gl.int64) * sc_b + (c * T) * sc_l
-        if TABLES_EARLY:
-            tables = _rope_tables(cos_ptr, sin_ptr, table_base, sc_l, sc_n, T, NH, th_layout, ROPE)
         acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
+        if HAS_D and DD_IN_C:  # dD's share of this tile, sum(dy * x)
+            gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         mbarrier.arrive(empty.index(slot))
         end_term = gl.where(rows == T - 1, overlap * gl.exp(g_last), 0.0)
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
-        if not TABLES_EARLY:
-            tables = _rope_tables(cos_ptr, sin_ptr, table_base, sc_l, sc_n, T, NH, th_layout, ROPE)
-        _store_unrotated(dc_ptr, acc_1, acc_2, tables, token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        _store_unrotated(dc_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
+                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
         i += 1
 
 
@@ -235,8 +219,6 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
-        g_p = gl.load(g_ptr + gdt_row + rows_p)
-        dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
@@ -251,6 +233,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         end, acc_1, acc_2, x_a = warpgroup_mma_wait(0, deps=(end, acc_1, acc_2, x_a))
         mbarrier.arrive(sg_empty)
 
+        g_p = gl.load(g_ptr + gdt_row + rows_p)
+        dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         weight_p = gl.exp(g_last - g_p)
         # c / (w dt) = rowsum(x * k G^T)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
@@ -261,7 +245,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         wt_tile = w_smem.index(slot).permute((1, 0))
         acc_1 = warpgroup_mma(wt_tile, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(wt_tile, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        dv = warpgroup_mma_wait(2, deps=(dv, ))   # dv's group is the oldest: dx under the W^T q products
+        dv, acc_1, acc_2 = warpgroup_mma_wait(0, deps=(dv, acc_1, acc_2))
         # d dt first, then dx in dv's registers (acc_B is live: a second (T, p) tile here spilled)
         gl.store(ddt_ptr + gdt_row + rows_p, gl.sum(dv * x_tile.load(tp_layout).to(gl.float32), axis=1))
         dv = dv * gl.expand_dims(dt_p, 1)
@@ -272,13 +256,11 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
         gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0), dv.to(dx_ptr.dtype.element_ty))
 
-        acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
         mbarrier.arrive(empty.index(slot))
         total = gl.sum(carried, axis=0) + overlap * gl.exp(g_last)
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
-        tables = _rope_tables(cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n, T, NH, th_layout,
-                              ROPE)
-        _store_unrotated(db_ptr, acc_1, acc_2, tables, token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        _store_unrotated(db_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
+                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
         i += 1
 
 
@@ -288,7 +270,6 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
-                           TABLES_EARLY: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
     `ssd_gluon_bwd.descriptors` with groups = heads."""
@@ -316,7 +297,7 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
-                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE, TABLES_EARLY)),
+                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
                    L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE)),
@@ -325,14 +306,13 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
-                        dd_in_c=True, tables_early=False, programs=None):
+def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS, dd_in_c=True,
+                        programs=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
     copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
-    the rest); dd_in_c: which side sums dD's share; tables_early: the C side loads its RoPE tables under its last
-    products; programs: the persistent grid (default: one per SM)."""
+    the rest); dd_in_c: which side sums dD's share; programs: the persistent grid (default: one per SM)."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
     lpad = dt.shape[-1]
@@ -356,7 +336,7 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
         cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
         length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
-        P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, TABLES_EARLY=tables_early, PRODUCER_REGS=PRODUCER_REGISTERS,
+        P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD

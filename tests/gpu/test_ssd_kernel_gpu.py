@@ -158,7 +158,7 @@ def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, he
 # the Gluon fused backward for groups = heads ("gluon_head_bwd", ssd_gluon_head_bwd.py, persistent over
 # (chunk, head) tiles): the Cheems shape with RoPE (un-rotated in the kernel) and D; p = 64 with an initial state at
 # l = 16k (many tiles per program); no RoPE with three heads; a single tile per program (4 tiles); <S, G> (all in
-# the B side by default) all in the C side; split, with dD in the B side; the C side's RoPE tables loaded early
+# the B side by default) all in the C side; split, with dD in the B side
 GLUON_HEAD_CASES = [
     (2, 768, 8, 128, True, True, False, {}),
     (1, 16384, 4, 64, True, False, True, {}),
@@ -166,7 +166,6 @@ GLUON_HEAD_CASES = [
     (1, 128, 2, 128, True, True, True, {}),
     (2, 768, 8, 128, True, True, False, {"gluon_head_overlap_c_rows": 128}),
     (2, 768, 8, 128, True, True, True, {"gluon_head_overlap_c_rows": 64, "gluon_head_dd_in_c": False}),
-    (2, 768, 8, 128, True, True, False, {"gluon_head_tables_early": True}),
 ]
 
 
