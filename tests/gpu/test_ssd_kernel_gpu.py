@@ -184,3 +184,22 @@ def test_gluon_head_backward_matches_float64_reference(batch, length, heads, hea
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
     assert not bad, f"relative error over 1e-2: {bad}"
+
+
+@pytest.mark.parametrize("groups, rope, module", [(1, False, "ssd_gluon_bwd"), (8, True, "ssd_gluon_head_bwd")])
+def test_gluon_backwards_in_float16(groups, rope, module):
+    """Both Gluon backwards accept float16 as well as bfloat16 (`supported`): one case each, fp16 within 1e-2."""
+    import importlib
+
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    gluon_module = importlib.import_module("cheems_parallel.kernels." + module)
+    inputs = make_inputs(2, 768, 8, 128, 128, torch.float16, rope, True, True, False)
+    inputs["B"] = inputs["B"][:, :, :groups].contiguous()
+    inputs["C"] = inputs["C"][:, :, :groups].contiguous()
+    launches = gluon_module.LAUNCHES
+    errors, _ = ssd_kernel_errors(ssd_fused, inputs, config={"gluon_bwd": True, "gluon_head_bwd": True})
+    assert gluon_module.LAUNCHES > launches, f"{module} did not run for this case"
+    print(f"\ngluon fp16 {module}: " + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
+    bad = {name: error for name, error in errors.items() if not error < 1e-2}
+    assert not bad, f"relative error over 1e-2: {bad}"
