@@ -41,15 +41,19 @@ CONSUMER_REGISTERS = 240
 LAUNCHES = 0  # how often fused_group_backward ran (the GPU tests check that their cases took this path)
 
 
+def hopper_tiles_fit(x, B, dy, states, T, seq):
+    """What both Gluon SSD backwards need: a Hopper GPU, 16-bit inputs, T = CHUNK, l a multiple of T, no
+    document mask, p in {64, 128}, contiguous tensors (TMA descriptors over flat rows)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
+            and seq is None and x.shape[1] % T == 0 and x.shape[-1] in (64, 128)
+            and all(t.is_contiguous() for t in (x, B, dy, states)))
+
+
 def supported(x, B, dy, states, T, seq):
     """True when this kernel can run the backward of these inputs (else the Triton kernels run). RoPE is the
     caller's to rule out (dB~, dC~ would need un-rotating)."""
-    groups, heads = B.shape[2], x.shape[2]
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-            and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
-            and groups < heads and seq is None and x.shape[1] % T == 0
-            and x.shape[-1] in (64, 128) and B.shape[-1] in (64, 128)
-            and all(t.is_contiguous() for t in (x, B, dy, states)))
+    return B.shape[2] < x.shape[2] and B.shape[-1] in (64, 128) and hopper_tiles_fit(x, B, dy, states, T, seq)
 
 
 @gluon.constexpr_function

@@ -40,6 +40,7 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
     PRODUCER_REGISTERS,
     _tile_dot,
     descriptors,
+    hopper_tiles_fit,
     wgmma_layout,
 )
 
@@ -50,11 +51,7 @@ LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that thei
 
 def supported(x, B, dy, states, T, seq):
     """True when this kernel can run the backward of these inputs (else the Triton kernels run)."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-            and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
-            and B.shape[2] == x.shape[2] and seq is None and x.shape[1] % T == 0
-            and x.shape[-1] in (64, 128) and B.shape[-1] == 128
-            and all(t.is_contiguous() for t in (x, B, dy, states)))
+    return B.shape[2] == x.shape[2] and B.shape[-1] == 128 and hopper_tiles_fit(x, B, dy, states, T, seq)
 
 
 @gluon.jit
@@ -130,8 +127,8 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
-            sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
+            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES,
+            sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
             HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
@@ -254,7 +251,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         if HAS_D and not DD_IN_C:
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
-        gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0), dv.to(dx_ptr.dtype.element_ty))
+        gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0),
+                 dv.to(dx_ptr.dtype.element_ty))
 
         mbarrier.arrive(empty.index(slot))
         total = gl.sum(carried, axis=0) + overlap * gl.exp(g_last)
@@ -296,8 +294,8 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b,
-                   sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE)),
+                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD,
+                   N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
                    L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE)),
@@ -306,13 +304,13 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS, dd_in_c=True,
-                        programs=None):
+def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
+                        dd_in_c=True):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
     copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
-    the rest); dd_in_c: which side sums dD's share; programs: the persistent grid (default: one per SM)."""
+    the rest); dd_in_c: which side sums dD's share. Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
     lpad = dt.shape[-1]
@@ -327,8 +325,7 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
     rope = cos is not None
     table_strides = cos.stride() if rope else (0, 0, 0)
     n_tiles = n_chunks * batch * heads
-    if programs is None:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     global LAUNCHES
     LAUNCHES += 1
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](
