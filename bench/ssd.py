@@ -70,14 +70,15 @@ SWEEP_V4_CALL1 = [
 # v15: the merged one-launch dB/dC/dg kernel in full width (`dqk_merged`, the default for groups = heads since
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
-    ("v18", 64, {}),
+    ("v19", 64, {"gluon_fwd": True}),
+    ("v18", 64, {"gluon_fwd": False}),
     ("v18-c64", 64, {"gluon_head_overlap_c_rows": 64}),
     ("v18-ddb", 64, {"gluon_head_dd_in_c": False}),
     ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]
 # which config keys belong to which kernels (for the per-kernel combination)
-KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
+KNOBS = {"fwd": ("_chunk_fwd_kernel", "_scores_kernel", "_fused_fwd_kernel"), "state": ("_state_fwd_kernel", "_state_bwd_kernel"),
          "bwd": ("_chunk_bwd_dx_kernel", "_chunk_bwd_dx_group_kernel", "_fused_group_bwd_kernel",
                  "_fused_head_bwd_kernel"),
          "dqk": ("_chunk_bwd_dbc_kernel", "_chunk_bwd_dqk_kernel", "_chunk_bwd_dqk_group_kernel")}
@@ -355,7 +356,8 @@ def sweep_configs(tokens, length, heads, head_dim, state_dim, rep_ms, problem_na
 
     print(f"\nsweep {problem_name} L={length} (ms; per kernel: state_fwd chunk_fwd | state_bwd dx dbc; "
           f"rel. diff vs the first entry of y, dx, dB, dC, d dt_raw):")
-    columns = (("_state_fwd_kernel",), ("_chunk_fwd_kernel",), ("_state_bwd_kernel",), KNOBS["bwd"], KNOBS["dqk"])
+    columns = (("_state_fwd_kernel",), ("_chunk_fwd_kernel", "_fused_fwd_kernel"), ("_state_bwd_kernel",), KNOBS["bwd"],
+               KNOBS["dqk"])
     for name in results:
         per_kernel = " ".join(f"{kernel_ms(profiles[name], kernels):6.3f}" for kernels in columns)
         fwd_kernels = " ".join(f"{kernel_ms(fwd_profiles[name], kernels):6.3f}" for kernels in columns[:2])
@@ -472,6 +474,8 @@ def main(argv=None):
     parser.add_argument("--rep-ms", type=int, default=60, help="milliseconds of repeats per timing")
     parser.add_argument("--sweep-length", type=int, default=4096, help="L at which the kernel configs are swept")
     parser.add_argument("--no-sweep", action="store_true", help="use the module's default config")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="sweep only these SWEEP entries (default: all)")
     parser.add_argument("--profile-length", type=int, default=4096, help="L of the per-kernel breakdown (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
     parser.add_argument("--out", default="bench/results/ssd_h200.json", help="JSON output path")
@@ -499,16 +503,19 @@ def main(argv=None):
         logger.warning("mamba_ssm not importable: anchoring on the torch reference and the floor only")
     h, p, n = args.heads, args.head_dim, args.state
     chosen, sweeps, breakdown = {}, {}, {}
+    variants = [entry for entry in SWEEP if args.variants is None or entry[0] in args.variants]
+    if not variants:
+        parser.error(f"--variants: none of {args.variants} is in SWEEP ({', '.join(e[0] for e in SWEEP)})")
     if not args.no_sweep:
         small = args.tokens // 4   # batch 16 at L = 1k: the same integer specializations as L = 4k's
         precompile([(problem_name, small, 1024, h, p, n, kernel_chunk, overrides)
-                    for problem_name in ("mamba", "cheems") for _, kernel_chunk, overrides in SWEEP])
+                    for problem_name in ("mamba", "cheems") for _, kernel_chunk, overrides in variants])
     for problem_name in ("mamba", "cheems"):
         if args.no_sweep:
             chosen[problem_name] = ("default", ssd_kernels.KERNEL_CHUNK, dict(ssd_kernels.CONFIG))
         else:
             name, kernel_chunk, config, sweeps[problem_name] = sweep_configs(args.tokens, args.sweep_length, h, p, n,
-                                                                             args.rep_ms, problem_name)
+                                                                             args.rep_ms, problem_name, variants)
             chosen[problem_name] = (name, kernel_chunk, config)
         print(f"config {problem_name}: {chosen[problem_name][0]} (kernel chunk {chosen[problem_name][1]}) "
               f"{chosen[problem_name][2]}")

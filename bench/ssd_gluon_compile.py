@@ -53,7 +53,31 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)
 
 
+def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch=2, length=1024, heads=8, groups=8,
+                 **overrides):
+    """The forward walk (`ssd_gluon_fwd`, p = n = 128)."""
+    from cheems_parallel.kernels import ssd_gluon_fwd as m
+    from cheems_parallel.kernels.ssd_gluon_bwd import tma_descriptor
+    head_dim = state_dim = 128
+    n_chunks = length // m.CHUNK
+    x, B, vec, _, f32 = _placeholders(batch, length, heads, head_dim, state_dim, groups)
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
+    tokens = batch * length
+    x_desc = tma_descriptor(x, tokens, heads * head_dim, [m.CHUNK, head_dim])
+    b_desc = tma_descriptor(B, tokens, groups * state_dim, [m.CHUNK, state_dim])
+    s_desc = tma_descriptor(states, states.numel() // state_dim, state_dim, [head_dim, state_dim])
+    table = torch.empty(batch, length, state_dim, dtype=torch.bfloat16)
+    args = (x_desc, b_desc, b_desc, s_desc, b_desc, b_desc, vec, vec, f32, table, table, f32, x, f32,
+            length, heads, heads // groups, n_chunks, length, batch * heads, *table.stride())
+    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, HAS_INIT=has_init,
+                      ROPE=rope, SAVE_ROTATED=save_rotated, num_warps=8)
+    constexprs.update(overrides)
+    return compile_kernel(m._fused_fwd_kernel, args, constexprs, 8)
+
+
 CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
+# (D, RoPE, save B~/C~, initial state, groups): the Cheems layer's training and no-grad forwards; mamba's shape
+FORWARD_CASES = ((True, True, True, False, 8), (True, True, False, True, 8), (True, False, False, False, 1))
 HEAD_CASES = ((128, True, True), (128, False, False), (64, True, True))
 
 if __name__ == "__main__":
@@ -64,6 +88,14 @@ if __name__ == "__main__":
             print(json.dumps({"p": p, "n": n, "D": has_d, "report": report}))
         except Exception as error:
             print(json.dumps({"p": p, "n": n, "D": has_d, "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))
+    for has_d, rope, save, init, groups in FORWARD_CASES:
+        case = {"kernel": "forward", "p": 128, "n": 128, "D": has_d, "rope": rope, "save_rotated": save,
+                "init": init, "groups": groups}
+        try:
+            report, _ = forward_case(has_d, rope, save, init, groups=groups)
+            print(json.dumps(dict(case, report=report)))
+        except Exception as error:
+            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
     for p, has_d, rope in HEAD_CASES:
         try:
             report, _ = head_case(p, has_d, rope)

@@ -88,7 +88,7 @@ CONFIG = {
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
     "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 0,
-    "gluon_head_dd_in_c": True,
+    "gluon_head_dd_in_c": True, "gluon_fwd": False,
 }
 
 
@@ -1130,6 +1130,12 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     heads_per_group = heads // B.shape[2]
     half = B.shape[-1] // 2
     n_chunks = dt.shape[-1] // T
+    # "gluon_fwd": on Hopper, one Gluon walk per (batch, head) does both launches' work (ssd_gluon_fwd.py)
+    if config.get("gluon_fwd", False) and x.is_cuda:
+        from cheems_parallel.kernels import ssd_gluon_fwd
+        if ssd_gluon_fwd.supported(x, B, T, seq):
+            save = cos is not None and save_for_backward and config.get("save_rotated", False)
+            return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save)
     # slot c holds the state entering chunk c; slot n_chunks the final state
     states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)

@@ -289,17 +289,20 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def tma_descriptor(tensor, rows, cols, block):
+    """A host TMA descriptor over a contiguous 16-bit tensor viewed as (rows, cols), with `block` tiles (the
+    Gluon SSD kernels' shared-memory layout: NVMMA's default for the block)."""
+    element = gl.bfloat16 if tensor.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(block, element)
+    return TensorDescriptor(tensor.view(rows, cols), [rows, cols], [cols, 1], block, layout)
+
+
 def descriptors(x, dy, states, dstates, B_in, C_in):
     """Host TMA descriptors: x, dy as (b·l, h·p) rows, blocks (T, p); states, dstates as (rows, n), blocks (p, n);
     C~ (q), B~ (k) as (b·l, g·n), blocks (T, n)."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
-    element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-
-    def make(tensor, rows, cols, block):
-        flat = tensor.view(rows, cols)
-        layout = gl.NVMMASharedLayout.get_default_for(block, element)
-        return TensorDescriptor(flat, [rows, cols], [cols, 1], block, layout)
+    make = tma_descriptor
     tokens = batch * length
     state_rows = states.numel() // state_dim
     groups = B_in.shape[2]

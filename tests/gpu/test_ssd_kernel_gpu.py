@@ -106,18 +106,24 @@ def test_kernel_matches_float64_reference(batch, length, heads, head_dim, state_
     assert not bad, f"relative error over {tolerance}: {bad}"
 
 
-@pytest.mark.parametrize("groups, rope", [(1, False), (8, True)])
-def test_forward_without_gradients_matches_float64_reference(groups, rope):
-    """The no-grad forward (its own tiles, "fwd_nograd_*", and no saved B~/C~) on fresh inputs: y and the
-    final state within 1e-2 of the float64 oracle (bf16)."""
+@pytest.mark.parametrize("groups, rope, gluon_fwd", [(1, False, False), (8, True, False), (1, False, True),
+                                                     (8, True, True)])
+def test_forward_without_gradients_matches_float64_reference(groups, rope, gluon_fwd):
+    """The no-grad forward (Triton: its own tiles, "fwd_nograd_*"; or the Gluon walk; no saved B~/C~) on fresh
+    inputs at l = 1024: y and the final state within 1e-2 of the float64 oracle (bf16)."""
     from cheems_parallel.kernels.ssd import ssd_fused
     from tests.kernel_oracles import relative_error, ssd_float64_oracle
 
-    inputs = make_inputs(2, 1000, 8, 128, 128, torch.bfloat16, rope, True, False, False)
+    from cheems_parallel.kernels import ssd_gluon_fwd
+
+    # l = 1000 for the Triton kernels (not a multiple of the chunk); the Gluon walk needs l % 64 == 0
+    inputs = make_inputs(2, 1024 if gluon_fwd else 1000, 8, 128, 128, torch.bfloat16, rope, True, False, False)
     inputs["B"] = inputs["B"][:, :, :groups].contiguous()
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
+    launches = ssd_gluon_fwd.LAUNCHES
     with torch.no_grad():
-        y, final = ssd_fused(**inputs)
+        y, final = ssd_fused(**inputs, config={"gluon_fwd": gluon_fwd})
+    assert (ssd_gluon_fwd.LAUNCHES > launches) == gluon_fwd
     y_ref, final_ref = ssd_float64_oracle(**inputs)
     errors = {"y": relative_error(y.double().cpu(), y_ref.cpu()), "final": relative_error(final.double().cpu(), final_ref.cpu())}
     print(f"\nno-grad forward g={groups} rope={rope}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
@@ -203,3 +209,62 @@ def test_gluon_backwards_in_float16(groups, rope, module):
     print(f"\ngluon fp16 {module}: " + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
     assert not bad, f"relative error over 1e-2: {bad}"
+
+
+# the Gluon forward walk ("gluon_fwd", ssd_gluon_fwd.py, persistent over the b·h sequences): the Cheems shape with
+# RoPE (B~, C~ saved for the Gluon head backward) and D; l = 16k; 160 sequences on the H200's 132 SMs (some programs
+# walk two: the state restarts at the second one's first chunk) with an initial state; mamba's one-group shape
+# (RoPE off); a single chunk per sequence; with the Triton backward (B~, C~ as the Triton kernels read them)
+GLUON_FWD_CASES = [
+    (2, 768, 8, True, True, False, 8, {}),
+    (1, 16384, 4, True, True, True, 4, {}),
+    (2, 256, 80, True, False, True, 80, {}),
+    (2, 1024, 8, False, True, False, 1, {}),
+    (3, 64, 5, True, True, True, 5, {}),
+    (2, 768, 8, True, True, True, 8, {"gluon_head_bwd": False}),
+]
+
+
+@pytest.mark.parametrize("batch, length, heads, rope, use_d, use_init, groups, overrides", GLUON_FWD_CASES)
+def test_gluon_forward_matches_float64_reference(batch, length, heads, rope, use_d, use_init, groups, overrides):
+    from cheems_parallel.kernels import ssd_gluon_fwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(batch, length, heads, 128, 128, torch.bfloat16, rope, use_d, use_init, False, groups=groups)
+    launches = ssd_gluon_fwd.LAUNCHES
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_fwd=True))
+    assert ssd_gluon_fwd.LAUNCHES > launches, "the Gluon forward did not run for this case"
+    print(f"\ngluon-fwd shape b={batch} l={length} h={heads} g={groups} rope={rope} D={use_d} init={use_init}: "
+          + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
+          + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
+    bad = {name: error for name, error in errors.items() if not error < 1e-2}
+    assert not bad, f"relative error over 1e-2: {bad}"
+
+
+@pytest.mark.parametrize("rope, groups", [(True, 8), (False, 1)])
+def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
+    """The walk's saved tensors (every chunk's entering state, B~, C~) and y against the two Triton launches' on
+    the same inputs: equal up to a few bf16 roundings (the state is carried in float32 by both)."""
+    from cheems_parallel.kernels import ssd as ssd_kernels
+    from cheems_parallel.kernels import ssd_gluon_fwd
+    from tests.kernel_oracles import relative_error
+
+    inputs = make_inputs(2, 1024, 8, 128, 128, torch.bfloat16, rope, True, True, False, groups=groups)
+    dt = torch.nn.functional.softplus(inputs["dt_raw"] + inputs["dt_bias"]).transpose(1, 2).contiguous()
+    g = (dt * inputs["A"][:, None]).view(2, 8, -1, 64).cumsum(dim=-1).view(2, 8, -1)
+    cos = inputs["cos"].to(torch.bfloat16).contiguous() if rope else None
+    sin = inputs["sin"].to(torch.bfloat16).contiguous() if rope else None
+    args = (inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, None, inputs["D"], inputs["initial_state"], 64)
+    triton_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=False))
+    launches = ssd_gluon_fwd.LAUNCHES
+    gluon_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=True))
+    assert ssd_gluon_fwd.LAUNCHES > launches
+    names = ("y", "final", "states", "B~", "C~")
+    for name, ours, theirs in zip(names, gluon_out, triton_out):
+        if theirs is None:
+            assert ours is None, name
+            continue
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
+        error = relative_error(ours.double(), theirs.double())
+        print(f"{name}: {error:.1e}")
+        assert error < (2e-3 if name in ("B~", "C~") else 1e-2), (name, error)

@@ -1,0 +1,266 @@
+"""SSD forward in Gluon (Hopper): y, every chunk's entering state, the final state and the rotated B~, C~ of one
+(batch, head) sequence in one walk over its chunks (bench/ssd_notes.md v19).
+
+Computes what `ssd._forward`'s two launches compute (`_state_fwd_kernel`, which walks the chunks for the states,
+and `_chunk_fwd_kernel`, which reads them back for y). Those read x and B twice and the states once more; here
+x, B and C are read once and the states only written (for the backward).
+
+Why a walk is not latency-bound here (the Triton walks of v7 were, bench/ssd_notes.md v7/v8): the state chain from
+one chunk to the next is S_{c+1} = exp(g_last) S_c + dS_c, with dS_c = (x^T)(w B~) a product that needs only chunk
+c's tiles; y's products (the scores, (scores * Gam * dt) x and C~ S_c^T) need S_c only as a shared-memory operand.
+So per chunk only one elementwise rescale and one bf16 copy of S sit on the chain; the rest are wgmma's issued
+together, and the TMA ring loads the next chunk's x, B, C meanwhile.
+
+One program per SM (persistent over the b·h sequences), 8 warps, no warp specialisation (the TMA loads are
+issued one chunk ahead by the same warps): two warp groups, each owning half of y's columns (p) and half of the
+state's rows (p). Per chunk:
+  rotate B, C (RoPE from the cos / sin tables) into B~, C~ and w B~ (w_t = exp(g_last - g_t) dt_t) in shared
+  memory; store B~, C~ (TMA) when the backward wants them; scores = C~ B~^T, y_c = C~ S^T, S <- exp(g_last) S +
+  x^T (w B~) (three async wgmma's); P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x;
+  S -> shared memory (bf16) -> TMA store into the states.
+
+Scope (`supported`): bf16/fp16, T = 64, p = n = 128, l a multiple of T, no document mask; contiguous tensors.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_descriptor
+
+# a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
+_sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+STAGES = 2
+LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their cases took this path)
+
+
+def supported(x, B, T, seq):
+    """True when this kernel can run the forward of these inputs (else the Triton kernels run)."""
+    return x.shape[-1] == 128 and B.shape[-1] == 128 and hopper_tiles_fit(x, B, x, x, T, seq)
+
+
+@gluon.jit
+def _item_coords(item, NCHUNK, H, HPG, L, T: gl.constexpr):
+    """A program's item-th chunk: (chunk, batch, head, group, first token row). Items walk each of the program's
+    sequences (pid, pid + grid, ...) chunk by chunk."""
+    seq = gl.program_id(0) + (item // NCHUNK) * gl.num_programs(0)
+    c = item % NCHUNK
+    bi = seq // H
+    hi = seq % H
+    return c, bi, hi, hi // HPG, bi * L + c * T
+
+
+@gluon.jit
+def _issue_loads(item, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
+                 T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
+    c, bi, hi, gi, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+    slot = item % STAGES
+    bar = ready.index(slot)
+    mbarrier.expect(bar, x_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [token_row, hi * P], bar, x_smem.index(slot))
+    tma.async_copy_global_to_shared(b_desc, [token_row, gi * N], bar, b_smem.index(slot))
+    tma.async_copy_global_to_shared(c_desc, [token_row, gi * N], bar, c_smem.index(slot))
+
+
+@gluon.jit
+def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
+    """rope(v) = (v1 cos1 - v2 sin1, v2 cos2 + v1 sin2) of a (T, n) shared-memory tile, in float32 (rounded once, as
+    `ssd._load_full_operand` does); stored 16-bit into out_smem, and returned as its halves."""
+    first = tile.slice(0, NH, dim=1).load(layout).to(gl.float32)
+    second = tile.slice(NH, NH, dim=1).load(layout).to(gl.float32)
+    if ROPE:
+        rotated_first = first * cos1 - second * sin1
+        second = second * cos2 + first * sin2
+        first = rotated_first
+        out_smem.slice(0, NH, dim=1).store(first.to(out_smem.dtype))
+        out_smem.slice(NH, NH, dim=1).store(second.to(out_smem.dtype))
+    return first, second
+
+
+@gluon.jit
+def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
+                      init_ptr, y_ptr, final_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ, sc_b, sc_l, sc_n,
+                      T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """Descriptors: x as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
+    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8."""
+    NH: gl.constexpr = N // 2
+    dtype: gl.constexpr = x_desc.dtype
+    # (T, T) scores and (T, p) y: the two warp groups split the columns; the (p, n) state: they split the rows
+    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, T // 2, 16])
+    ty_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, P // 2, 16])
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, N, 16])
+    half_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])   # (T, n / 2) for the rotation
+    tn_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([T, N], dtype)
+    tt_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([T, T], dtype)
+
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, T, P], x_desc.layout)
+    b_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], c_desc.layout)
+    kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)     # w * B~ (the state update's operand)
+    p_smem = gl.allocate_shared_memory(dtype, [T, T], tt_shared)      # scores * Gam * dt
+    s_smem = gl.allocate_shared_memory(dtype, [P, N], s_desc.layout)  # the state entering the chunk, 16-bit
+    if ROPE:
+        k_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # B~
+        q_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # C~
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    fence_async_shared()
+
+    rows_t = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
+    cols_t = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))
+    causal = gl.expand_dims(rows_t, 1) >= gl.expand_dims(cols_t, 0)
+    rows_y = gl.arange(0, T, layout=gl.SliceLayout(1, ty_layout))
+    cols_y = gl.arange(0, P, layout=gl.SliceLayout(0, ty_layout))
+    rows_s = gl.arange(0, P, layout=gl.SliceLayout(1, st_layout))
+    cols_s = gl.arange(0, N, layout=gl.SliceLayout(0, st_layout))
+    state_offsets = gl.expand_dims(rows_s, 1) * N + gl.expand_dims(cols_s, 0)
+    rows_h = gl.arange(0, T, layout=gl.SliceLayout(1, half_layout))
+    cols_h = gl.arange(0, NH, layout=gl.SliceLayout(0, half_layout))
+    zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
+    zero_ty = gl.zeros([T, P], gl.float32, ty_layout)
+    state = gl.zeros([P, N], gl.float32, st_layout)
+
+    n_items = ((N_SEQ - gl.program_id(0) + gl.num_programs(0) - 1) // gl.num_programs(0)) * NCHUNK
+    for j in gl.static_range(STAGES - 1):
+        if j < n_items:
+            _issue_loads(j, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L, T, P, N, STAGES)
+    for item in range(n_items):
+        # the next chunk's tiles into the slot the previous chunk freed (every warp passed its last barrier)
+        if item + STAGES - 1 < n_items:
+            _issue_loads(item + STAGES - 1, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
+                         T, P, N, STAGES)
+        c, bi, hi, gi, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+        slot = item % STAGES
+        gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
+        state_row = ((bi * (NCHUNK + 1) + c) * H + hi) * P
+        head_pn = (bi * H + hi).to(gl.int64) * P * N
+        if c == 0:  # a new sequence: its entering state into slot 0
+            if HAS_INIT:
+                state = gl.load(init_ptr + head_pn + state_offsets).to(gl.float32)
+            else:
+                state = gl.zeros([P, N], gl.float32, st_layout)
+            tma.store_wait(0)
+            _sync_warps()
+            s_smem.store(state.to(dtype))
+            fence_async_shared()
+            _sync_warps()
+            tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
+
+        # this chunk's vectors and tables (global loads, issued before the wait on its tiles)
+        g_rows = gl.load(g_ptr + gdt_row + rows_t)
+        g_cols = gl.load(g_ptr + gdt_row + cols_t)
+        dt_cols = gl.load(dt_ptr + gdt_row + cols_t)
+        g_last = gl.load(g_ptr + gdt_row + T - 1)
+        into = gl.exp(gl.load(g_ptr + gdt_row + rows_y))
+        weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_h)) * gl.load(dt_ptr + gdt_row + rows_h)
+        if ROPE:
+            table = (bi.to(gl.int64) * sc_b + (c * T + gl.expand_dims(rows_h, 1)) * sc_l
+                     + gl.expand_dims(cols_h, 0) * sc_n)
+            cos1 = gl.load(cos_ptr + table).to(gl.float32)
+            sin1 = gl.load(sin_ptr + table).to(gl.float32)
+            cos2 = gl.load(cos_ptr + table + NH * sc_n).to(gl.float32)
+            sin2 = gl.load(sin_ptr + table + NH * sc_n).to(gl.float32)
+        else:
+            cos1 = 0.0
+            cos2 = 0.0
+            sin1 = 0.0
+            sin2 = 0.0
+
+        mbarrier.wait(ready.index(slot), (item // STAGES) & 1)
+        tma.store_wait(0)      # the previous chunk's B~, C~ and state stores have left shared memory
+        _sync_warps()
+        x_tile = x_smem.index(slot)
+        if ROPE:
+            k_tile = k_smem
+            q_tile = q_smem
+        else:
+            k_tile = b_smem.index(slot)
+            q_tile = c_smem.index(slot)
+        k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
+        kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
+        if ROPE:
+            _rotate(c_smem.index(slot), q_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        fence_async_shared()
+        _sync_warps()
+        if SAVE_ROTATED:
+            if hi % HPG == 0:
+                tma.async_copy_shared_to_global(rb_desc, [token_row, gi * N], k_tile)
+                tma.async_copy_shared_to_global(rc_desc, [token_row, gi * N], q_tile)
+
+        scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
+        y = warpgroup_mma(q_tile, s_smem.permute((1, 0)), zero_ty, use_acc=False, is_async=True)
+        state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
+        scores = warpgroup_mma_wait(2, deps=(scores, ))
+        decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
+        p_smem.store((scores * decay * gl.expand_dims(dt_cols, 0)).to(dtype))
+        fence_async_shared()
+        _sync_warps()
+        y = warpgroup_mma_wait(1, deps=(y, ))
+        y = y * gl.expand_dims(into, 1)
+        if HAS_D:
+            y += gl.load(d_ptr + hi).to(gl.float32) * x_tile.load(ty_layout).to(gl.float32)
+        y = warpgroup_mma(p_smem, x_tile, y, is_async=True)
+        y, state = warpgroup_mma_wait(0, deps=(y, state))
+        y_offsets = (token_row + gl.expand_dims(rows_y, 1)).to(gl.int64) * (H * P) + hi * P + gl.expand_dims(cols_y, 0)
+        gl.store(y_ptr + y_offsets, y.to(dtype))
+
+        # the state leaving the chunk into slot c + 1 (both warp groups' products with the old one are done)
+        _sync_warps()
+        s_smem.store(state.to(dtype))
+        fence_async_shared()
+        _sync_warps()
+        tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
+        if c == NCHUNK - 1:
+            gl.store(final_ptr + head_pn + state_offsets, state)
+    tma.store_wait(0)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+
+def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated):
+    """(y, final (float32), states (b, chunks + 1, h, p, n) in x's dtype, B~, C~ or None, None) as `ssd._forward`
+    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM."""
+    batch, length, heads, head_dim = x.shape
+    groups, state_dim = B.shape[2], B.shape[3]
+    lpad = dt.shape[-1]
+    n_chunks = lpad // CHUNK
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, device=x.device, dtype=x.dtype)
+    final = torch.empty(batch, heads, head_dim, state_dim, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    rope = cos is not None
+    save_rotated = save_rotated and rope
+    rotated_B = torch.empty_like(B) if save_rotated else None
+    rotated_C = torch.empty_like(C) if save_rotated else None
+    tokens = batch * length
+    state_rows = states.numel() // state_dim
+
+    def rows_of(tensor):
+        return tma_descriptor(tensor, tokens, groups * state_dim, [CHUNK, state_dim])
+    x_desc = tma_descriptor(x, tokens, heads * head_dim, [CHUNK, head_dim])
+    b_desc, c_desc = rows_of(B), rows_of(C)
+    s_desc = tma_descriptor(states, state_rows, state_dim, [head_dim, state_dim])
+    rb_desc = rows_of(rotated_B) if save_rotated else b_desc
+    rc_desc = rows_of(rotated_C) if save_rotated else c_desc
+    table_strides = cos.stride() if rope else (0, 0, 0)
+    n_seq = batch * heads
+    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    global LAUNCHES
+    LAUNCHES += 1
+    _fused_fwd_kernel[(min(programs, n_seq), )](
+        x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g, dt, D if D is not None else dt,
+        cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, y, final,
+        length, heads, heads // groups, n_chunks, lpad, n_seq, *table_strides,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None, HAS_INIT=initial_state is not None,
+        ROPE=rope, SAVE_ROTATED=save_rotated, num_warps=8)
+    return y, final, states, rotated_B, rotated_C
