@@ -38,6 +38,7 @@ from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_d
 _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 STAGES = 2
+WEIGHT_X = False
 LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their cases took this path)
 
 
@@ -76,8 +77,8 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
     first = tile.slice(0, NH, dim=1).load(layout).to(gl.float32)
     second = tile.slice(NH, NH, dim=1).load(layout).to(gl.float32)
     if ROPE:
-        rotated_first = first * cos1 - second * sin1
-        second = second * cos2 + first * sin2
+        rotated_first = first * cos1.to(gl.float32) - second * sin1.to(gl.float32)
+        second = second * cos2.to(gl.float32) + first * sin2.to(gl.float32)
         first = rotated_first
         out_smem.slice(0, NH, dim=1).store(first.to(out_smem.dtype))
         out_smem.slice(NH, NH, dim=1).store(second.to(out_smem.dtype))
@@ -88,10 +89,11 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
                       init_ptr, y_ptr, final_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ, sc_b, sc_l, sc_n,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr,
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, WEIGHT_X: gl.constexpr,
                       num_warps: gl.constexpr):
     """Descriptors: x as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
-    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8."""
+    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. WEIGHT_X: the state update's
+    weights w ride on x^T, a register operand (else on B~, a shared-memory tile: 16 KB more)."""
     NH: gl.constexpr = N // 2
     dtype: gl.constexpr = x_desc.dtype
     # (T, T) scores and (T, p) y: the two warp groups split the columns; the (p, n) state: they split the rows
@@ -105,7 +107,8 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, T, P], x_desc.layout)
     b_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], b_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], c_desc.layout)
-    kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)     # w * B~ (the state update's operand)
+    if not WEIGHT_X:
+        kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # w * B~ (the state update's operand)
     p_smem = gl.allocate_shared_memory(dtype, [T, T], tt_shared)      # scores * Gam * dt
     s_smem = gl.allocate_shared_memory(dtype, [P, N], s_desc.layout)  # the state entering the chunk, 16-bit
     if ROPE:
@@ -124,6 +127,8 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     rows_s = gl.arange(0, P, layout=gl.SliceLayout(1, st_layout))
     cols_s = gl.arange(0, N, layout=gl.SliceLayout(0, st_layout))
     state_offsets = gl.expand_dims(rows_s, 1) * N + gl.expand_dims(cols_s, 0)
+    a_st: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+    cols_a = gl.arange(0, T, layout=gl.SliceLayout(0, a_st))
     rows_h = gl.arange(0, T, layout=gl.SliceLayout(1, half_layout))
     cols_h = gl.arange(0, NH, layout=gl.SliceLayout(0, half_layout))
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
@@ -162,14 +167,17 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         dt_cols = gl.load(dt_ptr + gdt_row + cols_t)
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         into = gl.exp(gl.load(g_ptr + gdt_row + rows_y))
-        weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_h)) * gl.load(dt_ptr + gdt_row + rows_h)
+        if WEIGHT_X:
+            weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + cols_a)) * gl.load(dt_ptr + gdt_row + cols_a)
+        else:
+            weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_h)) * gl.load(dt_ptr + gdt_row + rows_h)
         if ROPE:
             table = (bi.to(gl.int64) * sc_b + (c * T + gl.expand_dims(rows_h, 1)) * sc_l
                      + gl.expand_dims(cols_h, 0) * sc_n)
-            cos1 = gl.load(cos_ptr + table).to(gl.float32)
-            sin1 = gl.load(sin_ptr + table).to(gl.float32)
-            cos2 = gl.load(cos_ptr + table + NH * sc_n).to(gl.float32)
-            sin2 = gl.load(sin_ptr + table + NH * sc_n).to(gl.float32)
+            cos1 = gl.load(cos_ptr + table)   # kept 16-bit until used (registers)
+            sin1 = gl.load(sin_ptr + table)
+            cos2 = gl.load(cos_ptr + table + NH * sc_n)
+            sin2 = gl.load(sin_ptr + table + NH * sc_n)
         else:
             cos1 = 0.0
             cos2 = 0.0
@@ -186,9 +194,13 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         else:
             k_tile = b_smem.index(slot)
             q_tile = c_smem.index(slot)
-        k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
-        kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
-        kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
+        if WEIGHT_X:
+            if ROPE:
+                _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        else:
+            k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+            kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
+            kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
         if ROPE:
             _rotate(c_smem.index(slot), q_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
         fence_async_shared()
@@ -200,7 +212,11 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
 
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         y = warpgroup_mma(q_tile, s_smem.permute((1, 0)), zero_ty, use_acc=False, is_async=True)
-        state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
+        if WEIGHT_X:
+            x_w = (x_tile.permute((1, 0)).load(a_st).to(gl.float32) * gl.expand_dims(weight, 0)).to(dtype)
+            state = warpgroup_mma(x_w, k_tile, state * gl.exp(g_last), is_async=True)
+        else:
+            state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
         scores = warpgroup_mma_wait(2, deps=(scores, ))
         decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         p_smem.store((scores * decay * gl.expand_dims(dt_cols, 0)).to(dtype))
@@ -228,9 +244,10 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         mbarrier.invalidate(ready.index(s))
 
 
-def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated):
+def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stages=STAGES, weight_x=WEIGHT_X):
     """(y, final (float32), states (b, chunks + 1, h, p, n) in x's dtype, B~, C~ or None, None) as `ssd._forward`
-    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM."""
+    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM. stages: the
+    TMA ring's depth (3 fits in shared memory only with weight_x)."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B.shape[2], B.shape[3]
     lpad = dt.shape[-1]
@@ -261,6 +278,6 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated):
         x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g, dt, D if D is not None else dt,
         cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, y, final,
         length, heads, heads // groups, n_chunks, lpad, n_seq, *table_strides,
-        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None, HAS_INIT=initial_state is not None,
-        ROPE=rope, SAVE_ROTATED=save_rotated, num_warps=8)
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=stages, HAS_D=D is not None, HAS_INIT=initial_state is not None,
+        ROPE=rope, SAVE_ROTATED=save_rotated, WEIGHT_X=weight_x, num_warps=8)
     return y, final, states, rotated_B, rotated_C
