@@ -32,7 +32,12 @@ def compile_kernel(kernel, args, constexprs, num_warps):
             constants[(names.index(name),)] = value
         else:
             signature[name] = mangle_type(value)
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constants)
+    # as the JIT launcher specialises them: tensors (16-byte aligned, as torch allocates) and integers that are
+    # multiples of 16 carry tt.divisibility = 16 (vectorised accesses depend on it)
+    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(names) if name not in constexprs
+             and (isinstance(bound[name], torch.Tensor)
+                  or (isinstance(bound[name], int) and not isinstance(bound[name], bool) and bound[name] % 16 == 0))}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return compile_sm90(src, {"num_warps": num_warps})
 
 

@@ -71,8 +71,6 @@ SWEEP_V4_CALL1 = [
 # session 10); v16: the Gluon fused group backward (`gluon_bwd`). Their sweeps: bench/results/ssd_v16_sweep_h200.*.
 SWEEP = [
     ("v19", 64, {"gluon_fwd": True}),
-    ("v19-wx", 64, {"gluon_fwd": True, "gluon_fwd_weight_x": True}),
-    ("v19-s3", 64, {"gluon_fwd": True, "gluon_fwd_weight_x": True, "gluon_fwd_stages": 3}),
     ("v18", 64, {"gluon_fwd": False}),
     ("v18-c64", 64, {"gluon_head_overlap_c_rows": 64}),
     ("v18-ddb", 64, {"gluon_head_dd_in_c": False}),

@@ -68,9 +68,10 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
     s_desc = tma_descriptor(states, states.numel() // state_dim, state_dim, [head_dim, state_dim])
     table = torch.empty(batch, length, state_dim, dtype=torch.bfloat16)
     args = (x_desc, b_desc, b_desc, s_desc, b_desc, b_desc, vec, vec, f32, table, table, f32, x, f32,
-            length, heads, heads // groups, n_chunks, length, batch * heads, *table.stride())
+            torch.empty(8, dtype=torch.int64), length, heads, heads // groups, n_chunks, length, batch * heads)
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, HAS_INIT=has_init,
-                      ROPE=rope, SAVE_ROTATED=save_rotated, WEIGHT_X=m.WEIGHT_X, num_warps=8)
+                      ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=False,
+                      num_warps=8)
     constexprs.update(overrides)
     return compile_kernel(m._fused_fwd_kernel, args, constexprs, 8)
 

@@ -1133,11 +1133,9 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     # "gluon_fwd": on Hopper, one Gluon walk per (batch, head) does both launches' work (ssd_gluon_fwd.py)
     if config.get("gluon_fwd", False) and x.is_cuda:
         from cheems_parallel.kernels import ssd_gluon_fwd
-        if ssd_gluon_fwd.supported(x, B, T, seq):
+        if ssd_gluon_fwd.supported(x, B, cos, T, seq):
             save = cos is not None and save_for_backward and config.get("save_rotated", False)
-            return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save,
-                                               stages=config.get("gluon_fwd_stages", ssd_gluon_fwd.STAGES),
-                                               weight_x=config.get("gluon_fwd_weight_x", ssd_gluon_fwd.WEIGHT_X))
+            return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save)
     # slot c holds the state entering chunk c; slot n_chunks the final state
     states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)

@@ -24,6 +24,7 @@ Scope (`supported`): bf16/fp16, T = 64, p = n = 128, l a multiple of T, no docum
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -37,14 +38,20 @@ from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_d
 # a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
 _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
-STAGES = 2
-WEIGHT_X = False
+STAGES = 2  # 3 stages (with the state update's weights on x^T to make room) measured no faster (v19)
 LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their cases took this path)
 
 
-def supported(x, B, T, seq):
+def supported(x, B, cos, T, seq):
     """True when this kernel can run the forward of these inputs (else the Triton kernels run)."""
-    return x.shape[-1] == 128 and B.shape[-1] == 128 and hopper_tiles_fit(x, B, x, x, T, seq)
+    return (x.shape[-1] == 128 and B.shape[-1] == 128 and hopper_tiles_fit(x, B, x, x, T, seq)
+            and (cos is None or cos.is_contiguous()))
+
+
+@gluon.jit
+def _clock():
+    """The SM's cycle counter (PROFILE builds only)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -56,6 +63,30 @@ def _item_coords(item, NCHUNK, H, HPG, L, T: gl.constexpr):
     bi = seq // H
     hi = seq % H
     return c, bi, hi, hi // HPG, bi * L + c * T
+
+
+@gluon.jit
+def _chunk_vectors(g_ptr, dt_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, rows_h, T: gl.constexpr):
+    """An item's g and dt as the step reads them: g by rows (also y's rows: the same distribution) and columns of
+    the (T, T) scores, dt by its columns, g at the last token, g and dt by the rows of the rotation tiles (loads
+    only: the step uses them a chunk later)."""
+    c, bi, hi, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
+    row = (bi * H + hi).to(gl.int64) * LPAD + c * T
+    return (gl.load(g_ptr + row + rows_t), gl.load(g_ptr + row + cols_t), gl.load(dt_ptr + row + cols_t),
+            gl.load(g_ptr + row + T - 1), gl.load(g_ptr + row + rows_h), gl.load(dt_ptr + row + rows_h))
+
+
+@gluon.jit
+def _fetch_tables(tables_smem, cos_ptr, sin_ptr, item, NCHUNK, H, HPG, L, rows_h, cols_h, T: gl.constexpr,
+                  NH: gl.constexpr):
+    """cp.async of an item's cos / sin halves (contiguous (b, l, n) tables) into tables_smem (one commit group)."""
+    _, _, _, _, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+    table = (token_row + gl.expand_dims(rows_h, 1)).to(gl.int64) * (2 * NH) + gl.expand_dims(cols_h, 0)
+    async_copy.async_copy_global_to_shared(tables_smem.index(0), cos_ptr + table)
+    async_copy.async_copy_global_to_shared(tables_smem.index(1), cos_ptr + table + NH)
+    async_copy.async_copy_global_to_shared(tables_smem.index(2), sin_ptr + table)
+    async_copy.async_copy_global_to_shared(tables_smem.index(3), sin_ptr + table + NH)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -87,13 +118,14 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 
 @gluon.jit
 def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
-                      init_ptr, y_ptr, final_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ, sc_b, sc_l, sc_n,
+                      init_ptr, y_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, WEIGHT_X: gl.constexpr,
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, PROFILE: gl.constexpr,
                       num_warps: gl.constexpr):
     """Descriptors: x as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
-    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. WEIGHT_X: the state update's
-    weights w ride on x^T, a register operand (else on B~, a shared-memory tile: 16 KB more)."""
+    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. PROFILE: sum the
+    cycles of each of the chunk step's 8 phases over the program's chunks into prof_ptr[program, 8] (the notes'
+    per-phase breakdown; off in normal builds)."""
     NH: gl.constexpr = N // 2
     dtype: gl.constexpr = x_desc.dtype
     # (T, T) scores and (T, p) y: the two warp groups split the columns; the (p, n) state: they split the rows
@@ -107,13 +139,15 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, T, P], x_desc.layout)
     b_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], b_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], c_desc.layout)
-    if not WEIGHT_X:
-        kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # w * B~ (the state update's operand)
+    kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)     # w * B~ (the state update's operand)
     p_smem = gl.allocate_shared_memory(dtype, [T, T], tt_shared)      # scores * Gam * dt
     s_smem = gl.allocate_shared_memory(dtype, [P, N], s_desc.layout)  # the state entering the chunk, 16-bit
     if ROPE:
         k_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # B~
         q_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # C~
+        # the next chunk's cos / sin halves (cos1, cos2, sin1, sin2), copied asynchronously (cp.async) while this
+        # chunk works: each thread copies the elements it reads back (no barrier)
+        tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [4, T, NH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
@@ -127,8 +161,6 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     rows_s = gl.arange(0, P, layout=gl.SliceLayout(1, st_layout))
     cols_s = gl.arange(0, N, layout=gl.SliceLayout(0, st_layout))
     state_offsets = gl.expand_dims(rows_s, 1) * N + gl.expand_dims(cols_s, 0)
-    a_st: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
-    cols_a = gl.arange(0, T, layout=gl.SliceLayout(0, a_st))
     rows_h = gl.arange(0, T, layout=gl.SliceLayout(1, half_layout))
     cols_h = gl.arange(0, NH, layout=gl.SliceLayout(0, half_layout))
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
@@ -139,7 +171,24 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     for j in gl.static_range(STAGES - 1):
         if j < n_items:
             _issue_loads(j, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L, T, P, N, STAGES)
+    # the first chunk's g, dt (registers) and tables (shared memory); later chunks' are fetched a chunk ahead:
+    # waiting for them where they are used cost ~30 % of the step (bench/ssd_notes.md v19b)
+    g_rows, g_cols, dt_cols, g_last, g_h, dt_h = _chunk_vectors(g_ptr, dt_ptr, 0, NCHUNK, H, HPG, L, LPAD, rows_t,
+                                                                cols_t, rows_h, T)
+    if ROPE:
+        _fetch_tables(tables_smem, cos_ptr, sin_ptr, 0, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
+    if PROFILE:
+        p0 = _clock() * 0
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        p4 = p0
+        p5 = p0
+        p6 = p0
+        p7 = p0
     for item in range(n_items):
+        if PROFILE:
+            t_a = _clock()
         # the next chunk's tiles into the slot the previous chunk freed (every warp passed its last barrier)
         if item + STAGES - 1 < n_items:
             _issue_loads(item + STAGES - 1, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
@@ -161,32 +210,16 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
             _sync_warps()
             tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
 
-        # this chunk's vectors and tables (global loads, issued before the wait on its tiles)
-        g_rows = gl.load(g_ptr + gdt_row + rows_t)
-        g_cols = gl.load(g_ptr + gdt_row + cols_t)
-        dt_cols = gl.load(dt_ptr + gdt_row + cols_t)
-        g_last = gl.load(g_ptr + gdt_row + T - 1)
-        into = gl.exp(gl.load(g_ptr + gdt_row + rows_y))
-        if WEIGHT_X:
-            weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + cols_a)) * gl.load(dt_ptr + gdt_row + cols_a)
-        else:
-            weight = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_h)) * gl.load(dt_ptr + gdt_row + rows_h)
-        if ROPE:
-            table = (bi.to(gl.int64) * sc_b + (c * T + gl.expand_dims(rows_h, 1)) * sc_l
-                     + gl.expand_dims(cols_h, 0) * sc_n)
-            cos1 = gl.load(cos_ptr + table)   # kept 16-bit until used (registers)
-            sin1 = gl.load(sin_ptr + table)
-            cos2 = gl.load(cos_ptr + table + NH * sc_n)
-            sin2 = gl.load(sin_ptr + table + NH * sc_n)
-        else:
-            cos1 = 0.0
-            cos2 = 0.0
-            sin1 = 0.0
-            sin2 = 0.0
 
         mbarrier.wait(ready.index(slot), (item // STAGES) & 1)
+        if PROFILE:
+            t_b = _clock()
+            p0 += t_b - t_a
         tma.store_wait(0)      # the previous chunk's B~, C~ and state stores have left shared memory
         _sync_warps()
+        if PROFILE:
+            t_c = _clock()
+            p1 += t_c - t_b
         x_tile = x_smem.index(slot)
         if ROPE:
             k_tile = k_smem
@@ -194,17 +227,30 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         else:
             k_tile = b_smem.index(slot)
             q_tile = c_smem.index(slot)
-        if WEIGHT_X:
-            if ROPE:
-                _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        if ROPE:
+            async_copy.wait_group(0)
+            cos1 = tables_smem.index(0).load(half_layout)
+            cos2 = tables_smem.index(1).load(half_layout)
+            sin1 = tables_smem.index(2).load(half_layout)
+            sin2 = tables_smem.index(3).load(half_layout)
         else:
-            k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
-            kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
-            kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
+            cos1 = 0.0
+            cos2 = 0.0
+            sin1 = 0.0
+            sin2 = 0.0
+        weight = gl.exp(g_last - g_h) * dt_h
+        k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
+        kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
         if ROPE:
             _rotate(c_smem.index(slot), q_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+            if item + 1 < n_items:  # this thread has read its table elements: the next chunk's may land
+                _fetch_tables(tables_smem, cos_ptr, sin_ptr, item + 1, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
         fence_async_shared()
         _sync_warps()
+        if PROFILE:
+            t_d = _clock()
+            p2 += t_d - t_c
         if SAVE_ROTATED:
             if hi % HPG == 0:
                 tma.async_copy_shared_to_global(rb_desc, [token_row, gi * N], k_tile)
@@ -212,24 +258,36 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
 
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         y = warpgroup_mma(q_tile, s_smem.permute((1, 0)), zero_ty, use_acc=False, is_async=True)
-        if WEIGHT_X:
-            x_w = (x_tile.permute((1, 0)).load(a_st).to(gl.float32) * gl.expand_dims(weight, 0)).to(dtype)
-            state = warpgroup_mma(x_w, k_tile, state * gl.exp(g_last), is_async=True)
-        else:
-            state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
+        state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
         scores = warpgroup_mma_wait(2, deps=(scores, ))
+        if PROFILE:
+            t_e = _clock()
+            p3 += t_e - t_d
         decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         p_smem.store((scores * decay * gl.expand_dims(dt_cols, 0)).to(dtype))
         fence_async_shared()
         _sync_warps()
+        if PROFILE:
+            t_f = _clock()
+            p4 += t_f - t_e
         y = warpgroup_mma_wait(1, deps=(y, ))
-        y = y * gl.expand_dims(into, 1)
+        y = y * gl.expand_dims(gl.exp(gl.convert_layout(g_rows, gl.SliceLayout(1, ty_layout))), 1)
         if HAS_D:
             y += gl.load(d_ptr + hi).to(gl.float32) * x_tile.load(ty_layout).to(gl.float32)
         y = warpgroup_mma(p_smem, x_tile, y, is_async=True)
+        # the next chunk's g and dt, into registers under the rest of this chunk (few registers are live here)
+        (next_g_rows, next_g_cols, next_dt_cols, next_g_last, next_g_h,
+         next_dt_h) = _chunk_vectors(g_ptr, dt_ptr, gl.minimum(item + 1, n_items - 1), NCHUNK, H, HPG, L, LPAD,
+                                     rows_t, cols_t, rows_h, T)
         y, state = warpgroup_mma_wait(0, deps=(y, state))
+        if PROFILE:
+            t_g = _clock()
+            p5 += t_g - t_f
         y_offsets = (token_row + gl.expand_dims(rows_y, 1)).to(gl.int64) * (H * P) + hi * P + gl.expand_dims(cols_y, 0)
         gl.store(y_ptr + y_offsets, y.to(dtype))
+        if PROFILE:
+            t_h = _clock()
+            p6 += t_h - t_g
 
         # the state leaving the chunk into slot c + 1 (both warp groups' products with the old one are done)
         _sync_warps()
@@ -239,15 +297,30 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
         if c == NCHUNK - 1:
             gl.store(final_ptr + head_pn + state_offsets, state)
+        g_rows, g_cols, dt_cols, g_last, g_h, dt_h = (next_g_rows, next_g_cols, next_dt_cols, next_g_last, next_g_h,
+                                                      next_dt_h)
+        if PROFILE:
+            p7 += _clock() - t_h
+    if PROFILE:
+        row = prof_ptr + gl.program_id(0) * 8
+        gl.store(row, p0)
+        gl.store(row + 1, p1)
+        gl.store(row + 2, p2)
+        gl.store(row + 3, p3)
+        gl.store(row + 4, p4)
+        gl.store(row + 5, p5)
+        gl.store(row + 6, p6)
+        gl.store(row + 7, p7)
     tma.store_wait(0)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
 
-def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stages=STAGES, weight_x=WEIGHT_X):
+def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, profile=None):
     """(y, final (float32), states (b, chunks + 1, h, p, n) in x's dtype, B~, C~ or None, None) as `ssd._forward`
-    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM. stages: the
-    TMA ring's depth (3 fits in shared memory only with weight_x)."""
+    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM. profile: an
+    int64 (programs, 8) tensor to receive
+    the per-phase cycle sums (bench/ssd_walk_profile.py)."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B.shape[2], B.shape[3]
     lpad = dt.shape[-1]
@@ -269,7 +342,6 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stag
     s_desc = tma_descriptor(states, state_rows, state_dim, [head_dim, state_dim])
     rb_desc = rows_of(rotated_B) if save_rotated else b_desc
     rc_desc = rows_of(rotated_C) if save_rotated else c_desc
-    table_strides = cos.stride() if rope else (0, 0, 0)
     n_seq = batch * heads
     programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     global LAUNCHES
@@ -277,7 +349,8 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stag
     _fused_fwd_kernel[(min(programs, n_seq), )](
         x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g, dt, D if D is not None else dt,
         cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, y, final,
-        length, heads, heads // groups, n_chunks, lpad, n_seq, *table_strides,
-        T=CHUNK, P=head_dim, N=state_dim, STAGES=stages, HAS_D=D is not None, HAS_INIT=initial_state is not None,
-        ROPE=rope, SAVE_ROTATED=save_rotated, WEIGHT_X=weight_x, num_warps=8)
+        profile if profile is not None else dt,
+        length, heads, heads // groups, n_chunks, lpad, n_seq,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None, HAS_INIT=initial_state is not None,
+        ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=profile is not None, num_warps=8)
     return y, final, states, rotated_B, rotated_C

@@ -1,0 +1,87 @@
+"""Where the Gluon forward walk's time goes: cycles per chunk in each phase of its chunk step (H200).
+
+Runs `ssd_gluon_fwd.fused_forward` with its PROFILE build, which sums %clock64 deltas per phase over each program's
+chunks, on both bench/ssd.py problems at B·L = 65 536 tokens, and prints cycles per chunk per phase beside the
+plain build's time per chunk (do_bench). Phases (the kernel's order):
+  0 load wait     TMA issue for a later chunk, global loads of g / dt (/ cos, sin), wait for this chunk's tiles
+  1 store wait    the previous chunk's TMA stores leave shared memory; barrier
+  2 operands      RoPE / weights into B~, C~, w B~ (uses the global loads); fence; barrier
+  3 scores        three wgmma's issued (scores, C~ S^T, the state update); wait for the scores
+  4 P             scores * Gam * dt into shared memory; fence; barrier
+  5 y products    wait C~ S^T; exp(g) scale and D x; (scores * Gam * dt) x; wait for all
+  6 y store       y to global memory
+  7 state out     barrier; S (16-bit) into shared memory; fence; barrier; TMA store (and the final state)
+
+  python bench/ssd_walk_profile.py --lengths 4096 --out bench/results/ssd_walk_profile_h200.json
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
+import triton
+
+from cheems_parallel.kernels import ssd_gluon_fwd
+from cheems_parallel.ops import rope_tables
+
+PHASES = ("load wait", "store wait", "operands", "scores", "P", "y products", "y store", "state out")
+
+
+def problem(tokens, length, heads, dim, rope, groups):
+    batch = tokens // length
+    device = "cuda"
+    x = torch.randn(batch, length, heads, dim, device=device, dtype=torch.bfloat16)
+    B = (torch.randn(batch, length, groups, dim, device=device) / dim ** 0.5).to(torch.bfloat16)
+    C = (torch.randn(batch, length, groups, dim, device=device) / dim ** 0.5).to(torch.bfloat16)
+    dt = F.softplus(torch.randn(batch, heads, length, device=device) - 2.0).contiguous()
+    A = -torch.rand(heads, device=device) * 4 - 0.1
+    g = (dt * A[:, None]).view(batch, heads, -1, ssd_gluon_fwd.CHUNK).cumsum(-1).view(batch, heads, -1)
+    cos = sin = None
+    if rope:
+        cos, sin = rope_tables(torch.arange(length, device=device)[None].expand(batch, -1), dim)
+        cos, sin = cos.to(torch.bfloat16).contiguous(), sin.to(torch.bfloat16).contiguous()
+    return x, B, C, cos, sin, dt, g, torch.ones(heads, device=device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--out", default="bench/results/ssd_walk_profile_h200.json")
+    args = parser.parse_args()
+    rows = []
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    for length in args.lengths:
+        for name, rope, groups in (("mamba", False, 1), ("cheems", True, 32)):
+            x, B, C, cos, sin, dt, g, D = problem(args.tokens, length, 32, 128, rope, groups)
+            chunks = x.shape[0] * 32 * (length // ssd_gluon_fwd.CHUNK)
+
+            def plain():
+                return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, rope)
+            ms = triton.testing.do_bench(plain, rep=200)
+            profile = torch.zeros(min(programs, x.shape[0] * 32), 8, dtype=torch.int64, device="cuda")
+            ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, rope, profile=profile)
+            profile.zero_()
+            ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, rope, profile=profile)
+            torch.cuda.synchronize()
+            per_chunk = (profile.sum(0).double() / chunks * profile.shape[0] / programs).tolist()
+            # cycles per chunk as one SM sees them: the sum over programs / chunks, times programs per SM (1)
+            total = sum(per_chunk)
+            chunks_per_sm = chunks / programs
+            row = {"problem": name, "L": length, "ms": ms, "us_per_chunk_per_sm": ms * 1e3 / chunks_per_sm,
+                   "cycles_per_chunk": dict(zip(PHASES, per_chunk)), "cycles_per_chunk_total": total,
+                   "implied_clock_GHz": total * chunks_per_sm / (ms * 1e-3) / 1e9}
+            rows.append(row)
+            print(f"{name:7s} L={length:5d}: {ms:.3f} ms, {row['us_per_chunk_per_sm']:.2f} us per chunk per SM, "
+                  f"{total:.0f} cycles per chunk profiled (implied clock {row['implied_clock_GHz']:.2f} GHz)")
+            for phase, cycles in zip(PHASES, per_chunk):
+                print(f"    {phase:11s} {cycles:7.0f}  {100 * cycles / total:5.1f} %")
+    with open(args.out, "w") as handle:
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
