@@ -67,9 +67,10 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
     b_desc = tma_descriptor(B, tokens, groups * state_dim, [m.CHUNK, state_dim])
     s_desc = tma_descriptor(states, states.numel() // state_dim, state_dim, [head_dim, state_dim])
     table = torch.empty(batch, length, state_dim, dtype=torch.bfloat16)
-    args = (x_desc, b_desc, b_desc, s_desc, b_desc, b_desc, vec, vec, f32, table, table, f32, x, f32,
+    args = (x_desc, b_desc, b_desc, s_desc, b_desc, b_desc, x_desc, vec, vec, f32, table, table, f32, f32,
             torch.empty(8, dtype=torch.int64), length, heads, heads // groups, n_chunks, length, batch * heads)
-    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d, HAS_INIT=has_init,
+    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES if rope else m.STAGES + 1, HAS_D=has_d,
+                      HAS_INIT=has_init,
                       ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=False,
                       num_warps=8)
     constexprs.update(overrides)

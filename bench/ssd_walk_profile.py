@@ -9,8 +9,8 @@ plain build's time per chunk (do_bench). Phases (the kernel's order):
   3 scores        three wgmma's issued (scores, C~ S^T, the state update); wait for the scores
   4 P             scores * Gam * dt into shared memory; fence; barrier
   5 y products    wait C~ S^T; exp(g) scale and D x; (scores * Gam * dt) x; wait for all
-  6 y store       y to global memory
-  7 state out     barrier; S (16-bit) into shared memory; fence; barrier; TMA store (and the final state)
+  6 y, S to smem  barrier; y and S (16-bit) into shared memory
+  7 out           fence; barrier; TMA stores of y and S (and the final state)
 
   python bench/ssd_walk_profile.py --lengths 4096 --out bench/results/ssd_walk_profile_h200.json
 """
@@ -27,7 +27,7 @@ import triton
 from cheems_parallel.kernels import ssd_gluon_fwd
 from cheems_parallel.ops import rope_tables
 
-PHASES = ("load wait", "store wait", "operands", "scores", "P", "y products", "y store", "state out")
+PHASES = ("load wait", "store wait", "operands", "scores", "P", "y products", "y, S to smem", "out")
 
 
 def problem(tokens, length, heads, dim, rope, groups):

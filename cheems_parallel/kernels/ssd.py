@@ -75,7 +75,10 @@ KERNEL_CHUNK = 64
 # gluon_head_bwd (v18, the default): the same for groups = heads, persistent over (chunk, head) tiles, from the
 # forward's rotated B~, C~ (`ssd_gluon_head_bwd.py`: one launch instead of dx + the merged dB/dC, 3.63 -> ~2.6 ms
 # on the Cheems shape at 4k), with gluon_head_overlap_c_rows of exp(g_last) <S, G> in its C side (0: all in the
-# B side) and dD's share in the C side (gluon_head_dd_in_c).
+# B side) and dD's share in the C side (gluon_head_dd_in_c); gluon_fwd (v19, the default): on Hopper with p = n = 128,
+# no documents and l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
+# _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
+# 2.47 -> ~1.3 ms at 4k).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -88,7 +91,7 @@ CONFIG = {
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
     "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 0,
-    "gluon_head_dd_in_c": True, "gluon_fwd": False,
+    "gluon_head_dd_in_c": True, "gluon_fwd": True,
 }
 
 

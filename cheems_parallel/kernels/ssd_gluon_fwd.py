@@ -38,7 +38,8 @@ from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_d
 # a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
 _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
-STAGES = 2  # 3 stages (with the state update's weights on x^T to make room) measured no faster (v19)
+# TMA ring depth with RoPE (the tables' and B~, C~'s tiles leave room for 2); without RoPE one more (v19c)
+STAGES = 2
 LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their cases took this path)
 
 
@@ -117,12 +118,12 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 
 
 @gluon.jit
-def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
-                      init_ptr, y_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
+def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g_ptr, dt_ptr, d_ptr, cos_ptr,
+                      sin_ptr, init_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
                       HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, PROFILE: gl.constexpr,
                       num_warps: gl.constexpr):
-    """Descriptors: x as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
+    """Descriptors: x and y as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
     the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. PROFILE: sum the
     cycles of each of the chunk step's 8 phases over the program's chunks into prof_ptr[program, 8] (the notes'
     per-phase breakdown; off in normal builds)."""
@@ -156,8 +157,6 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
     rows_t = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
     cols_t = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))
     causal = gl.expand_dims(rows_t, 1) >= gl.expand_dims(cols_t, 0)
-    rows_y = gl.arange(0, T, layout=gl.SliceLayout(1, ty_layout))
-    cols_y = gl.arange(0, P, layout=gl.SliceLayout(0, ty_layout))
     rows_s = gl.arange(0, P, layout=gl.SliceLayout(1, st_layout))
     cols_s = gl.arange(0, N, layout=gl.SliceLayout(0, st_layout))
     state_offsets = gl.expand_dims(rows_s, 1) * N + gl.expand_dims(cols_s, 0)
@@ -283,17 +282,17 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g_ptr, d
         if PROFILE:
             t_g = _clock()
             p5 += t_g - t_f
-        y_offsets = (token_row + gl.expand_dims(rows_y, 1)).to(gl.int64) * (H * P) + hi * P + gl.expand_dims(cols_y, 0)
-        gl.store(y_ptr + y_offsets, y.to(dtype))
+        # y (staged in w B~'s tile: the state update has consumed it) and the state leaving the chunk (slot c + 1)
+        # out by TMA, once both warp groups' products are done (gl.store of y cost ~1 100 cycles a chunk, v19c)
+        _sync_warps()
+        kw_smem.store(y.to(dtype))
+        s_smem.store(state.to(dtype))
         if PROFILE:
             t_h = _clock()
             p6 += t_h - t_g
-
-        # the state leaving the chunk into slot c + 1 (both warp groups' products with the old one are done)
-        _sync_warps()
-        s_smem.store(state.to(dtype))
         fence_async_shared()
         _sync_warps()
+        tma.async_copy_shared_to_global(y_desc, [token_row, hi * P], kw_smem)
         tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
         if c == NCHUNK - 1:
             gl.store(final_ptr + head_pn + state_offsets, state)
@@ -338,6 +337,7 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, prof
     def rows_of(tensor):
         return tma_descriptor(tensor, tokens, groups * state_dim, [CHUNK, state_dim])
     x_desc = tma_descriptor(x, tokens, heads * head_dim, [CHUNK, head_dim])
+    y_desc = tma_descriptor(y, tokens, heads * head_dim, [CHUNK, head_dim])
     b_desc, c_desc = rows_of(B), rows_of(C)
     s_desc = tma_descriptor(states, state_rows, state_dim, [head_dim, state_dim])
     rb_desc = rows_of(rotated_B) if save_rotated else b_desc
@@ -347,10 +347,10 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, prof
     global LAUNCHES
     LAUNCHES += 1
     _fused_fwd_kernel[(min(programs, n_seq), )](
-        x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, g, dt, D if D is not None else dt,
-        cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, y, final,
+        x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g, dt, D if D is not None else dt,
+        cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, final,
         profile if profile is not None else dt,
         length, heads, heads // groups, n_chunks, lpad, n_seq,
-        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None, HAS_INIT=initial_state is not None,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES if rope else STAGES + 1, HAS_D=D is not None, HAS_INIT=initial_state is not None,
         ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=profile is not None, num_warps=8)
     return y, final, states, rotated_B, rotated_C
