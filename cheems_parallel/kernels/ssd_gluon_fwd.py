@@ -49,6 +49,14 @@ def supported(x, B, cos, T, seq):
             and (cos is None or cos.is_contiguous()))
 
 
+def enough_sequences(sequences, sm_count, minimum=None):
+    """Whether b·h sequences keep enough SMs busy for the walk (one program per sequence and SM): at least
+    `minimum`, by default half the SMs. The chunk-parallel Triton kernels spread any shape over the whole GPU; the
+    walk won at 128+ sequences on the H200 (bench/ssd.py) and tied or lost at 64 (cheems-320m pretraining:
+    47.3k vs 50.3k tokens/s, one run each, bench/ssd_notes.md v19c)."""
+    return sequences >= (sm_count // 2 if minimum is None else minimum)
+
+
 @gluon.jit
 def _clock():
     """The SM's cycle counter (PROFILE builds only)."""

@@ -122,7 +122,7 @@ def test_forward_without_gradients_matches_float64_reference(groups, rope, gluon
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     launches = ssd_gluon_fwd.LAUNCHES
     with torch.no_grad():
-        y, final = ssd_fused(**inputs, config={"gluon_fwd": gluon_fwd})
+        y, final = ssd_fused(**inputs, config={"gluon_fwd": gluon_fwd, "gluon_fwd_min_sequences": 1})
     assert (ssd_gluon_fwd.LAUNCHES > launches) == gluon_fwd
     y_ref, final_ref = ssd_float64_oracle(**inputs)
     errors = {"y": relative_error(y.double().cpu(), y_ref.cpu()), "final": relative_error(final.double().cpu(), final_ref.cpu())}
@@ -232,7 +232,8 @@ def test_gluon_forward_matches_float64_reference(batch, length, heads, rope, use
 
     inputs = make_inputs(batch, length, heads, 128, 128, torch.bfloat16, rope, use_d, use_init, False, groups=groups)
     launches = ssd_gluon_fwd.LAUNCHES
-    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_fwd=True))
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_fwd=True,
+                                                                     gluon_fwd_min_sequences=1))
     assert ssd_gluon_fwd.LAUNCHES > launches, "the Gluon forward did not run for this case"
     print(f"\ngluon-fwd shape b={batch} l={length} h={heads} g={groups} rope={rope} D={use_d} init={use_init}: "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
@@ -257,7 +258,7 @@ def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
     args = (inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, None, inputs["D"], inputs["initial_state"], 64)
     triton_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=False))
     launches = ssd_gluon_fwd.LAUNCHES
-    gluon_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=True))
+    gluon_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=True, gluon_fwd_min_sequences=1))
     assert ssd_gluon_fwd.LAUNCHES > launches
     names = ("y", "final", "states", "B~", "C~")
     for name, ours, theirs in zip(names, gluon_out, triton_out):
@@ -268,3 +269,19 @@ def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
         error = relative_error(ours.double(), theirs.double())
         print(f"{name}: {error:.1e}")
         assert error < (2e-3 if name in ("B~", "C~") else 1e-2), (name, error)
+
+
+def test_gluon_forward_is_skipped_for_few_sequences():
+    """With fewer b·h sequences than gluon_fwd_min_sequences (default: half the SMs) the Triton forward runs: the
+    walk would leave most SMs idle."""
+    from cheems_parallel.kernels import ssd_gluon_fwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(1, 256, 4, 128, 128, torch.bfloat16, True, True, False, False)
+    launches = ssd_gluon_fwd.LAUNCHES
+    with torch.no_grad():
+        ssd_fused(**inputs)
+    assert ssd_gluon_fwd.LAUNCHES == launches
+    with torch.no_grad():
+        ssd_fused(**inputs, config={"gluon_fwd_min_sequences": 4})
+    assert ssd_gluon_fwd.LAUNCHES == launches + 1
