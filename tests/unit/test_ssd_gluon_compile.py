@@ -39,3 +39,14 @@ def test_gluon_backward_compiles_for_sm90_within_shared_memory():
             assert report["stack"] == 0 and report["stl"] == 0, row
         else:
             assert {ssd_gluon_bwd.PRODUCER_REGISTERS, ssd_gluon_bwd.CONSUMER_REGISTERS} <= set(report["setmaxnreg"]), row
+
+
+def test_gluon_forward_walks_only_with_enough_sequences():
+    """The forward walk runs one program per (batch, head) sequence: by default it needs at least half the SMs'
+    worth of them (else the chunk-parallel Triton forward runs); gluon_fwd_min_sequences overrides the bound."""
+    pytest.importorskip("triton.experimental.gluon")
+    from cheems_parallel.kernels.ssd_gluon_fwd import enough_sequences
+
+    assert not enough_sequences(64, 132)          # cheems-320m: micro-batch 8 x 8 heads on the H200
+    assert enough_sequences(66, 132) and enough_sequences(128, 132)   # bench/ssd.py at L = 16k: 4 x 32
+    assert enough_sequences(1, 132, minimum=1) and not enough_sequences(3, 132, minimum=4)

@@ -140,10 +140,11 @@ def test_groups_and_backward_variants(kernels, groups, config, dtype):
     compare_with_oracle(kernels, inputs, 16, tolerance=1e-3 if dtype == torch.float32 else 2e-2, config=config)
 
 
-@pytest.mark.parametrize("groups, rope, module", [(1, False, "ssd_gluon_bwd"), (4, True, "ssd_gluon_head_bwd")])
+@pytest.mark.parametrize("groups, rope, module", [(1, False, "ssd_gluon_bwd"), (4, True, "ssd_gluon_head_bwd"),
+                                                   (4, True, "ssd_gluon_fwd"), (1, False, "ssd_gluon_fwd")])
 def test_gluon_backward_flag_falls_back_on_cpu(kernels, groups, rope, module):
-    """gluon_bwd / gluon_head_bwd (the defaults) on CPU tensors, with one shared group and with groups = heads and
-    RoPE: the Triton backward runs and matches the oracle, and the Gluon module (Hopper only) is not imported."""
+    """gluon_bwd / gluon_head_bwd / gluon_fwd (the defaults) on CPU tensors, with one shared group and with groups =
+    heads and RoPE: the Triton kernels run and match the oracle, and the Gluon module (Hopper only) is not imported."""
     import sys as system
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     inputs = make_inputs(1, 64, 4, 16, 16, torch.float32, rope, True, False, False, generator)
@@ -151,7 +152,8 @@ def test_gluon_backward_flag_falls_back_on_cpu(kernels, groups, rope, module):
     inputs["C"] = inputs["C"][:, :, :groups].contiguous()
     name = "cheems_parallel.kernels." + module
     imported_before = name in system.modules
-    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3, config={"gluon_bwd": True, "gluon_head_bwd": True})
+    compare_with_oracle(kernels, inputs, 16, tolerance=1e-3, config={"gluon_bwd": True, "gluon_head_bwd": True,
+                                                                     "gluon_fwd": True, "gluon_fwd_min_sequences": 1})
     assert imported_before or name not in system.modules
 
 
