@@ -71,7 +71,7 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
             torch.empty(8, dtype=torch.int64), length, heads, heads // groups, n_chunks, length, batch * heads)
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES if rope else m.STAGES + 1, HAS_D=has_d,
                       HAS_INIT=has_init,
-                      ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=False,
+                      ROPE=rope, SAVE_ROTATED=save_rotated, STORE_STATES=save_rotated or not rope, PROFILE=False,
                       num_warps=8)
     constexprs.update(overrides)
     return compile_kernel(m._fused_fwd_kernel, args, constexprs, 8)

@@ -12,6 +12,9 @@ plain build's time per chunk (do_bench). Phases (the kernel's order):
   6 y, S to smem  barrier; y and S (16-bit) into shared memory
   7 out           fence; barrier; TMA stores of y and S (and the final state)
 
+Also measured in the same run: the card's copy, write-only (fill) and read-only (sum) bandwidth on 2 GiB, and each
+walk without storing the chunk states (as the no-grad forward runs it): is the walk bound by what it writes?
+
   python bench/ssd_walk_profile.py --lengths 4096 --out bench/results/ssd_walk_profile_h200.json
 """
 import argparse
@@ -46,6 +49,18 @@ def problem(tokens, length, heads, dim, rope, groups):
     return x, B, C, cos, sin, dt, g, torch.ones(heads, device=device)
 
 
+def bandwidths(gib=2):
+    """GB/s of copy (bytes read + written), fill (written) and sum (read) on `gib` GiB of bf16."""
+    source = torch.empty(gib << 29, device="cuda", dtype=torch.bfloat16).normal_()
+    target = torch.empty_like(source)
+    size = source.numel() * source.element_size()
+    rates = {}
+    for name, call, moved in (("copy", lambda: target.copy_(source), 2 * size), ("write", lambda: target.fill_(1.0), size),
+                              ("read", lambda: source.sum(dtype=torch.float32), size)):
+        rates[name] = moved / (triton.testing.do_bench(call, rep=200) * 1e-3) / 1e9
+    return rates
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=65536)
@@ -54,6 +69,8 @@ def main():
     args = parser.parse_args()
     rows = []
     programs = torch.cuda.get_device_properties(0).multi_processor_count
+    rates = bandwidths()
+    print("bandwidth GB/s: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()))
     for length in args.lengths:
         for name, rope, groups in (("mamba", False, 1), ("cheems", True, 32)):
             x, B, C, cos, sin, dt, g, D = problem(args.tokens, length, 32, 128, rope, groups)
@@ -62,6 +79,9 @@ def main():
             def plain():
                 return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, rope)
             ms = triton.testing.do_bench(plain, rep=200)
+            ms_no_states = triton.testing.do_bench(
+                lambda: ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, False, store_states=False),
+                rep=200)
             profile = torch.zeros(min(programs, x.shape[0] * 32), 8, dtype=torch.int64, device="cuda")
             ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, None, rope, profile=profile)
             profile.zero_()
@@ -71,16 +91,19 @@ def main():
             # cycles per chunk as one SM sees them: the sum over programs / chunks, times programs per SM (1)
             total = sum(per_chunk)
             chunks_per_sm = chunks / programs
-            row = {"problem": name, "L": length, "ms": ms, "us_per_chunk_per_sm": ms * 1e3 / chunks_per_sm,
+            row = {"problem": name, "L": length, "ms": ms, "ms_without_states_or_rotated": ms_no_states,
+                   "us_per_chunk_per_sm": ms * 1e3 / chunks_per_sm,
                    "cycles_per_chunk": dict(zip(PHASES, per_chunk)), "cycles_per_chunk_total": total,
                    "implied_clock_GHz": total * chunks_per_sm / (ms * 1e-3) / 1e9}
             rows.append(row)
             print(f"{name:7s} L={length:5d}: {ms:.3f} ms, {row['us_per_chunk_per_sm']:.2f} us per chunk per SM, "
-                  f"{total:.0f} cycles per chunk profiled (implied clock {row['implied_clock_GHz']:.2f} GHz)")
+                  f"{total:.0f} cycles per chunk profiled (implied clock {row['implied_clock_GHz']:.2f} GHz); "
+                  f"without the states (and B~, C~) {ms_no_states:.3f} ms")
             for phase, cycles in zip(PHASES, per_chunk):
                 print(f"    {phase:11s} {cycles:7.0f}  {100 * cycles / total:5.1f} %")
     with open(args.out, "w") as handle:
-        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "bandwidth_GBps": rates, "rows": rows},
+                  handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -1140,7 +1140,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
                 batch * heads, torch.cuda.get_device_properties(x.device).multi_processor_count,
                 config.get("gluon_fwd_min_sequences")):
             save = cos is not None and save_for_backward and config.get("save_rotated", False)
-            return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save)
+            return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save,
+                                               store_states=save_for_backward)
     # slot c holds the state entering chunk c; slot n_chunks the final state
     states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)

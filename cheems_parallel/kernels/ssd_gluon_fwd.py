@@ -129,10 +129,11 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g_ptr, dt_ptr, d_ptr, cos_ptr,
                       sin_ptr, init_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, PROFILE: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, STORE_STATES: gl.constexpr,
+                      PROFILE: gl.constexpr, num_warps: gl.constexpr):
     """Descriptors: x and y as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
-    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. PROFILE: sum the
+    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. STORE_STATES: write every
+    chunk's entering state (for the backward; without it only the final state). PROFILE: sum the
     cycles of each of the chunk step's 8 phases over the program's chunks into prof_ptr[program, 8] (the notes'
     per-phase breakdown; off in normal builds)."""
     NH: gl.constexpr = N // 2
@@ -215,7 +216,8 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             s_smem.store(state.to(dtype))
             fence_async_shared()
             _sync_warps()
-            tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
+            if STORE_STATES:
+                tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
 
 
         mbarrier.wait(ready.index(slot), (item // STAGES) & 1)
@@ -301,7 +303,8 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         fence_async_shared()
         _sync_warps()
         tma.async_copy_shared_to_global(y_desc, [token_row, hi * P], kw_smem)
-        tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
+        if STORE_STATES:
+            tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
         if c == NCHUNK - 1:
             gl.store(final_ptr + head_pn + state_offsets, state)
         g_rows, g_cols, dt_cols, g_last, g_h, dt_h = (next_g_rows, next_g_cols, next_dt_cols, next_g_last, next_g_h,
@@ -323,16 +326,19 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         mbarrier.invalidate(ready.index(s))
 
 
-def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, profile=None):
+def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, store_states=True, profile=None):
     """(y, final (float32), states (b, chunks + 1, h, p, n) in x's dtype, B~, C~ or None, None) as `ssd._forward`
-    returns them (save_rotated: store B~, C~; only with RoPE). Persistent grid: one program per SM. profile: an
+    returns them (save_rotated: store B~, C~; only with RoPE; store_states: the chunk states, else None: no backward
+    follows, and they are most of the walk's writes). Persistent grid: one program per SM. profile: an
     int64 (programs, 8) tensor to receive
     the per-phase cycle sums (bench/ssd_walk_profile.py)."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B.shape[2], B.shape[3]
     lpad = dt.shape[-1]
     n_chunks = lpad // CHUNK
-    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, device=x.device, dtype=x.dtype)
+    # without store_states a one-state placeholder gives the descriptor (and the shared tile) its layout
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, device=x.device, dtype=x.dtype) \
+        if store_states else torch.empty(head_dim, state_dim, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, state_dim, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     rope = cos is not None
@@ -360,5 +366,5 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, prof
         profile if profile is not None else dt,
         length, heads, heads // groups, n_chunks, lpad, n_seq,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES if rope else STAGES + 1, HAS_D=D is not None, HAS_INIT=initial_state is not None,
-        ROPE=rope, SAVE_ROTATED=save_rotated, PROFILE=profile is not None, num_warps=8)
-    return y, final, states, rotated_B, rotated_C
+        ROPE=rope, SAVE_ROTATED=save_rotated, STORE_STATES=store_states, PROFILE=profile is not None, num_warps=8)
+    return y, final, states if store_states else None, rotated_B, rotated_C
