@@ -19,7 +19,8 @@ state's rows (p). Per chunk:
   x^T (w B~) (three async wgmma's); P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x;
   S -> shared memory (bf16) -> TMA store into the states.
 
-Scope (`supported`): bf16/fp16, T = 64, p = n = 128, l a multiple of T, no document mask; contiguous tensors.
+Scope (`supported`): bf16, T = 64, p = n = 128, l a multiple of T, no document mask, cos / sin in bf16; contiguous
+tensors; and (`enough_sequences`) at least half the SMs' worth of b·h sequences.
 """
 import torch
 from triton.experimental import gluon
@@ -44,9 +45,12 @@ LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their case
 
 
 def supported(x, B, cos, T, seq):
-    """True when this kernel can run the forward of these inputs (else the Triton kernels run)."""
-    return (x.shape[-1] == 128 and B.shape[-1] == 128 and hopper_tiles_fit(x, B, x, x, T, seq)
-            and (cos is None or cos.is_contiguous()))
+    """True when this kernel can run the forward of these inputs (else the Triton kernels run): bf16 (the only dtype
+    run on the GPU so far; fp16 would compile the same), p = n = 128, contiguous cos / sin tables in x's dtype
+    (float32 tables, `rope_tables_fp32`, would need 64 KB of table buffer: more shared memory than there is)."""
+    return (x.dtype == torch.bfloat16 and x.shape[-1] == 128 and B.shape[-1] == 128
+            and hopper_tiles_fit(x, B, x, x, T, seq)
+            and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype)))
 
 
 def enough_sequences(sequences, sm_count, minimum=None):
