@@ -55,7 +55,8 @@ def bandwidths(gib=2):
     target = torch.empty_like(source)
     size = source.numel() * source.element_size()
     rates = {}
-    for name, call, moved in (("copy", lambda: target.copy_(source), 2 * size), ("write", lambda: target.fill_(1.0), size),
+    for name, call, moved in (("copy", lambda: target.copy_(source), 2 * size),
+                              ("write", lambda: target.fill_(1.0), size),
                               ("read", lambda: source.sum(dtype=torch.float32), size)):
         rates[name] = moved / (triton.testing.do_bench(call, rep=200) * 1e-3) / 1e9
     return rates
@@ -102,8 +103,8 @@ def main():
             for phase, cycles in zip(PHASES, per_chunk):
                 print(f"    {phase:11s} {cycles:7.0f}  {100 * cycles / total:5.1f} %")
     with open(args.out, "w") as handle:
-        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "bandwidth_GBps": rates, "rows": rows},
-                  handle, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "bandwidth_GBps": rates,
+                   "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,21 @@ Computes what `ssd._forward`'s two launches compute (`_state_fwd_kernel`, which 
 and `_chunk_fwd_kernel`, which reads them back for y). Those read x and B twice and the states once more; here
 x, B and C are read once and the states only written (for the backward).
 
-Why a walk is not latency-bound here (the Triton walks of v7 were, bench/ssd_notes.md v7/v8): the state chain from
+Why a walk can work here (the Triton walks of v7 were latency-bound, bench/ssd_notes.md v7/v8): the state chain from
 one chunk to the next is S_{c+1} = exp(g_last) S_c + dS_c, with dS_c = (x^T)(w B~) a product that needs only chunk
 c's tiles; y's products (the scores, (scores * Gam * dt) x and C~ S_c^T) need S_c only as a shared-memory operand.
 So per chunk only one elementwise rescale and one bf16 copy of S sit on the chain; the rest are wgmma's issued
-together, and the TMA ring loads the next chunk's x, B, C meanwhile.
+together, and the TMA ring loads a later chunk's x, B, C meanwhile. The step is still what sets the pace (3.4-4.9 us
+per chunk; `bench/ssd_walk_profile.py` times its phases), not the bytes.
 
 One program per SM (persistent over the b·h sequences), 8 warps, no warp specialisation (the TMA loads are
-issued one chunk ahead by the same warps): two warp groups, each owning half of y's columns (p) and half of the
-state's rows (p). Per chunk:
-  rotate B, C (RoPE from the cos / sin tables) into B~, C~ and w B~ (w_t = exp(g_last - g_t) dt_t) in shared
-  memory; store B~, C~ (TMA) when the backward wants them; scores = C~ B~^T, y_c = C~ S^T, S <- exp(g_last) S +
-  x^T (w B~) (three async wgmma's); P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x;
-  S -> shared memory (bf16) -> TMA store into the states.
+issued a chunk or two ahead by the same warps): two warp groups, each owning half of y's columns (p) and half of
+the state's rows (p). Per chunk:
+  rotate B, C (RoPE; the cos / sin tables were copied into shared memory a chunk earlier) into B~, C~ and w B~
+  (w_t = exp(g_last - g_t) dt_t; g, dt also loaded a chunk earlier) in shared memory; store B~, C~ (TMA) when the
+  backward wants them; scores = C~ B~^T, y_c = C~ S^T, S <- exp(g_last) S + x^T (w B~) (three async wgmma's);
+  P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x; y (staged in w B~'s tile) and S
+  (bf16) -> shared memory -> TMA stores into y and the states (the states only when a backward follows).
 
 Scope (`supported`): bf16, T = 64, p = n = 128, l a multiple of T, no document mask, cos / sin in bf16; contiguous
 tensors; and (`enough_sequences`) at least half the SMs' worth of b·h sequences.
@@ -133,18 +135,20 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g_ptr, dt_ptr, d_ptr, cos_ptr,
                       sin_ptr, init_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr, STORE_STATES: gl.constexpr,
-                      PROFILE: gl.constexpr, num_warps: gl.constexpr):
-    """Descriptors: x and y as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks (T, n);
-    the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. STORE_STATES: write every
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr,
+                      STORE_STATES: gl.constexpr, PROFILE: gl.constexpr, num_warps: gl.constexpr):
+    """Descriptors: x and y as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks
+    (T, n); the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. STORE_STATES: write every
     chunk's entering state (for the backward; without it only the final state). PROFILE: sum the
     cycles of each of the chunk step's 8 phases over the program's chunks into prof_ptr[program, 8] (the notes'
     per-phase breakdown; off in normal builds)."""
     NH: gl.constexpr = N // 2
     dtype: gl.constexpr = x_desc.dtype
     # (T, T) scores and (T, p) y: the two warp groups split the columns; the (p, n) state: they split the rows
-    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, T // 2, 16])
-    ty_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, P // 2, 16])
+    tt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, T // 2, 16])
+    ty_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, P // 2, 16])
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, N, 16])
     half_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])   # (T, n / 2) for the rotation
     tn_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([T, N], dtype)
@@ -153,7 +157,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, T, P], x_desc.layout)
     b_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], b_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], c_desc.layout)
-    kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)     # w * B~ (the state update's operand)
+    kw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)     # w * B~ (the state update's operand), then y
     p_smem = gl.allocate_shared_memory(dtype, [T, T], tt_shared)      # scores * Gam * dt
     s_smem = gl.allocate_shared_memory(dtype, [P, N], s_desc.layout)  # the state entering the chunk, 16-bit
     if ROPE:
@@ -161,7 +165,8 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         q_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # C~
         # the next chunk's cos / sin halves (cos1, cos2, sin1, sin2), copied asynchronously (cp.async) while this
         # chunk works: each thread copies the elements it reads back (no barrier)
-        tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [4, T, NH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [4, T, NH],
+                                                gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
@@ -369,6 +374,7 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stor
         cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, final,
         profile if profile is not None else dt,
         length, heads, heads // groups, n_chunks, lpad, n_seq,
-        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES if rope else STAGES + 1, HAS_D=D is not None, HAS_INIT=initial_state is not None,
+        T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES if rope else STAGES + 1, HAS_D=D is not None,
+        HAS_INIT=initial_state is not None,
         ROPE=rope, SAVE_ROTATED=save_rotated, STORE_STATES=store_states, PROFILE=profile is not None, num_warps=8)
     return y, final, states if store_states else None, rotated_B, rotated_C
