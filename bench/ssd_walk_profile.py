@@ -24,29 +24,24 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch
-import torch.nn.functional as F
 import triton
 
 from cheems_parallel.kernels import ssd_gluon_fwd
-from cheems_parallel.ops import rope_tables
+from cheems_parallel.kernels.ssd import kernel_prologue
+from ssd import make_problem  # bench/ssd.py (this script's folder is on sys.path when run as a script)
 
 PHASES = ("load wait", "store wait", "operands", "scores", "P", "y products", "y, S to smem", "out")
 
 
 def problem(tokens, length, heads, dim, rope, groups):
-    batch = tokens // length
-    device = "cuda"
-    x = torch.randn(batch, length, heads, dim, device=device, dtype=torch.bfloat16)
-    B = (torch.randn(batch, length, groups, dim, device=device) / dim ** 0.5).to(torch.bfloat16)
-    C = (torch.randn(batch, length, groups, dim, device=device) / dim ** 0.5).to(torch.bfloat16)
-    dt = F.softplus(torch.randn(batch, heads, length, device=device) - 2.0).contiguous()
-    A = -torch.rand(heads, device=device) * 4 - 0.1
-    g = (dt * A[:, None]).view(batch, heads, -1, ssd_gluon_fwd.CHUNK).cumsum(-1).view(batch, heads, -1)
-    cos = sin = None
+    """bench/ssd.py's problem, through the kernels' prologue (dt, g) and with 16-bit tables, as `ssd_fused` hands
+    them to the walk."""
+    inputs = make_problem(tokens, length, heads, dim, dim, rope=rope, groups=groups)
+    dt, g = kernel_prologue(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], ssd_gluon_fwd.CHUNK)
+    cos, sin = inputs["cos"], inputs["sin"]
     if rope:
-        cos, sin = rope_tables(torch.arange(length, device=device)[None].expand(batch, -1), dim)
         cos, sin = cos.to(torch.bfloat16).contiguous(), sin.to(torch.bfloat16).contiguous()
-    return x, B, C, cos, sin, dt, g, torch.ones(heads, device=device)
+    return inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, inputs["D"]
 
 
 def bandwidths(gib=2):

@@ -1407,6 +1407,16 @@ def _check_shapes(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_i
         raise ValueError(f"ssd_fused: state size n must be even (RoPE halves), got {state_dim}")
 
 
+def kernel_prologue(dt_raw, dt_bias, A, T):
+    """The kernels' (b, h, lpad) float32 dt = softplus(dt_raw + dt_bias) and g = within-chunk cumsum of dt * A, l padded
+    to a multiple of T (zero dt on the padding keeps g flat there)."""
+    batch, length, heads = dt_raw.shape
+    dt = F.softplus(dt_raw.float() + dt_bias.float()).transpose(1, 2)
+    dt = F.pad(dt, (0, (-length) % T)).contiguous()
+    g = (dt * A.float()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    return dt, g
+
+
 def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D=None,
               initial_state=None, seq_idx=None, kernel_chunk=None, config=None):
     """Chunked SSD with softplus(dt + dt_bias) and RoPE on B/C, on Triton kernels. See the module docstring.
@@ -1418,10 +1428,7 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     config = dict(CONFIG, **(config or {}))
     batch, length, heads, _ = x.shape
     pad = (-length) % T
-    # prologue: (b, h, lpad) float32 dt and within-chunk cumsum of dt*A; zero dt on padding keeps g flat there
-    dt = F.softplus(dt_raw.float() + dt_bias.float()).transpose(1, 2)
-    dt = F.pad(dt, (0, pad)).contiguous()
-    g = (dt * A.float()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    dt, g = kernel_prologue(dt_raw, dt_bias, A, T)
     seq = None
     if seq_idx is not None:
         # padding continues the last document, so it never resets the final state

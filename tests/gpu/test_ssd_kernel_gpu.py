@@ -251,8 +251,7 @@ def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
     from tests.kernel_oracles import relative_error
 
     inputs = make_inputs(2, 1024, 8, 128, 128, torch.bfloat16, rope, True, True, False, groups=groups)
-    dt = torch.nn.functional.softplus(inputs["dt_raw"] + inputs["dt_bias"]).transpose(1, 2).contiguous()
-    g = (dt * inputs["A"][:, None]).view(2, 8, -1, 64).cumsum(dim=-1).view(2, 8, -1)
+    dt, g = ssd_kernels.kernel_prologue(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], 64)
     cos = inputs["cos"].to(torch.bfloat16).contiguous() if rope else None
     sin = inputs["sin"].to(torch.bfloat16).contiguous() if rope else None
     args = (inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, None, inputs["D"], inputs["initial_state"], 64)
