@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cheems_parallel.kernels.device import is_hopper
+
 LOG2E = 1.4426950408889634
 # Threshold meaning "keep every key of the prefix", and the rank of a padding key; ranks are < l.
 KEEP_ALL = 2**31 - 1
@@ -962,7 +964,7 @@ def _gluon_applies(enabled, sparse, q, masks):
     sparse path, bf16/fp16, head dim 64/128 (each module's `supported` checks the rest: layouts, alignment)."""
     return (enabled and q.is_cuda and masks.sparse == sparse and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[-1] in (64, 128) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-            and torch.cuda.get_device_capability(q.device)[0] == 9)
+            and is_hopper(q.device))
 
 
 def _gluon_wants_rows(q, masks):

@@ -41,6 +41,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from cheems_parallel.kernels.device import is_hopper, sm_count
+
 LOG2E = 1.4426950408889634
 # Tile shapes per head dim (bf16/fp16). BLOCK_M rows are split between the consumer's two warp groups.
 # persistent_max_length: lengths up to this run on the persistent grid (`_forward_persistent_kernel`) of
@@ -59,7 +61,7 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 def supported(q, k, v, mask_bias):
     """True when the Gluon forward can run these inputs (else the caller uses the Triton kernel)."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.shape[-1] in SUPPORTED_HEAD_DIMS and is_hopper(q.device)
             and all(t.is_contiguous() for t in (q, k, v)) and mask_bias.dtype == torch.float32
             and mask_bias.is_contiguous() and all(t.data_ptr() % 16 == 0 for t in (q, k, v, mask_bias)))
 
@@ -511,16 +513,6 @@ def descriptors(q, k, v, mask_bias, block_m, block_n, split=False):
             TensorDescriptor(bias_flat, list(bias_flat.shape), [1], [block_n], bias_layout))
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def forward(q, k, v, mask_bias, config=None):
     """(out, lse) as `dmattn._forward_kernel` writes them for the dense schedule; see `supported`."""
     batch, heads, length, head_dim = q.shape
@@ -533,7 +525,7 @@ def forward(q, k, v, mask_bias, config=None):
     num_row_blocks = triton.cdiv(length, config["block_m"])
     if length <= config.get("persistent_max_length", 0):
         num_tiles = num_row_blocks * batch * heads
-        programs = config.get("persistent_grid", 0) or _sm_count(q.device)
+        programs = config.get("persistent_grid", 0) or sm_count(q.device)
         _forward_persistent_kernel[(min(num_tiles, programs), )](
             q_desc, k_desc, v_desc, bias_desc, out, lse, length, bias_row_stride, heads, heads // k.shape[1],
             LOG2E / math.sqrt(head_dim), num_tiles, num_row_blocks,

@@ -44,6 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from cheems_parallel.kernels.device import is_hopper
+
 LOG2E = 1.4426950408889634
 BLOCK_N = 128  # keys per program: two consumer warp groups of 64
 BLOCK_N_IN_KERNEL = gl.constexpr(BLOCK_N)
@@ -60,7 +62,7 @@ def supported(q, k, v, mask_bias, grad_out):
     """True when the Gluon backward can run these inputs (else the caller uses the Triton kernels)."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and grad_out.dtype == q.dtype and q.shape[-1] in SUPPORTED_HEAD_DIMS
-            and torch.cuda.get_device_capability(q.device)[0] == 9
+            and is_hopper(q.device)
             and all(t.is_contiguous() for t in (q, k, v, grad_out)) and mask_bias.dtype == torch.float32
             and mask_bias.is_contiguous() and all(t.data_ptr() % 16 == 0 for t in (q, k, v, grad_out)))
 

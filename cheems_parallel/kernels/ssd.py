@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.ops.rope import apply_rope
 from cheems_parallel.ops.ssd import ssd_chunked
 
@@ -78,7 +79,7 @@ KERNEL_CHUNK = 64
 # B side) and dD's share in the C side (gluon_head_dd_in_c); gluon_fwd (v19, the default): on Hopper with p = n = 128,
 # no documents and l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
-# 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: half the SMs).
+# 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -1137,7 +1138,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     if config.get("gluon_fwd", False) and x.is_cuda:
         from cheems_parallel.kernels import ssd_gluon_fwd
         if ssd_gluon_fwd.supported(x, B, cos, T, seq) and ssd_gluon_fwd.enough_sequences(
-                batch * heads, torch.cuda.get_device_properties(x.device).multi_processor_count,
+                batch * heads, sm_count(x.device),
                 config.get("gluon_fwd_min_sequences")):
             save = cos is not None and save_for_backward and config.get("save_rotated", False)
             return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save,

@@ -21,6 +21,8 @@ dB = acc_B + W^T q is summed by the launcher (two float32 buffers), as are the t
 Scope (`supported`): bf16/fp16, T = 64, p and n in {64, 128}, l a multiple of T, no document mask, B~ and C~
 given unrotated or pre-rotated (the forward's saved B~, C~) with RoPE handled by the caller; contiguous tensors.
 """
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -34,6 +36,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from cheems_parallel.kernels.device import is_hopper
+
 CHUNK = 64
 STAGES = 2
 PRODUCER_REGISTERS = 24
@@ -44,7 +48,7 @@ LAUNCHES = 0  # how often fused_group_backward ran (the GPU tests check that the
 def hopper_tiles_fit(x, B, dy, states, T, seq):
     """What both Gluon SSD backwards need: a Hopper GPU, 16-bit inputs, T = CHUNK, l a multiple of T, no
     document mask, p in {64, 128}, contiguous tensors (TMA descriptors over flat rows)."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+    return (x.is_cuda and is_hopper(x.device)
             and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
             and seq is None and x.shape[1] % T == 0 and x.shape[-1] in (64, 128)
             and all(t.is_contiguous() for t in (x, B, dy, states)))
@@ -292,9 +296,15 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
 def tma_descriptor(tensor, rows, cols, block):
     """A host TMA descriptor over a contiguous 16-bit tensor viewed as (rows, cols), with `block` tiles (the
     Gluon SSD kernels' shared-memory layout: NVMMA's default for the block)."""
-    element = gl.bfloat16 if tensor.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for(block, element)
-    return TensorDescriptor(tensor.view(rows, cols), [rows, cols], [cols, 1], block, layout)
+    return TensorDescriptor(tensor.view(rows, cols), [rows, cols], [cols, 1], block,
+                            _block_layout(tuple(block), tensor.dtype == torch.bfloat16))
+
+
+@functools.lru_cache(maxsize=None)
+def _block_layout(block, bf16):
+    """NVMMA's default shared layout for a 16-bit block (built once: the layout objects cost the host
+    tens of microseconds per descriptor, bench/ssd_host_profile.py)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
 
 
 def descriptors(x, dy, states, dstates, B_in, C_in):

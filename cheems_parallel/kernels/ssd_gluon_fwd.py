@@ -22,7 +22,7 @@ the state's rows (p). Per chunk:
   (bf16) -> shared memory -> TMA stores into y and the states (the states only when a backward follows).
 
 Scope (`supported`): bf16, T = 64, p = n = 128, l a multiple of T, no document mask, cos / sin in bf16; contiguous
-tensors; and (`enough_sequences`) at least half the SMs' worth of b·h sequences.
+tensors; and (`enough_sequences`) at least 3/8 of the SMs' worth of b·h sequences.
 """
 import torch
 from triton.experimental import gluon
@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_descriptor
 
 # a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
@@ -57,10 +58,11 @@ def supported(x, B, cos, T, seq):
 
 def enough_sequences(sequences, sm_count, minimum=None):
     """Whether b·h sequences keep enough SMs busy for the walk (one program per sequence and SM): at least
-    `minimum`, by default half the SMs. The chunk-parallel Triton kernels spread any shape over the whole GPU; the
-    walk won at 128+ sequences on the H200 (bench/ssd.py) and tied or lost at 64 (cheems-320m pretraining:
-    47.3k vs 50.3k tokens/s, one run each, bench/ssd_notes.md v19c)."""
-    return sequences >= (sm_count // 2 if minimum is None else minimum)
+    `minimum`, by default 3/8 of the SMs. The chunk-parallel Triton kernels spread any shape over the whole GPU.
+    Kernel time of the Cheems layer's forward+backward at cheems-320m's size (L = 2048, 8 heads) on the H200's 132
+    SMs, walk / Triton forward: 32 sequences 1.04, 64: 0.91, 96: 0.83, 128+: 0.79-0.80
+    (bench/ssd_walk_threshold.py, bench/ssd_notes.md "v19 threshold"); the default sits between 32 and 64."""
+    return sequences >= (sm_count * 3 // 8 if minimum is None else minimum)
 
 
 @gluon.jit
@@ -366,7 +368,7 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stor
     rb_desc = rows_of(rotated_B) if save_rotated else b_desc
     rc_desc = rows_of(rotated_C) if save_rotated else c_desc
     n_seq = batch * heads
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = sm_count(x.device)
     global LAUNCHES
     LAUNCHES += 1
     _fused_fwd_kernel[(min(programs, n_seq), )](

@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import (
     CHUNK,
     CONSUMER_REGISTERS,
@@ -325,7 +326,7 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
     rope = cos is not None
     table_strides = cos.stride() if rope else (0, 0, 0)
     n_tiles = n_chunks * batch * heads
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = sm_count(x.device)
     global LAUNCHES
     LAUNCHES += 1
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](

@@ -271,7 +271,7 @@ def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
 
 
 def test_gluon_forward_is_skipped_for_few_sequences():
-    """With fewer b·h sequences than gluon_fwd_min_sequences (default: half the SMs) the Triton forward runs: the
+    """With fewer b·h sequences than gluon_fwd_min_sequences (default: 3/8 of the SMs) the Triton forward runs: the
     walk would leave most SMs idle."""
     from cheems_parallel.kernels import ssd_gluon_fwd
     from cheems_parallel.kernels.ssd import ssd_fused

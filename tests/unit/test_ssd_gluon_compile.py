@@ -42,11 +42,12 @@ def test_gluon_backward_compiles_for_sm90_within_shared_memory():
 
 
 def test_gluon_forward_walks_only_with_enough_sequences():
-    """The forward walk runs one program per (batch, head) sequence: by default it needs at least half the SMs'
+    """The forward walk runs one program per (batch, head) sequence: by default it needs at least 3/8 of the SMs'
     worth of them (else the chunk-parallel Triton forward runs); gluon_fwd_min_sequences overrides the bound."""
     pytest.importorskip("triton.experimental.gluon")
     from cheems_parallel.kernels.ssd_gluon_fwd import enough_sequences
 
-    assert not enough_sequences(64, 132)          # cheems-320m: micro-batch 8 x 8 heads on the H200
-    assert enough_sequences(66, 132) and enough_sequences(128, 132)   # bench/ssd.py at L = 16k: 4 x 32
+    assert not enough_sequences(32, 132) and not enough_sequences(48, 132)   # measured slower at 32 on the H200
+    assert enough_sequences(64, 132)              # cheems-320m: micro-batch 8 x 8 heads (measured faster)
+    assert enough_sequences(128, 132)             # bench/ssd.py at L = 16k: 4 x 32
     assert enough_sequences(1, 132, minimum=1) and not enough_sequences(3, 132, minimum=4)
