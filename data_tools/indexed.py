@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy
 
 from data_tools.errors import DataError
+from data_tools.staging import remove_orphans, staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def staged_json(final_path: str, value):
     """Write `value` as JSON under a temporary name and yield the (temporary, final) pair for `publish`
     (e.g. a shard's .meta.json, renamed together with its .bin/.idx); the temporary file is removed on
     exit if it was not renamed."""
-    temporary = f"{final_path}.tmp-{os.getpid()}"
+    remove_orphans(final_path)
+    temporary = staging_path(final_path)
     try:
         write_json(temporary, value)
         yield temporary, final_path
@@ -172,8 +174,9 @@ def write_index_file(path: str, dtype: numpy.dtype, sequence_lengths: numpy.ndar
 class ShardWriter:
     """Writes one shard `prefix.bin/.idx` under temporary names; `commit()` renames them into place.
 
-    A shard is never visible half-written: until commit the files are `prefix.bin.tmp-<pid>` and
-    `prefix.idx.tmp-<pid>`, and leaving the `with` block by an exception deletes them.
+    A shard is never visible half-written: until commit the files are `prefix.bin.tmp-<host>-<pid>` and
+    `prefix.idx.tmp-<host>-<pid>`, and leaving the `with` block by an exception deletes them (those of a killed
+    run go when the next run writes the same shard: `data_tools.staging`).
     One document = one sequence (as megatron's tools/preprocess_data.py writes GPT data).
     """
 
@@ -181,8 +184,10 @@ class ShardWriter:
         check_output_prefix(prefix)
         self.prefix = prefix
         self.dtype = numpy.dtype(dtype)
-        self.temporary_bin = f"{bin_path(prefix)}.tmp-{os.getpid()}"
-        self.temporary_idx = f"{idx_path(prefix)}.tmp-{os.getpid()}"
+        for final in (bin_path(prefix), idx_path(prefix)):
+            remove_orphans(final)
+        self.temporary_bin = staging_path(bin_path(prefix))
+        self.temporary_idx = staging_path(idx_path(prefix))
         self._stream = open(self.temporary_bin, "wb")
         self._length_chunks = []          # int32 arrays, concatenated at commit
         self._open_document_length = 0    # tokens added to a document not yet ended
@@ -288,8 +293,10 @@ def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dty
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    temporary_bin = f"{bin_path(output_prefix)}.tmp-{os.getpid()}"
-    temporary_idx = f"{idx_path(output_prefix)}.tmp-{os.getpid()}"
+    for final in (bin_path(output_prefix), idx_path(output_prefix)):
+        remove_orphans(final)
+    temporary_bin = staging_path(bin_path(output_prefix))
+    temporary_idx = staging_path(idx_path(output_prefix))
     try:
         builder = IndexedDatasetBuilder(temporary_bin, dtype=dtype.type)
         for prefix in part_prefixes:

@@ -278,3 +278,41 @@ def test_signal_mid_run_leaves_nothing_and_no_traceback(corpus, tmp_path, signum
     assert leftovers(tmp_path, "sig") == []
     with pytest.raises(ProcessLookupError):     # the workers are gone with the main process
         os.killpg(process.pid, 0)
+
+
+def start_big_preprocess(corpus, tmp_path, prefix):
+    """preprocess of a ~20 MB input with 2 workers, returned once it is encoding (its parts directory exists)."""
+    source = open(corpus["inputs"][0], "rb").read()
+    big = tmp_path / "big.jsonl"
+    if not big.exists():
+        with open(big, "wb") as stream:
+            for _ in range(20_000_000 // len(source) + 1):
+                stream.write(source)
+    command = [sys.executable, "-m", "data_tools.preprocess", "--input", big, "--output-prefix", prefix,
+               "--tokenizer", corpus["tokenizer"], "--workers", "2", "--append-eod"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not any(name.startswith(f"{prefix.name}.parts-") for name in os.listdir(tmp_path)):
+        assert process.poll() is None and time.monotonic() < deadline, "preprocess did not start encoding"
+        time.sleep(0.02)
+    return process, command
+
+
+@pytest.mark.timeout(180)
+def test_a_rerun_removes_what_a_sigkilled_run_left(corpus, tmp_path):
+    """SIGKILL (the OS out of memory, a scheduler's limit) gives no chance to clean up: the staged .bin / .idx
+    and the parts directory stay. The next run writing the same output removes them and says so."""
+    prefix = tmp_path / "killed"
+    process, command = start_big_preprocess(corpus, tmp_path, prefix)
+    time.sleep(0.3)
+    assert process.poll() is None, "finished before the kill: make the input larger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    left = leftovers(tmp_path, "killed")
+    assert any(".parts-" in name for name in left) and any(".bin.tmp-" in name for name in left), left
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert leftovers(tmp_path, "killed") == ["killed.bin", "killed.idx", "killed.meta.json"]
+    removed = [line for line in rerun.stderr.splitlines() if "removed" in line and "no longer runs" in line]
+    assert len(removed) == len([name for name in left if ".tmp-" in name or ".parts-" in name]), rerun.stderr[-2000:]
