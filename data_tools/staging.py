@@ -7,7 +7,9 @@ forever. So a staging name carries the writer's host and process id, `<final>.<k
 and the next run that writes the same output removes the staged leftovers of processes of this host that no
 longer run. Leftovers of other hosts (a shared filesystem) and of live processes (a concurrent run, or a
 reused pid) are left alone; names in the older `<final>.<kind>-<pid>` form cannot be attributed to a host and
-are only reported.
+are only reported. The host name stands for the process-id namespace: two containers that share a host name and a
+volume but not their pids, writing the same output at once, could remove each other's staging files (the run that
+loses them then fails at its rename; it never publishes a partial output).
 """
 import logging
 import os
