@@ -54,7 +54,7 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
 
 
 def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch=2, length=1024, heads=8, groups=8,
-                 **overrides):
+                 has_seq=False, **overrides):
     """The forward walk (`ssd_gluon_fwd`, p = n = 128)."""
     from cheems_parallel.kernels import ssd_gluon_fwd as m
     from cheems_parallel.kernels.ssd_gluon_bwd import tma_descriptor
@@ -68,9 +68,10 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
     s_desc = tma_descriptor(states, states.numel() // state_dim, state_dim, [head_dim, state_dim])
     table = torch.empty(batch, length, state_dim, dtype=torch.bfloat16)
     args = (x_desc, b_desc, b_desc, s_desc, b_desc, b_desc, x_desc, vec, vec, f32, table, table, f32, f32,
-            torch.empty(8, dtype=torch.int64), length, heads, heads // groups, n_chunks, length, batch * heads)
+            torch.empty(8, dtype=torch.int64), torch.empty(batch, length, dtype=torch.int32), length, heads,
+            heads // groups, n_chunks, length, batch * heads)
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES if rope else m.STAGES + 1, HAS_D=has_d,
-                      HAS_INIT=has_init,
+                      HAS_INIT=has_init, HAS_SEQ=has_seq,
                       ROPE=rope, SAVE_ROTATED=save_rotated, STORE_STATES=save_rotated or not rope, PROFILE=False,
                       num_warps=8)
     constexprs.update(overrides)
@@ -78,8 +79,10 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
 
 
 CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
-# (D, RoPE, save B~/C~, initial state, groups): the Cheems layer's training and no-grad forwards; mamba's shape
-FORWARD_CASES = ((True, True, True, False, 8), (True, True, False, True, 8), (True, False, False, False, 1))
+# (D, RoPE, save B~/C~, initial state, groups, documents): the Cheems layer's training and no-grad forwards, its
+# training forward with documents; mamba's shape
+FORWARD_CASES = ((True, True, True, False, 8, False), (True, True, False, True, 8, False),
+                 (True, True, True, False, 8, True), (True, False, False, False, 1, False))
 HEAD_CASES = ((128, True, True), (128, False, False), (64, True, True))
 
 if __name__ == "__main__":
@@ -90,11 +93,11 @@ if __name__ == "__main__":
             print(json.dumps({"p": p, "n": n, "D": has_d, "report": report}))
         except Exception as error:
             print(json.dumps({"p": p, "n": n, "D": has_d, "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))
-    for has_d, rope, save, init, groups in FORWARD_CASES:
+    for has_d, rope, save, init, groups, seq in FORWARD_CASES:
         case = {"kernel": "forward", "p": 128, "n": 128, "D": has_d, "rope": rope, "save_rotated": save,
-                "init": init, "groups": groups}
+                "init": init, "groups": groups, "documents": seq}
         try:
-            report, _ = forward_case(has_d, rope, save, init, groups=groups)
+            report, _ = forward_case(has_d, rope, save, init, groups=groups, has_seq=seq)
             print(json.dumps(dict(case, report=report)))
         except Exception as error:
             print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))

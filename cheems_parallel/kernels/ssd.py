@@ -77,9 +77,10 @@ KERNEL_CHUNK = 64
 # forward's rotated B~, C~ (`ssd_gluon_head_bwd.py`: one launch instead of dx + the merged dB/dC, 3.63 -> ~2.6 ms
 # on the Cheems shape at 4k), with gluon_head_overlap_c_rows of exp(g_last) <S, G> in its C side (0: all in the
 # B side) and dD's share in the C side (gluon_head_dd_in_c); gluon_fwd (v19, the default): on Hopper with p = n = 128,
-# no documents and l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
+# l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
-# 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs).
+# 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs);
+# with documents too (the backward after it then runs on the Triton kernels).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -1142,7 +1143,7 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
                 config.get("gluon_fwd_min_sequences")):
             save = cos is not None and save_for_backward and config.get("save_rotated", False)
             return ssd_gluon_fwd.fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save,
-                                               store_states=save_for_backward)
+                                               store_states=save_for_backward, seq=seq)
     # slot c holds the state entering chunk c; slot n_chunks the final state
     states = torch.empty(batch, n_chunks + 1, heads, head_dim, 2 * half, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, heads, head_dim, 2 * half, device=x.device, dtype=torch.float32)

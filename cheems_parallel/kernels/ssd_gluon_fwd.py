@@ -21,8 +21,13 @@ the state's rows (p). Per chunk:
   P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x; y (staged in w B~'s tile) and S
   (bf16) -> shared memory -> TMA stores into y and the states (the states only when a backward follows).
 
-Scope (`supported`): bf16, T = 64, p = n = 128, l a multiple of T, no document mask, cos / sin in bf16; contiguous
-tensors; and (`enough_sequences`) at least 3/8 of the SMs' worth of b·h sequences.
+Documents (seq_idx): the Triton kernels' four masks (`ssd._chunk_masks`), from each chunk's document ids loaded at
+the top of its step: scores only within a document, y's carried-state term only for tokens of the document the state
+comes from, the state update only from tokens of the chunk's last document, and the state carried across the chunk
+only when one document spans it.
+
+Scope (`supported`): bf16, T = 64, p = n = 128, l a multiple of T, cos / sin in bf16; contiguous tensors; and
+(`enough_sequences`) at least 3/8 of the SMs' worth of b·h sequences.
 """
 import torch
 from triton.experimental import gluon
@@ -50,10 +55,12 @@ LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their case
 def supported(x, B, cos, T, seq):
     """True when this kernel can run the forward of these inputs (else the Triton kernels run): bf16 (the only dtype
     run on the GPU so far; fp16 would compile the same), p = n = 128, contiguous cos / sin tables in x's dtype
-    (float32 tables, `rope_tables_fp32`, would need 64 KB of table buffer: more shared memory than there is)."""
+    (float32 tables, `rope_tables_fp32`, would need 64 KB of table buffer: more shared memory than there is);
+    document ids, if any, as `ssd_fused` pads them (int32, (b, lpad), contiguous)."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] == 128 and B.shape[-1] == 128
-            and hopper_tiles_fit(x, B, x, x, T, seq)
-            and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype)))
+            and hopper_tiles_fit(x, B, x, x, T, None)
+            and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype))
+            and (seq is None or (seq.dtype == torch.int32 and seq.is_contiguous())))
 
 
 def enough_sequences(sequences, sm_count, minimum=None):
@@ -91,6 +98,21 @@ def _chunk_vectors(g_ptr, dt_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t,
     row = (bi * H + hi).to(gl.int64) * LPAD + c * T
     return (gl.load(g_ptr + row + rows_t), gl.load(g_ptr + row + cols_t), gl.load(dt_ptr + row + cols_t),
             gl.load(g_ptr + row + T - 1), gl.load(g_ptr + row + rows_h), gl.load(dt_ptr + row + rows_h))
+
+
+@gluon.jit
+def _chunk_documents(seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, rows_h, rows_y, T: gl.constexpr):
+    """An item's document ids (documents on), as `ssd._chunk_masks` reads them: by the scores' rows and columns,
+    by the rotation tiles' rows (which tokens reach the chunk's end state) and by y's rows (which see the carried
+    state); and whether the carried state crosses the chunk."""
+    c, bi, _, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
+    row = bi.to(gl.int64) * LPAD + c * T
+    seq_last = gl.load(seq_ptr + row + T - 1)
+    seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
+    reaches_end = gl.load(seq_ptr + row + rows_h) == seq_last
+    sees_carried = gl.load(seq_ptr + row + rows_y) == seq_prev
+    return (gl.load(seq_ptr + row + rows_t), gl.load(seq_ptr + row + cols_t), reaches_end, sees_carried,
+            seq_prev == seq_last)
 
 
 @gluon.jit
@@ -135,9 +157,9 @@ def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl
 
 @gluon.jit
 def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g_ptr, dt_ptr, d_ptr, cos_ptr,
-                      sin_ptr, init_ptr, final_ptr, prof_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
+                      sin_ptr, init_ptr, final_ptr, prof_ptr, seq_ptr, L, H, HPG, NCHUNK, LPAD, N_SEQ,
                       T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, SAVE_ROTATED: gl.constexpr,
+                      HAS_INIT: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr, SAVE_ROTATED: gl.constexpr,
                       STORE_STATES: gl.constexpr, PROFILE: gl.constexpr, num_warps: gl.constexpr):
     """Descriptors: x and y as (b·l, h·p) rows, blocks (T, p); B, C and the rotated outputs as (b·l, g·n), blocks
     (T, n); the states (b, chunks + 1, h, p, n) as (rows, n), blocks (p, n). num_warps = 8. STORE_STATES: write every
@@ -181,6 +203,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     cols_s = gl.arange(0, N, layout=gl.SliceLayout(0, st_layout))
     state_offsets = gl.expand_dims(rows_s, 1) * N + gl.expand_dims(cols_s, 0)
     rows_h = gl.arange(0, T, layout=gl.SliceLayout(1, half_layout))
+    rows_y = gl.arange(0, T, layout=gl.SliceLayout(1, ty_layout))
     cols_h = gl.arange(0, NH, layout=gl.SliceLayout(0, half_layout))
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     zero_ty = gl.zeros([T, P], gl.float32, ty_layout)
@@ -231,6 +254,9 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
                 tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
 
 
+        if HAS_SEQ:  # loaded before the wait, under it
+            seq_rows, seq_cols, reaches_end, sees_carried, crosses = _chunk_documents(
+                seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, rows_h, rows_y, T)
         mbarrier.wait(ready.index(slot), (item // STAGES) & 1)
         if PROFILE:
             t_b = _clock()
@@ -259,6 +285,10 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             sin1 = 0.0
             sin2 = 0.0
         weight = gl.exp(g_last - g_h) * dt_h
+        carry = gl.exp(g_last)
+        if HAS_SEQ:
+            weight = gl.where(reaches_end, weight, 0.0)
+            carry = gl.where(crosses, carry, 0.0)
         k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
         kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
         kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
@@ -278,12 +308,15 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
 
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         y = warpgroup_mma(q_tile, s_smem.permute((1, 0)), zero_ty, use_acc=False, is_async=True)
-        state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * gl.exp(g_last), is_async=True)
+        state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * carry, is_async=True)
         scores = warpgroup_mma_wait(2, deps=(scores, ))
         if PROFILE:
             t_e = _clock()
             p3 += t_e - t_d
-        decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
+        allowed = causal
+        if HAS_SEQ:
+            allowed = allowed & (gl.expand_dims(seq_rows, 1) == gl.expand_dims(seq_cols, 0))
+        decay = gl.exp(gl.where(allowed, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         p_smem.store((scores * decay * gl.expand_dims(dt_cols, 0)).to(dtype))
         fence_async_shared()
         _sync_warps()
@@ -291,7 +324,10 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             t_f = _clock()
             p4 += t_f - t_e
         y = warpgroup_mma_wait(1, deps=(y, ))
-        y = y * gl.expand_dims(gl.exp(gl.convert_layout(g_rows, gl.SliceLayout(1, ty_layout))), 1)
+        into = gl.exp(gl.convert_layout(g_rows, gl.SliceLayout(1, ty_layout)))
+        if HAS_SEQ:
+            into = gl.where(sees_carried, into, 0.0)
+        y = y * gl.expand_dims(into, 1)
         if HAS_D:
             y += gl.load(d_ptr + hi).to(gl.float32) * x_tile.load(ty_layout).to(gl.float32)
         y = warpgroup_mma(p_smem, x_tile, y, is_async=True)
@@ -337,10 +373,11 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         mbarrier.invalidate(ready.index(s))
 
 
-def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, store_states=True, profile=None):
+def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, store_states=True, profile=None, seq=None):
     """(y, final (float32), states (b, chunks + 1, h, p, n) in x's dtype, B~, C~ or None, None) as `ssd._forward`
     returns them (save_rotated: store B~, C~; only with RoPE; store_states: the chunk states, else None: no backward
-    follows, and they are most of the walk's writes). Persistent grid: one program per SM. profile: an
+    follows, and they are most of the walk's writes); seq: document ids (b, lpad) int32 or None. Persistent grid:
+    one program per SM. profile: an
     int64 (programs, 8) tensor to receive
     the per-phase cycle sums (bench/ssd_walk_profile.py)."""
     batch, length, heads, head_dim = x.shape
@@ -374,9 +411,10 @@ def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, stor
     _fused_fwd_kernel[(min(programs, n_seq), )](
         x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, g, dt, D if D is not None else dt,
         cos if rope else dt, sin if rope else dt, initial_state if initial_state is not None else dt, final,
-        profile if profile is not None else dt,
+        profile if profile is not None else dt, seq if seq is not None else dt,
         length, heads, heads // groups, n_chunks, lpad, n_seq,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES if rope else STAGES + 1, HAS_D=D is not None,
         HAS_INIT=initial_state is not None,
-        ROPE=rope, SAVE_ROTATED=save_rotated, STORE_STATES=store_states, PROFILE=profile is not None, num_warps=8)
+        ROPE=rope, HAS_SEQ=seq is not None, SAVE_ROTATED=save_rotated, STORE_STATES=store_states,
+        PROFILE=profile is not None, num_warps=8)
     return y, final, states if store_states else None, rotated_B, rotated_C

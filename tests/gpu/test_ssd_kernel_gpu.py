@@ -215,46 +215,55 @@ def test_gluon_backwards_in_float16(groups, rope, module):
 # RoPE (B~, C~ saved for the Gluon head backward) and D; l = 16k; 160 sequences on the H200's 132 SMs (some programs
 # walk two: the state restarts at the second one's first chunk) with an initial state; mamba's one-group shape
 # (RoPE off); a single chunk per sequence; with the Triton backward (B~, C~ as the Triton kernels read them)
+# (batch, length, heads, rope, use_d, use_init, use_seq, groups, overrides); with documents (use_seq) the backward
+# after the walk runs on the Triton kernels
 GLUON_FWD_CASES = [
-    (2, 768, 8, True, True, False, 8, {}),
-    (1, 16384, 4, True, True, True, 4, {}),
-    (2, 256, 80, True, False, True, 80, {}),
-    (2, 1024, 8, False, True, False, 1, {}),
-    (3, 64, 5, True, True, True, 5, {}),
-    (2, 768, 8, True, True, True, 8, {"gluon_head_bwd": False}),
+    (2, 768, 8, True, True, False, False, 8, {}),
+    (1, 16384, 4, True, True, True, False, 4, {}),
+    (2, 256, 80, True, False, True, False, 80, {}),
+    (2, 1024, 8, False, True, False, False, 1, {}),
+    (3, 64, 5, True, True, True, False, 5, {}),
+    (2, 768, 8, True, True, True, False, 8, {"gluon_head_bwd": False}),
+    (2, 1024, 8, True, True, True, True, 8, {}),
+    (1, 4096, 4, False, True, False, True, 1, {}),
+    (3, 256, 5, True, False, True, True, 5, {}),
 ]
 
 
-@pytest.mark.parametrize("batch, length, heads, rope, use_d, use_init, groups, overrides", GLUON_FWD_CASES)
-def test_gluon_forward_matches_float64_reference(batch, length, heads, rope, use_d, use_init, groups, overrides):
+@pytest.mark.parametrize("batch, length, heads, rope, use_d, use_init, use_seq, groups, overrides", GLUON_FWD_CASES)
+def test_gluon_forward_matches_float64_reference(batch, length, heads, rope, use_d, use_init, use_seq, groups,
+                                                 overrides):
     from cheems_parallel.kernels import ssd_gluon_fwd
     from cheems_parallel.kernels.ssd import ssd_fused
 
-    inputs = make_inputs(batch, length, heads, 128, 128, torch.bfloat16, rope, use_d, use_init, False, groups=groups)
+    inputs = make_inputs(batch, length, heads, 128, 128, torch.bfloat16, rope, use_d, use_init, use_seq,
+                         groups=groups)
     launches = ssd_gluon_fwd.LAUNCHES
     errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_fwd=True,
                                                                      gluon_fwd_min_sequences=1))
     assert ssd_gluon_fwd.LAUNCHES > launches, "the Gluon forward did not run for this case"
-    print(f"\ngluon-fwd shape b={batch} l={length} h={heads} g={groups} rope={rope} D={use_d} init={use_init}: "
+    print(f"\ngluon-fwd shape b={batch} l={length} h={heads} g={groups} rope={rope} D={use_d} init={use_init} "
+          f"documents={use_seq}: "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
     assert not bad, f"relative error over 1e-2: {bad}"
 
 
-@pytest.mark.parametrize("rope, groups", [(True, 8), (False, 1)])
-def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups):
+@pytest.mark.parametrize("rope, groups, use_seq", [(True, 8, False), (False, 1, False), (True, 8, True)])
+def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups, use_seq):
     """The walk's saved tensors (every chunk's entering state, B~, C~) and y against the two Triton launches' on
     the same inputs: equal up to a few bf16 roundings (the state is carried in float32 by both)."""
     from cheems_parallel.kernels import ssd as ssd_kernels
     from cheems_parallel.kernels import ssd_gluon_fwd
     from tests.kernel_oracles import relative_error
 
-    inputs = make_inputs(2, 1024, 8, 128, 128, torch.bfloat16, rope, True, True, False, groups=groups)
+    inputs = make_inputs(2, 1024, 8, 128, 128, torch.bfloat16, rope, True, True, use_seq, groups=groups)
     dt, g = ssd_kernels.kernel_prologue(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], 64)
     cos = inputs["cos"].to(torch.bfloat16).contiguous() if rope else None
     sin = inputs["sin"].to(torch.bfloat16).contiguous() if rope else None
-    args = (inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, None, inputs["D"], inputs["initial_state"], 64)
+    seq = inputs["seq_idx"].to(torch.int32).contiguous() if use_seq else None   # l % 64 == 0: no padding
+    args = (inputs["x"], inputs["B"], inputs["C"], cos, sin, dt, g, seq, inputs["D"], inputs["initial_state"], 64)
     triton_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=False))
     launches = ssd_gluon_fwd.LAUNCHES
     gluon_out = ssd_kernels._forward(*args, dict(ssd_kernels.CONFIG, gluon_fwd=True, gluon_fwd_min_sequences=1))

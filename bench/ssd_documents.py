@@ -1,0 +1,68 @@
+"""The SSD kernels with documents (seq_idx, a state reset at each boundary): the Gluon forward walk against the
+Triton forward, forward and forward+backward, on bench/ssd.py's Cheems shape (B·L = 65 536, h = 32, p = n = 128,
+RoPE, bf16) with a few documents per row at random boundaries. With documents the backward runs on the Triton
+kernels either way (the Gluon backwards need no documents). Prints the table last; JSON to --out.
+
+  python bench/ssd_documents.py --out bench/results/ssd_documents_h200.json
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+
+from ssd import make_problem, time_ms, with_grad  # bench/ssd.py (this script's folder is on sys.path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--documents", type=int, default=8, help="documents per row (boundaries at random)")
+    parser.add_argument("--rep-ms", type=int, default=300)
+    parser.add_argument("--out", default="bench/results/ssd_documents_h200.json")
+    args = parser.parse_args()
+    rows = []
+    for length in args.lengths:
+        problem = with_grad(make_problem(args.tokens, length, 32, 128, 128, rope=True, groups=32))
+        batch = args.tokens // length
+        ids = torch.randint(0, args.documents, (batch, length), device="cuda")
+        seq_idx = torch.sort(ids, dim=1).values
+
+        leaves = [problem[name] for name in ("x", "dt_raw", "dt_bias", "A", "B", "C", "D")]
+
+        def timed(config, backward):
+            def call():
+                y, _ = ssd_fused_with_documents(problem, seq_idx, config)
+                if backward:
+                    y.backward(problem["dy"])
+            if backward:
+                return time_ms(call, leaves, args.rep_ms)
+            with torch.no_grad():
+                return time_ms(call, [], args.rep_ms)
+        row = {"L": length, "documents_per_row": args.documents}
+        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+            row[f"{mode}_walk_ms"] = timed({"gluon_fwd": True}, backward)
+            row[f"{mode}_triton_ms"] = timed({"gluon_fwd": False}, backward)
+            row[f"{mode}_speedup"] = row[f"{mode}_triton_ms"] / row[f"{mode}_walk_ms"]
+        rows.append(row)
+    print(f"Cheems shape with documents ({args.documents} per row), B·L={args.tokens}, h=32, p=n=128, bf16: "
+          "Gluon forward walk vs Triton forward (ms)")
+    print(f"{'L':>6} | {'fwd walk':>9} {'triton':>8} {'speedup':>7} | {'fwd+bwd walk':>12} {'triton':>8} {'speedup':>7}")
+    for row in rows:
+        print(f"{row['L']:6d} | {row['fwd_walk_ms']:9.3f} {row['fwd_triton_ms']:8.3f} {row['fwd_speedup']:7.2f} | "
+              f"{row['fwd_bwd_walk_ms']:12.3f} {row['fwd_bwd_triton_ms']:8.3f} {row['fwd_bwd_speedup']:7.2f}")
+    with open(args.out, "w") as handle:
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
+
+
+def ssd_fused_with_documents(problem, seq_idx, config):
+    from cheems_parallel.kernels.ssd import ssd_fused
+    return ssd_fused(problem["x"], problem["dt_raw"], problem["dt_bias"], problem["A"], problem["B"], problem["C"],
+                     problem["cos"], problem["sin"], D=problem["D"], seq_idx=seq_idx, kernel_chunk=64, config=config)
+
+
+if __name__ == "__main__":
+    main()
