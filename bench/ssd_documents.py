@@ -1,7 +1,8 @@
 """The SSD kernels with documents (seq_idx, a state reset at each boundary): the Gluon forward walk against the
 Triton forward, forward and forward+backward, on bench/ssd.py's Cheems shape (B·L = 65 536, h = 32, p = n = 128,
-RoPE, bf16) with a few documents per row at random boundaries. With documents the backward runs on the Triton
-kernels either way (the Gluon backwards need no documents). Prints the table last; JSON to --out.
+RoPE, bf16) with a few documents per row at random boundaries, in one run: the defaults (Gluon forward walk and Gluon
+head backward, both with documents since session 13), the walk with the Triton backward, and the Triton kernels
+alone (what documents ran on before). Prints the table last; JSON to --out.
 
   python bench/ssd_documents.py --out bench/results/ssd_documents_h200.json
 """
@@ -43,17 +44,21 @@ def main():
             with torch.no_grad():
                 return time_ms(call, [], args.rep_ms)
         row = {"L": length, "documents_per_row": args.documents}
-        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-            row[f"{mode}_walk_ms"] = timed({"gluon_fwd": True}, backward)
-            row[f"{mode}_triton_ms"] = timed({"gluon_fwd": False}, backward)
-            row[f"{mode}_speedup"] = row[f"{mode}_triton_ms"] / row[f"{mode}_walk_ms"]
+        row["fwd_walk_ms"] = timed({"gluon_fwd": True}, False)
+        row["fwd_triton_ms"] = timed({"gluon_fwd": False}, False)
+        row["fwd_bwd_gluon_ms"] = timed({"gluon_fwd": True, "gluon_head_bwd": True}, True)
+        row["fwd_bwd_walk_triton_bwd_ms"] = timed({"gluon_fwd": True, "gluon_head_bwd": False}, True)
+        row["fwd_bwd_triton_ms"] = timed({"gluon_fwd": False, "gluon_head_bwd": False}, True)
+        row["fwd_speedup"] = row["fwd_triton_ms"] / row["fwd_walk_ms"]
+        row["fwd_bwd_speedup"] = row["fwd_bwd_triton_ms"] / row["fwd_bwd_gluon_ms"]
         rows.append(row)
-    print(f"Cheems shape with documents ({args.documents} per row), B·L={args.tokens}, h=32, p=n=128, bf16: "
-          "Gluon forward walk vs Triton forward (ms)")
-    print(f"{'L':>6} | {'fwd walk':>9} {'triton':>8} {'speedup':>7} | {'fwd+bwd walk':>12} {'triton':>8} {'speedup':>7}")
+    print(f"Cheems shape with documents ({args.documents} per row), B·L={args.tokens}, h=32, p=n=128, bf16 (ms): "
+          "forward walk vs Triton; fwd+bwd all Gluon / walk + Triton backward / all Triton")
+    print(f"{'L':>6} | {'fwd walk':>9} {'triton':>8} {'x':>5} | {'gluon':>7} {'walk+tri':>8} {'triton':>7} {'x':>5}")
     for row in rows:
-        print(f"{row['L']:6d} | {row['fwd_walk_ms']:9.3f} {row['fwd_triton_ms']:8.3f} {row['fwd_speedup']:7.2f} | "
-              f"{row['fwd_bwd_walk_ms']:12.3f} {row['fwd_bwd_triton_ms']:8.3f} {row['fwd_bwd_speedup']:7.2f}")
+        print(f"{row['L']:6d} | {row['fwd_walk_ms']:9.3f} {row['fwd_triton_ms']:8.3f} {row['fwd_speedup']:5.2f} | "
+              f"{row['fwd_bwd_gluon_ms']:7.3f} {row['fwd_bwd_walk_triton_bwd_ms']:8.3f} {row['fwd_bwd_triton_ms']:7.3f} "
+              f"{row['fwd_bwd_speedup']:5.2f}")
     with open(args.out, "w") as handle:
         json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
 

@@ -37,17 +37,17 @@ def fused_case(head_dim=128, state_dim=128, has_d=True, batch=2, length=1024, he
     return compile_kernel(m._fused_group_bwd_kernel, args, constexprs, 4)
 
 
-def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8, **overrides):
+def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8, has_seq=False, **overrides):
     """The groups = heads kernel (`ssd_gluon_head_bwd`, n = 128)."""
     from cheems_parallel.kernels import ssd_gluon_head_bwd as m
     state_dim = 128
     n_chunks = length // m.CHUNK
     x, B, vec, descs, f32 = _placeholders(batch, length, heads, head_dim, state_dim, heads)
     table = torch.empty(batch, length, state_dim)
-    args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, length, heads, batch * heads,
-            n_chunks, length, n_chunks * batch * heads, *table.stride())
+    args = (*descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, torch.empty(batch, length, dtype=torch.int32),
+            length, heads, batch * heads, n_chunks, length, n_chunks * batch * heads, *table.stride())
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
-                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope,
+                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, HAS_SEQ=has_seq,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)
@@ -83,7 +83,8 @@ CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
 # training forward with documents; mamba's shape
 FORWARD_CASES = ((True, True, True, False, 8, False), (True, True, False, True, 8, False),
                  (True, True, True, False, 8, True), (True, False, False, False, 1, False))
-HEAD_CASES = ((128, True, True), (128, False, False), (64, True, True))
+# (p, D, RoPE, documents)
+HEAD_CASES = ((128, True, True, False), (128, False, False, False), (64, True, True, False), (128, True, True, True))
 
 if __name__ == "__main__":
     # one JSON object per line: {"p", "n", "D", "report"} or {"p", "n", "D", "error"}
@@ -101,10 +102,10 @@ if __name__ == "__main__":
             print(json.dumps(dict(case, report=report)))
         except Exception as error:
             print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
-    for p, has_d, rope in HEAD_CASES:
+    for p, has_d, rope, seq in HEAD_CASES:
+        case = {"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "documents": seq}
         try:
-            report, _ = head_case(p, has_d, rope)
-            print(json.dumps({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "report": report}))
+            report, _ = head_case(p, has_d, rope, has_seq=seq)
+            print(json.dumps(dict(case, report=report)))
         except Exception as error:
-            print(json.dumps({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope,
-                              "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))
+            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))

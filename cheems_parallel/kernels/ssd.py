@@ -80,7 +80,7 @@ KERNEL_CHUNK = 64
 # l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
 # 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs);
-# with documents too (the backward after it then runs on the Triton kernels).
+# with documents too (then the backward is the Gluon head kernel for groups = heads, the Triton kernels otherwise).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -1266,7 +1266,8 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         else:
             dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
-                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True))
+                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
+                seq=seq)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
 

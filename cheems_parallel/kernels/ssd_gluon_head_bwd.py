@@ -20,8 +20,13 @@ group, except that nothing is summed over heads, so each side finishes its own g
 The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
 shared-memory operands), so that RoPE's transpose pairs registers of the same thread.
 
-Scope (`supported`): bf16/fp16, T = 64, p in {64, 128}, n = 128, l a multiple of T, no document mask, B~ and C~
-given rotated (the forward's saved copies) or RoPE off; contiguous tensors.
+Documents (seq_idx, HAS_SEQ): the Triton kernels' masks (`ssd._chunk_masks`) on the same terms: Gam within a
+document, exp(g) on dy only for tokens that see the carried state, w only for tokens that reach the chunk's end
+state, and exp(g_last) <S, G> only when the state crosses the chunk (the reverse state pass applies the same masks
+to G).
+
+Scope (`supported`): bf16/fp16, T = 64, p in {64, 128}, n = 128, l a multiple of T, B~ and C~ given rotated (the
+forward's saved copies) or RoPE off; contiguous tensors; document ids, if any, int32 (b, lpad) contiguous.
 """
 import torch
 from triton.experimental import gluon
@@ -52,7 +57,8 @@ LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that thei
 
 def supported(x, B, dy, states, T, seq):
     """True when this kernel can run the backward of these inputs (else the Triton kernels run)."""
-    return B.shape[2] == x.shape[2] and B.shape[-1] == 128 and hopper_tiles_fit(x, B, dy, states, T, seq)
+    return (B.shape[2] == x.shape[2] and B.shape[-1] == 128 and hopper_tiles_fit(x, B, dy, states, T, None)
+            and (seq is None or (seq.dtype == torch.int32 and seq.is_contiguous())))
 
 
 @gluon.jit
@@ -69,6 +75,14 @@ def _consumer_tile(tile, i, BH, H, L, LPAD, T: gl.constexpr, STAGES: gl.constexp
     c, bi, hi = _tile_coords(tile, BH, H)
     gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
     return c, bi, hi, i % STAGES, gdt_row, bi * L + c * T
+
+
+@gluon.jit
+def _chunk_documents(seq_ptr, bi, c, LPAD, T: gl.constexpr):
+    """(row of a tile's document ids, the id of its last token, the id of the token before it)."""
+    seq_row = bi.to(gl.int64) * LPAD + c * T
+    seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
+    return seq_row, gl.load(seq_ptr + seq_row + T - 1), seq_prev
 
 
 @gluon.jit
@@ -128,9 +142,9 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD, N_TILES,
-            sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr,
-            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr):
+            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, L, H, BH, NCHUNK, LPAD,
+            N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
+            P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -147,6 +161,9 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
         g_last = gl.load(g_ptr + gdt_row + T - 1)
+        if HAS_SEQ:  # exp(g) dy only for the tokens that see the carried state
+            seq_row, seq_last, seq_prev = _chunk_documents(seq_ptr, bi, c, LPAD, T)
+            scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_prev, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the carried-state product first: S is released as soon as it is done
@@ -166,7 +183,11 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         g_rows = gl.load(g_ptr + gdt_row + rows)
         g_cols = gl.load(g_ptr + gdt_row + cols)
         dt_cols = gl.load(dt_ptr + gdt_row + cols)
-        decay = gl.exp(gl.where(causal, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
+        allowed = causal
+        if HAS_SEQ:
+            allowed = allowed & (gl.expand_dims(gl.load(seq_ptr + seq_row + rows), 1)
+                                 == gl.expand_dims(gl.load(seq_ptr + seq_row + cols), 0))
+        decay = gl.exp(gl.where(allowed, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         # the B side's two (T, T) operands, transposed there by a shared-memory view: scores * Gam for dv and W
         # for W^T q (it is the longer partition: these were its own products)
         sd_tile = sd_smem.index(slot)
@@ -186,7 +207,10 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         if HAS_D and DD_IN_C:  # dD's share of this tile, sum(dy * x)
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
         mbarrier.arrive(empty.index(slot))
-        end_term = gl.where(rows == T - 1, overlap * gl.exp(g_last), 0.0)
+        carry = gl.exp(g_last)
+        if HAS_SEQ:
+            carry = gl.where(seq_prev == seq_last, carry, 0.0)
+        end_term = gl.where(rows == T - 1, overlap * carry, 0.0)
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
         _store_unrotated(dc_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
                          token_row, hi * N, H * N, T, NH, th_layout, ROPE)
@@ -198,10 +222,10 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
             L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-            DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr):
+            DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr):
     NH: gl.constexpr = N // 2
     tp_layout: gl.constexpr = wgmma_layout(P)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -217,6 +241,9 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
+        if HAS_SEQ:  # w only for the tokens that reach the chunk's end state
+            seq_row, seq_last, seq_prev = _chunk_documents(seq_ptr, bi, c, LPAD, T)
+            scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_last, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
@@ -234,6 +261,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         g_p = gl.load(g_ptr + gdt_row + rows_p)
         dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         weight_p = gl.exp(g_last - g_p)
+        if HAS_SEQ:
+            weight_p = gl.where(gl.load(seq_ptr + seq_row + rows_p) == seq_last, weight_p, 0.0)
         # c / (w dt) = rowsum(x * k G^T)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
         # dv = (scores^T * Gam^T) dy + w * end and dB~'s W^T q, from the C side's (T, T) tiles
@@ -256,7 +285,10 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
                  dv.to(dx_ptr.dtype.element_ty))
 
         mbarrier.arrive(empty.index(slot))
-        total = gl.sum(carried, axis=0) + overlap * gl.exp(g_last)
+        carry = gl.exp(g_last)
+        if HAS_SEQ:   # the carried state's term only when the state crosses the chunk
+            carry = gl.where(seq_prev == seq_last, carry, 0.0)
+        total = gl.sum(carried, axis=0) + overlap * carry
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
         _store_unrotated(db_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
                          token_row, hi * N, H * N, T, NH, th_layout, ROPE)
@@ -265,10 +297,11 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 
 @gluon.jit
 def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
-                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
+                           HAS_SEQ: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
     `ssd_gluon_bwd.descriptors` with groups = heads."""
@@ -295,23 +328,25 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, L, H, BH, NCHUNK, LPAD,
-                   N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE)),
+                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, L, H, BH,
+                   NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE, HAS_SEQ)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
-                   L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE)),
+                   seq_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE,
+                   HAS_SEQ)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
-                        dd_in_c=True):
+                        dd_in_c=True, seq=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
     copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
-    the rest); dd_in_c: which side sums dD's share. Persistent grid: one program per SM."""
+    the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None. Persistent grid: one
+    program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
     lpad = dt.shape[-1]
@@ -332,9 +367,10 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](
         *descriptors(x, dy, states, dstates, B_in, C_in), g, dt, D if D is not None else dt,
         cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
-        length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
+        seq if seq is not None else dt, length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
-        P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, PRODUCER_REGS=PRODUCER_REGISTERS,
+        P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, HAS_SEQ=seq is not None,
+        PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD

@@ -165,27 +165,32 @@ def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, he
 # (chunk, head) tiles): the Cheems shape with RoPE (un-rotated in the kernel) and D; p = 64 with an initial state at
 # l = 16k (many tiles per program); no RoPE with three heads; a single tile per program (4 tiles); <S, G> (all in
 # the B side by default) all in the C side; split, with dD in the B side
+# (batch, length, heads, head_dim, rope, use_d, use_init, use_seq, overrides)
 GLUON_HEAD_CASES = [
-    (2, 768, 8, 128, True, True, False, {}),
-    (1, 16384, 4, 64, True, False, True, {}),
-    (2, 512, 3, 128, False, True, True, {}),
-    (1, 128, 2, 128, True, True, True, {}),
-    (2, 768, 8, 128, True, True, False, {"gluon_head_overlap_c_rows": 128}),
-    (2, 768, 8, 128, True, True, True, {"gluon_head_overlap_c_rows": 64, "gluon_head_dd_in_c": False}),
+    (2, 768, 8, 128, True, True, False, False, {}),
+    (1, 16384, 4, 64, True, False, True, False, {}),
+    (2, 512, 3, 128, False, True, True, False, {}),
+    (1, 128, 2, 128, True, True, True, False, {}),
+    (2, 768, 8, 128, True, True, False, False, {"gluon_head_overlap_c_rows": 128}),
+    (2, 768, 8, 128, True, True, True, False, {"gluon_head_overlap_c_rows": 64, "gluon_head_dd_in_c": False}),
+    (2, 768, 8, 128, True, True, True, True, {}),
+    (1, 4096, 4, 64, True, False, False, True, {}),
+    (2, 512, 3, 128, False, True, True, True, {"gluon_head_overlap_c_rows": 64}),
 ]
 
 
-@pytest.mark.parametrize("batch, length, heads, head_dim, rope, use_d, use_init, overrides", GLUON_HEAD_CASES)
-def test_gluon_head_backward_matches_float64_reference(batch, length, heads, head_dim, rope, use_d, use_init,
+@pytest.mark.parametrize("batch, length, heads, head_dim, rope, use_d, use_init, use_seq, overrides",
+                         GLUON_HEAD_CASES)
+def test_gluon_head_backward_matches_float64_reference(batch, length, heads, head_dim, rope, use_d, use_init, use_seq,
                                                        overrides):
     from cheems_parallel.kernels import ssd_gluon_head_bwd
     from cheems_parallel.kernels.ssd import ssd_fused
 
-    inputs = make_inputs(batch, length, heads, head_dim, 128, torch.bfloat16, rope, use_d, use_init, False)
+    inputs = make_inputs(batch, length, heads, head_dim, 128, torch.bfloat16, rope, use_d, use_init, use_seq)
     launches = ssd_gluon_head_bwd.LAUNCHES
     errors, plain = ssd_kernel_errors(ssd_fused, inputs, config=dict(overrides, gluon_bwd=True, gluon_head_bwd=True))
     assert ssd_gluon_head_bwd.LAUNCHES > launches, "the Gluon head backward did not run for this case"
-    print(f"\ngluon-head shape b={batch} l={length} h={heads} p={head_dim} rope={rope} D={use_d}: "
+    print(f"\ngluon-head shape b={batch} l={length} h={heads} p={head_dim} rope={rope} D={use_d} documents={use_seq}: "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items())
           + " | plain relative: " + " ".join(f"{name}={error:.1e}" for name, error in plain.items()))
     bad = {name: error for name, error in errors.items() if not error < 1e-2}
@@ -216,7 +221,7 @@ def test_gluon_backwards_in_float16(groups, rope, module):
 # walk two: the state restarts at the second one's first chunk) with an initial state; mamba's one-group shape
 # (RoPE off); a single chunk per sequence; with the Triton backward (B~, C~ as the Triton kernels read them)
 # (batch, length, heads, rope, use_d, use_init, use_seq, groups, overrides); with documents (use_seq) the backward
-# after the walk runs on the Triton kernels
+# after the walk is the Gluon head backward for groups = heads, the Triton kernels for one group
 GLUON_FWD_CASES = [
     (2, 768, 8, True, True, False, False, 8, {}),
     (1, 16384, 4, True, True, True, False, 4, {}),
