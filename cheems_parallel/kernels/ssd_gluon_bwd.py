@@ -45,19 +45,36 @@ CONSUMER_REGISTERS = 240
 LAUNCHES = 0  # how often fused_group_backward ran (the GPU tests check that their cases took this path)
 
 
-def hopper_tiles_fit(x, B, dy, states, T, seq):
-    """What both Gluon SSD backwards need: a Hopper GPU, 16-bit inputs, T = CHUNK, l a multiple of T, no
-    document mask, p in {64, 128}, contiguous tensors (TMA descriptors over flat rows)."""
+def hopper_tiles_fit(x, B, T, *others):
+    """What the Gluon SSD kernels need: a Hopper GPU, 16-bit x and B, T = CHUNK, l a multiple of T, p in {64, 128},
+    x, B and `others` contiguous (TMA descriptors over flat rows)."""
     return (x.is_cuda and is_hopper(x.device)
             and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and T == CHUNK
-            and seq is None and x.shape[1] % T == 0 and x.shape[-1] in (64, 128)
-            and all(t.is_contiguous() for t in (x, B, dy, states)))
+            and x.shape[1] % T == 0 and x.shape[-1] in (64, 128)
+            and all(t.is_contiguous() for t in (x, B, *others)))
+
+
+def documents_fit(seq):
+    """Document ids the forward walk and the head backward read: none, or int32 (b, lpad) rows as `ssd_fused`
+    pads them."""
+    return seq is None or (seq.dtype == torch.int32 and seq.is_contiguous())
 
 
 def supported(x, B, dy, states, T, seq):
-    """True when this kernel can run the backward of these inputs (else the Triton kernels run). RoPE is the
-    caller's to rule out (dB~, dC~ would need un-rotating)."""
-    return B.shape[2] < x.shape[2] and B.shape[-1] in (64, 128) and hopper_tiles_fit(x, B, dy, states, T, seq)
+    """True when this kernel can run the backward of these inputs (else the Triton kernels run): no documents.
+    RoPE is the caller's to rule out (dB~, dC~ would need un-rotating)."""
+    return (B.shape[2] < x.shape[2] and B.shape[-1] in (64, 128) and seq is None
+            and hopper_tiles_fit(x, B, T, dy, states))
+
+
+@gluon.jit
+def chunk_document_ids(seq_ptr, bi, c, LPAD, T: gl.constexpr):
+    """Where chunk c of row bi reads its document ids (`ssd_fused`'s padded (b, lpad) int32 rows): (the chunk's row
+    offset, the id of its last token, the id of the token before it; the first token's own for chunk 0), the
+    operands of `ssd._chunk_masks`."""
+    seq_row = bi.to(gl.int64) * LPAD + c * T
+    seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
+    return seq_row, gl.load(seq_ptr + seq_row + T - 1), seq_prev
 
 
 @gluon.constexpr_function

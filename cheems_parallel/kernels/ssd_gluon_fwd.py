@@ -42,7 +42,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from cheems_parallel.kernels.device import sm_count
-from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, hopper_tiles_fit, tma_descriptor
+from cheems_parallel.kernels.ssd_gluon_bwd import (
+    CHUNK,
+    chunk_document_ids,
+    documents_fit,
+    hopper_tiles_fit,
+    tma_descriptor,
+)
 
 # a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
 _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -58,9 +64,8 @@ def supported(x, B, cos, T, seq):
     (float32 tables, `rope_tables_fp32`, would need 64 KB of table buffer: more shared memory than there is);
     document ids, if any, as `ssd_fused` pads them (int32, (b, lpad), contiguous)."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] == 128 and B.shape[-1] == 128
-            and hopper_tiles_fit(x, B, x, x, T, None)
-            and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype))
-            and (seq is None or (seq.dtype == torch.int32 and seq.is_contiguous())))
+            and hopper_tiles_fit(x, B, T) and documents_fit(seq)
+            and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype)))
 
 
 def enough_sequences(sequences, sm_count, minimum=None):
@@ -106,9 +111,7 @@ def _chunk_documents(seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, row
     by the rotation tiles' rows (which tokens reach the chunk's end state) and by y's rows (which see the carried
     state); and whether the carried state crosses the chunk."""
     c, bi, _, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
-    row = bi.to(gl.int64) * LPAD + c * T
-    seq_last = gl.load(seq_ptr + row + T - 1)
-    seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
+    row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
     reaches_end = gl.load(seq_ptr + row + rows_h) == seq_last
     sees_carried = gl.load(seq_ptr + row + rows_y) == seq_prev
     return (gl.load(seq_ptr + row + rows_t), gl.load(seq_ptr + row + cols_t), reaches_end, sees_carried,

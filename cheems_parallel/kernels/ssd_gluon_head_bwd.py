@@ -46,6 +46,8 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
     PRODUCER_REGISTERS,
     _tile_dot,
     descriptors,
+    chunk_document_ids,
+    documents_fit,
     hopper_tiles_fit,
     wgmma_layout,
 )
@@ -57,8 +59,8 @@ LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that thei
 
 def supported(x, B, dy, states, T, seq):
     """True when this kernel can run the backward of these inputs (else the Triton kernels run)."""
-    return (B.shape[2] == x.shape[2] and B.shape[-1] == 128 and hopper_tiles_fit(x, B, dy, states, T, None)
-            and (seq is None or (seq.dtype == torch.int32 and seq.is_contiguous())))
+    return (B.shape[2] == x.shape[2] and B.shape[-1] == 128 and hopper_tiles_fit(x, B, T, dy, states)
+            and documents_fit(seq))
 
 
 @gluon.jit
@@ -75,14 +77,6 @@ def _consumer_tile(tile, i, BH, H, L, LPAD, T: gl.constexpr, STAGES: gl.constexp
     c, bi, hi = _tile_coords(tile, BH, H)
     gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
     return c, bi, hi, i % STAGES, gdt_row, bi * L + c * T
-
-
-@gluon.jit
-def _chunk_documents(seq_ptr, bi, c, LPAD, T: gl.constexpr):
-    """(row of a tile's document ids, the id of its last token, the id of the token before it)."""
-    seq_row = bi.to(gl.int64) * LPAD + c * T
-    seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
-    return seq_row, gl.load(seq_ptr + seq_row + T - 1), seq_prev
 
 
 @gluon.jit
@@ -162,7 +156,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         if HAS_SEQ:  # exp(g) dy only for the tokens that see the carried state
-            seq_row, seq_last, seq_prev = _chunk_documents(seq_ptr, bi, c, LPAD, T)
+            seq_row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
             scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_prev, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
@@ -242,7 +236,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
         if HAS_SEQ:  # w only for the tokens that reach the chunk's end state
-            seq_row, seq_last, seq_prev = _chunk_documents(seq_ptr, bi, c, LPAD, T)
+            seq_row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
             scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_last, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
