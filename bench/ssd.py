@@ -151,7 +151,8 @@ def run_ours(problem, kernel_chunk, config, backward):
     def call():
         y, final = ssd_kernels.ssd_fused(problem["x"], problem["dt_raw"], problem["dt_bias"], problem["A"],
                                          problem["B"], problem["C"], problem["cos"], problem["sin"],
-                                         D=problem["D"], kernel_chunk=kernel_chunk, config=config)
+                                         D=problem["D"], seq_idx=problem.get("seq_idx"), kernel_chunk=kernel_chunk,
+                                         config=config)
         if backward:
             y.backward(problem["dy"])
         return y

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch
 
-from ssd import make_problem, time_ms, with_grad  # bench/ssd.py (this script's folder is on sys.path)
+from ssd import make_problem, run_ours, time_ms, with_grad  # bench/ssd.py (this script's folder is on sys.path)
 
 
 def main():
@@ -30,15 +30,10 @@ def main():
         problem = with_grad(make_problem(args.tokens, length, 32, 128, 128, rope=True, groups=32))
         batch = args.tokens // length
         ids = torch.randint(0, args.documents, (batch, length), device="cuda")
-        seq_idx = torch.sort(ids, dim=1).values
-
-        leaves = [problem[name] for name in ("x", "dt_raw", "dt_bias", "A", "B", "C", "D")]
+        problem["seq_idx"] = torch.sort(ids, dim=1).values
 
         def timed(config, backward):
-            def call():
-                y, _ = ssd_fused_with_documents(problem, seq_idx, config)
-                if backward:
-                    y.backward(problem["dy"])
+            call, leaves = run_ours(problem, 64, config, backward)
             if backward:
                 return time_ms(call, leaves, args.rep_ms)
             with torch.no_grad():
@@ -61,12 +56,6 @@ def main():
               f"{row['fwd_bwd_speedup']:5.2f}")
     with open(args.out, "w") as handle:
         json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
-
-
-def ssd_fused_with_documents(problem, seq_idx, config):
-    from cheems_parallel.kernels.ssd import ssd_fused
-    return ssd_fused(problem["x"], problem["dt_raw"], problem["dt_bias"], problem["A"], problem["B"], problem["C"],
-                     problem["cos"], problem["sin"], D=problem["D"], seq_idx=seq_idx, kernel_chunk=64, config=config)
 
 
 if __name__ == "__main__":

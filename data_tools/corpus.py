@@ -18,7 +18,7 @@ import sysconfig
 import warnings
 
 from data_tools.errors import DataError
-from data_tools.staging import remove_orphans, staging_path
+from data_tools.staging import claim_staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def write_stdlib_corpus(out_path: str, max_bytes: int) -> dict:
         raise DataError(f"output directory {directory} does not exist; create it first")
     if max_bytes <= 0:
         raise DataError(f"max_bytes {max_bytes} must be positive")
-    remove_orphans(out_path)
-    temporary = staging_path(out_path)
+    temporary = claim_staging_path(out_path)
     documents = written = 0
     try:
         with open(temporary, "w", encoding="utf-8") as stream:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy
 
 from data_tools.errors import DataError
-from data_tools.staging import remove_orphans, staging_path
+from data_tools.staging import claim_staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def staged_json(final_path: str, value):
     """Write `value` as JSON under a temporary name and yield the (temporary, final) pair for `publish`
     (e.g. a shard's .meta.json, renamed together with its .bin/.idx); the temporary file is removed on
     exit if it was not renamed."""
-    remove_orphans(final_path)
-    temporary = staging_path(final_path)
+    temporary = claim_staging_path(final_path)
     try:
         write_json(temporary, value)
         yield temporary, final_path
@@ -184,10 +183,8 @@ class ShardWriter:
         check_output_prefix(prefix)
         self.prefix = prefix
         self.dtype = numpy.dtype(dtype)
-        for final in (bin_path(prefix), idx_path(prefix)):
-            remove_orphans(final)
-        self.temporary_bin = staging_path(bin_path(prefix))
-        self.temporary_idx = staging_path(idx_path(prefix))
+        self.temporary_bin = claim_staging_path(bin_path(prefix))
+        self.temporary_idx = claim_staging_path(idx_path(prefix))
         self._stream = open(self.temporary_bin, "wb")
         self._length_chunks = []          # int32 arrays, concatenated at commit
         self._open_document_length = 0    # tokens added to a document not yet ended
@@ -293,10 +290,8 @@ def join_with_megatron_builder(part_prefixes: list[str], output_prefix: str, dty
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    for final in (bin_path(output_prefix), idx_path(output_prefix)):
-        remove_orphans(final)
-    temporary_bin = staging_path(bin_path(output_prefix))
-    temporary_idx = staging_path(idx_path(output_prefix))
+    temporary_bin = claim_staging_path(bin_path(output_prefix))
+    temporary_idx = claim_staging_path(idx_path(output_prefix))
     try:
         builder = IndexedDatasetBuilder(temporary_bin, dtype=dtype.type)
         for prefix in part_prefixes:

@@ -32,7 +32,7 @@ from data_tools import indexed
 from data_tools._cli import run_cli, setup_logging
 from data_tools.errors import DataError
 from data_tools.inputs import ReadStats, WorkUnit, expand_inputs, iter_documents, plan_units
-from data_tools.staging import remove_orphans, staging_path
+from data_tools.staging import claim_staging_path
 from data_tools.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -285,8 +285,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, json_
     logger.info("preprocess: %d files, %.1f MB, %d work units, %d workers, %s tokens",
                 len(paths), total_bytes / 1e6, len(units), workers, dtype.name)
 
-    remove_orphans(output_prefix, "parts")   # a killed run's encoded parts (as large as the output)
-    parts_directory = staging_path(output_prefix, "parts")
+    # (a killed run's encoded parts, as large as the output, go first)
+    parts_directory = claim_staging_path(output_prefix, "parts")
     os.makedirs(parts_directory, exist_ok=True)
     settings = Settings(tokenizer_path, json_key, text_mode, skip_bad_lines, append_eod,
                         dtype.name, parts_directory)

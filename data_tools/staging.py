@@ -27,6 +27,13 @@ def staging_path(final: str, kind: str = "tmp") -> str:
     return f"{final}.{kind}-{HOST}-{os.getpid()}"
 
 
+def claim_staging_path(final: str, kind: str = "tmp") -> str:
+    """This process's staging name for `final`, after removing what killed runs of this host left under that name:
+    what every writer calls before it writes."""
+    remove_orphans(final, kind)
+    return staging_path(final, kind)
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

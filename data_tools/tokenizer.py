@@ -14,7 +14,7 @@ import sentencepiece
 
 from data_tools.errors import DataError
 from data_tools.indexed import check_output_prefix, publish, read_json_object, write_json
-from data_tools.staging import remove_orphans, staging_path
+from data_tools.staging import claim_staging_path
 
 SIDECAR_SUFFIX = ".tokenizer.json"
 # Fixed special ids: pad first so that an all-zero buffer reads as padding.
@@ -95,8 +95,8 @@ def train_sentencepiece(sentences, model_prefix: str, vocab_size: int, model_typ
     check_output_prefix(model_prefix, "--model-prefix")
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model-type {model_type!r}: choose bpe or unigram")
-    remove_orphans(model_prefix)   # a killed run's `<prefix>.tmp-<host>-<pid>.model` and the rest
-    temporary_prefix = staging_path(model_prefix)
+    # (a killed run's `<prefix>.tmp-<host>-<pid>.model` and the rest go first)
+    temporary_prefix = claim_staging_path(model_prefix)
     temporary_files = [temporary_prefix + suffix for suffix in (".model", ".vocab", SIDECAR_SUFFIX)]
     options = dict(
         model_prefix=temporary_prefix,
