@@ -68,13 +68,13 @@ def supported(x, B, cos, T, seq):
             and (cos is None or (cos.is_contiguous() and cos.dtype == x.dtype)))
 
 
-def enough_sequences(sequences, sm_count, minimum=None):
+def enough_sequences(sequences, sms, minimum=None):
     """Whether b·h sequences keep enough SMs busy for the walk (one program per sequence and SM): at least
     `minimum`, by default 3/8 of the SMs. The chunk-parallel Triton kernels spread any shape over the whole GPU.
     Kernel time of the Cheems layer's forward+backward at cheems-320m's size (L = 2048, 8 heads) on the H200's 132
     SMs, walk / Triton forward: 32 sequences 1.04, 64: 0.91, 96: 0.83, 128+: 0.79-0.80
     (bench/ssd_walk_threshold.py, bench/ssd_notes.md "v19 threshold"); the default sits between 32 and 64."""
-    return sequences >= (sm_count * 3 // 8 if minimum is None else minimum)
+    return sequences >= (sms * 3 // 8 if minimum is None else minimum)
 
 
 @gluon.jit
