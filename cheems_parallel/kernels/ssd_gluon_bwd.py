@@ -42,6 +42,9 @@ CHUNK = 64
 STAGES = 2
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
+# a barrier across the warps of a program (or, inside warp_specialize, of a partition): Triton 3.6 (the GPU's)
+# names it thread_barrier, 3.7 barrier
+sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 LAUNCHES = 0  # how often fused_group_backward ran (the GPU tests check that their cases took this path)
 
 
@@ -75,6 +78,12 @@ def chunk_document_ids(seq_ptr, bi, c, LPAD, T: gl.constexpr):
     seq_row = bi.to(gl.int64) * LPAD + c * T
     seq_prev = gl.load(seq_ptr + bi.to(gl.int64) * LPAD + gl.maximum(c * T - 1, 0))
     return seq_row, gl.load(seq_ptr + seq_row + T - 1), seq_prev
+
+
+@gluon.jit
+def clock():
+    """The SM's cycle counter (the forward walk's and the head backward's PROFILE builds only)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function

@@ -45,13 +45,13 @@ from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import (
     CHUNK,
     chunk_document_ids,
+    clock,
     documents_fit,
     hopper_tiles_fit,
+    sync_warps,
     tma_descriptor,
 )
 
-# a barrier across the program's warps (bar.sync): Triton 3.6 (the GPU's) names it thread_barrier, 3.7 barrier
-_sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 # TMA ring depth with RoPE (the tables' and B~, C~'s tiles leave room for 2); without RoPE one more (v19c)
 STAGES = 2
@@ -75,12 +75,6 @@ def enough_sequences(sequences, sms, minimum=None):
     SMs, walk / Triton forward: 32 sequences 1.04, 64: 0.91, 96: 0.83, 128+: 0.79-0.80
     (bench/ssd_walk_threshold.py, bench/ssd_notes.md "v19 threshold"); the default sits between 32 and 64."""
     return sequences >= (sms * 3 // 8 if minimum is None else minimum)
-
-
-@gluon.jit
-def _clock():
-    """The SM's cycle counter (PROFILE builds only)."""
-    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -223,7 +217,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     if ROPE:
         _fetch_tables(tables_smem, cos_ptr, sin_ptr, 0, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
     if PROFILE:
-        p0 = _clock() * 0
+        p0 = clock() * 0
         p1 = p0
         p2 = p0
         p3 = p0
@@ -233,7 +227,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         p7 = p0
     for item in range(n_items):
         if PROFILE:
-            t_a = _clock()
+            t_a = clock()
         # the next chunk's tiles into the slot the previous chunk freed (every warp passed its last barrier)
         if item + STAGES - 1 < n_items:
             _issue_loads(item + STAGES - 1, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
@@ -249,10 +243,10 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             else:
                 state = gl.zeros([P, N], gl.float32, st_layout)
             tma.store_wait(0)
-            _sync_warps()
+            sync_warps()
             s_smem.store(state.to(dtype))
             fence_async_shared()
-            _sync_warps()
+            sync_warps()
             if STORE_STATES:
                 tma.async_copy_shared_to_global(s_desc, [state_row, 0], s_smem)
 
@@ -262,12 +256,12 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
                 seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, rows_h, rows_y, T)
         mbarrier.wait(ready.index(slot), (item // STAGES) & 1)
         if PROFILE:
-            t_b = _clock()
+            t_b = clock()
             p0 += t_b - t_a
         tma.store_wait(0)      # the previous chunk's B~, C~ and state stores have left shared memory
-        _sync_warps()
+        sync_warps()
         if PROFILE:
-            t_c = _clock()
+            t_c = clock()
             p1 += t_c - t_b
         x_tile = x_smem.index(slot)
         if ROPE:
@@ -300,9 +294,9 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             if item + 1 < n_items:  # this thread has read its table elements: the next chunk's may land
                 _fetch_tables(tables_smem, cos_ptr, sin_ptr, item + 1, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
         fence_async_shared()
-        _sync_warps()
+        sync_warps()
         if PROFILE:
-            t_d = _clock()
+            t_d = clock()
             p2 += t_d - t_c
         if SAVE_ROTATED:
             if hi % HPG == 0:
@@ -314,7 +308,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         state = warpgroup_mma(x_tile.permute((1, 0)), kw_smem, state * carry, is_async=True)
         scores = warpgroup_mma_wait(2, deps=(scores, ))
         if PROFILE:
-            t_e = _clock()
+            t_e = clock()
             p3 += t_e - t_d
         allowed = causal
         if HAS_SEQ:
@@ -322,9 +316,9 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         decay = gl.exp(gl.where(allowed, gl.expand_dims(g_rows, 1) - gl.expand_dims(g_cols, 0), float("-inf")))
         p_smem.store((scores * decay * gl.expand_dims(dt_cols, 0)).to(dtype))
         fence_async_shared()
-        _sync_warps()
+        sync_warps()
         if PROFILE:
-            t_f = _clock()
+            t_f = clock()
             p4 += t_f - t_e
         y = warpgroup_mma_wait(1, deps=(y, ))
         into = gl.exp(gl.convert_layout(g_rows, gl.SliceLayout(1, ty_layout)))
@@ -340,18 +334,18 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
                                      rows_t, cols_t, rows_h, T)
         y, state = warpgroup_mma_wait(0, deps=(y, state))
         if PROFILE:
-            t_g = _clock()
+            t_g = clock()
             p5 += t_g - t_f
         # y (staged in w B~'s tile: the state update has consumed it) and the state leaving the chunk (slot c + 1)
         # out by TMA, once both warp groups' products are done (gl.store of y cost ~1 100 cycles a chunk, v19c)
-        _sync_warps()
+        sync_warps()
         kw_smem.store(y.to(dtype))
         s_smem.store(state.to(dtype))
         if PROFILE:
-            t_h = _clock()
+            t_h = clock()
             p6 += t_h - t_g
         fence_async_shared()
-        _sync_warps()
+        sync_warps()
         tma.async_copy_shared_to_global(y_desc, [token_row, hi * P], kw_smem)
         if STORE_STATES:
             tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)
@@ -360,7 +354,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         g_rows, g_cols, dt_cols, g_last, g_h, dt_h = (next_g_rows, next_g_cols, next_dt_cols, next_g_last, next_g_h,
                                                       next_dt_h)
         if PROFILE:
-            p7 += _clock() - t_h
+            p7 += clock() - t_h
     if PROFILE:
         row = prof_ptr + gl.program_id(0) * 8
         gl.store(row, p0)

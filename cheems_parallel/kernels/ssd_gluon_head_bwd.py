@@ -46,13 +46,17 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
     PRODUCER_REGISTERS,
     _tile_dot,
     chunk_document_ids,
+    clock,
     descriptors,
     documents_fit,
     hopper_tiles_fit,
+    sync_warps,
+    tma_descriptor,
     wgmma_layout,
 )
 
 STAGES = 2
+TMA_STORES = True  # dx, dB, dC by TMA from the consumed ring tiles (v21)
 OVERLAP_C_ROWS = 0  # rows of exp(g_last) <S, G> summed by the C side (call 3: 0 fastest; 64: +0.09 ms, 128: +0.19)
 LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
 
@@ -109,10 +113,10 @@ def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem,
 
 
 @gluon.jit
-def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, token_row, col0, row_stride,
-                     T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
-    """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE), into the (b·l, h·n)
-    rows of dB or dC: out = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
+def _unrotated(first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.constexpr, NH: gl.constexpr,
+               layout: gl.constexpr, ROPE: gl.constexpr):
+    """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE):
+    (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
     rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
     if ROPE:
@@ -126,9 +130,48 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
     else:
         out_first = first
         out_second = second
+    return out_first, out_second
+
+
+@gluon.jit
+def _store_rows(out_ptr, first, second, token_row, col0, row_stride, T: gl.constexpr, NH: gl.constexpr,
+                layout: gl.constexpr):
+    """The two halves of a (T, n) gradient into its (b·l, h·n) rows by plain stores (TMA_STORES off)."""
+    rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
     offsets = (token_row + gl.expand_dims(rows, 1)).to(gl.int64) * row_stride + col0 + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offsets, out_first.to(out_ptr.dtype.element_ty))
-    gl.store(out_ptr + offsets + NH, out_second.to(out_ptr.dtype.element_ty))
+    gl.store(out_ptr + offsets, first.to(out_ptr.dtype.element_ty))
+    gl.store(out_ptr + offsets + NH, second.to(out_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _stage_halves(tile, first, second, NH: gl.constexpr):
+    """The two halves of a (T, n) gradient into a (T, n) shared-memory tile, for a TMA store."""
+    tile.slice(0, NH, dim=1).store(first.to(tile.dtype))
+    tile.slice(NH, NH, dim=1).store(second.to(tile.dtype))
+
+
+@gluon.jit
+def _release_previous(empty, i, STAGES: gl.constexpr, TMA_STORES: gl.constexpr):
+    """With TMA_STORES a consumer releases a ring slot once the TMA stores it staged there have read it: after its
+    next tile's first products (or after its last tile), not when its products are done."""
+    if TMA_STORES:
+        if i > 0:
+            tma.store_wait(0)
+            mbarrier.arrive(empty.index((i - 1) % STAGES))
+
+
+@gluon.jit
+def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6):
+    """A PROFILE build's per-phase cycle sums of one consumer: row (program, side) of an int64 (programs, 2, 8)."""
+    row = prof_ptr + (gl.program_id(0) * 2 + SIDE) * 8
+    gl.store(row, p0)
+    gl.store(row + 1, p1)
+    gl.store(row + 2, p2)
+    gl.store(row + 3, p3)
+    gl.store(row + 4, p4)
+    gl.store(row + 5, p5)
+    gl.store(row + 6, p6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,9 +179,10 @@ def _store_unrotated(out_ptr, first, second, cos_ptr, sin_ptr, table_base, sc_l,
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, L, H, BH, NCHUNK, LPAD,
-            N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
-            P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr):
+            handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK,
+            LPAD, N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
+            P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
+            TMA_STORES: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -150,8 +194,18 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     causal = gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0)
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
+    if PROFILE:  # cycles per phase, summed over the program's tiles (bench/ssd_head_profile.py)
+        p0 = clock() * 0
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        p4 = p0
+        p5 = p0
+        p6 = p0
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        if PROFILE:
+            t0 = clock()
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         scale_a = gl.exp(gl.load(g_ptr + gdt_row + rows_a))
         g_last = gl.load(g_ptr + gdt_row + T - 1)
@@ -159,6 +213,9 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             seq_row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
             scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_prev, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        if PROFILE:
+            t1 = clock()
+            p0 += t1 - t0
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the carried-state product first: S is released as soon as it is done
         dy_a = (dy_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
@@ -171,9 +228,16 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             overlap = _tile_dot(s_smem, ds_smem, 0, P_C, N)
         acc_1, acc_2, dy_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, dy_a))
         mbarrier.arrive(sg_empty)
+        _release_previous(empty, i, STAGES, TMA_STORES)
+        if PROFILE:
+            t2 = clock()
+            p1 += t2 - t1
         scores = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         dyv = warpgroup_mma(dy_tile, x_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         scores, dyv = warpgroup_mma_wait(0, deps=(scores, dyv))
+        if PROFILE:
+            t3 = clock()
+            p2 += t3 - t2
         g_rows = gl.load(g_ptr + gdt_row + rows)
         g_cols = gl.load(g_ptr + gdt_row + cols)
         dt_cols = gl.load(dt_ptr + gdt_row + cols)
@@ -191,24 +255,51 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         w_tile.store(dyv.to(dtype))
         fence_async_shared()
         mbarrier.arrive(handoff.index(slot))
+        if PROFILE:
+            t4 = clock()
+            p3 += t4 - t3
         products = scores * dyv
         share = gl.sum(products, axis=1) - gl.convert_layout(gl.sum(products, axis=0), gl.SliceLayout(1, tt_layout))
         carried = (gl.sum(q_tile.slice(0, NH, dim=1).load(th_layout).to(gl.float32) * acc_1, axis=1)
                    + gl.sum(q_tile.slice(NH, NH, dim=1).load(th_layout).to(gl.float32) * acc_2, axis=1))
+        if PROFILE:
+            t5 = clock()
+            p4 += t5 - t4
         acc_1 = warpgroup_mma(w_tile, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(w_tile, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
         acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
         if HAS_D and DD_IN_C:  # dD's share of this tile, sum(dy * x)
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
-        mbarrier.arrive(empty.index(slot))
+        if TMA_STORES:  # this side reads no more of the slot: the B side may stage dx, dB~ in its x, q tiles
+            mbarrier.arrive(c_read.index(slot))
+        else:
+            mbarrier.arrive(empty.index(slot))
+        if PROFILE:
+            t6 = clock()
+            p5 += t6 - t5
         carry = gl.exp(g_last)
         if HAS_SEQ:
             carry = gl.where(seq_prev == seq_last, carry, 0.0)
         end_term = gl.where(rows == T - 1, overlap * carry, 0.0)
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
-        _store_unrotated(dc_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
-                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
+                                   sc_n, T, NH, th_layout, ROPE)
+        if TMA_STORES:
+            # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
+            # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
+            mbarrier.wait(sg_empty, i & 1)
+            _stage_halves(k_tile, first, second, NH)
+            fence_async_shared()
+            sync_warps()
+            tma.async_copy_shared_to_global(dc_desc, [token_row, hi * N], k_tile)
+        else:
+            _store_rows(dc_ptr, first, second, token_row, hi * N, H * N, T, NH, th_layout)
+        if PROFILE:
+            p6 += clock() - t6
         i += 1
+    _release_previous(empty, i, STAGES, TMA_STORES)
+    if PROFILE:
+        _store_profile(prof_ptr, 0, p0, p1, p2, p3, p4, p5, p6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,10 +307,11 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
-            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
+            handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
+            prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-            DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr):
+            DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
+            TMA_STORES: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tp_layout: gl.constexpr = wgmma_layout(P)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -230,8 +322,18 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
     zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
+    if PROFILE:  # cycles per phase, summed over the program's tiles (bench/ssd_head_profile.py)
+        p0 = clock() * 0
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        p4 = p0
+        p5 = p0
+        p6 = p0
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        if PROFILE:
+            t0 = clock()
         c, bi, hi, slot, gdt_row, token_row = _consumer_tile(tile, i, BH, H, L, LPAD, T, STAGES)
         g_last = gl.load(g_ptr + gdt_row + T - 1)
         scale_a = gl.exp(g_last - gl.load(g_ptr + gdt_row + rows_a)) * gl.load(dt_ptr + gdt_row + rows_a)
@@ -239,6 +341,9 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             seq_row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
             scale_a = gl.where(gl.load(seq_ptr + seq_row + rows_a) == seq_last, scale_a, 0.0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        if PROFILE:
+            t1 = clock()
+            p0 += t1 - t0
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
         x_a = (x_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
@@ -251,7 +356,10 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             overlap = _tile_dot(s_smem, ds_smem, P_C, P, N)
         end, acc_1, acc_2, x_a = warpgroup_mma_wait(0, deps=(end, acc_1, acc_2, x_a))
         mbarrier.arrive(sg_empty)
-
+        _release_previous(empty, i, STAGES, TMA_STORES)
+        if PROFILE:
+            t2 = clock()
+            p1 += t2 - t1
         g_p = gl.load(g_ptr + gdt_row + rows_p)
         dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         weight_p = gl.exp(g_last - g_p)
@@ -260,13 +368,22 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         # c / (w dt) = rowsum(x * k G^T)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
         # dv = (scores^T * Gam^T) dy + w * end and dB~'s W^T q, from the C side's (T, T) tiles
+        if PROFILE:
+            t3 = clock()
+            p2 += t3 - t2
         mbarrier.wait(handoff.index(slot), (i // STAGES) & 1)
+        if PROFILE:
+            t4 = clock()
+            p3 += t4 - t3
         dv = warpgroup_mma(sd_smem.index(slot).permute((1, 0)), dy_tile, end * gl.expand_dims(weight_p, 1),
                            is_async=True)
         wt_tile = w_smem.index(slot).permute((1, 0))
         acc_1 = warpgroup_mma(wt_tile, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(wt_tile, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
         dv, acc_1, acc_2 = warpgroup_mma_wait(0, deps=(dv, acc_1, acc_2))
+        if PROFILE:
+            t5 = clock()
+            p4 += t5 - t4
         # d dt first, then dx in dv's registers (acc_B is live: a second (T, p) tile here spilled)
         gl.store(ddt_ptr + gdt_row + rows_p, gl.sum(dv * x_tile.load(tp_layout).to(gl.float32), axis=1))
         dv = dv * gl.expand_dims(dt_p, 1)
@@ -274,28 +391,49 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             dv += gl.load(d_ptr + hi).to(gl.float32) * dy_tile.load(tp_layout).to(gl.float32)
         if HAS_D and not DD_IN_C:
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
-        dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
-        gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0),
-                 dv.to(dx_ptr.dtype.element_ty))
-
-        mbarrier.arrive(empty.index(slot))
+        if TMA_STORES:  # dx by TMA from the slot's x tile, once the C side reads no more of it
+            mbarrier.wait(c_read.index(slot), (i // STAGES) & 1)
+            x_tile.store(dv.to(dtype))
+            fence_async_shared()
+            sync_warps()
+            tma.async_copy_shared_to_global(dx_desc, [token_row, hi * P], x_tile)
+        else:
+            dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
+            gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0),
+                     dv.to(dx_ptr.dtype.element_ty))
+            mbarrier.arrive(empty.index(slot))
+        if PROFILE:
+            t6 = clock()
+            p5 += t6 - t5
         carry = gl.exp(g_last)
         if HAS_SEQ:   # the carried state's term only when the state crosses the chunk
             carry = gl.where(seq_prev == seq_last, carry, 0.0)
         total = gl.sum(carried, axis=0) + overlap * carry
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
-        _store_unrotated(db_ptr, acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, sc_n,
-                         token_row, hi * N, H * N, T, NH, th_layout, ROPE)
+        first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
+                                   sc_n, T, NH, th_layout, ROPE)
+        if TMA_STORES:  # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
+            _stage_halves(q_tile, first, second, NH)
+            fence_async_shared()
+            sync_warps()
+            tma.async_copy_shared_to_global(db_desc, [token_row, hi * N], q_tile)
+        else:
+            _store_rows(db_ptr, first, second, token_row, hi * N, H * N, T, NH, th_layout)
+        if PROFILE:
+            p6 += clock() - t6
         i += 1
+    _release_previous(empty, i, STAGES, TMA_STORES)
+    if PROFILE:
+        _store_profile(prof_ptr, 1, p0, p1, p2, p3, p4, p5, p6)
 
 
 @gluon.jit
-def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
-                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
+def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_desc, db_desc, dc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
+                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr, prof_ptr,
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
-                           HAS_SEQ: gl.constexpr,
+                           HAS_SEQ: gl.constexpr, TMA_STORES: gl.constexpr, PROFILE: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
     `ssd_gluon_bwd.descriptors` with groups = heads."""
@@ -313,34 +451,39 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_p
     sg_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     sg_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     handoff = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    c_read = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # C side done with a slot
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
         mbarrier.init(handoff.index(s), count=1)
+        mbarrier.init(c_read.index(s), count=1)
     mbarrier.init(sg_ready, count=1)
     mbarrier.init(sg_empty, count=2)
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, L, H, BH,
-                   NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE, HAS_SEQ)),
+                   sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L,
+                   H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE, HAS_SEQ,
+                   TMA_STORES, PROFILE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
-                   seq_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C, P_C, ROPE,
-                   HAS_SEQ)),
+                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+                   seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C,
+                   P_C, ROPE, HAS_SEQ, TMA_STORES, PROFILE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
-                        dd_in_c=True, seq=None):
+                        dd_in_c=True, seq=None, profile=None, tma_stores=TMA_STORES):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
     copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
-    the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None. Persistent grid: one
-    program per SM."""
+    the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None; profile: an int64
+    (programs, 2, 8) tensor to receive each consumer's per-phase cycle sums (bench/ssd_head_profile.py);
+    tma_stores: dx, dB, dC leave by TMA from the consumed ring tiles (else by plain stores).
+    Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
     lpad = dt.shape[-1]
@@ -358,13 +501,17 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
     programs = sm_count(x.device)
     global LAUNCHES
     LAUNCHES += 1
+    tokens = batch * length
+    out_descriptors = (tma_descriptor(dx, tokens, heads * head_dim, [CHUNK, head_dim]),
+                       tma_descriptor(dB, tokens, heads * state_dim, [CHUNK, state_dim]),
+                       tma_descriptor(dC, tokens, heads * state_dim, [CHUNK, state_dim]))
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](
-        *descriptors(x, dy, states, dstates, B_in, C_in), g, dt, D if D is not None else dt,
+        *descriptors(x, dy, states, dstates, B_in, C_in), *out_descriptors, g, dt, D if D is not None else dt,
         cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
-        seq if seq is not None else dt, length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
+        seq if seq is not None else dt, profile if profile is not None else dt, length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
         P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, HAS_SEQ=seq is not None,
-        PRODUCER_REGS=PRODUCER_REGISTERS,
+        TMA_STORES=tma_stores, PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD

@@ -1,0 +1,96 @@
+"""Where the Gluon head backward's time goes: cycles per tile in each phase of its two consumers (H200).
+
+Runs `ssd_gluon_head_bwd.fused_head_backward` (the Cheems shape's backward: groups = heads) with its PROFILE build,
+which sums %clock64 deltas per phase over each program's tiles, at B·L = 65 536 tokens, h = 32, p = n = 128, and
+prints cycles per tile per phase beside the plain build's time per tile (do_bench). Inputs have the shapes the
+layer hands the kernel (the forward's chunk states, B~, C~, the prologue's dt and g); their values are random, which
+changes no instruction count or byte.
+
+C side phases: 0 top (g loads, wait for the ring slot)   1 S product (wait for S / G, (exp(g) dy) S, wait)
+               2 scores, dy x^T (issue, wait)            3 decay, W; scores * Gam and W to shared memory; hand-off
+               4 dg share, carried term (reductions)     5 W k (issue, wait), dD; release the slot
+               6 epilogue (dg store, un-rotate dC: tables' loads, stores)
+B side phases: 0 top                                     1 G products (k G^T, (w dt x) G, <S, G>; wait)
+               2 carried term of dg                      3 wait for the C side's hand-off
+               4 dv, W^T q (issue, wait)                 5 d dt, dx (stores); release the slot
+               6 epilogue (dg store, un-rotate dB)
+
+    python bench/ssd_head_profile.py --out bench/results/ssd_head_profile_h200.json
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import triton
+
+from cheems_parallel.kernels import ssd_gluon_head_bwd
+from cheems_parallel.kernels.ssd import kernel_prologue
+from ssd import make_problem  # bench/ssd.py (this script's folder is on sys.path when run as a script)
+
+SIDES = {
+    "C side": ("top", "S product", "scores, dy x^T", "decay, W, hand-off", "dg reductions", "W k, dD, release",
+               "epilogue dC"),
+    "B side": ("top", "G products", "carried", "hand-off wait", "dv, W^T q", "d dt, dx, release", "epilogue dB"),
+}
+
+
+def inputs(tokens, length, heads, dim, rope):
+    """The kernel's arguments for bench/ssd.py's Cheems problem (RoPE on or off)."""
+    problem = make_problem(tokens, length, heads, dim, dim, rope=rope, groups=heads)
+    dt, g = kernel_prologue(problem["dt_raw"], problem["dt_bias"], problem["A"], ssd_gluon_head_bwd.CHUNK)
+    x, B, C = problem["x"], problem["B"], problem["C"]
+    batch = x.shape[0]
+    chunks = length // ssd_gluon_head_bwd.CHUNK
+    states = 0.1 * torch.randn(batch, chunks + 1, heads, dim, dim, device=x.device, dtype=x.dtype)
+    dstates = 0.1 * torch.randn_like(states)
+    cos = sin = None
+    if rope:
+        cos, sin = problem["cos"].to(x.dtype).contiguous(), problem["sin"].to(x.dtype).contiguous()
+    return (x, torch.randn_like(x), B, C, cos, sin, dt, g, problem["D"], states, dstates)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--out", default="bench/results/ssd_head_profile_h200.json")
+    args = parser.parse_args()
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for rope in (True, False):
+        arguments = inputs(args.tokens, args.length, 32, 128, rope)
+        tiles = args.tokens // ssd_gluon_head_bwd.CHUNK * 32
+        tiles_per_sm = tiles / min(programs, tiles)
+        for tma_stores in (True, False):  # v21's outputs by TMA from the ring, and v18's plain stores
+            def run(profile=None):
+                return ssd_gluon_head_bwd.fused_head_backward(*arguments, profile=profile, tma_stores=tma_stores)
+            ms = triton.testing.do_bench(run, rep=200)
+            profile = torch.zeros(min(programs, tiles), 2, 8, dtype=torch.int64, device="cuda")
+            profiled_ms = triton.testing.do_bench(lambda: run(profile), rep=50)
+            profile.zero_()
+            run(profile)
+            torch.cuda.synchronize()
+            per_tile = (profile.sum(0).double() / tiles).tolist()
+            row = {"problem": "cheems" if rope else "cheems, RoPE off", "L": args.length, "tma_stores": tma_stores,
+                   "ms": ms, "profile_build_ms": profiled_ms, "us_per_tile_per_sm": ms * 1e3 / tiles_per_sm,
+                   "sides": {}}
+            print(f"{row['problem']}, L={args.length}, {'TMA' if tma_stores else 'plain'} stores: {ms:.3f} ms "
+                  f"({profiled_ms:.3f} profile build), {row['us_per_tile_per_sm']:.2f} us per tile per SM")
+            for side_index, (side, phases) in enumerate(SIDES.items()):
+                cycles = per_tile[side_index][:len(phases)]
+                total = sum(cycles)
+                row["sides"][side] = {"cycles_per_tile": dict(zip(phases, cycles)), "total": total,
+                                      "implied_clock_GHz": total * tiles_per_sm / (profiled_ms * 1e-3) / 1e9}
+                print(f"  {side}: {total:.0f} cycles per tile (implied clock "
+                      f"{row['sides'][side]['implied_clock_GHz']:.2f} GHz): " +
+                      ", ".join(f"{phase} {value:.0f}" for phase, value in zip(phases, cycles)))
+            rows.append(row)
+    with open(args.out, "w") as handle:
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
