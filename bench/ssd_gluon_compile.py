@@ -45,11 +45,12 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     x, B, vec, descs, f32 = _placeholders(batch, length, heads, head_dim, state_dim, heads)
     table = torch.empty(batch, length, state_dim)
     out_descs = (descs[0], descs[5], descs[4])   # dx, dB, dC: x's and B's shapes
-    args = (*descs, *out_descs, vec, vec, f32, table, table, x, B, B, vec, vec, vec, f32, torch.empty(batch, length, dtype=torch.int32),
-            torch.empty(4, dtype=torch.int64), length, heads, batch * heads, n_chunks, length, n_chunks * batch * heads,
+    args = (*descs, *out_descs, vec, vec, f32, table, table, vec, vec, vec, f32,
+            torch.empty(batch, length, dtype=torch.int32), torch.empty(4, dtype=torch.int64), length, heads, batch * heads, n_chunks, length, n_chunks * batch * heads,
             *table.stride())
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
-                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, HAS_SEQ=has_seq, TMA_STORES=m.TMA_STORES, PROFILE=False,
+                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, HAS_SEQ=has_seq,
+                      PROFILE=False,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)

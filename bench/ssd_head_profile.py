@@ -36,6 +36,9 @@ SIDES = {
     "B side": ("top", "G products", "carried", "hand-off wait", "dv, W^T q", "d dt, dx, release", "epilogue dB"),
 }
 
+# the build measured (the profile script of v21 also ran the plain-stores and early-vectors variants, since removed)
+VARIANTS = {"default": {}}
+
 
 def inputs(tokens, length, heads, dim, rope):
     """The kernel's arguments for bench/ssd.py's Cheems problem (RoPE on or off)."""
@@ -64,9 +67,9 @@ def main():
         arguments = inputs(args.tokens, args.length, 32, 128, rope)
         tiles = args.tokens // ssd_gluon_head_bwd.CHUNK * 32
         tiles_per_sm = tiles / min(programs, tiles)
-        for tma_stores in (True, False):  # v21's outputs by TMA from the ring, and v18's plain stores
+        for variant, options in VARIANTS.items():
             def run(profile=None):
-                return ssd_gluon_head_bwd.fused_head_backward(*arguments, profile=profile, tma_stores=tma_stores)
+                return ssd_gluon_head_bwd.fused_head_backward(*arguments, profile=profile, **options)
             ms = triton.testing.do_bench(run, rep=200)
             profile = torch.zeros(min(programs, tiles), 2, 8, dtype=torch.int64, device="cuda")
             profiled_ms = triton.testing.do_bench(lambda: run(profile), rep=50)
@@ -74,10 +77,10 @@ def main():
             run(profile)
             torch.cuda.synchronize()
             per_tile = (profile.sum(0).double() / tiles).tolist()
-            row = {"problem": "cheems" if rope else "cheems, RoPE off", "L": args.length, "tma_stores": tma_stores,
+            row = {"problem": "cheems" if rope else "cheems, RoPE off", "L": args.length, "variant": variant,
                    "ms": ms, "profile_build_ms": profiled_ms, "us_per_tile_per_sm": ms * 1e3 / tiles_per_sm,
                    "sides": {}}
-            print(f"{row['problem']}, L={args.length}, {'TMA' if tma_stores else 'plain'} stores: {ms:.3f} ms "
+            print(f"{row['problem']}, L={args.length}, {variant}: {ms:.3f} ms "
                   f"({profiled_ms:.3f} profile build), {row['us_per_tile_per_sm']:.2f} us per tile per SM")
             for side_index, (side, phases) in enumerate(SIDES.items()):
                 cycles = per_tile[side_index][:len(phases)]

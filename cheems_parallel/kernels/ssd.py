@@ -8,7 +8,8 @@ Public entry points:
 Shapes: x (b, l, h, p); dt_raw (b, l, h) before softplus; dt_bias (h,); A (h,) negative;
 B, C (b, l, g, n) NOT rotated, n even, g dividing h: head i reads group i // (h / g) (the Cheems layer
 has g = h; g = 1 is mamba_ssm's benchmark shape, read shared by all heads, never copied per head); cos, sin (b, l, n) float32 rotate-half RoPE
-tables or None (RoPE off); D (h,) or None; initial_state (b, h, p, n) or None; seq_idx (b, l)
+tables as `ops.rope_tables` makes them (a row's two halves equal: the Gluon kernels read only the first halves) or
+None (RoPE off); D (h,) or None; initial_state (b, h, p, n) or None; seq_idx (b, l)
 non-decreasing document ids or None. y has x's dtype, final_state is float32 (b, h, p, n).
 
 Semantics (spec §2): dt = softplus(dt_raw + dt_bias); B~ = rope(B), C~ = rope(C);

@@ -15,9 +15,9 @@ per chunk; `bench/ssd_walk_profile.py` times its phases), not the bytes.
 One program per SM (persistent over the b·h sequences), 8 warps, no warp specialisation (the TMA loads are
 issued a chunk or two ahead by the same warps): two warp groups, each owning half of y's columns (p) and half of
 the state's rows (p). Per chunk:
-  rotate B, C (RoPE; the cos / sin tables were copied into shared memory a chunk earlier) into B~, C~ and w B~
-  (w_t = exp(g_last - g_t) dt_t; g, dt also loaded a chunk earlier) in shared memory; store B~, C~ (TMA) when the
-  backward wants them; scores = C~ B~^T, y_c = C~ S^T, S <- exp(g_last) S + x^T (w B~) (three async wgmma's);
+  rotate B, C (RoPE; the cos / sin tables' first halves were copied into shared memory a chunk earlier) into B~, C~
+  and w B~ (w_t = exp(g_last - g_t) dt_t; g, dt also loaded a chunk earlier) in shared memory; store B~, C~ (TMA)
+  when the backward wants them; scores = C~ B~^T, y_c = C~ S^T, S <- exp(g_last) S + x^T (w B~) (three async wgmma's);
   P = scores * Gam * dt (causal) -> shared memory; y = exp(g) y_c + D x + P x; y (staged in w B~'s tile) and S
   (bf16) -> shared memory -> TMA stores into y and the states (the states only when a backward follows).
 
@@ -61,7 +61,8 @@ LAUNCHES = 0  # how often fused_forward ran (the GPU tests check that their case
 def supported(x, B, cos, T, seq):
     """True when this kernel can run the forward of these inputs (else the Triton kernels run): bf16 (the only dtype
     run on the GPU so far; fp16 would compile the same), p = n = 128, contiguous cos / sin tables in x's dtype
-    (float32 tables, `rope_tables_fp32`, would need 64 KB of table buffer: more shared memory than there is);
+    in `rope_tables`' form, a row's two halves equal (only the first halves are read; float32 tables,
+    `rope_tables_fp32`, are not taken: twice the table buffer, never run);
     document ids, if any, as `ssd_fused` pads them (int32, (b, lpad), contiguous)."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] == 128 and B.shape[-1] == 128
             and hopper_tiles_fit(x, B, T) and documents_fit(seq)
@@ -115,13 +116,12 @@ def _chunk_documents(seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, row
 @gluon.jit
 def _fetch_tables(tables_smem, cos_ptr, sin_ptr, item, NCHUNK, H, HPG, L, rows_h, cols_h, T: gl.constexpr,
                   NH: gl.constexpr):
-    """cp.async of an item's cos / sin halves (contiguous (b, l, n) tables) into tables_smem (one commit group)."""
+    """cp.async of an item's cos / sin first halves (contiguous (b, l, n) `rope_tables`: a row's two halves are
+    equal) into tables_smem (one commit group)."""
     _, _, _, _, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
     table = (token_row + gl.expand_dims(rows_h, 1)).to(gl.int64) * (2 * NH) + gl.expand_dims(cols_h, 0)
     async_copy.async_copy_global_to_shared(tables_smem.index(0), cos_ptr + table)
-    async_copy.async_copy_global_to_shared(tables_smem.index(1), cos_ptr + table + NH)
-    async_copy.async_copy_global_to_shared(tables_smem.index(2), sin_ptr + table)
-    async_copy.async_copy_global_to_shared(tables_smem.index(3), sin_ptr + table + NH)
+    async_copy.async_copy_global_to_shared(tables_smem.index(1), sin_ptr + table)
     async_copy.commit_group()
 
 
@@ -138,14 +138,15 @@ def _issue_loads(item, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NC
 
 
 @gluon.jit
-def _rotate(tile, out_smem, cos1, cos2, sin1, sin2, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
-    """rope(v) = (v1 cos1 - v2 sin1, v2 cos2 + v1 sin2) of a (T, n) shared-memory tile, in float32 (rounded once, as
-    `ssd._load_full_operand` does); stored 16-bit into out_smem, and returned as its halves."""
+def _rotate(tile, out_smem, cos, sin, NH: gl.constexpr, layout: gl.constexpr, ROPE: gl.constexpr):
+    """rope(v) = (v1 cos - v2 sin, v2 cos + v1 sin) of a (T, n) shared-memory tile (cos, sin: the tables' first
+    halves, equal to their second), in float32 (rounded once, as `ssd._load_full_operand` does); stored 16-bit into
+    out_smem, and returned as its halves."""
     first = tile.slice(0, NH, dim=1).load(layout).to(gl.float32)
     second = tile.slice(NH, NH, dim=1).load(layout).to(gl.float32)
     if ROPE:
-        rotated_first = first * cos1.to(gl.float32) - second * sin1.to(gl.float32)
-        second = second * cos2.to(gl.float32) + first * sin2.to(gl.float32)
+        rotated_first = first * cos - second * sin
+        second = second * cos + first * sin
         first = rotated_first
         out_smem.slice(0, NH, dim=1).store(first.to(out_smem.dtype))
         out_smem.slice(NH, NH, dim=1).store(second.to(out_smem.dtype))
@@ -184,9 +185,9 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     if ROPE:
         k_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # B~
         q_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)  # C~
-        # the next chunk's cos / sin halves (cos1, cos2, sin1, sin2), copied asynchronously (cp.async) while this
-        # chunk works: each thread copies the elements it reads back (no barrier)
-        tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [4, T, NH],
+        # the next chunk's cos / sin first halves, copied asynchronously (cp.async) while this chunk works: each
+        # thread copies the elements it reads back (no barrier)
+        tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [2, T, NH],
                                                 gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -272,25 +273,21 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
             q_tile = c_smem.index(slot)
         if ROPE:
             async_copy.wait_group(0)
-            cos1 = tables_smem.index(0).load(half_layout)
-            cos2 = tables_smem.index(1).load(half_layout)
-            sin1 = tables_smem.index(2).load(half_layout)
-            sin2 = tables_smem.index(3).load(half_layout)
+            cos = tables_smem.index(0).load(half_layout).to(gl.float32)
+            sin = tables_smem.index(1).load(half_layout).to(gl.float32)
         else:
-            cos1 = 0.0
-            cos2 = 0.0
-            sin1 = 0.0
-            sin2 = 0.0
+            cos = 0.0
+            sin = 0.0
         weight = gl.exp(g_last - g_h) * dt_h
         carry = gl.exp(g_last)
         if HAS_SEQ:
             weight = gl.where(reaches_end, weight, 0.0)
             carry = gl.where(crosses, carry, 0.0)
-        k1, k2 = _rotate(b_smem.index(slot), k_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+        k1, k2 = _rotate(b_smem.index(slot), k_tile, cos, sin, NH, half_layout, ROPE)
         kw_smem.slice(0, NH, dim=1).store((k1 * gl.expand_dims(weight, 1)).to(dtype))
         kw_smem.slice(NH, NH, dim=1).store((k2 * gl.expand_dims(weight, 1)).to(dtype))
         if ROPE:
-            _rotate(c_smem.index(slot), q_tile, cos1, cos2, sin1, sin2, NH, half_layout, ROPE)
+            _rotate(c_smem.index(slot), q_tile, cos, sin, NH, half_layout, ROPE)
             if item + 1 < n_items:  # this thread has read its table elements: the next chunk's may land
                 _fetch_tables(tables_smem, cos_ptr, sin_ptr, item + 1, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
         fence_async_shared()

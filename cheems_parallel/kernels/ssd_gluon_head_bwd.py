@@ -18,7 +18,11 @@ group, except that nothing is summed over heads, so each side finishes its own g
   (both (T, T) operands are the C side's tiles, transposed as shared-memory views: the B side was the longer
   partition while it formed them itself, bench/ssd_notes.md v18b).
 The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
-shared-memory operands), so that RoPE's transpose pairs registers of the same thread.
+shared-memory operands), so that RoPE's transpose pairs registers of the same thread; the tables are read as their
+first halves only (`rope_tables`' rows repeat them).
+Outputs leave by TMA stores staged in the slot's consumed tiles (v21; plain stores from the wgmma layout cost
+~3 000 cycles a tile): dC~ in k once the B side's k G^T is done (sg_empty), dx and dB~ in x and q once the C side
+has read its last of the slot (c_read); a consumer releases a slot after those stores have read it.
 
 Documents (seq_idx, HAS_SEQ): the Triton kernels' masks (`ssd._chunk_masks`) on the same terms: Gam within a
 document, exp(g) on dy only for tokens that see the carried state, w only for tokens that reach the chunk's end
@@ -56,7 +60,6 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
 )
 
 STAGES = 2
-TMA_STORES = True  # dx, dB, dC by TMA from the consumed ring tiles (v21)
 OVERLAP_C_ROWS = 0  # rows of exp(g_last) <S, G> summed by the C side (call 3: 0 fastest; 64: +0.09 ms, 128: +0.19)
 LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
 
@@ -116,32 +119,21 @@ def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem,
 def _unrotated(first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.constexpr, NH: gl.constexpr,
                layout: gl.constexpr, ROPE: gl.constexpr):
     """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE):
-    (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1)."""
+    (g1 cos + g2 sin, g2 cos - g1 sin). The tables are `rope_tables`' (both halves of a row equal), so only their
+    first halves are read: the tables' loads, in the wgmma layout's 4-byte pieces, were ~1.7 us of a 9.3 us tile
+    (bench/ssd_notes.md v21)."""
     rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
     if ROPE:
         table = table_base + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0) * sc_n
-        cos1 = gl.load(cos_ptr + table).to(gl.float32)
-        sin2 = gl.load(sin_ptr + table + NH * sc_n).to(gl.float32)
-        out_first = first * cos1 + second * sin2
-        cos2 = gl.load(cos_ptr + table + NH * sc_n).to(gl.float32)
-        sin1 = gl.load(sin_ptr + table).to(gl.float32)
-        out_second = second * cos2 - first * sin1
+        cos = gl.load(cos_ptr + table).to(gl.float32)
+        sin = gl.load(sin_ptr + table).to(gl.float32)
+        out_first = first * cos + second * sin
+        out_second = second * cos - first * sin
     else:
         out_first = first
         out_second = second
     return out_first, out_second
-
-
-@gluon.jit
-def _store_rows(out_ptr, first, second, token_row, col0, row_stride, T: gl.constexpr, NH: gl.constexpr,
-                layout: gl.constexpr):
-    """The two halves of a (T, n) gradient into its (b·l, h·n) rows by plain stores (TMA_STORES off)."""
-    rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
-    offsets = (token_row + gl.expand_dims(rows, 1)).to(gl.int64) * row_stride + col0 + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offsets, first.to(out_ptr.dtype.element_ty))
-    gl.store(out_ptr + offsets + NH, second.to(out_ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -152,13 +144,12 @@ def _stage_halves(tile, first, second, NH: gl.constexpr):
 
 
 @gluon.jit
-def _release_previous(empty, i, STAGES: gl.constexpr, TMA_STORES: gl.constexpr):
-    """With TMA_STORES a consumer releases a ring slot once the TMA stores it staged there have read it: after its
-    next tile's first products (or after its last tile), not when its products are done."""
-    if TMA_STORES:
-        if i > 0:
-            tma.store_wait(0)
-            mbarrier.arrive(empty.index((i - 1) % STAGES))
+def _release_previous(empty, i, STAGES: gl.constexpr):
+    """A consumer releases its previous tile's ring slot once the TMA stores it staged there (dC; dx, dB~) have read
+    it: after this tile's first products (or after its last tile), not when its products are done."""
+    if i > 0:
+        tma.store_wait(0)
+        mbarrier.arrive(empty.index((i - 1) % STAGES))
 
 
 @gluon.jit
@@ -179,10 +170,10 @@ def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6):
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK,
-            LPAD, N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
-            P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
-            TMA_STORES: gl.constexpr, PROFILE: gl.constexpr):
+            handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH,
+            NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr,
+            STAGES: gl.constexpr, P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
+            PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -228,7 +219,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             overlap = _tile_dot(s_smem, ds_smem, 0, P_C, N)
         acc_1, acc_2, dy_a = warpgroup_mma_wait(0, deps=(acc_1, acc_2, dy_a))
         mbarrier.arrive(sg_empty)
-        _release_previous(empty, i, STAGES, TMA_STORES)
+        _release_previous(empty, i, STAGES)
         if PROFILE:
             t2 = clock()
             p1 += t2 - t1
@@ -270,10 +261,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
         if HAS_D and DD_IN_C:  # dD's share of this tile, sum(dy * x)
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
-        if TMA_STORES:  # this side reads no more of the slot: the B side may stage dx, dB~ in its x, q tiles
-            mbarrier.arrive(c_read.index(slot))
-        else:
-            mbarrier.arrive(empty.index(slot))
+        mbarrier.arrive(c_read.index(slot))  # this side reads no more of the slot: the B side may stage dx, dB~ there
         if PROFILE:
             t6 = clock()
             p5 += t6 - t5
@@ -284,20 +272,17 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
         first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
                                    sc_n, T, NH, th_layout, ROPE)
-        if TMA_STORES:
-            # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
-            # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
-            mbarrier.wait(sg_empty, i & 1)
-            _stage_halves(k_tile, first, second, NH)
-            fence_async_shared()
-            sync_warps()
-            tma.async_copy_shared_to_global(dc_desc, [token_row, hi * N], k_tile)
-        else:
-            _store_rows(dc_ptr, first, second, token_row, hi * N, H * N, T, NH, th_layout)
+        # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
+        # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
+        mbarrier.wait(sg_empty, i & 1)
+        _stage_halves(k_tile, first, second, NH)
+        fence_async_shared()
+        sync_warps()
+        tma.async_copy_shared_to_global(dc_desc, [token_row, hi * N], k_tile)
         if PROFILE:
             p6 += clock() - t6
         i += 1
-    _release_previous(empty, i, STAGES, TMA_STORES)
+    _release_previous(empty, i, STAGES)
     if PROFILE:
         _store_profile(prof_ptr, 0, p0, p1, p2, p3, p4, p5, p6)
 
@@ -307,18 +292,17 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr,
-            prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
+            handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+            seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
-            TMA_STORES: gl.constexpr, PROFILE: gl.constexpr):
+            PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tp_layout: gl.constexpr = wgmma_layout(P)
     th_layout: gl.constexpr = wgmma_layout(NH)
     a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
     rows_p = gl.arange(0, T, layout=gl.SliceLayout(1, tp_layout))
-    cols_p = gl.arange(0, P, layout=gl.SliceLayout(0, tp_layout))
     rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
     zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
@@ -356,7 +340,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             overlap = _tile_dot(s_smem, ds_smem, P_C, P, N)
         end, acc_1, acc_2, x_a = warpgroup_mma_wait(0, deps=(end, acc_1, acc_2, x_a))
         mbarrier.arrive(sg_empty)
-        _release_previous(empty, i, STAGES, TMA_STORES)
+        _release_previous(empty, i, STAGES)
         if PROFILE:
             t2 = clock()
             p1 += t2 - t1
@@ -391,17 +375,12 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             dv += gl.load(d_ptr + hi).to(gl.float32) * dy_tile.load(tp_layout).to(gl.float32)
         if HAS_D and not DD_IN_C:
             gl.store(dd_ptr + (bi * NCHUNK + c) * H + hi, _tile_dot(dy_tile, x_tile, 0, T, P))
-        if TMA_STORES:  # dx by TMA from the slot's x tile, once the C side reads no more of it
-            mbarrier.wait(c_read.index(slot), (i // STAGES) & 1)
-            x_tile.store(dv.to(dtype))
-            fence_async_shared()
-            sync_warps()
-            tma.async_copy_shared_to_global(dx_desc, [token_row, hi * P], x_tile)
-        else:
-            dx_base = dx_ptr + token_row.to(gl.int64) * (H * P) + hi * P
-            gl.store(dx_base + gl.expand_dims(rows_p, 1) * (H * P) + gl.expand_dims(cols_p, 0),
-                     dv.to(dx_ptr.dtype.element_ty))
-            mbarrier.arrive(empty.index(slot))
+        # dx by TMA from the slot's x tile, once the C side reads no more of it
+        mbarrier.wait(c_read.index(slot), (i // STAGES) & 1)
+        x_tile.store(dv.to(dtype))
+        fence_async_shared()
+        sync_warps()
+        tma.async_copy_shared_to_global(dx_desc, [token_row, hi * P], x_tile)
         if PROFILE:
             t6 = clock()
             p5 += t6 - t5
@@ -412,31 +391,29 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
         first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
                                    sc_n, T, NH, th_layout, ROPE)
-        if TMA_STORES:  # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
-            _stage_halves(q_tile, first, second, NH)
-            fence_async_shared()
-            sync_warps()
-            tma.async_copy_shared_to_global(db_desc, [token_row, hi * N], q_tile)
-        else:
-            _store_rows(db_ptr, first, second, token_row, hi * N, H * N, T, NH, th_layout)
+        # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
+        _stage_halves(q_tile, first, second, NH)
+        fence_async_shared()
+        sync_warps()
+        tma.async_copy_shared_to_global(db_desc, [token_row, hi * N], q_tile)
         if PROFILE:
             p6 += clock() - t6
         i += 1
-    _release_previous(empty, i, STAGES, TMA_STORES)
+    _release_previous(empty, i, STAGES)
     if PROFILE:
         _store_profile(prof_ptr, 1, p0, p1, p2, p3, p4, p5, p6)
 
 
 @gluon.jit
-def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_desc, db_desc, dc_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr,
-                           dx_ptr, dc_ptr, db_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr, prof_ptr,
+def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_desc, db_desc, dc_desc, g_ptr, dt_ptr,
+                           d_ptr, cos_ptr, sin_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr, prof_ptr,
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
-                           HAS_SEQ: gl.constexpr, TMA_STORES: gl.constexpr, PROFILE: gl.constexpr,
+                           HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
-    `ssd_gluon_bwd.descriptors` with groups = heads."""
+    `ssd_gluon_bwd.descriptors` with groups = heads, then dx, dB, dC's (x's and B's shapes)."""
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     dy_smem = gl.allocate_shared_memory(dy_desc.dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -462,27 +439,27 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dc_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L,
-                   H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C, ROPE, HAS_SEQ,
-                   TMA_STORES, PROFILE)),
+                   sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dgc_ptr, dd_ptr, seq_ptr,
+                   prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C,
+                   ROPE, HAS_SEQ, PROFILE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dx_ptr, db_ptr, dgb_ptr, ddt_ptr, dd_ptr,
-                   seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D, DD_IN_C,
-                   P_C, ROPE, HAS_SEQ, TMA_STORES, PROFILE)),
+                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr, ddt_ptr,
+                   dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D,
+                   DD_IN_C, P_C, ROPE, HAS_SEQ, PROFILE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
-                        dd_in_c=True, seq=None, profile=None, tma_stores=TMA_STORES):
+                        dd_in_c=True, seq=None, profile=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
     as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
     copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
     the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None; profile: an int64
-    (programs, 2, 8) tensor to receive each consumer's per-phase cycle sums (bench/ssd_head_profile.py);
-    tma_stores: dx, dB, dC leave by TMA from the consumed ring tiles (else by plain stores).
+    (programs, 2, 8) tensor to receive each consumer's per-phase cycle sums (bench/ssd_head_profile.py).
+    cos / sin: `rope_tables`' form (both halves of a row equal; only the first halves are read).
     Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
@@ -507,11 +484,12 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
                        tma_descriptor(dC, tokens, heads * state_dim, [CHUNK, state_dim]))
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](
         *descriptors(x, dy, states, dstates, B_in, C_in), *out_descriptors, g, dt, D if D is not None else dt,
-        cos if rope else dt, sin if rope else dt, dx, dC, dB, dg_c, dg_b, ddt, dD if D is not None else dt,
-        seq if seq is not None else dt, profile if profile is not None else dt, length, heads, batch * heads, n_chunks, lpad, n_tiles, *table_strides,
+        cos if rope else dt, sin if rope else dt, dg_c, dg_b, ddt, dD if D is not None else dt,
+        seq if seq is not None else dt, profile if profile is not None else dt, length, heads, batch * heads,
+        n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
         P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, HAS_SEQ=seq is not None,
-        TMA_STORES=tma_stores, PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
+        PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     dg_c += dg_b
     return dx, dB, dC, ddt, dg_c, dD

@@ -104,3 +104,12 @@ def test_rope_matches_complex_rotation():
     z = torch.complex(x[:, : d // 2], x[:, d // 2:]) * torch.polar(torch.ones(7, d // 2, dtype=torch.float64),
                                                                    positions[:, None].double() * freqs)
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_tables_repeat_their_first_half():
+    """The Gluon SSD kernels read only the tables' first halves (ssd.py's contract on cos / sin): a row's two
+    halves must be equal, at any position and in the kernels' 16-bit copies."""
+    cos, sin = rope_tables(torch.randint(0, 100_000, (3, 50)), 128)
+    for table in (cos, sin, cos.to(torch.bfloat16), sin.to(torch.bfloat16)):
+        assert torch.equal(table[..., :64], table[..., 64:])
+    assert not torch.equal(cos[..., :32], cos[..., 32:64])  # the frequencies differ within a half
