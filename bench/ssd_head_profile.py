@@ -6,14 +6,21 @@ prints cycles per tile per phase beside the plain build's time per tile (do_benc
 layer hands the kernel (the forward's chunk states, B~, C~, the prologue's dt and g); their values are random, which
 changes no instruction count or byte.
 
-C side phases: 0 top (g loads, wait for the ring slot)   1 S product (wait for S / G, (exp(g) dy) S, wait)
-               2 scores, dy x^T (issue, wait)            3 decay, W; scores * Gam and W to shared memory; hand-off
-               4 dg share, carried term (reductions)     5 W k (issue, wait), dD; release the slot
-               6 epilogue (dg store, un-rotate dC: tables' loads, stores)
-B side phases: 0 top                                     1 G products (k G^T, (w dt x) G, <S, G>; wait)
-               2 carried term of dg                      3 wait for the C side's hand-off
-               4 dv, W^T q (issue, wait)                 5 d dt, dx (stores); release the slot
-               6 epilogue (dg store, un-rotate dB)
+C side phases: 0 top (g loads, wait for the ring slot)
+               1 S product (wait for S / G, (exp(g) dy) S, wait; release the previous slot)
+               2 scores, dy x^T (issue, wait)
+               3 decay, W; scores * Gam and W to shared memory; hand-off
+               4 dg share, carried term (reductions)
+               5 W k (issue, wait), dD; tell the B side the slot's tiles are free (c_read)
+               6 epilogue (dg store, un-rotate dC: tables' loads; wait for the B side's k G^T, stage dC in k, TMA store)
+B side phases: 0 top
+               1 G products (k G^T, (w dt x) G, <S, G>; wait; release the previous slot)
+               2 carried term of dg
+               3 wait for the C side's hand-off
+               4 dv, W^T q (issue, wait)
+               5 d dt, dx (wait for c_read, stage dx in x, TMA store)
+               6 epilogue (dg store, un-rotate dB, stage it in q, TMA store)
+Both sides also report "of which S / G wait": the part of phase 1 spent waiting for the state tiles.
 
     python bench/ssd_head_profile.py --out bench/results/ssd_head_profile_h200.json
 """
@@ -32,12 +39,14 @@ from ssd import make_problem  # bench/ssd.py (this script's folder is on sys.pat
 
 SIDES = {
     "C side": ("top", "S product", "scores, dy x^T", "decay, W, hand-off", "dg reductions", "W k, dD, release",
-               "epilogue dC"),
-    "B side": ("top", "G products", "carried", "hand-off wait", "dv, W^T q", "d dt, dx, release", "epilogue dB"),
+               "epilogue dC", "of which S / G wait"),
+    "B side": ("top", "G products", "carried", "hand-off wait", "dv, W^T q", "d dt, dx, release", "epilogue dB",
+               "of which S / G wait"),
 }
 
-# the build measured (the profile script of v21 also ran the plain-stores and early-vectors variants, since removed)
-VARIANTS = {"default": {}}
+# the default build, and how many rows of <S, G> the C side sums instead of the B side (v21 ran the plain-stores and
+# early-vectors variants here too, since removed)
+VARIANTS = {"default": {}, "<S, G> 32 rows in C": {"overlap_c_rows": 32}, "<S, G> 64 rows in C": {"overlap_c_rows": 64}}
 
 
 def inputs(tokens, length, heads, dim, rope):
@@ -84,7 +93,7 @@ def main():
                   f"({profiled_ms:.3f} profile build), {row['us_per_tile_per_sm']:.2f} us per tile per SM")
             for side_index, (side, phases) in enumerate(SIDES.items()):
                 cycles = per_tile[side_index][:len(phases)]
-                total = sum(cycles)
+                total = sum(cycles[:7])
                 row["sides"][side] = {"cycles_per_tile": dict(zip(phases, cycles)), "total": total,
                                       "implied_clock_GHz": total * tiles_per_sm / (profiled_ms * 1e-3) / 1e9}
                 print(f"  {side}: {total:.0f} cycles per tile (implied clock "

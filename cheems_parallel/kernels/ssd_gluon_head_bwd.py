@@ -153,8 +153,9 @@ def _release_previous(empty, i, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6):
-    """A PROFILE build's per-phase cycle sums of one consumer: row (program, side) of an int64 (programs, 2, 8)."""
+def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """A PROFILE build's per-phase cycle sums of one consumer: row (program, side) of an int64 (programs, 2, 8);
+    the last, the wait for S / G, is also part of phase 1."""
     row = prof_ptr + (gl.program_id(0) * 2 + SIDE) * 8
     gl.store(row, p0)
     gl.store(row + 1, p1)
@@ -163,6 +164,7 @@ def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6):
     gl.store(row + 4, p4)
     gl.store(row + 5, p5)
     gl.store(row + 6, p6)
+    gl.store(row + 7, p7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +195,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         p4 = p0
         p5 = p0
         p6 = p0
+        p7 = p0
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         if PROFILE:
@@ -210,7 +213,11 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the carried-state product first: S is released as soon as it is done
         dy_a = (dy_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
+        if PROFILE:
+            t_s = clock()
         mbarrier.wait(sg_ready, i & 1)
+        if PROFILE:
+            p7 += clock() - t_s
         acc_1 = warpgroup_mma(dy_a, s_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
         acc_2 = warpgroup_mma(dy_a, s_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
         # exp(g_last) <S, G>: the carried state's part of d loss / d g_last (rows [0, P_C); the B side the rest)
@@ -284,7 +291,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         i += 1
     _release_previous(empty, i, STAGES)
     if PROFILE:
-        _store_profile(prof_ptr, 0, p0, p1, p2, p3, p4, p5, p6)
+        _store_profile(prof_ptr, 0, p0, p1, p2, p3, p4, p5, p6, p7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +321,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         p4 = p0
         p5 = p0
         p6 = p0
+        p7 = p0
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         if PROFILE:
@@ -331,7 +339,11 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         x_tile, dy_tile, q_tile, k_tile = _slot_tiles(slot, x_smem, dy_smem, q_smem, k_smem)
         # the products with G first (G is released as soon as they are done): k G^T and (w dt x) G
         x_a = (x_tile.load(a_th).to(gl.float32) * gl.expand_dims(scale_a, 1)).to(dtype)
+        if PROFILE:
+            t_s = clock()
         mbarrier.wait(sg_ready, i & 1)
+        if PROFILE:
+            p7 += clock() - t_s
         end = warpgroup_mma(k_tile, ds_smem.permute((1, 0)), zero_tp, use_acc=False, is_async=True)
         acc_1 = warpgroup_mma(x_a, ds_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
         acc_2 = warpgroup_mma(x_a, ds_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
@@ -401,7 +413,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         i += 1
     _release_previous(empty, i, STAGES)
     if PROFILE:
-        _store_profile(prof_ptr, 1, p0, p1, p2, p3, p4, p5, p6)
+        _store_profile(prof_ptr, 1, p0, p1, p2, p3, p4, p5, p6, p7)
 
 
 @gluon.jit
