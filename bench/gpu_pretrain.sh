@@ -2,7 +2,7 @@
 # One call on the lent H200: install the carried wheels (deepspeed, megatron-core and their pure-Python
 # needs; see ../shared/docs/environment.md), then bench/pretrain_gpu.py on the carried tokenizer + shards.
 #   carry: .gpu_wheels (copies of shared/wheels/gpu-py312/*.whl) and smoke/gpu_data (tok32k.model, stdlib.bin/.idx,
-#   made here with data_tools from the standard library's docstrings).
+#   made here by bench/make_gpu_data.sh from the standard library's docstrings).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD
