@@ -86,6 +86,26 @@ def clock():
     return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
+@gluon.jit
+def profile_counters():
+    """Eight zeroed int64 cycle counters (PROFILE builds)."""
+    zero = clock() * 0
+    return zero, zero, zero, zero, zero, zero, zero, zero
+
+
+@gluon.jit
+def store_profile_row(row, p0, p1, p2, p3, p4, p5, p6, p7):
+    """Eight cycle counters into row[0:8] of an int64 profile tensor (PROFILE builds)."""
+    gl.store(row, p0)
+    gl.store(row + 1, p1)
+    gl.store(row + 2, p2)
+    gl.store(row + 3, p3)
+    gl.store(row + 4, p4)
+    gl.store(row + 5, p5)
+    gl.store(row + 6, p6)
+    gl.store(row + 7, p7)
+
+
 @gluon.constexpr_function
 def wgmma_layout(columns):
     """Accumulator layout of a 64-row wgmma by one warp group, `columns` wide (both Gluon SSD backwards)."""

@@ -48,6 +48,8 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
     clock,
     documents_fit,
     hopper_tiles_fit,
+    profile_counters,
+    store_profile_row,
     sync_warps,
     tma_descriptor,
 )
@@ -218,14 +220,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     if ROPE:
         _fetch_tables(tables_smem, cos_ptr, sin_ptr, 0, NCHUNK, H, HPG, L, rows_h, cols_h, T, NH)
     if PROFILE:
-        p0 = clock() * 0
-        p1 = p0
-        p2 = p0
-        p3 = p0
-        p4 = p0
-        p5 = p0
-        p6 = p0
-        p7 = p0
+        p0, p1, p2, p3, p4, p5, p6, p7 = profile_counters()
     for item in range(n_items):
         if PROFILE:
             t_a = clock()
@@ -353,15 +348,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         if PROFILE:
             p7 += clock() - t_h
     if PROFILE:
-        row = prof_ptr + gl.program_id(0) * 8
-        gl.store(row, p0)
-        gl.store(row + 1, p1)
-        gl.store(row + 2, p2)
-        gl.store(row + 3, p3)
-        gl.store(row + 4, p4)
-        gl.store(row + 5, p5)
-        gl.store(row + 6, p6)
-        gl.store(row + 7, p7)
+        store_profile_row(prof_ptr + gl.program_id(0) * 8, p0, p1, p2, p3, p4, p5, p6, p7)
     tma.store_wait(0)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))

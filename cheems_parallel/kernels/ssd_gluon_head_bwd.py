@@ -54,6 +54,8 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
     descriptors,
     documents_fit,
     hopper_tiles_fit,
+    profile_counters,
+    store_profile_row,
     sync_warps,
     tma_descriptor,
     wgmma_layout,
@@ -152,21 +154,6 @@ def _release_previous(empty, i, STAGES: gl.constexpr):
         mbarrier.arrive(empty.index((i - 1) % STAGES))
 
 
-@gluon.jit
-def _store_profile(prof_ptr, SIDE: gl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
-    """A PROFILE build's per-phase cycle sums of one consumer: row (program, side) of an int64 (programs, 2, 8);
-    the last, the wait for S / G, is also part of phase 1."""
-    row = prof_ptr + (gl.program_id(0) * 2 + SIDE) * 8
-    gl.store(row, p0)
-    gl.store(row + 1, p1)
-    gl.store(row + 2, p2)
-    gl.store(row + 3, p3)
-    gl.store(row + 4, p4)
-    gl.store(row + 5, p5)
-    gl.store(row + 6, p6)
-    gl.store(row + 7, p7)
-
-
 # ----------------------------------------------------------------------------------------------
 # C side (default partition, one warp group): dC and dg's C share.
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +175,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     if PROFILE:  # cycles per phase, summed over the program's tiles (bench/ssd_head_profile.py)
-        p0 = clock() * 0
-        p1 = p0
-        p2 = p0
-        p3 = p0
-        p4 = p0
-        p5 = p0
-        p6 = p0
-        p7 = p0
+        p0, p1, p2, p3, p4, p5, p6, p7 = profile_counters()
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         if PROFILE:
@@ -291,7 +271,8 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         i += 1
     _release_previous(empty, i, STAGES)
     if PROFILE:
-        _store_profile(prof_ptr, 0, p0, p1, p2, p3, p4, p5, p6, p7)
+        # row (program, side) of the (programs, 2, 8) profile; the last counter, the S / G wait, is part of phase 1
+        store_profile_row(prof_ptr + (gl.program_id(0) * 2 + 0) * 8, p0, p1, p2, p3, p4, p5, p6, p7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,14 +295,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
     zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     if PROFILE:  # cycles per phase, summed over the program's tiles (bench/ssd_head_profile.py)
-        p0 = clock() * 0
-        p1 = p0
-        p2 = p0
-        p3 = p0
-        p4 = p0
-        p5 = p0
-        p6 = p0
-        p7 = p0
+        p0, p1, p2, p3, p4, p5, p6, p7 = profile_counters()
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         if PROFILE:
@@ -413,7 +387,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         i += 1
     _release_previous(empty, i, STAGES)
     if PROFILE:
-        _store_profile(prof_ptr, 1, p0, p1, p2, p3, p4, p5, p6, p7)
+        # row (program, side) of the (programs, 2, 8) profile; the last counter, the S / G wait, is part of phase 1
+        store_profile_row(prof_ptr + (gl.program_id(0) * 2 + 1) * 8, p0, p1, p2, p3, p4, p5, p6, p7)
 
 
 @gluon.jit
