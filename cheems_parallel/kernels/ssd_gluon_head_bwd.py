@@ -139,10 +139,13 @@ def _unrotated(first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.co
 
 
 @gluon.jit
-def _stage_halves(tile, first, second, NH: gl.constexpr):
-    """The two halves of a (T, n) gradient into a (T, n) shared-memory tile, for a TMA store."""
+def _tma_store_halves(desc, row, col, tile, first, second, NH: gl.constexpr):
+    """The two halves of a (T, n) gradient staged in a consumed (T, n) shared-memory tile, then out by TMA."""
     tile.slice(0, NH, dim=1).store(first.to(tile.dtype))
     tile.slice(NH, NH, dim=1).store(second.to(tile.dtype))
+    fence_async_shared()
+    sync_warps()
+    tma.async_copy_shared_to_global(desc, [row, col], tile)
 
 
 @gluon.jit
@@ -262,10 +265,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
         # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
         mbarrier.wait(sg_empty, i & 1)
-        _stage_halves(k_tile, first, second, NH)
-        fence_async_shared()
-        sync_warps()
-        tma.async_copy_shared_to_global(dc_desc, [token_row, hi * N], k_tile)
+        _tma_store_halves(dc_desc, token_row, hi * N, k_tile, first, second, NH)
         if PROFILE:
             p6 += clock() - t6
         i += 1
@@ -378,10 +378,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
                                    sc_n, T, NH, th_layout, ROPE)
         # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
-        _stage_halves(q_tile, first, second, NH)
-        fence_async_shared()
-        sync_warps()
-        tma.async_copy_shared_to_global(db_desc, [token_row, hi * N], q_tile)
+        _tma_store_halves(db_desc, token_row, hi * N, q_tile, first, second, NH)
         if PROFILE:
             p6 += clock() - t6
         i += 1
