@@ -112,3 +112,11 @@ if __name__ == "__main__":
             print(json.dumps(dict(case, report=report)))
         except Exception as error:
             print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
+    # the cycle-profile builds bench/ssd_head_profile.py and bench/ssd_walk_profile.py launch
+    for kernel, build in (("head", lambda: head_case(PROFILE=True)), ("forward", lambda: forward_case(PROFILE=True))):
+        case = {"kernel": kernel, "p": 128, "n": 128, "D": True, "rope": True, "profile": True}
+        try:
+            report, _ = build()
+            print(json.dumps(dict(case, report=report)))
+        except Exception as error:
+            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))

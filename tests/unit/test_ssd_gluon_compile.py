@@ -26,8 +26,9 @@ def test_gluon_backward_compiles_for_sm90_within_shared_memory():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     kernels = [row.get("kernel", "group") for row in rows]
-    assert kernels.count("group") == 4 and kernels.count("head") == 4, result.stdout[-3000:]
-    assert kernels.count("forward") == 4, result.stdout[-3000:]
+    # the head and forward kernels also in their PROFILE builds (the cycle-profile scripts in bench/)
+    assert kernels.count("group") == 4 and kernels.count("head") == 5, result.stdout[-3000:]
+    assert kernels.count("forward") == 5, result.stdout[-3000:]
     for row in rows:
         assert "error" not in row, row
         report = row["report"]
