@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds smoke/gpu_data, the tokenizer and shards the GPU pretraining scripts carry to the lent machine
 # (bench/gpu_pretrain.sh, gpu_profile_pretrain.sh, gpu_multi.sh): the standard library's docstrings (the smoke
-# corpus: up to CORPUS_MB megabytes, all of it (~5 MB) by default), a 32k sentencepiece tokenizer (cheems-320m's vocabulary) and megatron shards.
+# corpus: up to CORPUS_MB megabytes, all of it (~5 MB) by default), a 32k sentencepiece tokenizer (cheems-320m's
+# vocabulary) and megatron shards.
 # Run here, not on the GPU machine:  bash bench/make_gpu_data.sh   (then carry smoke/gpu_data)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}

@@ -164,8 +164,8 @@ def _release_previous(empty, i, STAGES: gl.constexpr):
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
             handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH,
             NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr,
-            STAGES: gl.constexpr, P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
-            PROFILE: gl.constexpr):
+            STAGES: gl.constexpr, P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr,
+            HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -427,8 +427,8 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
                    prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C,
                    ROPE, HAS_SEQ, PROFILE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr, ddt_ptr,
-                   dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D,
+                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr,
+                   ddt_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D,
                    DD_IN_C, P_C, ROPE, HAS_SEQ, PROFILE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
