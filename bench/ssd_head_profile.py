@@ -34,8 +34,7 @@ import torch
 import triton
 
 from cheems_parallel.kernels import ssd_gluon_head_bwd
-from cheems_parallel.kernels.ssd import kernel_prologue
-from ssd import make_problem  # bench/ssd.py (this script's folder is on sys.path when run as a script)
+from ssd_walk_profile import problem as walk_problem  # bench/ (this script's folder is on sys.path as a script)
 
 SIDES = {
     "C side": ("top", "S product", "scores, dy x^T", "decay, W, hand-off", "dg reductions", "W k, dD, release",
@@ -50,18 +49,12 @@ VARIANTS = {"default": {}, "<S, G> 32 rows in C": {"overlap_c_rows": 32}, "<S, G
 
 
 def inputs(tokens, length, heads, dim, rope):
-    """The kernel's arguments for bench/ssd.py's Cheems problem (RoPE on or off)."""
-    problem = make_problem(tokens, length, heads, dim, dim, rope=rope, groups=heads)
-    dt, g = kernel_prologue(problem["dt_raw"], problem["dt_bias"], problem["A"], ssd_gluon_head_bwd.CHUNK)
-    x, B, C = problem["x"], problem["B"], problem["C"]
-    batch = x.shape[0]
-    chunks = length // ssd_gluon_head_bwd.CHUNK
-    states = 0.1 * torch.randn(batch, chunks + 1, heads, dim, dim, device=x.device, dtype=x.dtype)
-    dstates = 0.1 * torch.randn_like(states)
-    cos = sin = None
-    if rope:
-        cos, sin = problem["cos"].to(x.dtype).contiguous(), problem["sin"].to(x.dtype).contiguous()
-    return (x, torch.randn_like(x), B, C, cos, sin, dt, g, problem["D"], states, dstates)
+    """The kernel's arguments for bench/ssd.py's Cheems problem (RoPE on or off): the walk profile's inputs (through
+    the kernels' prologue, 16-bit tables), a random dy and random chunk states and state gradients."""
+    x, B, C, cos, sin, dt, g, D = walk_problem(tokens, length, heads, dim, rope, heads)
+    states = 0.1 * torch.randn(x.shape[0], length // ssd_gluon_head_bwd.CHUNK + 1, heads, dim, dim, device=x.device,
+                               dtype=x.dtype)
+    return (x, torch.randn_like(x), B, C, cos, sin, dt, g, D, states, 0.1 * torch.randn_like(states))
 
 
 def main():
