@@ -15,5 +15,6 @@ OUT=${OUT:-/tmp/multi_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -4
-python3 bench/multi_gpu.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model \
+python3 bench/multi_gpu.py --data-prefix smoke/gpu_data/data/stdlib_text_document \
+    --tokenizer smoke/gpu_data/tokenizer/stdlib.model \
     --log-dir "$OUT" "$@"

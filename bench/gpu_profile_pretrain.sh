@@ -8,7 +8,8 @@ export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYT
 OUT=${OUT:-/tmp/profile_out}
 mkdir -p "$OUT"
 for stage in 1 0; do
-  python3 bench/profile_pretrain.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model \
+  python3 bench/profile_pretrain.py --data-prefix smoke/gpu_data/data/stdlib_text_document \
+    --tokenizer smoke/gpu_data/tokenizer/stdlib.model \
     --zero-stage $stage --out "$OUT/profile_pretrain_zero$stage.json" "$@" > "$OUT/profile_zero$stage.log" 2>&1
   echo "zero-$stage rc=$?"; sed -n '/profiled steps/,$p' "$OUT/profile_zero$stage.log"
 done

@@ -11,7 +11,8 @@ metrics.jsonl is read back. Printed last: tokens/s, tokens/s over the one-GPU ru
 last loss, and the largest per-step loss difference from the one-GPU run (bf16 and another reduction
 order make them differ a little; a wrong gradient split makes them drift apart within a few steps).
 
-    python bench/multi_gpu.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model
+    python bench/multi_gpu.py --data-prefix smoke/gpu_data/data/stdlib_text_document \
+        --tokenizer smoke/gpu_data/tokenizer/stdlib.model
 
 Writes bench/results/multi_gpu_h200x2.json (or --out). bench/gpu_multi.sh is the one-call wrapper.
 """

@@ -10,7 +10,8 @@ bf16 peak, and peak allocated memory. Two anchors, measured in the same run on t
     the same micro-batch; trainer tokens/s over it is what the whole program adds on top of the math.
 and the Cheems/Llama throughput ratio.
 
-    python bench/pretrain_gpu.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model
+    python bench/pretrain_gpu.py --data-prefix smoke/gpu_data/data/stdlib_text_document \
+        --tokenizer smoke/gpu_data/tokenizer/stdlib.model
 
 Writes bench/results/pretrain_h200.json (or --out). bench/gpu_pretrain.sh is the one-call wrapper for
 the lent H200 (installs the carried wheels, then runs this).
@@ -129,8 +130,9 @@ def run_model(name: str, arguments, micro_batch: int, activation_checkpointing: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="example: python bench/pretrain_gpu.py --data-prefix smoke/gpu_data/stdlib "
-                                            "--tokenizer smoke/gpu_data/tok32k.model")
+                                     epilog="example: python bench/pretrain_gpu.py "
+                                            "--data-prefix smoke/gpu_data/data/stdlib_text_document "
+                                            "--tokenizer smoke/gpu_data/tokenizer/stdlib.model")
     parser.add_argument("--models", nargs="+", default=["cheems-320m", "llama-320m"], help="configs/<name>.yaml to run")
     parser.add_argument("--data-prefix", required=True, help="token shard prefix (vocab <= 32768)")
     parser.add_argument("--tokenizer", required=True, help="sentencepiece model the shard was made with")

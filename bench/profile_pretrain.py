@@ -7,7 +7,8 @@ with profiler ranges, profiles a few steady steps, and prints per step: wall tim
 device kernel and copy time), each phase's host time, kernel launches, and the host-side calls that
 waited the longest (synchronising reads).
 
-    python bench/profile_pretrain.py --data-prefix smoke/gpu_data/stdlib --tokenizer smoke/gpu_data/tok32k.model
+    python bench/profile_pretrain.py --data-prefix smoke/gpu_data/data/stdlib_text_document \
+        --tokenizer smoke/gpu_data/tokenizer/stdlib.model
 
 Writes a JSON summary (--out, default bench/results/profile_pretrain_h200.json).
 """
