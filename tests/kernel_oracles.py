@@ -22,14 +22,17 @@ def relative_error(value, reference):
     return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def interpreted_module(name, probe_kernel):
+def interpreted_module(name, probe_kernel, dependencies=()):
     """Generator body of a module-scoped fixture: the kernel module `name` decorated for the Triton
-    interpreter (re-imported if something loaded it for a GPU; `probe_kernel` is one of its kernels), and
-    afterwards the environment restored and, on a CUDA machine, a GPU-compiled module left behind."""
+    interpreter (re-imported if something loaded it for a GPU; `probe_kernel` is one of its kernels; the kernel
+    modules it imports, `dependencies`, re-imported with it), and afterwards the environment restored and, on a
+    CUDA machine, GPU-compiled modules left behind."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     module = importlib.import_module(name)
     if type(getattr(module, probe_kernel)).__name__ != "InterpretedFunction":
+        for dependency in dependencies:
+            importlib.reload(importlib.import_module(dependency))
         module = importlib.reload(module)
     yield module
     if previous is None:
@@ -37,6 +40,8 @@ def interpreted_module(name, probe_kernel):
     else:
         os.environ["TRITON_INTERPRET"] = previous
     if torch.cuda.is_available():
+        for dependency in dependencies:
+            importlib.reload(sys.modules[dependency])
         importlib.reload(sys.modules[name])
 
 

@@ -17,8 +17,9 @@ S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B~_t^T, reset to 0 where seq_idx changes;
 
 How it is split (T = the kernels' own chunk length, `KERNEL_CHUNK`; the function does not depend on the
 chunk length, so the `chunk_size` argument only matters to the reference):
-  prologue (torch)   dt = softplus(dt_raw + dt_bias), g = within-chunk inclusive cumsum of dt*A,
-                     both (b, h, l padded to T) float32; torch autograd differentiates this part.
+  prologue           dt = softplus(dt_raw + dt_bias), g = within-chunk inclusive cumsum of dt*A,
+                     both (b, h, l padded to T) float32: one Triton launch each way (`ssd_prologue`; the torch
+                     composition `kernel_prologue` is its reference).
   _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
                      chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
   _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from cheems_parallel.kernels import ssd_prologue
 from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.ops.rope import apply_rope
 from cheems_parallel.ops.ssd import ssd_chunked
@@ -1209,7 +1211,8 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
 
 
 def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
-    """Kernel backward: dx, dB, dC, ddt, dg, dD (or None), d_initial_state (float32)."""
+    """Kernel backward: dx, dB, dC, ddt as (k, b, h, lpad) partial sums, dg as a tuple of (b, h, lpad) terms (both
+    summed by the prologue's backward), dD (or None), d_initial_state (float32)."""
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     heads_per_group = heads // groups
@@ -1262,15 +1265,15 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
         num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
     if gluon is not None:
         if groups < heads:
-            dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_group_backward(
+            dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_group_backward(
                 x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
         else:
-            dx, dB, dC, ddt_partial, dg, dD_partial = gluon.fused_head_backward(
+            dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
                 overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
                 seq=seq)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
-        return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial.sum(dim=0), dg, dD, dinit
+        return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial, dg_parts, dD, dinit
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
@@ -1345,22 +1348,23 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # d loss / d g_last through the carried state: exp(g_last) <G_c, S_c-1>, at each chunk's last token
     if overlap_in_state_bwd:
         dg.view(batch, heads, n_chunks, T)[..., -1] += overlap.sum(dim=0)
-    ddt = ddt_partial.sum(dim=0)
     dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
-    return dx, dB, dC, ddt, dg, dD, dinit
+    return dx, dB, dC, ddt_partial, (dg,), dD, dinit
 
 
 class _SSDChunkedFunction(torch.autograd.Function):
-    """y, final_state from (x, dt, g, B, C, D, initial_state); cos/sin/seq/T/config are constants.
+    """y, final_state from (x, dt_raw, dt_bias, A, B, C, D, initial_state); cos/sin/seq/T/config are constants.
 
-    dt and g come from the torch prologue in `ssd_fused` (autograd differentiates that part)."""
+    dt and g come from the Triton prologue (`ssd_prologue`), whose backward turns the main kernels' ddt and dg into
+    d dt_raw, d dt_bias and dA."""
 
     @staticmethod
-    def forward(ctx, x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config):
-        wants_grad = any(ctx.needs_input_grad[:7])
+    def forward(ctx, x, dt_raw, dt_bias, A, B, C, D, initial_state, cos, sin, seq, T, config):
+        wants_grad = any(ctx.needs_input_grad[:8])
+        dt, g = ssd_prologue.prologue_forward(dt_raw, dt_bias, A, T)
         y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
                                                          config, save_for_backward=wants_grad)
-        ctx.save_for_backward(x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
+        ctx.save_for_backward(x, dt_raw, dt_bias, A, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C)
         ctx.T = T
         ctx.config = config
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -1368,15 +1372,16 @@ class _SSDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
+        x, dt_raw, dt_bias, A, dt, g, B, C, D, states, cos, sin, seq, rotated_B, rotated_C = ctx.saved_tensors
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        dx, dB, dC, ddt, dg, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
-                                                  ctx.T, ctx.config, rotated_B, rotated_C)
+        dx, dB, dC, ddt_parts, dg_parts, dD, dinit = _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states,
+                                                               ctx.T, ctx.config, rotated_B, rotated_C)
+        d_raw, d_bias, dA = ssd_prologue.prologue_backward(ddt_parts, dg_parts, dt_raw, dt_bias, A, ctx.T)
         if D is not None:
             dD = dD.to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.init_dtype is not None else None
-        return dx, ddt, dg, dB, dC, dD, dinit, None, None, None, None, None
+        return dx, d_raw, d_bias, dA, dB, dC, dD, dinit, None, None, None, None, None
 
 
 def _check_shapes(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_idx):
@@ -1432,7 +1437,6 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     config = dict(CONFIG, **(config or {}))
     batch, length, heads, _ = x.shape
     pad = (-length) % T
-    dt, g = kernel_prologue(dt_raw, dt_bias, A, T)
     seq = None
     if seq_idx is not None:
         # padding continues the last document, so it never resets the final state
@@ -1450,7 +1454,7 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
     B = B.to(dtype).contiguous()
     C = C.to(dtype).contiguous()
     initial_state = initial_state.contiguous() if initial_state is not None else None
-    return _SSDChunkedFunction.apply(x, dt, g, B, C, D, initial_state, cos, sin, seq, T, config)
+    return _SSDChunkedFunction.apply(x, dt_raw, dt_bias, A, B, C, D, initial_state, cos, sin, seq, T, config)
 
 
 def ssd_fused_reference(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D=None,

@@ -437,9 +437,10 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
 
 def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
                         dd_in_c=True, seq=None, profile=None):
-    """(dx, dB, dC, ddt (1, b, h, lpad), dg (b, h, lpad), dD partial (1, b, chunks, h) or None) of the chunk terms,
-    as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are B~ / C~ (the forward's rotated
-    copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out in x's dtype.
+    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD partial (1, b, chunks, h)
+    or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
+    B~ / C~ (the forward's rotated copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out
+    in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
     the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None; profile: an int64
     (programs, 2, 8) tensor to receive each consumer's per-phase cycle sums (bench/ssd_head_profile.py).
@@ -475,5 +476,4 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
         P_C=min(head_dim, overlap_c_rows), DD_IN_C=dd_in_c, ROPE=rope, HAS_SEQ=seq is not None,
         PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    dg_c += dg_b
-    return dx, dB, dC, ddt, dg_c, dD
+    return dx, dB, dC, ddt, (dg_c, dg_b), dD

@@ -38,7 +38,8 @@ def kernels():
     if not _interpreter_usable():
         pytest.skip("triton was imported for compilation earlier in this process: "
                     "test_kernel_tests_in_a_fresh_interpreter_process runs these tests instead")
-    yield from interpreted_module("cheems_parallel.kernels.ssd", "_chunk_fwd_kernel")
+    yield from interpreted_module("cheems_parallel.kernels.ssd", "_chunk_fwd_kernel",
+                                  dependencies=("cheems_parallel.kernels.ssd_prologue",))
 
 
 @pytest.mark.skipif(IN_CHILD, reason="already the fresh process")
@@ -198,3 +199,51 @@ def test_matches_chunked_reference_too(kernels):
                                    inputs["C"].double(), 8, inputs["D"].double(), None, inputs["seq_idx"])
     assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
 
+
+
+def _prologue_float64(raw, bias, A, T):
+    """dt = softplus(raw + bias), g = the within-chunk inclusive cumsum of dt A, both (b, h, l padded to T), in
+    float64 torch: the prologue's contract, written out here independently of `ssd.kernel_prologue`."""
+    batch, length, heads = raw.shape
+    dt = F.softplus(raw.double() + bias.double()).transpose(1, 2)
+    dt = F.pad(dt, (0, (-length) % T))
+    g = (dt * A.double()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    return dt, g
+
+
+@pytest.mark.parametrize("batch, length, heads, T, dtype, transposed, two_dg, ddt_parts", [
+    (2, 40, 3, 16, torch.float32, True, True, 2),      # l not a multiple of T, the layer's transposed view
+    (1, 64, 70, 32, torch.bfloat16, False, False, 1),  # two head blocks (64 + 6), bf16 dt_raw
+    (3, 5, 1, 16, torch.float32, False, True, 3),      # one short chunk, one head
+])
+def test_prologue_matches_float64(kernels, batch, length, heads, T, dtype, transposed, two_dg, ddt_parts):
+    """The Triton prologue (`ssd_prologue`): dt, g and, from random ddt partials and dg terms (the padding's dg
+    included: g there still depends on the chunk's tokens), d dt_raw, d dt_bias, dA against float64 autograd.
+    dt_raw spans softplus's threshold (z > 20: identity) and very negative z (where log(1 + e^z) underflows)."""
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    raw = torch.randn(batch, length, heads, generator=generator) * 4 - 1
+    raw[0, 0] = 25.0
+    raw[-1, -1] = -30.0
+    if transposed:
+        raw = raw.transpose(0, 1).contiguous().transpose(0, 1)   # (b, l, h) view of an (l, b, h) tensor
+    raw = raw.to(dtype)
+    bias = torch.randn(heads, generator=generator) * 0.5
+    A = -torch.rand(heads, generator=generator) * 2 - 0.1
+    prologue = kernels.ssd_prologue
+    dt, g = prologue.prologue_forward(raw, bias, A, T)
+    leaves = [raw.double().requires_grad_(), bias.double().requires_grad_(), A.double().requires_grad_()]
+    dt_ref, g_ref = _prologue_float64(*leaves, T)
+    assert dt.shape == dt_ref.shape and g.shape == g_ref.shape
+    assert relative_error(dt, dt_ref) < 1e-6 and relative_error(g, g_ref) < 1e-6
+    tiny, tiny_ref = dt[-1, :, length - 1], dt_ref[-1, :, length - 1]    # ~1e-13: log(1 + e^z) would give 0
+    assert (tiny_ref > 0).all() and relative_error(tiny, tiny_ref) < 1e-5
+
+    ddt = torch.randn(ddt_parts, *dt.shape, generator=generator)
+    dg_terms = [torch.randn(dt.shape, generator=generator) for _ in range(2 if two_dg else 1)]
+    d_raw, d_bias, dA = prologue.prologue_backward(ddt, dg_terms, raw, bias, A, T)
+    ref = torch.autograd.grad((dt_ref * ddt.double().sum(0)).sum() + (g_ref * sum(dg_terms).double()).sum(), leaves)
+    assert d_raw.dtype == dtype and d_raw.shape == raw.shape
+    assert d_bias.dtype == bias.dtype and dA.dtype == A.dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2   # bf16: d dt_raw is rounded to bf16
+    for name, value, reference in (("d dt_raw", d_raw, ref[0]), ("d dt_bias", d_bias, ref[1]), ("dA", dA, ref[2])):
+        assert relative_error(value, reference) < tolerance, name
