@@ -39,6 +39,7 @@ bf16 operands for bf16 inputs (float32 "ieee" for float32 inputs) with float32 a
 bench/ssd_notes.md has the measurements behind this split.
 """
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -1426,6 +1427,25 @@ def kernel_prologue(dt_raw, dt_bias, A, T):
     return dt, g
 
 
+_LAST_TABLES = [None]   # (weak references to the caller's cos, sin, their versions, dtype, the kernels' copies)
+
+
+def _kernel_tables(cos, sin, dtype):
+    """cos / sin in `dtype`, contiguous. Every SSD layer of a model step gets the same two float32 tables: the
+    converted copies are kept for as long as the caller's tensors live unchanged (same objects, same version), so
+    the layers share one conversion and one saved copy instead of one each."""
+    if cos.is_inference() or sin.is_inference():   # no version counters to check
+        return cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+    last = _LAST_TABLES[0]
+    if (last is not None and last[0]() is cos and last[1]() is sin and last[2] == (cos._version, sin._version)
+            and last[3] == dtype):
+        return last[4]
+    tables = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+    if tables[0] is not cos:   # a conversion was made: worth keeping
+        _LAST_TABLES[0] = (weakref.ref(cos), weakref.ref(sin), (cos._version, sin._version), dtype, tables)
+    return tables
+
+
 def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D=None,
               initial_state=None, seq_idx=None, kernel_chunk=None, config=None):
     """Chunked SSD with softplus(dt + dt_bias) and RoPE on B/C, on Triton kernels. See the module docstring.
@@ -1448,8 +1468,7 @@ def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D
         table_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         if config.get("rope_tables_fp32", False):
             table_dtype = torch.float32
-        cos = cos.to(table_dtype).contiguous()
-        sin = sin.to(table_dtype).contiguous()
+        cos, sin = _kernel_tables(cos, sin, table_dtype)
     x = x.contiguous()
     B = B.to(dtype).contiguous()
     C = C.to(dtype).contiguous()

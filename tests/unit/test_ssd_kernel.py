@@ -247,3 +247,21 @@ def test_prologue_matches_float64(kernels, batch, length, heads, T, dtype, trans
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2   # bf16: d dt_raw is rounded to bf16
     for name, value, reference in (("d dt_raw", d_raw, ref[0]), ("d dt_bias", d_bias, ref[1]), ("dA", dA, ref[2])):
         assert relative_error(value, reference) < tolerance, name
+
+
+def test_converted_tables_are_shared_until_the_tables_change(kernels):
+    """The layers of one step share one bf16 copy of the float32 RoPE tables; a changed (in place) or different
+    table gets a new copy, so a kernel never reads stale tables."""
+    cos, sin = rope_tables(torch.arange(40)[None], 16)
+    first = kernels._kernel_tables(cos, sin, torch.bfloat16)
+    assert first[0].dtype == torch.bfloat16 and torch.equal(first[0], cos.to(torch.bfloat16))
+    assert all(a is b for a, b in zip(kernels._kernel_tables(cos, sin, torch.bfloat16), first))
+    cos.mul_(0.5)   # in place: a new version
+    changed = kernels._kernel_tables(cos, sin, torch.bfloat16)
+    assert changed[0] is not first[0] and torch.equal(changed[0], cos.to(torch.bfloat16))
+    other_cos = cos.clone()
+    assert kernels._kernel_tables(other_cos, sin, torch.bfloat16)[0] is not changed[0]
+    with torch.inference_mode():
+        frozen_cos, frozen_sin = rope_tables(torch.arange(8)[None], 16)
+        assert torch.equal(kernels._kernel_tables(frozen_cos, frozen_sin, torch.bfloat16)[1],
+                           frozen_sin.to(torch.bfloat16))
