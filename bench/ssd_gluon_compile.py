@@ -89,34 +89,37 @@ FORWARD_CASES = ((True, True, True, False, 8, False), (True, True, False, True, 
 # (p, D, RoPE, documents)
 HEAD_CASES = ((128, True, True, False), (128, False, False, False), (64, True, True, False), (128, True, True, True))
 
-if __name__ == "__main__":
-    # one JSON object per line: {"p", "n", "D", "report"} or {"p", "n", "D", "error"}
+def builds():
+    """(case fields, builder name, keyword arguments) of every build the report covers."""
     for p, n, has_d in CASES:
-        try:
-            report, _ = fused_case(p, n, has_d)
-            print(json.dumps({"p": p, "n": n, "D": has_d, "report": report}))
-        except Exception as error:
-            print(json.dumps({"p": p, "n": n, "D": has_d, "error": f"{type(error).__name__}: {str(error)[-2500:]}"}))
+        yield {"p": p, "n": n, "D": has_d}, "fused_case", dict(head_dim=p, state_dim=n, has_d=has_d)
     for has_d, rope, save, init, groups, seq in FORWARD_CASES:
-        case = {"kernel": "forward", "p": 128, "n": 128, "D": has_d, "rope": rope, "save_rotated": save,
-                "init": init, "groups": groups, "documents": seq}
-        try:
-            report, _ = forward_case(has_d, rope, save, init, groups=groups, has_seq=seq)
-            print(json.dumps(dict(case, report=report)))
-        except Exception as error:
-            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
+        yield ({"kernel": "forward", "p": 128, "n": 128, "D": has_d, "rope": rope, "save_rotated": save, "init": init,
+                "groups": groups, "documents": seq}, "forward_case",
+               dict(has_d=has_d, rope=rope, save_rotated=save, has_init=init, groups=groups, has_seq=seq))
     for p, has_d, rope, seq in HEAD_CASES:
-        case = {"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "documents": seq}
-        try:
-            report, _ = head_case(p, has_d, rope, has_seq=seq)
-            print(json.dumps(dict(case, report=report)))
-        except Exception as error:
-            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
+        yield ({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "documents": seq}, "head_case",
+               dict(head_dim=p, has_d=has_d, rope=rope, has_seq=seq))
     # the cycle-profile builds bench/ssd_head_profile.py and bench/ssd_walk_profile.py launch
-    for kernel, build in (("head", lambda: head_case(PROFILE=True)), ("forward", lambda: forward_case(PROFILE=True))):
-        case = {"kernel": kernel, "p": 128, "n": 128, "D": True, "rope": True, "profile": True}
-        try:
-            report, _ = build()
-            print(json.dumps(dict(case, report=report)))
-        except Exception as error:
-            print(json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}")))
+    for kernel, builder in (("head", "head_case"), ("forward", "forward_case")):
+        yield ({"kernel": kernel, "p": 128, "n": 128, "D": True, "rope": True, "profile": True}, builder,
+               dict(PROFILE=True))
+
+
+def report_line(build):
+    """One JSON line: the case's fields and its report, or the error that stopped its build."""
+    case, builder, arguments = build
+    try:
+        report, _ = globals()[builder](**arguments)
+        return json.dumps(dict(case, report=report))
+    except Exception as error:
+        return json.dumps(dict(case, error=f"{type(error).__name__}: {str(error)[-2500:]}"))
+
+
+if __name__ == "__main__":
+    # one JSON object per line, in the order of `builds`: the builds are independent, so they compile in parallel
+    # (one process per core: ptxas and the Triton passes are single-threaded)
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for line in pool.map(report_line, list(builds())):
+            print(line, flush=True)

@@ -372,7 +372,7 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
 def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD partial (1, b, chunks, h)
     or None) of the chunk terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~
-    (RoPE, if any, left to the caller). dB and dC are float32 for the caller to cast."""
+    (RoPE, if any, left to the caller). dB and dC come out in x's dtype."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B_in.shape[2], B_in.shape[3]
     lpad = dt.shape[-1]
@@ -394,5 +394,6 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_s
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
         P_C=head_dim // 2 if overlap_split else head_dim, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    dB += dB_w
-    return dx, dB, dC, ddt, (dg_c, dg_b), dD
+    # the two partitions' dB shares summed straight into x's dtype (one launch, no float32 sum written)
+    dB = torch.add(dB, dB_w, out=torch.empty(dB.shape, device=x.device, dtype=x.dtype))
+    return dx, dB, dC.to(x.dtype), ddt, (dg_c, dg_b), dD
