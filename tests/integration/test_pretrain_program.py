@@ -104,9 +104,10 @@ def data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(data) -> list[float]:
-    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8 (checkpoint at exit)."""
+    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8 (checkpoints halfway, which the
+    universal-checkpoint test compares with, and at exit)."""
     run_dir = data["dir"] / "reference"
-    run_pretrain(data, run_dir, extra=["checkpoint.save_at_exit=true"])
+    run_pretrain(data, run_dir, extra=["checkpoint.save_at_exit=true", f"checkpoint.interval={STEPS // 2}"])
     values = losses(run_dir)
     assert len(values) == STEPS
     assert values[-1] < values[0] - 0.5, values  # it learns
@@ -199,10 +200,8 @@ def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference
     # The universal weights are the whole parameters: equal to a one-process run's after the same steps
     # (this checks the recorded TP split: row-parallel joined along dim 1, replicated taken whole).
     from pretrain.generate import load_model_from_checkpoint
-    single = data["dir"] / "single_to_half"
-    run_pretrain(data, single, extra=[f"train.exit_at_step={STEPS // 2}"])
     joined, _ = load_model_from_checkpoint(universal)
-    one_process, _ = load_model_from_checkpoint(single / "checkpoints" / checkpoint.name)
+    one_process, _ = load_model_from_checkpoint(data["dir"] / "reference" / "checkpoints" / checkpoint.name)
     one_process_weights = dict(one_process.named_parameters())
     for name, weight in joined.named_parameters():  # TP=2 and one process round differently: ~1e-5 apart
         expected = one_process_weights[name]
