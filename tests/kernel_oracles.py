@@ -79,6 +79,17 @@ def ssd_float64_oracle(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, 
     return y, final
 
 
+def ssd_prologue_float64(raw, bias, A, T):
+    """dt = softplus(raw + bias), g = the within-chunk inclusive cumsum of dt A, both (b, h, l padded to T), in
+    float64 torch: the prologue's contract, written out here independently of `ssd.kernel_prologue`
+    and `ssd_prologue`."""
+    batch, length, heads = raw.shape
+    dt = F.softplus(raw.double() + bias.double()).transpose(1, 2)
+    dt = F.pad(dt, (0, (-length) % T))
+    g = (dt * A.double()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
+    return dt, g
+
+
 def ssd_sum_error(value, reference, terms, sum_dims):
     """Error of a whole-sequence sum (d dt_bias, dA: one number per head, summed over b and l) against the
     sum of its terms' magnitudes: ||value - reference|| / ||sum |terms|||. If every term were within a

@@ -298,3 +298,31 @@ def test_gluon_forward_is_skipped_for_few_sequences():
     with torch.no_grad():
         ssd_fused(**inputs, config={"gluon_fwd_min_sequences": 4})
     assert ssd_gluon_fwd.LAUNCHES == launches + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prologue_matches_float64_at_a_training_size(dtype):
+    """The Triton prologue (`ssd_prologue`) compiled: dt, g and d dt_raw, d dt_bias, dA at 4 x 4109 tokens (l not a
+    multiple of the chunk), 32 heads, against float64 autograd; dt_raw as the layer passes it, a transposed view."""
+    from cheems_parallel.kernels import ssd_prologue
+    from tests.kernel_oracles import relative_error, ssd_prologue_float64
+
+    batch, length, heads, chunk = 4, 4109, 32, 64
+    raw = (torch.randn(length, batch, heads, device="cuda") * 3 - 1).to(dtype).transpose(0, 1)
+    bias = torch.randn(heads, device="cuda") * 0.5
+    A = -torch.rand(heads, device="cuda") * 4 - 0.1
+    dt, g = ssd_prologue.prologue_forward(raw, bias, A, chunk)
+    leaves = [raw.double().requires_grad_(), bias.double().requires_grad_(), A.double().requires_grad_()]
+    dt_ref, g_ref = ssd_prologue_float64(*leaves, chunk)
+    errors = {"dt": relative_error(dt, dt_ref), "g": relative_error(g, g_ref)}
+    # positive upstream gradients: d dt_bias and dA are sums over 16k tokens, which random signs would cancel down
+    # to where float32 summation error, not the kernel, decides a relative bound
+    ddt = torch.rand(1, *dt.shape, device="cuda")
+    dg = [torch.rand(dt.shape, device="cuda") for _ in range(2)]
+    grads = ssd_prologue.prologue_backward(ddt, dg, raw, bias, A, chunk)
+    refs = torch.autograd.grad((dt_ref * ddt[0].double()).sum() + (g_ref * (dg[0] + dg[1]).double()).sum(), leaves)
+    errors.update({name: relative_error(value, ref) for name, value, ref in zip(("d dt_raw", "d dt_bias", "dA"),
+                                                                                 grads, refs)})
+    print(" ".join(f"{name}={error:.1e}" for name, error in errors.items()))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert all(error < tolerance for error in errors.values()), errors

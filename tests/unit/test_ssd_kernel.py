@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cheems_parallel.ops import rope_tables, ssd_chunked
-from tests.kernel_oracles import interpreted_module, relative_error, ssd_kernel_errors
+from tests.kernel_oracles import interpreted_module, relative_error, ssd_kernel_errors, ssd_prologue_float64
 from tests.kernel_oracles import ssd_float64_oracle as float64_oracle
 
 
@@ -201,16 +201,6 @@ def test_matches_chunked_reference_too(kernels):
 
 
 
-def _prologue_float64(raw, bias, A, T):
-    """dt = softplus(raw + bias), g = the within-chunk inclusive cumsum of dt A, both (b, h, l padded to T), in
-    float64 torch: the prologue's contract, written out here independently of `ssd.kernel_prologue`."""
-    batch, length, heads = raw.shape
-    dt = F.softplus(raw.double() + bias.double()).transpose(1, 2)
-    dt = F.pad(dt, (0, (-length) % T))
-    g = (dt * A.double()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
-    return dt, g
-
-
 @pytest.mark.parametrize("batch, length, heads, T, dtype, transposed, two_dg, ddt_parts", [
     (2, 40, 3, 16, torch.float32, True, True, 2),      # l not a multiple of T, the layer's transposed view
     (1, 64, 70, 32, torch.bfloat16, False, False, 1),  # two head blocks (64 + 6), bf16 dt_raw
@@ -232,14 +222,15 @@ def test_prologue_matches_float64(kernels, batch, length, heads, T, dtype, trans
     prologue = kernels.ssd_prologue
     dt, g = prologue.prologue_forward(raw, bias, A, T)
     leaves = [raw.double().requires_grad_(), bias.double().requires_grad_(), A.double().requires_grad_()]
-    dt_ref, g_ref = _prologue_float64(*leaves, T)
+    dt_ref, g_ref = ssd_prologue_float64(*leaves, T)
     assert dt.shape == dt_ref.shape and g.shape == g_ref.shape
     assert relative_error(dt, dt_ref) < 1e-6 and relative_error(g, g_ref) < 1e-6
     tiny, tiny_ref = dt[-1, :, length - 1], dt_ref[-1, :, length - 1]    # ~1e-13: log(1 + e^z) would give 0
     assert (tiny_ref > 0).all() and relative_error(tiny, tiny_ref) < 1e-5
 
-    ddt = torch.randn(ddt_parts, *dt.shape, generator=generator)
-    dg_terms = [torch.randn(dt.shape, generator=generator) for _ in range(2 if two_dg else 1)]
+    # positive upstream gradients, so that the sums d dt_bias and dA cannot cancel below float32's summation error
+    ddt = torch.rand(ddt_parts, *dt.shape, generator=generator)
+    dg_terms = [torch.rand(dt.shape, generator=generator) for _ in range(2 if two_dg else 1)]
     d_raw, d_bias, dA = prologue.prologue_backward(ddt, dg_terms, raw, bias, A, T)
     ref = torch.autograd.grad((dt_ref * ddt.double().sum(0)).sum() + (g_ref * sum(dg_terms).double()).sum(), leaves)
     assert d_raw.dtype == dtype and d_raw.shape == raw.shape
