@@ -1362,6 +1362,8 @@ class _SSDChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt_raw, dt_bias, A, B, C, D, initial_state, cos, sin, seq, T, config):
         wants_grad = any(ctx.needs_input_grad[:8])
+        # an unused output's gradient arrives as None, not as zeros to fill and read (the layer drops the final state)
+        ctx.set_materialize_grads(False)
         dt, g = ssd_prologue.prologue_forward(dt_raw, dt_bias, A, T)
         y, final, states, rotated_B, rotated_C = _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T,
                                                          config, save_for_backward=wants_grad)
