@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-SOFTPLUS_THRESHOLD = 20.0   # torch's F.softplus default: above it softplus(z) = z and its derivative is 1
+# torch's F.softplus default threshold: above it softplus(z) = z and its derivative is 1
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
 @triton.jit
@@ -28,7 +29,7 @@ def _softplus(z):
     one_plus = 1.0 + u
     exact = one_plus == 1.0
     log1p = tl.where(exact, u, tl.log(one_plus) * (u / tl.where(exact, 1.0, one_plus - 1.0)))
-    return tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p)
+    return tl.where(z > SOFTPLUS_THRESHOLD, z, tl.maximum(z, 0.0) + log1p)
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def _prologue_bwd_kernel(ddt_ptr, dg_ptr, dg2_ptr, raw_ptr, bias_ptr, a_ptr, dra
     a = tl.load(a_ptr + h, mask=in_h, other=0.0).to(tl.float32)
     z = raw.to(tl.float32) + bias[None, :]
     dt = tl.where(inside, _softplus(z), 0.0)
-    slope = tl.where(z > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-z)))
+    slope = tl.where(z > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + tl.exp(-z)))
     draw = tl.where(inside, (ddt + a[None, :] * d_decay) * slope, 0.0)
     tl.store(draw_ptr + b.to(tl.int64) * L * H + t[:, None] * H + h[None, :], draw.to(draw_ptr.dtype.element_ty),
              mask=inside)
