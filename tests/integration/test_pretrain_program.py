@@ -114,14 +114,29 @@ def reference(data) -> list[float]:
     return values
 
 
+ZERO2_EXTRA = ["train.zero_stage=2", "checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(data) -> Path:
+    """DP=2 under ZeRO-2 for all the steps, a checkpoint every 2: the ZeRO-2 layout check and the uninterrupted run
+    the bitwise-resume test compares with (one run for both: each 2-rank run costs ~16 s of the suite)."""
+    run_dir = data["dir"] / "zero2"
+    run_pretrain(data, run_dir, ranks=2, extra=ZERO2_EXTRA)
+    return run_dir
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, reference, zero_stage):
-    run_dir = data["dir"] / f"zero{zero_stage}"
-    # ZeRO-3 also runs with activation checkpointing: recomputation must not change the numbers.
-    extra = [f"train.zero_stage={zero_stage}"] + (["train.activation_checkpointing=true"] if zero_stage == 3 else [])
-    if zero_stage == 3:
-        extra.append("checkpoint.save_at_exit=true")
-    run_pretrain(data, run_dir, ranks=2, extra=extra)
+def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, reference, zero_stage, request):
+    if zero_stage == 2:
+        run_dir = request.getfixturevalue("zero2_run")
+    else:
+        run_dir = data["dir"] / f"zero{zero_stage}"
+        # ZeRO-3 also runs with activation checkpointing: recomputation must not change the numbers.
+        extra = [f"train.zero_stage={zero_stage}"]
+        if zero_stage == 3:
+            extra += ["train.activation_checkpointing=true", "checkpoint.save_at_exit=true"]
+        run_pretrain(data, run_dir, ranks=2, extra=extra)
     assert_close(losses(run_dir), reference, relative=1e-5)
     if zero_stage == 3:
         # The weights consolidated from ZeRO-3 partitions (pretrain.generate's loader, DeepSpeed's
@@ -147,11 +162,10 @@ def test_pipeline_parallel_two_stages_matches_one_process(data, reference):
     assert_close(losses(run_dir), reference, relative=1e-5)
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(data):
+def test_resume_reproduces_the_uninterrupted_run_bitwise(data, zero2_run):
     """2N steps straight vs N steps, exit, resume to 2N: identical losses and grad norms (ZeRO-2, DP=2)."""
-    extra = ["train.zero_stage=2", "checkpoint.interval=2"]
-    straight, resumed = data["dir"] / "straight", data["dir"] / "resumed"
-    run_pretrain(data, straight, ranks=2, extra=extra)
+    extra = ZERO2_EXTRA
+    straight, resumed = zero2_run, data["dir"] / "resumed"
     run_pretrain(data, resumed, ranks=2, extra=extra + [f"train.exit_at_step={STEPS // 2}"])
     assert [record["step"] for record in train_records(resumed)] == list(range(1, STEPS // 2 + 1))
     completed = run_pretrain(data, resumed, ranks=2, extra=extra + ["checkpoint.resume=auto"])
