@@ -139,13 +139,19 @@ def _unrotated(first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.co
 
 
 @gluon.jit
+def _tma_store(desc, row, col, tile):
+    """A shared-memory tile this warp group has just written, out by TMA (every warp's writes visible first)."""
+    fence_async_shared()
+    sync_warps()
+    tma.async_copy_shared_to_global(desc, [row, col], tile)
+
+
+@gluon.jit
 def _tma_store_halves(desc, row, col, tile, first, second, NH: gl.constexpr):
     """The two halves of a (T, n) gradient staged in a consumed (T, n) shared-memory tile, then out by TMA."""
     tile.slice(0, NH, dim=1).store(first.to(tile.dtype))
     tile.slice(NH, NH, dim=1).store(second.to(tile.dtype))
-    fence_async_shared()
-    sync_warps()
-    tma.async_copy_shared_to_global(desc, [row, col], tile)
+    _tma_store(desc, row, col, tile)
 
 
 @gluon.jit
@@ -364,9 +370,7 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         # dx by TMA from the slot's x tile, once the C side reads no more of it
         mbarrier.wait(c_read.index(slot), (i // STAGES) & 1)
         x_tile.store(dv.to(dtype))
-        fence_async_shared()
-        sync_warps()
-        tma.async_copy_shared_to_global(dx_desc, [token_row, hi * P], x_tile)
+        _tma_store(dx_desc, token_row, hi * P, x_tile)
         if PROFILE:
             t6 = clock()
             p5 += t6 - t5
