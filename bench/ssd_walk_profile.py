@@ -27,7 +27,7 @@ import torch
 import triton
 
 from cheems_parallel.kernels import ssd_gluon_fwd
-from cheems_parallel.kernels.ssd import kernel_prologue
+from cheems_parallel.kernels.ssd_prologue import prologue_forward
 from ssd import make_problem  # bench/ssd.py (this script's folder is on sys.path when run as a script)
 
 PHASES = ("load wait", "store wait", "operands", "scores", "P", "y products", "y, S to smem", "out")
@@ -37,7 +37,7 @@ def problem(tokens, length, heads, dim, rope, groups):
     """bench/ssd.py's problem, through the kernels' prologue (dt, g) and with 16-bit tables, as `ssd_fused` hands
     them to the walk."""
     inputs = make_problem(tokens, length, heads, dim, dim, rope=rope, groups=groups)
-    dt, g = kernel_prologue(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], ssd_gluon_fwd.CHUNK)
+    dt, g = prologue_forward(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], ssd_gluon_fwd.CHUNK)
     cos, sin = inputs["cos"], inputs["sin"]
     if rope:
         cos, sin = cos.to(torch.bfloat16).contiguous(), sin.to(torch.bfloat16).contiguous()

@@ -81,8 +81,7 @@ def ssd_float64_oracle(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, 
 
 def ssd_prologue_float64(raw, bias, A, T):
     """dt = softplus(raw + bias), g = the within-chunk inclusive cumsum of dt A, both (b, h, l padded to T), in
-    float64 torch: the prologue's contract, written out here independently of `ssd.kernel_prologue`
-    and `ssd_prologue`."""
+    float64 torch: the prologue's contract, written out here independently of `ssd_prologue`."""
     batch, length, heads = raw.shape
     dt = F.softplus(raw.double() + bias.double()).transpose(1, 2)
     dt = F.pad(dt, (0, (-length) % T))

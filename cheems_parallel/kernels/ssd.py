@@ -18,8 +18,8 @@ S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B~_t^T, reset to 0 where seq_idx changes;
 How it is split (T = the kernels' own chunk length, `KERNEL_CHUNK`; the function does not depend on the
 chunk length, so the `chunk_size` argument only matters to the reference):
   prologue           dt = softplus(dt_raw + dt_bias), g = within-chunk inclusive cumsum of dt*A,
-                     both (b, h, l padded to T) float32: one Triton launch each way (`ssd_prologue`; the torch
-                     composition `kernel_prologue` is its reference).
+                     both (b, h, l padded to T) float32 (zero dt on the padding keeps g flat there): one Triton
+                     launch each way (`ssd_prologue`).
   _state_fwd         sequential over chunks per (batch, head, p-block, n-block): the state entering each
                      chunk, stored (b, chunks + 1, h, p, n) in x's dtype (last slot: final), final in fp32.
   _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
@@ -1274,7 +1274,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
                 overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
                 seq=seq)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
-        return dx, dB.to(B.dtype), dC.to(C.dtype), ddt_partial, dg_parts, dD, dinit
+        return dx, dB, dC, ddt_partial, dg_parts, dD, dinit   # dB, dC in x's dtype, as B's and C's
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
                   DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16)
@@ -1417,16 +1417,6 @@ def _check_shapes(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_i
             raise ValueError(f"ssd_fused: {name} has shape {tuple(tensor.shape)}, expected {shape}")
     if state_dim % 2:
         raise ValueError(f"ssd_fused: state size n must be even (RoPE halves), got {state_dim}")
-
-
-def kernel_prologue(dt_raw, dt_bias, A, T):
-    """The kernels' (b, h, lpad) float32 dt = softplus(dt_raw + dt_bias) and g = within-chunk cumsum of dt * A, l padded
-    to a multiple of T (zero dt on the padding keeps g flat there)."""
-    batch, length, heads = dt_raw.shape
-    dt = F.softplus(dt_raw.float() + dt_bias.float()).transpose(1, 2)
-    dt = F.pad(dt, (0, (-length) % T)).contiguous()
-    g = (dt * A.float()[:, None]).view(batch, heads, -1, T).cumsum(dim=-1).view(batch, heads, -1)
-    return dt, g
 
 
 _LAST_TABLES = [None]   # (weak references to the caller's cos, sin, their versions, dtype, the kernels' copies)

@@ -1,6 +1,6 @@
 """The SSD kernels' prologue as two Triton launches: dt = softplus(dt_raw + dt_bias) and g = the within-chunk
-inclusive cumsum of dt * A, both (b, h, l padded to T) float32, and its backward. `ssd.kernel_prologue` is the torch
-composition it replaces (and the reference it is tested against).
+inclusive cumsum of dt * A, both (b, h, l padded to T) float32, and its backward (tested against float64 autograd of
+the written-out contract, `tests.kernel_oracles.ssd_prologue_float64`).
 
 Why: in torch the prologue and its autograd backward are ~10 small kernels (add, softplus, transpose-copy, pad, mul,
 cumsum; flip, cumsum, flip, sigmoid, two reductions over b and l) and as many autograd nodes. At cheems-320m's size
@@ -96,7 +96,7 @@ def _grid(batch, heads, n_chunks):
 
 
 def prologue_forward(dt_raw, dt_bias, A, T):
-    """(dt, g), each (b, h, lpad) float32 with lpad = l rounded up to T, as `ssd.kernel_prologue` computes them.
+    """(dt, g), each (b, h, lpad) float32 with lpad = l rounded up to T (dt = 0 on the padding, g flat there).
     dt_raw (b, l, h) in any float dtype and any strides (the layer passes a transposed view)."""
     batch, length, heads = dt_raw.shape
     n_chunks = triton.cdiv(length, T)

@@ -261,10 +261,11 @@ def test_gluon_forward_saves_what_the_triton_forward_saves(rope, groups, use_seq
     the same inputs: equal up to a few bf16 roundings (the state is carried in float32 by both)."""
     from cheems_parallel.kernels import ssd as ssd_kernels
     from cheems_parallel.kernels import ssd_gluon_fwd
+    from cheems_parallel.kernels.ssd_prologue import prologue_forward
     from tests.kernel_oracles import relative_error
 
     inputs = make_inputs(2, 1024, 8, 128, 128, torch.bfloat16, rope, True, True, use_seq, groups=groups)
-    dt, g = ssd_kernels.kernel_prologue(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], 64)
+    dt, g = prologue_forward(inputs["dt_raw"], inputs["dt_bias"], inputs["A"], 64)
     cos = inputs["cos"].to(torch.bfloat16).contiguous() if rope else None
     sin = inputs["sin"].to(torch.bfloat16).contiguous() if rope else None
     seq = inputs["seq_idx"].to(torch.int32).contiguous() if use_seq else None   # l % 64 == 0: no padding

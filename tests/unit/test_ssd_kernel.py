@@ -200,7 +200,6 @@ def test_matches_chunked_reference_too(kernels):
     assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
 
 
-
 @pytest.mark.parametrize("batch, length, heads, T, dtype, transposed, two_dg, ddt_parts", [
     (2, 40, 3, 16, torch.float32, True, True, 2),      # l not a multiple of T, the layer's transposed view
     (1, 64, 70, 32, torch.bfloat16, False, False, 1),  # two head blocks (64 + 6), bf16 dt_raw
@@ -259,8 +258,8 @@ def test_converted_tables_are_shared_until_the_tables_change(kernels):
 
 
 def test_gradients_through_y_alone(kernels):
-    """The final state unused (as in the layer): its gradient is never materialised, and every input's gradient
-    still matches the float64 oracle's for a loss on y alone."""
+    """The final state unused (as in the layer): its gradient reaches the backward as None (no zero fill), so the
+    state pass runs without dfinal; every input's gradient matches the float64 oracle's for a loss on y alone."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     inputs = make_inputs(1, 40, 2, 16, 16, torch.float32, True, True, True, True, generator)
     names = ("x", "dt_raw", "dt_bias", "A", "B", "C", "D", "initial_state")
