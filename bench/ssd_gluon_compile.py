@@ -43,11 +43,11 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     state_dim = 128
     n_chunks = length // m.CHUNK
     x, B, vec, descs, f32 = _placeholders(batch, length, heads, head_dim, state_dim, heads)
-    table = torch.empty(batch, length, state_dim)
+    table = torch.empty(batch, length, state_dim, dtype=torch.bfloat16)   # fragment_tables' form
     out_descs = (descs[0], descs[5], descs[4])   # dx, dB, dC: x's and B's shapes
-    args = (*descs, *out_descs, vec, vec, f32, table, table, vec, vec, vec, f32,
-            torch.empty(batch, length, dtype=torch.int32), torch.empty(4, dtype=torch.int64), length, heads, batch * heads, n_chunks, length, n_chunks * batch * heads,
-            *table.stride())
+    args = (*descs, *out_descs, vec, vec, f32, table, vec, vec, vec, f32,
+            torch.empty(batch, length, dtype=torch.int32), torch.empty(4, dtype=torch.int64), length, heads,
+            batch * heads, n_chunks, length, n_chunks * batch * heads, *table.stride()[:2])
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
                       P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, HAS_SEQ=has_seq,
                       PROFILE=False,

@@ -1269,8 +1269,10 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_group_backward(
                 x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
         else:
+            # the un-rotation's tables in its load order, derived once for all layers of the step
+            tables = _from_tables(cos, sin, "head backward", gluon.fragment_tables)[0] if cos is not None else None
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_head_backward(
-                x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates,
+                x, dy, B_in, C_in, tables, dt, g, D, states, dstates,
                 overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
                 seq=seq)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
@@ -1419,23 +1421,29 @@ def _check_shapes(x, dt_raw, dt_bias, A, B, C, cos, sin, D, initial_state, seq_i
         raise ValueError(f"ssd_fused: state size n must be even (RoPE halves), got {state_dim}")
 
 
-_LAST_TABLES = [None]   # (weak references to the caller's cos, sin, their versions, dtype, the kernels' copies)
+_TABLE_CACHE = {}   # what -> (weak references to the caller's cos, sin, their versions, what was derived from them)
+
+
+def _from_tables(cos, sin, what, derive):
+    """derive(cos, sin) (a tuple of new tensors, or of cos / sin themselves), kept for as long as the caller's tensors
+    live unchanged (same objects, same versions): every SSD layer of a model step gets the same two tables, so the
+    layers share one derived copy instead of one each. `what` names the derivation (one entry per name)."""
+    if cos.is_inference() or sin.is_inference():   # no version counters to check
+        return derive(cos, sin)
+    versions = (cos._version, sin._version)
+    entry = _TABLE_CACHE.get(what)
+    if entry is not None and entry[0]() is cos and entry[1]() is sin and entry[2] == versions:
+        return entry[3]
+    derived = derive(cos, sin)
+    if all(tensor is not cos and tensor is not sin for tensor in derived):   # copies: worth keeping
+        _TABLE_CACHE[what] = (weakref.ref(cos), weakref.ref(sin), versions, derived)
+    return derived
 
 
 def _kernel_tables(cos, sin, dtype):
-    """cos / sin in `dtype`, contiguous. Every SSD layer of a model step gets the same two float32 tables: the
-    converted copies are kept for as long as the caller's tensors live unchanged (same objects, same version), so
-    the layers share one conversion and one saved copy instead of one each."""
-    if cos.is_inference() or sin.is_inference():   # no version counters to check
-        return cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
-    last = _LAST_TABLES[0]
-    if (last is not None and last[0]() is cos and last[1]() is sin and last[2] == (cos._version, sin._version)
-            and last[3] == dtype):
-        return last[4]
-    tables = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
-    if tables[0] is not cos:   # a conversion was made: worth keeping
-        _LAST_TABLES[0] = (weakref.ref(cos), weakref.ref(sin), (cos._version, sin._version), dtype, tables)
-    return tables
+    """cos / sin in `dtype`, contiguous, shared by the layers of a step (`_from_tables`)."""
+    return _from_tables(cos, sin, ("kernel tables", dtype),
+                        lambda cos, sin: (cos.to(dtype).contiguous(), sin.to(dtype).contiguous()))
 
 
 def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D=None,

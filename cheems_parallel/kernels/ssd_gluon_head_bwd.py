@@ -117,21 +117,52 @@ def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem,
         i += 1
 
 
+def fragment_tables(cos, sin):
+    """The un-rotation's tables in the order the epilogues read them: (b, l, n) bf16 with cos's first half in
+    columns [0, n/2) and sin's in [n/2, n), each permuted so that a thread's elements of a row are contiguous.
+    A thread of the wgmma accumulator layout holds columns 8 j + 2 t + e (t = lane % 4, j < n/16, e < 2): that
+    column is stored at 16 t + 2 j + e, so the thread reads 16 contiguous values (two 16-byte loads) instead of
+    eight 4-byte pieces. `rope_tables`' rows repeat their first half, so the first halves are all there is."""
+    half = cos.shape[-1] // 2
+
+    def fragment_order(table):
+        first = table[..., :half]
+        return first.reshape(*first.shape[:-1], half // 8, 4, 2).transpose(-3, -2).reshape(first.shape)
+
+    return (torch.cat([fragment_order(cos), fragment_order(sin)], dim=-1).contiguous(), )
+
+
 @gluon.jit
-def _unrotated(first, second, cos_ptr, sin_ptr, table_base, sc_l, sc_n, T: gl.constexpr, NH: gl.constexpr,
+def _fragment_table(row_ptr, sc_l, T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr):
+    """(T, NH) of a `fragment_tables` half in the wgmma accumulator layout `layout` (T = NH = 64, 4 warps): loaded
+    with each thread's 16 values of a row contiguous, then reordered in registers only (the reshape / permute / layout
+    conversion move no data between threads: offline SASS has no shared memory or shuffles for it)."""
+    gl.static_assert(T == 64 and NH == 64, "the fragment order is written out for 64 x 64 tiles")
+    # registers: 16 contiguous columns (16 t + 2 j + e), then row + 8; lanes: t, then rows; warps: 16-row blocks
+    contiguous: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]], lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[T, NH])
+    rows = gl.arange(0, T, layout=gl.SliceLayout(1, contiguous))
+    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, contiguous))
+    stored = gl.load(row_ptr + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0))
+    # stored column 16 t + 2 j + e is column 8 j + 2 t + e
+    logical = gl.reshape(gl.permute(gl.reshape(stored, [T, 4, NH // 8, 2]), [0, 2, 1, 3]), [T, NH])
+    return gl.convert_layout(logical, layout).to(gl.float32)
+
+
+@gluon.jit
+def _unrotated(first, second, tables_ptr, table_base, sc_l, T: gl.constexpr, NH: gl.constexpr,
                layout: gl.constexpr, ROPE: gl.constexpr):
     """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE):
-    (g1 cos + g2 sin, g2 cos - g1 sin). The tables are `rope_tables`' (both halves of a row equal), so only their
-    first halves are read: the tables' loads, in the wgmma layout's 4-byte pieces, were ~1.7 us of a 9.3 us tile
-    (bench/ssd_notes.md v21)."""
-    rows = gl.arange(0, T, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, layout))
+    (g1 cos + g2 sin, g2 cos - g1 sin), the tables from `fragment_tables` (their loads in the wgmma layout's 4-byte
+    pieces were ~1.7 us of a 9.3 us tile, bench/ssd_notes.md v21)."""
     if ROPE:
-        table = table_base + gl.expand_dims(rows, 1) * sc_l + gl.expand_dims(cols, 0) * sc_n
-        cos = gl.load(cos_ptr + table).to(gl.float32)
-        sin = gl.load(sin_ptr + table).to(gl.float32)
-        out_first = first * cos + second * sin
-        out_second = second * cos - first * sin
+        cos = _fragment_table(tables_ptr + table_base, sc_l, T, NH, layout)
+        out_first = first * cos
+        out_second = second * cos
+        sin = _fragment_table(tables_ptr + table_base + NH, sc_l, T, NH, layout)
+        out_first += second * sin
+        out_second -= first * sin
     else:
         out_first = first
         out_second = second
@@ -168,8 +199,8 @@ def _release_previous(empty, i, STAGES: gl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH,
-            NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr,
+            handoff, c_read, dc_desc, g_ptr, dt_ptr, tables_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH,
+            NCHUNK, LPAD, N_TILES, sc_b, sc_l, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr,
             STAGES: gl.constexpr, P_C: gl.constexpr, HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, ROPE: gl.constexpr,
             HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
@@ -266,8 +297,8 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             carry = gl.where(seq_prev == seq_last, carry, 0.0)
         end_term = gl.where(rows == T - 1, overlap * carry, 0.0)
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)) + end_term)
-        first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
-                                   sc_n, T, NH, th_layout, ROPE)
+        first, second = _unrotated(acc_1, acc_2, tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH,
+                                   th_layout, ROPE)
         # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
         # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
         mbarrier.wait(sg_empty, i & 1)
@@ -286,8 +317,8 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready, sg_empty,
-            handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr, ddt_ptr, dd_ptr,
-            seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
+            handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, tables_ptr, dgb_ptr, ddt_ptr, dd_ptr,
+            seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr, HAS_SEQ: gl.constexpr,
             PROFILE: gl.constexpr):
@@ -379,8 +410,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             carry = gl.where(seq_prev == seq_last, carry, 0.0)
         total = gl.sum(carried, axis=0) + overlap * carry
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
-        first, second = _unrotated(acc_1, acc_2, cos_ptr, sin_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l,
-                                   sc_n, T, NH, th_layout, ROPE)
+        first, second = _unrotated(acc_1, acc_2, tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH,
+                                   th_layout, ROPE)
         # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
         _tma_store_halves(db_desc, token_row, hi * N, q_tile, first, second, NH)
         if PROFILE:
@@ -394,8 +425,8 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
 
 @gluon.jit
 def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_desc, db_desc, dc_desc, g_ptr, dt_ptr,
-                           d_ptr, cos_ptr, sin_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr, prof_ptr,
-                           L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n,
+                           d_ptr, tables_ptr, dgc_ptr, dgb_ptr, ddt_ptr, dd_ptr, seq_ptr, prof_ptr,
+                           L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, DD_IN_C: gl.constexpr, P_C: gl.constexpr, ROPE: gl.constexpr,
                            HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr,
@@ -427,28 +458,28 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, cos_ptr, sin_ptr, dgc_ptr, dd_ptr, seq_ptr,
-                   prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, P_C, HAS_D, DD_IN_C,
+                   sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, tables_ptr, dgc_ptr, dd_ptr, seq_ptr,
+                   prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, T, P, N, STAGES, P_C, HAS_D, DD_IN_C,
                    ROPE, HAS_SEQ, PROFILE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
-                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, cos_ptr, sin_ptr, dgb_ptr,
-                   ddt_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, sc_n, T, P, N, STAGES, HAS_D,
+                   sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, tables_ptr, dgb_ptr,
+                   ddt_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, T, P, N, STAGES, HAS_D,
                    DD_IN_C, P_C, ROPE, HAS_SEQ, PROFILE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
+def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, overlap_c_rows=OVERLAP_C_ROWS,
                         dd_in_c=True, seq=None, profile=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD partial (1, b, chunks, h)
     or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
-    B~ / C~ (the forward's rotated copies when cos / sin are given: dB~, dC~ are un-rotated here); dB, dC come out
+    B~ / C~ (the forward's rotated copies when RoPE's tables are given: dB~, dC~ are un-rotated here); dB, dC come out
     in x's dtype.
     overlap_c_rows: how many of the p rows of exp(g_last) <S, G> the C side sums (a multiple of 32; the B side
     the rest); dd_in_c: which side sums dD's share; seq: document ids (b, lpad) int32 or None; profile: an int64
     (programs, 2, 8) tensor to receive each consumer's per-phase cycle sums (bench/ssd_head_profile.py).
-    cos / sin: `rope_tables`' form (both halves of a row equal; only the first halves are read).
+    tables: `fragment_tables(cos, sin)[0]` of `rope_tables`' cos / sin (in x's dtype), or None without RoPE.
     Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
@@ -461,8 +492,8 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
     dg_b = torch.empty_like(g)
     ddt = torch.empty(1, *dt.shape, device=x.device, dtype=torch.float32)
     dD = torch.empty(1, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
-    rope = cos is not None
-    table_strides = cos.stride() if rope else (0, 0, 0)
+    rope = tables is not None
+    table_strides = tables.stride()[:2] if rope else (0, 0)
     n_tiles = n_chunks * batch * heads
     programs = sm_count(x.device)
     global LAUNCHES
@@ -473,7 +504,7 @@ def fused_head_backward(x, dy, B_in, C_in, cos, sin, dt, g, D, states, dstates, 
                        tma_descriptor(dC, tokens, heads * state_dim, [CHUNK, state_dim]))
     _fused_head_bwd_kernel[(min(programs, n_tiles), )](
         *descriptors(x, dy, states, dstates, B_in, C_in), *out_descriptors, g, dt, D if D is not None else dt,
-        cos if rope else dt, sin if rope else dt, dg_c, dg_b, ddt, dD if D is not None else dt,
+        tables if rope else dt, dg_c, dg_b, ddt, dD if D is not None else dt,
         seq if seq is not None else dt, profile if profile is not None else dt, length, heads, batch * heads,
         n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,

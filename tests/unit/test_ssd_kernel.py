@@ -257,6 +257,30 @@ def test_converted_tables_are_shared_until_the_tables_change(kernels):
                            frozen_sin.to(torch.bfloat16))
 
 
+def test_head_backward_tables_in_its_load_order(kernels):
+    """The Gluon head backward reads the un-rotation's tables 16 contiguous values per thread and row, then puts
+    them in the wgmma accumulator layout, where thread t of a lane quad holds columns 8 j + 2 t + e. Written out
+    here from that layout: column c of cos's (and sin's) first half must be stored at 16 t + 2 j + e; the tables
+    are derived once per step like the converted ones, and again after an in-place change."""
+    pytest.importorskip("triton.experimental.gluon")
+    from cheems_parallel.kernels import ssd_gluon_head_bwd
+
+    cos, sin = rope_tables(torch.arange(24)[None].expand(2, -1), 128)
+    cos, sin = kernels._kernel_tables(cos, sin, torch.bfloat16)
+    tables = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    assert tables.shape == (2, 24, 128) and tables.is_contiguous() and tables.dtype == torch.bfloat16
+    for column in range(64):
+        t, j, e = (column // 2) % 4, column // 8, column % 2
+        assert torch.equal(tables[..., 16 * t + 2 * j + e], cos[..., column]), column
+        assert torch.equal(tables[..., 64 + 16 * t + 2 * j + e], sin[..., column]), column
+    again = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    assert again is tables
+    assert kernels._kernel_tables(cos, sin, torch.bfloat16)[0] is cos   # no copy of bf16 tables, none cached
+    sin.neg_()
+    changed = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    assert changed is not tables and torch.equal(changed[..., 64:], -tables[..., 64:])
+
+
 def test_gradients_through_y_alone(kernels):
     """The final state unused (as in the layer): its gradient reaches the backward as None (no zero fill), so the
     state pass runs without dfinal; every input's gradient matches the float64 oracle's for a loss on y alone."""
