@@ -72,8 +72,7 @@ SWEEP_V4_CALL1 = [
 SWEEP = [
     ("v19", 64, {"gluon_fwd": True}),
     ("v18", 64, {"gluon_fwd": False}),
-    ("v18-c64", 64, {"gluon_head_overlap_c_rows": 64}),
-    ("v18-ddb", 64, {"gluon_head_dd_in_c": False}),
+    ("v23-early-c", 64, {"gluon_head_early_tables": 1}),
     ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]

@@ -49,8 +49,8 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
             torch.empty(batch, length, dtype=torch.int32), torch.empty(4, dtype=torch.int64), length, heads,
             batch * heads, n_chunks, length, n_chunks * batch * heads, *table.stride()[:2])
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
-                      P_C=min(head_dim, m.OVERLAP_C_ROWS), DD_IN_C=True, ROPE=rope, HAS_SEQ=has_seq,
-                      PROFILE=False,
+                      ROPE=rope, HAS_SEQ=has_seq,
+                      PROFILE=False, EARLY_TABLES=m.EARLY_TABLES, SG_PRODUCT=m.SG_PRODUCT,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)

@@ -43,9 +43,12 @@ SIDES = {
                "of which S / G wait"),
 }
 
-# the default build, and how many rows of <S, G> the C side sums instead of the B side (v21 ran the plain-stores and
-# early-vectors variants here too, since removed)
-VARIANTS = {"default": {}, "<S, G> 32 rows in C": {"overlap_c_rows": 32}, "<S, G> 64 rows in C": {"overlap_c_rows": 64}}
+# the default build, and where the epilogues' table loads are issued (ssd_gluon_head_bwd.EARLY_TABLES; v21 and v23
+# also ran the plain-stores, early-vectors and <S, G>-split variants here, since removed)
+VARIANTS = {"default": {}, "<S, G> from shared memory under the G products": {"sg_product": 0},
+            "<S, G> from shared memory after the G products": {"sg_product": 2},
+            "tables early in C": {"early_tables": 1},
+            "<S, G> after, tables early in C": {"sg_product": 2, "early_tables": 1}}
 
 
 def inputs(tokens, length, heads, dim, rope):

@@ -79,8 +79,8 @@ KERNEL_CHUNK = 64
 # Gluon launch instead of dx_group + dqk_group (`ssd_gluon_bwd.py`; mamba's shape 5.25 -> ~4.2 ms fwd+bwd at 4k);
 # gluon_head_bwd (v18, the default): the same for groups = heads, persistent over (chunk, head) tiles, from the
 # forward's rotated B~, C~ (`ssd_gluon_head_bwd.py`: one launch instead of dx + the merged dB/dC, 3.63 -> ~2.6 ms
-# on the Cheems shape at 4k), with gluon_head_overlap_c_rows of exp(g_last) <S, G> in its C side (0: all in the
-# B side) and dD's share in the C side (gluon_head_dd_in_c); gluon_fwd (v19, the default): on Hopper with p = n = 128,
+# on the Cheems shape at 4k; gluon_head_early_tables: where its epilogues' table loads are issued, see
+# ssd_gluon_head_bwd.EARLY_TABLES); gluon_fwd (v19, the default): on Hopper with p = n = 128,
 # l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
 # 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs);
@@ -96,8 +96,7 @@ CONFIG = {
     "save_rotated": True, "dqk_merged": True, "group_reduce": "sum", "rope_tables_fp32": False,
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
-    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_head_overlap_c_rows": 0,
-    "gluon_head_dd_in_c": True, "gluon_fwd": True,
+    "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_fwd": True,
 }
 
 
@@ -1273,8 +1272,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             tables = _from_tables(cos, sin, "head backward", gluon.fragment_tables)[0] if cos is not None else None
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, tables, dt, g, D, states, dstates,
-                overlap_c_rows=config.get("gluon_head_overlap_c_rows", 0), dd_in_c=config.get("gluon_head_dd_in_c", True),
-                seq=seq)
+                seq=seq, early_tables=config.get("gluon_head_early_tables", gluon.EARLY_TABLES))
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB, dC, ddt_partial, dg_parts, dD, dinit   # dB, dC in x's dtype, as B's and C's
 
