@@ -72,7 +72,6 @@ SWEEP_V4_CALL1 = [
 SWEEP = [
     ("v19", 64, {"gluon_fwd": True}),
     ("v18", 64, {"gluon_fwd": False}),
-    ("v23-early-c", 64, {"gluon_head_early_tables": 1}),
     ("v17", 64, {"gluon_head_bwd": False}),
     ("v16-no-gluon", 64, {"gluon_bwd": False}),
 ]

@@ -50,7 +50,7 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
             batch * heads, n_chunks, length, n_chunks * batch * heads, *table.stride()[:2])
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
                       ROPE=rope, HAS_SEQ=has_seq,
-                      PROFILE=False, EARLY_TABLES=m.EARLY_TABLES, SG_PRODUCT=m.SG_PRODUCT,
+                      PROFILE=False,
                       PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)

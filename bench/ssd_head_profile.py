@@ -43,12 +43,9 @@ SIDES = {
                "of which S / G wait"),
 }
 
-# the default build, and where the epilogues' table loads are issued (ssd_gluon_head_bwd.EARLY_TABLES; v21 and v23
-# also ran the plain-stores, early-vectors and <S, G>-split variants here, since removed)
-VARIANTS = {"default": {}, "<S, G> from shared memory under the G products": {"sg_product": 0},
-            "<S, G> from shared memory after the G products": {"sg_product": 2},
-            "tables early in C": {"early_tables": 1},
-            "<S, G> after, tables early in C": {"sg_product": 2, "early_tables": 1}}
+# the default build only (v21 and v23 also ran the plain-stores, early-vectors, <S, G>-split, <S, G>-as-a-product and
+# early-tables variants here; bench/ssd_notes.md has their numbers)
+VARIANTS = {"default": {}}
 
 
 def inputs(tokens, length, heads, dim, rope):
@@ -66,10 +63,11 @@ def main():
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--out", default="bench/results/ssd_head_profile_h200.json")
+    parser.add_argument("--rope-only", action="store_true", help="skip the RoPE-off rows (half the compiles)")
     args = parser.parse_args()
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for rope in (True, False):
+    for rope in (True, ) if args.rope_only else (True, False):
         arguments = inputs(args.tokens, args.length, 32, 128, rope)
         tiles = args.tokens // ssd_gluon_head_bwd.CHUNK * 32
         tiles_per_sm = tiles / min(programs, tiles)

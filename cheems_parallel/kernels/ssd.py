@@ -79,8 +79,7 @@ KERNEL_CHUNK = 64
 # Gluon launch instead of dx_group + dqk_group (`ssd_gluon_bwd.py`; mamba's shape 5.25 -> ~4.2 ms fwd+bwd at 4k);
 # gluon_head_bwd (v18, the default): the same for groups = heads, persistent over (chunk, head) tiles, from the
 # forward's rotated B~, C~ (`ssd_gluon_head_bwd.py`: one launch instead of dx + the merged dB/dC, 3.63 -> ~2.6 ms
-# on the Cheems shape at 4k; gluon_head_early_tables: where its epilogues' table loads are issued, see
-# ssd_gluon_head_bwd.EARLY_TABLES); gluon_fwd (v19, the default): on Hopper with p = n = 128,
+# on the Cheems shape at 4k); gluon_fwd (v19, the default): on Hopper with p = n = 128,
 # l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
 # 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs);
@@ -1272,7 +1271,7 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             tables = _from_tables(cos, sin, "head backward", gluon.fragment_tables)[0] if cos is not None else None
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, tables, dt, g, D, states, dstates,
-                seq=seq, early_tables=config.get("gluon_head_early_tables", gluon.EARLY_TABLES))
+                seq=seq)
         dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
         return dx, dB, dC, ddt_partial, dg_parts, dD, dinit   # dB, dC in x's dtype, as B's and C's
 

@@ -13,8 +13,7 @@ group, except that nothing is summed over heads, so each side finishes its own g
 - C side (default partition): acc_C = (exp(g) dy) S, the carried term rowsum(q * acc_C), scores = q k^T,
   W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, dD per token (dy x^T's diagonal), then
   dC~ = acc_C + W k. It hands scores * Gam and W (T x T, 16-bit) to the B side through shared memory.
-- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, exp(g_last) <S, G> (as the trace of S G^T, a
-  product), dv = (scores * Gam)^T dy + w * end, dx, d dt, then dB~ = acc_B + W^T q
+- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, exp(g_last) <S, G> (after those products), dv = (scores * Gam)^T dy + w * end, dx, d dt, then dB~ = acc_B + W^T q
   (both (T, T) operands are the C side's tiles, transposed as shared-memory views: the B side was the longer
   partition while it formed them itself, bench/ssd_notes.md v18b).
 The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
@@ -45,7 +44,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import (
-    _tile_dot,
     CHUNK,
     CONSUMER_REGISTERS,
     PRODUCER_REGISTERS,
@@ -63,8 +61,6 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
 )
 
 STAGES = 2
-SG_PRODUCT = 1  # exp(g_last) <S, G>: 1 the trace of a product; 0 / 2 summed from shared memory under / after the G products (v23)
-EARLY_TABLES = 0  # the epilogues' tables loaded under the last products of the C side (1), the B side (2), both (3)
 LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
 
 
@@ -153,26 +149,14 @@ def _fragment_table(row_ptr, sc_l, T: gl.constexpr, NH: gl.constexpr, layout: gl
 
 
 @gluon.jit
-def _tile_tables(tables_ptr, table_base, sc_l, T: gl.constexpr, NH: gl.constexpr, layout: gl.constexpr,
-                 ROPE: gl.constexpr):
-    """A tile's cos and sin first halves (16-bit, in `layout`) from `fragment_tables`; placeholders without ROPE."""
-    if ROPE:
-        cos = _fragment_table(tables_ptr + table_base, sc_l, T, NH, layout)
-        sin = _fragment_table(tables_ptr + table_base + NH, sc_l, T, NH, layout)
-    else:
-        cos = 0.0
-        sin = 0.0
-    return cos, sin
-
-
-@gluon.jit
-def _unrotated(first, second, cos, sin, ROPE: gl.constexpr):
+def _unrotated(first, second, tables_ptr, table_base, sc_l, T: gl.constexpr, NH: gl.constexpr,
+               layout: gl.constexpr, ROPE: gl.constexpr):
     """A (T, n) gradient given as its rotate-half halves, through RoPE's transpose (with ROPE):
-    (g1 cos + g2 sin, g2 cos - g1 sin), cos / sin from `_tile_tables` (their loads in the wgmma layout's 4-byte
-    pieces were ~1.7 us of a 9.3 us tile, bench/ssd_notes.md v21; in fragment order, v23)."""
+    (g1 cos + g2 sin, g2 cos - g1 sin), the tables from `fragment_tables` (their loads in the wgmma layout's 4-byte
+    pieces were ~1.7 us of a 9.3 us tile, bench/ssd_notes.md v21; in fragment order 16-byte loads, v23)."""
     if ROPE:
-        cos = cos.to(gl.float32)
-        sin = sin.to(gl.float32)
+        cos = _fragment_table(tables_ptr + table_base, sc_l, T, NH, layout).to(gl.float32)
+        sin = _fragment_table(tables_ptr + table_base + NH, sc_l, T, NH, layout).to(gl.float32)
         out_first = first * cos + second * sin
         out_second = second * cos - first * sin
     else:
@@ -214,7 +198,7 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             handoff, c_read, dc_desc, g_ptr, dt_ptr, tables_ptr, dgc_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH,
             NCHUNK, LPAD, N_TILES, sc_b, sc_l, T: gl.constexpr, P: gl.constexpr, N: gl.constexpr,
             STAGES: gl.constexpr, HAS_D: gl.constexpr, ROPE: gl.constexpr,
-            HAS_SEQ: gl.constexpr, EARLY_TABLES: gl.constexpr, PROFILE: gl.constexpr):
+            HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tt_layout: gl.constexpr = wgmma_layout(T)
     th_layout: gl.constexpr = wgmma_layout(NH)
@@ -296,17 +280,14 @@ def _c_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             p4 += t5 - t4
         acc_1 = warpgroup_mma(w_tile, k_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(w_tile, k_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        if EARLY_TABLES % 2 == 1:  # the epilogue's tables in flight while W k runs
-            cos, sin = _tile_tables(tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH, th_layout, ROPE)
         acc_1, acc_2 = warpgroup_mma_wait(0, deps=(acc_1, acc_2))
         mbarrier.arrive(c_read.index(slot))  # this side reads no more of the slot: the B side may stage dx, dB~ there
         if PROFILE:
             t6 = clock()
             p5 += t6 - t5
         gl.store(dgc_ptr + gdt_row + rows, share + gl.convert_layout(carried, gl.SliceLayout(1, tt_layout)))
-        if EARLY_TABLES % 2 == 0:
-            cos, sin = _tile_tables(tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH, th_layout, ROPE)
-        first, second = _unrotated(acc_1, acc_2, cos, sin, ROPE)
+        first, second = _unrotated(acc_1, acc_2, tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH,
+                                   th_layout, ROPE)
         # dC leaves by TMA from the slot's k tile, once the B side's k G^T (its only product with k) is done:
         # plain stores from the wgmma layout cost ~3 000 cycles a tile (bench/ssd_notes.md v21)
         mbarrier.wait(sg_empty, i & 1)
@@ -328,18 +309,14 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
             handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, tables_ptr, dgb_ptr, ddt_ptr, dd_ptr,
             seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
-            ROPE: gl.constexpr, HAS_SEQ: gl.constexpr, SG_PRODUCT: gl.constexpr, EARLY_TABLES: gl.constexpr, PROFILE: gl.constexpr):
+            ROPE: gl.constexpr, HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr):
     NH: gl.constexpr = N // 2
     tp_layout: gl.constexpr = wgmma_layout(P)
     th_layout: gl.constexpr = wgmma_layout(NH)
     a_th: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=th_layout, k_width=2)
     dtype: gl.constexpr = x_smem.dtype
-    tt_layout: gl.constexpr = wgmma_layout(T)
     rows_p = gl.arange(0, T, layout=gl.SliceLayout(1, tp_layout))
     rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_th))
-    diagonal = (gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout)), 1)
-                == gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout)), 0))
-    zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     zero_tp = gl.zeros([T, P], gl.float32, tp_layout)
     zero_th = gl.zeros([T, NH], gl.float32, th_layout)
     if PROFILE:  # cycles per phase, summed over the program's tiles (bench/ssd_head_profile.py)
@@ -366,25 +343,13 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         mbarrier.wait(sg_ready, i & 1)
         if PROFILE:
             p7 += clock() - t_s
-        if SG_PRODUCT == 1:
-            # <S, G> = trace(S G^T), summed over 64-row blocks of p, on the tensor cores; its diagonal by rows,
-            # summed below with the carried term's rows (only their total is needed)
-            sg = warpgroup_mma(s_smem.slice(0, T, dim=0), ds_smem.slice(0, T, dim=0).permute((1, 0)), zero_tt,
-                               use_acc=False, is_async=True)
-            for r in gl.static_range(T, P, T):
-                sg = warpgroup_mma(s_smem.slice(r, T, dim=0), ds_smem.slice(r, T, dim=0).permute((1, 0)), sg,
-                                   is_async=True)
         end = warpgroup_mma(k_tile, ds_smem.permute((1, 0)), zero_tp, use_acc=False, is_async=True)
         acc_1 = warpgroup_mma(x_a, ds_smem.slice(0, NH, dim=1), zero_th, use_acc=False, is_async=True)
         acc_2 = warpgroup_mma(x_a, ds_smem.slice(NH, NH, dim=1), zero_th, use_acc=False, is_async=True)
-        if SG_PRODUCT == 1:
-            sg = warpgroup_mma_wait(3, deps=(sg, ))
-            overlap = gl.convert_layout(gl.sum(gl.where(diagonal, sg, 0.0), axis=1), gl.SliceLayout(1, tp_layout))
-        if SG_PRODUCT == 0:  # as a sum of products read from shared memory (~2 500 cycles, bench/ssd_notes.md v21c)
-            overlap = _tile_dot(s_smem, ds_smem, 0, P, N) / T   # spread over the rows: only the total is needed
         end, acc_1, acc_2, x_a = warpgroup_mma_wait(0, deps=(end, acc_1, acc_2, x_a))
-        if SG_PRODUCT == 2:  # the same, after the products (fewer registers live)
-            overlap = _tile_dot(s_smem, ds_smem, 0, P, N) / T
+        # exp(g_last) <S, G>, the carried state's part of d loss / d g_last: summed from shared memory after the
+        # products, not under them (their accumulators and this sum's registers spilled: 2.05 -> 1.88 ms, v23)
+        overlap = _tile_dot(s_smem, ds_smem, 0, P, N)
         mbarrier.arrive(sg_empty)
         _release_previous(empty, i, STAGES)
         if PROFILE:
@@ -410,8 +375,6 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         wt_tile = w_smem.index(slot).permute((1, 0))
         acc_1 = warpgroup_mma(wt_tile, q_tile.slice(0, NH, dim=1), acc_1, is_async=True)
         acc_2 = warpgroup_mma(wt_tile, q_tile.slice(NH, NH, dim=1), acc_2, is_async=True)
-        if EARLY_TABLES // 2 == 1:  # the epilogue's tables in flight while dv and W^T q run
-            cos, sin = _tile_tables(tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH, th_layout, ROPE)
         dv, acc_1, acc_2 = warpgroup_mma_wait(0, deps=(dv, acc_1, acc_2))
         if PROFILE:
             t5 = clock()
@@ -431,11 +394,10 @@ def _b_side(x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, r
         carry = gl.exp(g_last)
         if HAS_SEQ:   # the carried state's term only when the state crosses the chunk
             carry = gl.where(seq_prev == seq_last, carry, 0.0)
-        total = gl.sum(carried + overlap * carry, axis=0)
+        total = gl.sum(carried, axis=0) + overlap * carry
         gl.store(dgb_ptr + gdt_row + rows_p, gl.where(rows_p == T - 1, total, 0.0) - carried)
-        if EARLY_TABLES // 2 == 0:
-            cos, sin = _tile_tables(tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH, th_layout, ROPE)
-        first, second = _unrotated(acc_1, acc_2, cos, sin, ROPE)
+        first, second = _unrotated(acc_1, acc_2, tables_ptr, bi.to(gl.int64) * sc_b + (c * T) * sc_l, sc_l, T, NH,
+                                   th_layout, ROPE)
         # dB by TMA from the slot's q tile (the C side's reads of q are done: waited above)
         _tma_store_halves(db_desc, token_row, hi * N, q_tile, first, second, NH)
         if PROFILE:
@@ -453,8 +415,7 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
                            L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l,
                            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_D: gl.constexpr, ROPE: gl.constexpr,
-                           HAS_SEQ: gl.constexpr, SG_PRODUCT: gl.constexpr, EARLY_TABLES: gl.constexpr,
-                           PROFILE: gl.constexpr,
+                           HAS_SEQ: gl.constexpr, PROFILE: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program i takes tiles i, i + grid, ... of the (chunks · batch · heads) tiles. Descriptors as in
     `ssd_gluon_bwd.descriptors` with groups = heads, then dx, dB, dC's (x's and B's shapes)."""
@@ -485,25 +446,23 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
         (_c_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, c_read, dc_desc, g_ptr, dt_ptr, tables_ptr, dgc_ptr, dd_ptr, seq_ptr,
                    prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, T, P, N, STAGES, HAS_D,
-                   ROPE, HAS_SEQ, EARLY_TABLES, PROFILE)),
+                   ROPE, HAS_SEQ, PROFILE)),
         (_b_side, (x_smem, dy_smem, q_smem, k_smem, s_smem, ds_smem, sd_smem, w_smem, ready, empty, sg_ready,
                    sg_empty, handoff, c_read, dx_desc, db_desc, g_ptr, dt_ptr, d_ptr, tables_ptr, dgb_ptr,
                    ddt_ptr, dd_ptr, seq_ptr, prof_ptr, L, H, BH, NCHUNK, LPAD, N_TILES, sc_b, sc_l, T, P, N, STAGES, HAS_D,
-                   ROPE, HAS_SEQ, SG_PRODUCT, EARLY_TABLES, PROFILE)),
+                   ROPE, HAS_SEQ, PROFILE)),
         (_producer, (x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem, q_smem, k_smem, s_smem,
                      ds_smem, ready, empty, sg_ready, sg_empty, L, H, BH, NCHUNK, N_TILES, T, P, N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, seq=None, profile=None,
-                        early_tables=EARLY_TABLES, sg_product=SG_PRODUCT):
+def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, seq=None, profile=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token as a
     (1, b, lpad, h) view, or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
     B~ / C~ (the forward's rotated copies when RoPE's tables are given: dB~, dC~ are un-rotated here); dB, dC come out
     in x's dtype.
     seq: document ids (b, lpad) int32 or None; profile: an int64 (programs, 2, 8) tensor to receive each
-    consumer's per-phase cycle sums (bench/ssd_head_profile.py); early_tables, sg_product: `EARLY_TABLES`,
-    `SG_PRODUCT`.
+    consumer's per-phase cycle sums (bench/ssd_head_profile.py).
     tables: `fragment_tables(cos, sin)[0]` of `rope_tables`' cos / sin (in x's dtype), or None without RoPE.
     Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
@@ -533,7 +492,7 @@ def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, se
         seq if seq is not None else dt, profile if profile is not None else dt, length, heads, batch * heads,
         n_chunks, lpad, n_tiles, *table_strides,
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
-        ROPE=rope, HAS_SEQ=seq is not None, SG_PRODUCT=sg_product, EARLY_TABLES=early_tables,
+        ROPE=rope, HAS_SEQ=seq is not None,
         PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dx, dB, dC, ddt, (dg_c, dg_b), dD.transpose(1, 2)[None] if dD is not None else None

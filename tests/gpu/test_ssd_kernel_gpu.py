@@ -163,19 +163,18 @@ def test_gluon_fused_backward_matches_float64_reference(batch, length, heads, he
 
 # the Gluon fused backward for groups = heads ("gluon_head_bwd", ssd_gluon_head_bwd.py, persistent over
 # (chunk, head) tiles): the Cheems shape with RoPE (un-rotated in the kernel) and D; p = 64 with an initial state at
-# l = 16k (many tiles per program); no RoPE with three heads; a single tile per program (4 tiles); the epilogues'
-# tables loaded early in the C side, in both sides (gluon_head_early_tables)
+# l = 16k (many tiles per program); no RoPE with three heads; a single tile per program (4 tiles); with an initial
+# state and RoPE; with documents
 # (batch, length, heads, head_dim, rope, use_d, use_init, use_seq, overrides)
 GLUON_HEAD_CASES = [
     (2, 768, 8, 128, True, True, False, False, {}),
     (1, 16384, 4, 64, True, False, True, False, {}),
     (2, 512, 3, 128, False, True, True, False, {}),
     (1, 128, 2, 128, True, True, True, False, {}),
-    (2, 768, 8, 128, True, True, False, False, {"gluon_head_early_tables": 1}),
-    (2, 768, 8, 128, True, True, True, False, {"gluon_head_early_tables": 3}),
+    (2, 768, 8, 128, True, True, True, False, {}),
     (2, 768, 8, 128, True, True, True, True, {}),
     (1, 4096, 4, 64, True, False, False, True, {}),
-    (2, 512, 3, 128, False, True, True, True, {"gluon_head_early_tables": 1}),
+    (2, 512, 3, 128, False, True, True, True, {}),
 ]
 
 
