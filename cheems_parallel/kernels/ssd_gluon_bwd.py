@@ -12,9 +12,10 @@ One program per (chunk of T tokens, batch·group), looping over the group's head
   (Gam[t,u] = exp(g_t - g_u), t >= u), W += dyv, M = scores * dyv, and the carried-state product
   acc_C += (exp(g) * dy) S accumulated in place by wgmma. The carried term of dg, rowsum(q * exp(g) dy S),
   is the change of rowsum(q * acc_C) over the head (float32: exact to ~1e-6 relative, no (T, n) temporary).
-  dg's share rowsum(M) - colsum(M) + carried. After the loop dC = acc_C + W k, and W^T q (dB's share).
+  dg's share rowsum(M) - colsum(M) + carried; dD per token, dy x^T's diagonal. After the loop dC = acc_C + W k,
+  and W^T q (dB's share).
 - B-side/dx partition (one warp group): scores^T once; per head dv = w * (k G^T) + (scores^T * Gam^T) dy
-  (w_u = exp(g_last - g_u)), dx = dv dt + D dy, d dt = rowsum(dv * x), dD's share, and
+  (w_u = exp(g_last - g_u)), dx = dv dt + D dy, d dt = rowsum(dv * x), and
   acc_B += (w dt x) G in place; dg's share -c + [t = T-1] sum(c), c = w dt rowsum(x * (k G^T)).
 dB = acc_B + W^T q is summed by the launcher (two float32 buffers), as are the two dg shares.
 
@@ -150,8 +151,9 @@ def _tile_dot(a_smem, b_smem, FIRST: gl.constexpr, LAST: gl.constexpr, N: gl.con
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr, dgc_ptr,
-            gdt_row0, token_row, group_col, GN, HPG, LPAD,
-            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, P_C: gl.constexpr):
+            dd_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD,
+            T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
+            P_C: gl.constexpr):
     tt_layout: gl.constexpr = wgmma_layout(T)
     tn_layout: gl.constexpr = wgmma_layout(N)
     a_tn: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tn_layout, k_width=2)
@@ -160,6 +162,7 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
     cols = gl.arange(0, T, layout=gl.SliceLayout(0, tt_layout))
     rows_a = gl.arange(0, T, layout=gl.SliceLayout(1, a_tn))
     causal = gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0)
+    diagonal = gl.expand_dims(rows, 1) == gl.expand_dims(cols, 0)
     zero_tt = gl.zeros([T, T], gl.float32, tt_layout)
     mbarrier.wait(qk_bar, 0)
     scores = warpgroup_mma(q_smem, k_smem.permute((1, 0)), zero_tt, use_acc=False)   # [t, u] = q_t . k_u
@@ -174,6 +177,8 @@ def _c_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         gdt_row = gdt_row0 + j * LPAD
         dyv = warpgroup_mma(dy_tile, x_tile.permute((1, 0)), zero_tt, use_acc=False, is_async=True)
         dyv = warpgroup_mma_wait(0, deps=(dyv, ))
+        if HAS_D:  # dD's share, per token: dy_t . x_t is dy x^T's diagonal
+            gl.store(dd_ptr + gdt_row + rows, gl.sum(gl.where(diagonal, dyv, 0.0), axis=1))
         g_rows = gl.load(g_ptr + gdt_row + rows)
         g_cols = gl.load(g_ptr + gdt_row + cols)
         dt_cols = gl.load(dt_ptr + gdt_row + cols)
@@ -227,7 +232,7 @@ def _store_rows(out_ptr, tile, token_row, group_col, GN, T: gl.constexpr, N: gl.
 # ----------------------------------------------------------------------------------------------
 @gluon.jit
 def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr, db_ptr,
-            dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD, first_head, HP, dd_row0,
+            dgb_ptr, ddt_ptr, gdt_row0, token_row, group_col, GN, HPG, LPAD, first_head, HP,
             T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr, HAS_D: gl.constexpr,
             P_C: gl.constexpr):
     tt_layout: gl.constexpr = wgmma_layout(T)
@@ -266,7 +271,7 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         dt_p = gl.load(dt_ptr + gdt_row + rows_p)
         weight_p = gl.exp(g_last - g_p)
         end = warpgroup_mma_wait(0, deps=(end, ))
-        # x is re-read from shared memory at each use (here, dD, d dt): kept live it cost in-loop spills
+        # x is re-read from shared memory at each use (here, d dt): kept live it cost in-loop spills
         # c / (w dt) = rowsum(x * k G^T) = rowsum(k * x G)
         carried = gl.sum(x_tile.load(tp_layout).to(gl.float32) * end, axis=1) * weight_p * dt_p
         dv = warpgroup_mma(st_a, dy_tile, end * gl.expand_dims(weight_p, 1), is_async=True)
@@ -275,7 +280,6 @@ def _b_side(x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, emp
         if HAS_D:
             dy_f = dy_tile.load(tp_layout).to(gl.float32)
             dx += gl.load(d_ptr + head).to(gl.float32) * dy_f
-            gl.store(dd_ptr + dd_row0 + j, gl.sum(gl.sum(dy_f * x_tile.load(tp_layout).to(gl.float32), axis=1), axis=0))
         dx_base = dx_ptr + token_row.to(gl.int64) * HP + head * P
         gl.store(dx_base + gl.expand_dims(rows_p, 1) * HP + gl.expand_dims(cols_p, 0), dx.to(dx_ptr.dtype.element_ty))
         gl.store(ddt_ptr + gdt_row + rows_p, gl.sum(dv * x_tile.load(tp_layout).to(gl.float32), axis=1))
@@ -312,7 +316,6 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
     group_col = gi * N
     state_row0 = ((bi * (NCHUNK + 1) + c) * H) * P
     gdt_row0 = (bi * H + first_head).to(gl.int64) * LPAD + c * T
-    dd_row0 = (bi * NCHUNK + c) * H + first_head
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     dy_smem = gl.allocate_shared_memory(dy_desc.dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
@@ -330,10 +333,10 @@ def _fused_group_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, g_
 
     gl.warp_specialize([
         (_c_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, dc_ptr, dbw_ptr,
-                   dgc_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES, P_C)),
+                   dgc_ptr, dd_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, T, P, N, STAGES, HAS_D, P_C)),
         (_b_side, (x_smem, dy_smem, s_smem, ds_smem, q_smem, k_smem, qk_bar, ready, empty, g_ptr, dt_ptr, d_ptr, dx_ptr,
-                   db_ptr, dgb_ptr, ddt_ptr, dd_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, first_head,
-                   H * P, dd_row0, T, P, N, STAGES, HAS_D, P_C)),
+                   db_ptr, dgb_ptr, ddt_ptr, gdt_row0, token_row, group_col, G * N, HPG, LPAD, first_head,
+                   H * P, T, P, N, STAGES, HAS_D, P_C)),
         (_producer, (x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, x_smem, dy_smem, s_smem, ds_smem, q_smem,
                      k_smem, qk_bar, ready, empty, token_row, group_col, state_row0, first_head, HPG, P, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -370,8 +373,8 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
 
 
 def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
-    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD partial (1, b, chunks, h)
-    or None) of the chunk terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~
+    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token as a
+    (1, b, lpad, h) view, or None) of the chunk terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~
     (RoPE, if any, left to the caller). dB and dC come out in x's dtype."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B_in.shape[2], B_in.shape[3]
@@ -384,7 +387,7 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_s
     dg_c = torch.empty_like(g)
     dg_b = torch.empty_like(g)
     ddt = torch.empty(1, *dt.shape, device=x.device, dtype=torch.float32)
-    dD = torch.empty(1, batch, n_chunks, heads, device=x.device, dtype=torch.float32) if D is not None else None
+    dD = torch.empty_like(g) if D is not None else None   # (b, h, lpad): dy_t . x_t
     descs = descriptors(x, dy, states, dstates, B_in, C_in)
     global LAUNCHES
     LAUNCHES += 1
@@ -396,4 +399,4 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_s
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     # the two partitions' dB shares summed straight into x's dtype (one launch, no float32 sum written)
     dB = torch.add(dB, dB_w, out=torch.empty(dB.shape, device=x.device, dtype=x.dtype))
-    return dx, dB, dC.to(x.dtype), ddt, (dg_c, dg_b), dD
+    return dx, dB, dC.to(x.dtype), ddt, (dg_c, dg_b), dD.transpose(1, 2)[None] if dD is not None else None
