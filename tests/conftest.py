@@ -1,5 +1,6 @@
 """Shared fixtures: a one-process gloo group with megatron-core parallel_state (TP=1) for model tests."""
 import os
+import signal
 import socket
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 # imported anywhere in the session (importing torch does not import triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A shell without job control starts background commands (`make test &`, nohup) with Ctrl-C ignored, and Python
+# then raises no KeyboardInterrupt, in this process or in the tools the tests start: the tests of what Ctrl-C
+# does need its default. A handler set here also makes children start with the default (exec resets it).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:
