@@ -8,6 +8,9 @@
 set -uo pipefail
 OLD_FILES=${1:?old files dir}
 LENGTH=${2:-4096}
+# SKIP_MAMBA=--skip-mamba: our versions only, no mamba_ssm timings or kernel breakdown (session 16's four runs
+# with them needed more than 200 s; not yet timed without)
+SKIP_MAMBA=${SKIP_MAMBA:-}
 OUT=${OUT:-/tmp/ab_out}
 mkdir -p "$OUT"
 OLD_TREE=/tmp/ab_old_tree
@@ -16,7 +19,7 @@ for round in 1 2; do
   for side in new old; do
     tree=$PWD; [ "$side" = old ] && tree=$OLD_TREE
     echo "== $side (round $round)"
-    (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 bench/ssd.py --lengths "$LENGTH" --no-sweep --skip-reference \
+    (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 bench/ssd.py --lengths "$LENGTH" --no-sweep --skip-reference $SKIP_MAMBA \
        --out "$OUT/ab_${side}_${round}.json" 2>&1 | grep -E "^(mamba|cheems) |breakdown|^    [0-9]" | head -40)
     (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 bench/ssd_host_profile.py --top 0 2>&1 | grep "per call")
   done

@@ -477,6 +477,8 @@ def main(argv=None):
                         help="sweep only these SWEEP entries (default: all)")
     parser.add_argument("--profile-length", type=int, default=4096, help="L of the per-kernel breakdown (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
+    parser.add_argument("--skip-mamba", action="store_true",
+                        help="do not time mamba_ssm nor break down its kernels (for A/B runs of our own versions)")
     parser.add_argument("--out", default="bench/results/ssd_h200.json", help="JSON output path")
     parser.add_argument("--kernel-chunk", type=int, default=None,
                         help="with --compile-report: the kernel chunk T to compile for (default: the module's)")
@@ -497,8 +499,8 @@ def main(argv=None):
 
     started = time.time()
     bandwidth = measure_copy_bandwidth()
-    mamba_fn = load_mamba_chunk_scan_combined()
-    if mamba_fn is None:
+    mamba_fn = None if args.skip_mamba else load_mamba_chunk_scan_combined()
+    if mamba_fn is None and not args.skip_mamba:
         logger.warning("mamba_ssm not importable: anchoring on the torch reference and the floor only")
     h, p, n = args.heads, args.head_dim, args.state
     chosen, sweeps, breakdown = {}, {}, {}
