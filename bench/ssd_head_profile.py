@@ -54,7 +54,7 @@ def inputs(tokens, length, heads, dim, rope):
     x, B, C, cos, sin, dt, g, D = walk_problem(tokens, length, heads, dim, rope, heads)
     states = 0.1 * torch.randn(x.shape[0], length // ssd_gluon_head_bwd.CHUNK + 1, heads, dim, dim, device=x.device,
                                dtype=x.dtype)
-    tables = ssd_gluon_head_bwd.fragment_tables(cos, sin)[0] if rope else None
+    tables = ssd_gluon_head_bwd.fragment_tables(cos, sin) if rope else None
     return (x, torch.randn_like(x), B, C, tables, dt, g, D, states, 0.1 * torch.randn_like(states))
 
 

@@ -1267,12 +1267,11 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_group_backward(
                 x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=config.get("gluon_overlap_split", True))
         else:
-            # the un-rotation's tables in its load order, derived once for all layers of the step
-            tables = _from_tables(cos, sin, "head backward", gluon.fragment_tables)[0] if cos is not None else None
+            tables = _head_backward_tables(cos, sin) if cos is not None else None
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_head_backward(
                 x, dy, B_in, C_in, tables, dt, g, D, states, dstates,
                 seq=seq)
-        dD = dD_partial.sum(dim=(0, 1, 2)) if D is not None else None
+        dD = dD_partial.sum(dim=(0, 2)) if D is not None else None   # dD_partial per token, (b, h, lpad)
         return dx, dB, dC, ddt_partial, dg_parts, dD, dinit   # dB, dC in x's dtype, as B's and C's
 
     common = dict(T=T, BLOCK_NH=_next_pow2(half), ROPE=rope, HAS_SEQ=seq is not None, DOT_PREC=precision,
@@ -1441,6 +1440,12 @@ def _kernel_tables(cos, sin, dtype):
     """cos / sin in `dtype`, contiguous, shared by the layers of a step (`_from_tables`)."""
     return _from_tables(cos, sin, ("kernel tables", dtype),
                         lambda cos, sin: (cos.to(dtype).contiguous(), sin.to(dtype).contiguous()))
+
+
+def _head_backward_tables(cos, sin):
+    """The Gluon head backward's un-rotation tables in its load order, derived once for all layers of a step."""
+    from cheems_parallel.kernels.ssd_gluon_head_bwd import fragment_tables
+    return _from_tables(cos, sin, "head backward", lambda cos, sin: (fragment_tables(cos, sin), ))[0]
 
 
 def ssd_fused(x, dt_raw, dt_bias, A, B, C, cos=None, sin=None, chunk_size=256, D=None,

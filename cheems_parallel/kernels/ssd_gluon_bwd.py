@@ -373,8 +373,8 @@ def descriptors(x, dy, states, dstates, B_in, C_in):
 
 
 def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_split=True):
-    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token as a
-    (1, b, lpad, h) view, or None) of the chunk terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~
+    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token (b, h, lpad)
+    or None) of the chunk terms, as `ssd._backward`'s dx and dB/dC launches produce them; B_in / C_in are B~ / C~
     (RoPE, if any, left to the caller). dB and dC come out in x's dtype."""
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B_in.shape[2], B_in.shape[3]
@@ -399,4 +399,4 @@ def fused_group_backward(x, dy, B_in, C_in, dt, g, D, states, dstates, overlap_s
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     # the two partitions' dB shares summed straight into x's dtype (one launch, no float32 sum written)
     dB = torch.add(dB, dB_w, out=torch.empty(dB.shape, device=x.device, dtype=x.dtype))
-    return dx, dB, dC.to(x.dtype), ddt, (dg_c, dg_b), dD.transpose(1, 2)[None] if dD is not None else None
+    return dx, dB, dC.to(x.dtype), ddt, (dg_c, dg_b), dD

@@ -11,14 +11,16 @@ group, except that nothing is summed over heads, so each side finishes its own g
   early (their products with S and G come first), so the next tile's S and G load under the rest of the work.
   Two stages of all six tiles (128 KB each) would not fit in shared memory.
 - C side (default partition): acc_C = (exp(g) dy) S, the carried term rowsum(q * acc_C), scores = q k^T,
-  W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, dD per token (dy x^T's diagonal), then
-  dC~ = acc_C + W k. It hands scores * Gam and W (T x T, 16-bit) to the B side through shared memory.
-- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, exp(g_last) <S, G> (after those products), dv = (scores * Gam)^T dy + w * end, dx, d dt, then dB~ = acc_B + W^T q
+  W = (dy x^T) * Gam * dt, dg's share rowsum(M) - colsum(M) with M = scores * W, dD per token (dy x^T's
+  diagonal), then dC~ = acc_C + W k. It hands scores * Gam and W (T x T, 16-bit) to the B side through shared memory.
+- B side + dx (worker partition): end = k G^T, acc_B = (w dt x) G, exp(g_last) <S, G> (after those products),
+  dv = (scores * Gam)^T dy + w * end, dx, d dt, then dB~ = acc_B + W^T q
   (both (T, T) operands are the C side's tiles, transposed as shared-memory views: the B side was the longer
   partition while it formed them itself, bench/ssd_notes.md v18b).
 The (T, n) accumulators are kept as their two rotate-half halves (products against column halves of the
 shared-memory operands), so that RoPE's transpose pairs registers of the same thread; the tables are read as their
-first halves only (`rope_tables`' rows repeat them), stored in the order the threads hold them (`fragment_tables`).
+first halves only (`rope_tables`' rows repeat them), stored in the order the threads hold them
+(`fragment_tables`).
 Outputs leave by TMA stores staged in the slot's consumed tiles (v21; plain stores from the wgmma layout cost
 ~3 000 cycles a tile): dC~ in k once the B side's k G^T is done (sg_empty), dx and dB~ in x and q once the C side
 has read its last of the slot (c_read); a consumer releases a slot after those stores have read it.
@@ -116,7 +118,7 @@ def _producer(x_desc, dy_desc, q_desc, k_desc, s_desc, ds_desc, x_smem, dy_smem,
 
 
 def fragment_tables(cos, sin):
-    """The un-rotation's tables in the order the epilogues read them: (b, l, n) bf16 with cos's first half in
+    """The un-rotation's tables in the order the epilogues read them: (b, l, n), cos's dtype, cos's first half in
     columns [0, n/2) and sin's in [n/2, n), each permuted so that a thread's elements of a row are contiguous.
     A thread of the wgmma accumulator layout holds columns 8 j + 2 t + e (t = lane % 4, j < n/16, e < 2): that
     column is stored at 16 t + 2 j + e, so the thread reads 16 contiguous values (two 16-byte loads) instead of
@@ -127,7 +129,7 @@ def fragment_tables(cos, sin):
         first = table[..., :half]
         return first.reshape(*first.shape[:-1], half // 8, 4, 2).transpose(-3, -2).reshape(first.shape)
 
-    return (torch.cat([fragment_order(cos), fragment_order(sin)], dim=-1).contiguous(), )
+    return torch.cat([fragment_order(cos), fragment_order(sin)], dim=-1).contiguous()
 
 
 @gluon.jit
@@ -457,13 +459,13 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
 
 
 def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, seq=None, profile=None):
-    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token as a
-    (1, b, lpad, h) view, or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
-    B~ / C~ (the forward's rotated copies when RoPE's tables are given: dB~, dC~ are un-rotated here); dB, dC come out
-    in x's dtype.
+    """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token (b, h, lpad)
+    or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
+    B~ / C~ (the forward's rotated copies when RoPE's tables are given: dB~, dC~ are un-rotated here); dB, dC come
+    out in x's dtype.
     seq: document ids (b, lpad) int32 or None; profile: an int64 (programs, 2, 8) tensor to receive each
     consumer's per-phase cycle sums (bench/ssd_head_profile.py).
-    tables: `fragment_tables(cos, sin)[0]` of `rope_tables`' cos / sin (in x's dtype), or None without RoPE.
+    tables: `fragment_tables(cos, sin)` of `rope_tables`' cos / sin, or None without RoPE.
     Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
@@ -495,4 +497,4 @@ def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, se
         ROPE=rope, HAS_SEQ=seq is not None,
         PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    return dx, dB, dC, ddt, (dg_c, dg_b), dD.transpose(1, 2)[None] if dD is not None else None
+    return dx, dB, dC, ddt, (dg_c, dg_b), dD

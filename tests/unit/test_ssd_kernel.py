@@ -263,21 +263,19 @@ def test_head_backward_tables_in_its_load_order(kernels):
     here from that layout: column c of cos's (and sin's) first half must be stored at 16 t + 2 j + e; the tables
     are derived once per step like the converted ones, and again after an in-place change."""
     pytest.importorskip("triton.experimental.gluon")
-    from cheems_parallel.kernels import ssd_gluon_head_bwd
-
     cos, sin = rope_tables(torch.arange(24)[None].expand(2, -1), 128)
     cos, sin = kernels._kernel_tables(cos, sin, torch.bfloat16)
-    tables = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    tables = kernels._head_backward_tables(cos, sin)
     assert tables.shape == (2, 24, 128) and tables.is_contiguous() and tables.dtype == torch.bfloat16
     for column in range(64):
         t, j, e = (column // 2) % 4, column // 8, column % 2
         assert torch.equal(tables[..., 16 * t + 2 * j + e], cos[..., column]), column
         assert torch.equal(tables[..., 64 + 16 * t + 2 * j + e], sin[..., column]), column
-    again = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    again = kernels._head_backward_tables(cos, sin)
     assert again is tables
     assert kernels._kernel_tables(cos, sin, torch.bfloat16)[0] is cos   # no copy of bf16 tables, none cached
     sin.neg_()
-    changed = kernels._from_tables(cos, sin, "head backward", ssd_gluon_head_bwd.fragment_tables)[0]
+    changed = kernels._head_backward_tables(cos, sin)
     assert changed is not tables and torch.equal(changed[..., 64:], -tables[..., 64:])
 
 
