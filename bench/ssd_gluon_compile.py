@@ -81,11 +81,33 @@ def forward_case(has_d=True, rope=True, save_rotated=True, has_init=False, batch
     return compile_kernel(m._fused_fwd_kernel, args, constexprs, 8)
 
 
+def state_case(head_dim=128, state_dim=128, batch=2, length=1024, heads=8, groups=8, has_seq=False, has_dfinal=True,
+               **overrides):
+    """The reverse state walk (`ssd_gluon_state_bwd`)."""
+    from cheems_parallel.kernels import ssd_gluon_state_bwd as m
+    from cheems_parallel.kernels.ssd_gluon_bwd import tma_descriptor
+    n_chunks = length // m.CHUNK
+    x, B, vec, _, f32 = _placeholders(batch, length, heads, head_dim, state_dim, groups)
+    states = torch.empty(batch, n_chunks + 1, heads, head_dim, state_dim, dtype=torch.bfloat16)
+    tokens = batch * length
+    args = (tma_descriptor(x, tokens, heads * head_dim, [m.CHUNK, head_dim]),
+            tma_descriptor(B, tokens, groups * state_dim, [m.CHUNK, state_dim]),
+            tma_descriptor(states, states.numel() // state_dim, state_dim, [head_dim, state_dim]),
+            vec, torch.empty(batch, length, dtype=torch.int32), f32, f32, length, heads, heads // groups, n_chunks,
+            length, batch * heads)
+    constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_SEQ=has_seq, HAS_DFINAL=has_dfinal,
+                      num_warps=head_dim // 16)
+    constexprs.update(overrides)
+    return compile_kernel(m._state_bwd_walk_kernel, args, constexprs, head_dim // 16)
+
+
 CASES = ((128, 128, True), (128, 128, False), (64, 128, True), (64, 64, False))
 # (D, RoPE, save B~/C~, initial state, groups, documents): the Cheems layer's training and no-grad forwards, its
 # training forward with documents; mamba's shape
 FORWARD_CASES = ((True, True, True, False, 8, False), (True, True, False, True, 8, False),
                  (True, True, True, False, 8, True), (True, False, False, False, 1, False))
+# (p, n, groups, documents): the Cheems layer's (with documents too), mamba's shape, p = 64
+STATE_CASES = ((128, 128, 8, False), (128, 128, 8, True), (128, 128, 1, False), (64, 128, 8, False))
 # (p, D, RoPE, documents)
 HEAD_CASES = ((128, True, True, False), (128, False, False, False), (64, True, True, False), (128, True, True, True))
 
@@ -100,6 +122,9 @@ def builds():
     for p, has_d, rope, seq in HEAD_CASES:
         yield ({"kernel": "head", "p": p, "n": 128, "D": has_d, "rope": rope, "documents": seq}, "head_case",
                dict(head_dim=p, has_d=has_d, rope=rope, has_seq=seq))
+    for p, n, groups, seq in STATE_CASES:
+        yield ({"kernel": "state", "p": p, "n": n, "groups": groups, "documents": seq}, "state_case",
+               dict(head_dim=p, state_dim=n, groups=groups, has_seq=seq))
     # the cycle-profile builds bench/ssd_head_profile.py and bench/ssd_walk_profile.py launch
     for kernel, builder in (("head", "head_case"), ("forward", "forward_case")):
         yield ({"kernel": kernel, "p": 128, "n": 128, "D": True, "rope": True, "profile": True}, builder,

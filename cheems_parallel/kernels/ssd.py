@@ -25,7 +25,8 @@ chunk length, so the `chunk_size` argument only matters to the reference):
   _chunk_fwd         parallel over (p-block, chunk, head): y = (C~B~^T * decay * dt) x + exp(g) C~ S^T + D x;
                      when gradients are wanted ("save_rotated") it also stores B~, C~ for the backward.
   _state_bwd         reverse sequential: dS for the state leaving each chunk, d(initial state), and the
-                     carried state's share of the gradient w.r.t. g at each chunk's last token.
+                     carried state's share of the gradient w.r.t. g at each chunk's last token (on Hopper,
+                     with enough sequences, one Gluon walk per (batch, head) instead: `ssd_gluon_state_bwd`).
   _chunk_bwd_dx      parallel over (p-block, chunk, head): dx, shares of d(dt) and dD (`_chunk_fwd` and this one
                      can loop over several consecutive chunks per program: "*_chunks_per_program").
   _chunk_bwd_dbc     parallel over (chunk, head): dC and dB and dg (the gradient w.r.t. g; torch turns it
@@ -83,7 +84,11 @@ KERNEL_CHUNK = 64
 # l a multiple of 64, the forward as one Gluon walk per (batch, head) instead of _state_fwd +
 # _chunk_fwd (`ssd_gluon_fwd.py`: x, B, C read once, the states only written; the Cheems shape's forward
 # 2.47 -> ~1.3 ms at 4k), when there are at least gluon_fwd_min_sequences (b·h) walks (None: 3/8 of the SMs);
-# with documents too (then the backward is the Gluon head kernel for groups = heads, the Triton kernels otherwise).
+# with documents too (then the backward is the Gluon head kernel for groups = heads, the Triton kernels otherwise);
+# gluon_state_bwd (v24, the default): the backward's reverse state pass as one Gluon walk per (batch, head) instead of
+# _state_bwd (`ssd_gluon_state_bwd.py`: 0.68 -> 0.57 ms on the Cheems shape at 4k), when the <S, G> term is formed by
+# the dx / dB / dC kernels, C comes rotated (or no RoPE) and there are at least gluon_state_bwd_min_sequences (b·h)
+# walks (None: half the SMs).
 # bench/ssd_notes.md v9-v16 has the measurements (v9's sub-tiled chunks of 128/256 were slower: removed).
 CONFIG = {
     "state_block_p": 64, "state_block_nh": 32, "state_warps": 4, "state_stages": 2,
@@ -96,6 +101,7 @@ CONFIG = {
     "shared_scores": True, "dqk_group": True, "dqk_group_warps": 8, "dqk_group_stages": 3,
     "dx_group": True, "dx_group_block_p": 64, "dx_group_warps": 4, "dx_group_stages": 2,
     "gluon_bwd": True, "gluon_overlap_split": True, "gluon_head_bwd": True, "gluon_fwd": True,
+    "gluon_state_bwd": True,
 }
 
 
@@ -1249,19 +1255,31 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # load anyway, else by _state_bwd (which then reads every state for it)
     overlap_in_state_bwd = gluon is None and not merged
 
-    block_p = min(config["state_block_p"], _next_pow2(head_dim))
-    block_nh = min(config["state_block_nh"], _next_pow2(half))
-    pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
-    overlap = (torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
-               if overlap_in_state_bwd else dt)
-    _state_bwd_kernel[(pn_blocks, batch * heads)](
-        dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit, overlap,
-        batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
-        *dy.stride(), *C.stride(), *cos_strides,
-        T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
-        HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
-        OVERLAP=overlap_in_state_bwd,
-        num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
+    # the reverse state pass: one Gluon walk per (batch, head) on Hopper ("gluon_state_bwd", ssd_gluon_state_bwd.py)
+    # when the <S, G> term is formed elsewhere, C comes rotated and there are enough walks; else the Triton kernel
+    state_walk = None
+    if config.get("gluon_state_bwd", False) and x.is_cuda and not overlap_in_state_bwd and not rope_in:
+        from cheems_parallel.kernels import ssd_gluon_state_bwd as state_walk
+        if not (state_walk.supported(x, C_in, dy, states, dfinal, T, seq) and state_walk.enough_sequences(
+                batch * heads, sm_count(x.device), config.get("gluon_state_bwd_min_sequences"))):
+            state_walk = None
+    if state_walk is not None:
+        state_walk.state_backward(dy, C_in, g, seq, dfinal, dstates, dinit)
+        overlap = dt
+    else:
+        block_p = min(config["state_block_p"], _next_pow2(head_dim))
+        block_nh = min(config["state_block_nh"], _next_pow2(half))
+        pn_blocks = triton.cdiv(head_dim, block_p) * triton.cdiv(half, block_nh)
+        overlap = (torch.empty(pn_blocks, batch, heads, n_chunks, device=x.device, dtype=torch.float32)
+                   if overlap_in_state_bwd else dt)
+        _state_bwd_kernel[(pn_blocks, batch * heads)](
+            dy, C_in, cos_arg, sin_arg, g, seq_arg, dfinal if dfinal is not None else dt, states, dstates, dinit,
+            overlap, batch, length, heads, heads_per_group, head_dim, half, n_chunks, dt.shape[-1],
+            *dy.stride(), *C.stride(), *cos_strides,
+            T=T, BLOCK_P=block_p, BLOCK_NH=block_nh, ROPE=rope_in, HAS_SEQ=seq is not None,
+            HAS_DFINAL=dfinal is not None, DOT_PREC=precision, DOT_DTYPE=dot_dtype, ROUND_BF16=round_bf16,
+            OVERLAP=overlap_in_state_bwd,
+            num_warps=config["state_warps"], num_stages=config["state_stages"], maxnreg=config.get("state_maxnreg"))
     if gluon is not None:
         if groups < heads:
             dx, dB, dC, ddt_partial, dg_parts, dD_partial = gluon.fused_group_backward(

@@ -196,6 +196,51 @@ def test_gluon_head_backward_matches_float64_reference(batch, length, heads, hea
     assert not bad, f"relative error over 1e-2: {bad}"
 
 
+# the Gluon reverse state walk ("gluon_state_bwd", ssd_gluon_state_bwd.py, one program per (batch, head) sequence),
+# forced onto small shapes: the Cheems shape (RoPE: C~ from the forward) with an initial state and documents, mamba's
+# one group, p = 64 at 4k with documents, and behind the Triton dx / dB / dC kernels (gluon_bwd off)
+# (batch, length, heads, head_dim, groups, rope, use_d, use_init, use_seq, overrides)
+GLUON_STATE_CASES = [
+    (2, 768, 8, 128, 8, True, True, True, True, {}),
+    (2, 768, 8, 128, 1, False, True, False, False, {}),
+    (1, 4096, 4, 64, 4, True, False, True, True, {}),
+    (3, 512, 3, 128, 3, True, True, False, False, {"gluon_bwd": False}),
+]
+
+
+@pytest.mark.parametrize("batch, length, heads, head_dim, groups, rope, use_d, use_init, use_seq, overrides",
+                         GLUON_STATE_CASES)
+def test_gluon_state_backward_matches_float64_reference(batch, length, heads, head_dim, groups, rope, use_d, use_init,
+                                                        use_seq, overrides):
+    from cheems_parallel.kernels import ssd_gluon_state_bwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(batch, length, heads, head_dim, 128, torch.bfloat16, rope, use_d, use_init, use_seq, groups)
+    launches = ssd_gluon_state_bwd.LAUNCHES
+    errors, plain = ssd_kernel_errors(ssd_fused, inputs,
+                                      config=dict(overrides, gluon_state_bwd=True, gluon_state_bwd_min_sequences=1))
+    assert ssd_gluon_state_bwd.LAUNCHES > launches, "the Gluon state walk did not run for this case"
+    print(f"\ngluon-state shape b={batch} l={length} h={heads} g={groups} p={head_dim} rope={rope} "
+          f"documents={use_seq}: " + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
+    bad = {name: error for name, error in errors.items() if not error < 1e-2}
+    assert not bad, f"relative error over 1e-2: {bad}"
+
+
+def test_gluon_state_backward_is_skipped_for_few_sequences():
+    """Below one walk per SM (the default gluon_state_bwd_min_sequences) the Triton state kernel runs."""
+    from cheems_parallel.kernels import ssd_gluon_state_bwd
+    from cheems_parallel.kernels.ssd import ssd_fused
+
+    inputs = make_inputs(2, 256, 4, 128, 128, torch.bfloat16, True, True, False, False)
+    for tensor in (inputs["x"], inputs["B"], inputs["C"]):
+        tensor.requires_grad_(True)
+    launches = ssd_gluon_state_bwd.LAUNCHES
+    ssd_fused(**inputs)[0].float().sum().backward()
+    assert ssd_gluon_state_bwd.LAUNCHES == launches
+    ssd_fused(**inputs, config={"gluon_state_bwd_min_sequences": 8})[0].float().sum().backward()
+    assert ssd_gluon_state_bwd.LAUNCHES == launches + 1
+
+
 @pytest.mark.parametrize("groups, rope, module", [(1, False, "ssd_gluon_bwd"), (8, True, "ssd_gluon_head_bwd")])
 def test_gluon_backwards_in_float16(groups, rope, module):
     """Both Gluon backwards accept float16 as well as bfloat16 (`supported`): one case each, fp16 within 1e-2."""
