@@ -107,6 +107,21 @@ def store_profile_row(row, p0, p1, p2, p3, p4, p5, p6, p7):
     gl.store(row + 7, p7)
 
 
+@gluon.jit
+def barrier_ring(STAGES: gl.constexpr):
+    """One mbarrier per slot of a STAGES-deep TMA ring, each expecting one arrival (the walks' `ready`)."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    return bars
+
+
+@gluon.jit
+def invalidate_ring(bars, STAGES: gl.constexpr):
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+
 @gluon.constexpr_function
 def wgmma_layout(columns):
     """Accumulator layout of a 64-row wgmma by one warp group, `columns` wide (both Gluon SSD backwards)."""

@@ -44,10 +44,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import (
     CHUNK,
+    barrier_ring,
     chunk_document_ids,
     clock,
     documents_fit,
     hopper_tiles_fit,
+    invalidate_ring,
     profile_counters,
     store_profile_row,
     sync_warps,
@@ -191,9 +193,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         # thread copies the elements it reads back (no barrier)
         tables_smem = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [2, T, NH],
                                                 gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+    ready = barrier_ring(STAGES)
     fence_async_shared()
 
     rows_t = gl.arange(0, T, layout=gl.SliceLayout(1, tt_layout))
@@ -350,8 +350,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
     if PROFILE:
         store_profile_row(prof_ptr + gl.program_id(0) * 8, p0, p1, p2, p3, p4, p5, p6, p7)
     tma.store_wait(0)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
+    invalidate_ring(ready, STAGES)
 
 
 def fused_forward(x, B, C, cos, sin, dt, g, D, initial_state, save_rotated, store_states=True, profile=None, seq=None):

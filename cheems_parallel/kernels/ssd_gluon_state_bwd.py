@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from cheems_parallel.kernels.device import sm_count
-from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, chunk_document_ids, documents_fit, hopper_tiles_fit, \
-    sync_warps, tma_descriptor
+from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, barrier_ring, chunk_document_ids, documents_fit, \
+    hopper_tiles_fit, invalidate_ring, sync_warps, tma_descriptor
 
 STAGES = 3       # TMA ring depth: dy and C~ tiles two chunks ahead (176 KB of shared memory at p = n = 128)
 LAUNCHES = 0     # how often state_backward ran (the GPU tests check that their cases took this path)
@@ -92,9 +92,7 @@ def _state_bwd_walk_kernel(dy_desc, c_desc, ds_desc, g_ptr, seq_ptr, dfinal_ptr,
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, T, N], c_desc.layout)
     cw_smem = gl.allocate_shared_memory(dtype, [T, N], tn_shared)          # exp(g) * C~, the update's operand
     ds_smem = gl.allocate_shared_memory(dtype, [2, P, N], ds_desc.layout)  # G on its way out, double-buffered
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+    ready = barrier_ring(STAGES)
     fence_async_shared()
 
     rows_t = gl.arange(0, T, layout=gl.SliceLayout(1, tile_layout))
@@ -149,8 +147,7 @@ def _state_bwd_walk_kernel(dy_desc, c_desc, ds_desc, g_ptr, seq_ptr, dfinal_ptr,
         if c == 0:
             gl.store(dinit_ptr + head_pn + grad_offsets, grad)
     tma.store_wait(0)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
+    invalidate_ring(ready, STAGES)
 
 
 def state_backward(dy, C, g, seq, dfinal, dstates, dinit):
