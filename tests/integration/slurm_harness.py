@@ -80,6 +80,9 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/builtin
+# The main scheduling loop every second (default 60 s): a pending job whose begin time has passed (a
+# requeued job the test releases with StartTime=now+5) starts then, not up to a minute later.
+SchedulerParameters=sched_interval=1
 JobRequeue=1
 # a requeued job may start again at once (the default holds it back for a while)
 MinJobAge=600
