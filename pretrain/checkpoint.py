@@ -26,10 +26,15 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+# torch is imported where it is used: the command lines that import this module for CheckpointError and the
+# folder checks (python -m pretrain's config errors and --check, pretrain.reshard's refusals) then answer
+# without its ~3 s import.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +155,8 @@ def publish(temporary: Path, final: Path, meta: dict) -> None:
 
 
 def rng_state() -> dict:
+    import torch
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -161,6 +168,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -223,6 +232,9 @@ class CheckpointManager:
 
     # -- saving ---------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, layout: dict) -> Path:
+        import torch
+        import torch.distributed as dist
+
         tag = tag_for_step(step)
         final = self.directory / tag
         temporary = self.directory / (tag + ".tmp")
@@ -264,6 +276,8 @@ class CheckpointManager:
         """The checkpoint folder to resume from ('auto' = newest valid), agreed by every rank."""
         if resume is None:
             return None
+        import torch.distributed as dist
+
         choice = [None]
         if dist.get_rank() == 0:
             if resume == "auto":
@@ -282,6 +296,9 @@ class CheckpointManager:
 
     def load(self, engine, path: Path, layout: dict) -> dict:
         """Restore engine (model, optimizer, scheduler) and RNG; return the client state."""
+        import torch
+        import torch.distributed as dist
+
         meta = read_meta(path)
         load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
                                                          load_optimizer_states=True,
