@@ -31,10 +31,6 @@ def _ensure_process_group() -> None:
 
 def load_model_from_checkpoint(path: str | Path):
     """(model in eval mode on CPU, the PretrainConfig dict it was trained with)."""
-    from cheems_parallel.config import ModelConfig, ParallelConfig, from_dict
-    from cheems_parallel.model import CheemsForCausalLM
-    from cheems_parallel.parallel import initialize_parallel
-
     path = Path(path)
     problem = checkpoint_problem(path)
     if problem:
@@ -44,6 +40,11 @@ def load_model_from_checkpoint(path: str | Path):
     if not universal and (meta["layout"]["tensor_parallel"] != 1 or meta["layout"]["pipeline_parallel"] != 1):
         raise CheckpointError(f"{path}: saved with tensor/pipeline parallel > 1; sampling here needs a TP=1 checkpoint "
                               f"or its universal form (python -m pretrain.reshard {path} NEW_DIR)")
+    # After the checks above: megatron-core's import (~7 s on 2 cores) is not paid to report a wrong path.
+    from cheems_parallel.config import ModelConfig, ParallelConfig, from_dict
+    from cheems_parallel.model import CheemsForCausalLM
+    from cheems_parallel.parallel import initialize_parallel
+
     # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt, the other stages mp_rank_00_model_states.pt.
     states_file = sorted(path.glob("*mp_rank_00_model_states.pt"))[0]
     states = torch.load(states_file, map_location="cpu", weights_only=False)
