@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from tests.integration.test_pretrain_program import REPOSITORY_ROOT, data, environment, run_pretrain  # noqa: F401
+from tests.integration.test_pretrain_program import REPOSITORY_ROOT, environment
 
 pytestmark = pytest.mark.slow
 
 
-def test_export_round_trip(data, tmp_path, single_process_group):  # noqa: F811
+def test_export_round_trip(data, reference, tmp_path, single_process_group):
     from safetensors.torch import load_file
 
     from cheems_parallel.config import ModelConfig, ParallelConfig, from_dict
@@ -20,9 +20,8 @@ def test_export_round_trip(data, tmp_path, single_process_group):  # noqa: F811
     from pretrain.checkpoint import newest_valid_checkpoint
     from pretrain.generate import load_model_from_checkpoint
 
-    run_dir = tmp_path / "run"
-    run_pretrain(data, run_dir, extra=["train.steps=3", "checkpoint.save_at_exit=true"])
-    checkpoint = newest_valid_checkpoint(run_dir / "checkpoints")
+    # The trained checkpoint: the one-process reference run's last (tests/integration/conftest.py), only read here.
+    checkpoint = newest_valid_checkpoint(data["dir"] / "reference" / "checkpoints")
     output = tmp_path / "exports" / "exported"   # a parent that does not exist yet: created, as mkdir -p would
     command = [sys.executable, "-m", "pretrain.export", "--checkpoint", str(checkpoint), "--output", str(output)]
     done = subprocess.run(command, cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True, timeout=120)

@@ -87,31 +87,8 @@ def assert_close(actual: list[float], expected: list[float], relative: float) ->
         assert abs(a - e) <= relative * abs(e), f"step {step}: {a} vs {e}"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    from data_tools.corpus import write_stdlib_corpus
-
-    directory = tmp_path_factory.mktemp("pretrain_data")
-    corpus = directory / "stdlib.jsonl"
-    write_stdlib_corpus(str(corpus), max_bytes=400_000)
-    subprocess.run([sys.executable, "-m", "data_tools.train_tokenizer", "--input", str(corpus), "--vocab-size",
-                    "512", "--model-prefix", str(directory / "tok")], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--input", str(corpus), "--output-prefix",
-                    str(directory / "stdlib"), "--tokenizer", str(directory / "tok.model"), "--workers", "1",
-                    "--append-eod", "--no-progress"], check=True, capture_output=True)
-    return {"prefix": str(directory / "stdlib"), "tokenizer": str(directory / "tok.model"), "dir": directory}
-
-
-@pytest.fixture(scope="module")
-def reference(data) -> list[float]:
-    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8 (checkpoints halfway, which the
-    universal-checkpoint test compares with, and at exit)."""
-    run_dir = data["dir"] / "reference"
-    run_pretrain(data, run_dir, extra=["checkpoint.save_at_exit=true", f"checkpoint.interval={STEPS // 2}"])
-    values = losses(run_dir)
-    assert len(values) == STEPS
-    assert values[-1] < values[0] - 0.5, values  # it learns
-    return values
+# `data` (the shard and tokenizer) and `reference` (the one-process run every layout must match) are in
+# tests/integration/conftest.py, built once per session: test_export.py exports the reference's checkpoint.
 
 
 ZERO2_EXTRA = ["train.zero_stage=2", "checkpoint.interval=2"]
