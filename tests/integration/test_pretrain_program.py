@@ -126,10 +126,18 @@ def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, refer
             torch.testing.assert_close(weight, single_weights[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_tensor_parallel_two_matches_one_process(data, reference):
+@pytest.fixture(scope="module")
+def tp2_run(data) -> Path:
+    """TP=2 under ZeRO-1 for all the steps, a checkpoint halfway: the TP=2 layout check and the checkpoint of step
+    N the universal-checkpoint test reshards (one run for both: each 2-rank run costs ~16 s of the suite)."""
     run_dir = data["dir"] / "tp2"
-    run_pretrain(data, run_dir, ranks=2, extra=["parallel.tensor_parallel_size=2", "train.zero_stage=1"])
-    records = train_records(run_dir)
+    run_pretrain(data, run_dir, ranks=2, extra=["parallel.tensor_parallel_size=2", "train.zero_stage=1",
+                                                f"checkpoint.interval={STEPS // 2}"])
+    return run_dir
+
+
+def test_tensor_parallel_two_matches_one_process(reference, tp2_run):
+    records = train_records(tp2_run)
     assert_close([record["train/loss"] for record in records], reference, relative=1e-5)
 
 
@@ -162,14 +170,13 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(data, zero2_run):
     assert sampled.stdout.startswith("'Return the' -> 'Return the")
 
 
-def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference):
+def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference, tp2_run):
     """TP=2 (ZeRO-1) to step N -> python -m pretrain.reshard -> DP=2 (ZeRO-2) to step 2N: the same losses as
     the one-process run, and the universal weights equal its weights at step N. Resuming the original
     checkpoint on the new layout is refused in one line."""
-    saved, resumed = data["dir"] / "tp2_saved", data["dir"] / "dp2_from_universal"
-    run_pretrain(data, saved, ranks=2, extra=["parallel.tensor_parallel_size=2", "train.zero_stage=1",
-                                              f"train.exit_at_step={STEPS // 2}"])
-    checkpoint = saved / "checkpoints" / f"step_{STEPS // 2:08d}"
+    resumed = data["dir"] / "dp2_from_universal"
+    checkpoint = tp2_run / "checkpoints" / f"step_{STEPS // 2:08d}"
+    assert checkpoint_problem(checkpoint) is None
 
     refused = run_pretrain(data, data["dir"] / "refused", ranks=1, expect=2,
                            extra=["train.zero_stage=1", f"checkpoint.resume={checkpoint}"])
