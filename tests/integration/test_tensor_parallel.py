@@ -36,16 +36,27 @@ def run_model(parallel, seed=0):
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads}
 
 
-def _rank_main(rank, world, port, sequence_parallel, out_dir):
+def _rank_main(rank, world, port, out_dir):
+    """Both TP=2 runs, without and with sequence parallel, one after the other in the same two ranks (a spawned
+    rank spends ~10 s importing torch and megatron-core; run_model reseeds, so each run is independent)."""
     import torch.distributed as dist
 
     from cheems_parallel.parallel import initialize_parallel
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    parallel = ParallelConfig(tensor_parallel_size=2, sequence_parallel=sequence_parallel)
-    initialize_parallel(parallel)
-    torch.save(run_model(parallel), os.path.join(out_dir, f"rank{rank}.pt"))
+    for sequence_parallel in (False, True):
+        parallel = ParallelConfig(tensor_parallel_size=2, sequence_parallel=sequence_parallel)
+        initialize_parallel(parallel)   # megatron-core's groups made anew for each run
+        torch.save(run_model(parallel), os.path.join(out_dir, f"rank{rank}_sp{int(sequence_parallel)}.pt"))
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp2_outputs(tmp_path_factory):
+    """The directory holding each rank's results of both TP=2 runs, from one spawn of the two ranks."""
+    out_dir = tmp_path_factory.mktemp("tp2_ranks")
+    mp.start_processes(_rank_main, args=(2, free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    return out_dir
 
 
 def assert_close(got, ref, what):
@@ -55,11 +66,9 @@ def assert_close(got, ref, what):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_tp2_equals_one_process(sequence_parallel, tmp_path, single_process_group):
+def test_tp2_equals_one_process(sequence_parallel, tp2_outputs, single_process_group):
     reference = run_model(ParallelConfig())
-    mp.start_processes(_rank_main, args=(2, free_port(), sequence_parallel, str(tmp_path)), nprocs=2,
-                       start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tp2_outputs / f"rank{r}_sp{int(sequence_parallel)}.pt") for r in range(2)]
     assert_close(torch.cat([r["logits"] for r in ranks], dim=-1), reference["logits"], "logits (vocab-parallel)")
     for r in ranks:
         assert_close(r["loss"], reference["loss"], "loss")
