@@ -51,7 +51,7 @@ def head_case(head_dim=128, has_d=True, rope=True, batch=2, length=1024, heads=8
     constexprs = dict(T=m.CHUNK, P=head_dim, N=state_dim, STAGES=m.STAGES, HAS_D=has_d,
                       ROPE=rope, HAS_SEQ=has_seq,
                       PROFILE=False,
-                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.CONSUMER_REGISTERS, num_warps=4)
+                      PRODUCER_REGS=m.PRODUCER_REGISTERS, CONSUMER_REGS=m.B_SIDE_REGISTERS, num_warps=4)
     constexprs.update(overrides)
     return compile_kernel(m._fused_head_bwd_kernel, args, constexprs, 4)
 

@@ -47,7 +47,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import (
     CHUNK,
-    CONSUMER_REGISTERS,
     PRODUCER_REGISTERS,
     _tile_dot,
     chunk_document_ids,
@@ -63,6 +62,10 @@ from cheems_parallel.kernels.ssd_gluon_bwd import (
 )
 
 STAGES = 2
+# the B side's (worker partition's) registers; the C side (default partition) gets the rest of the pool, 480 - this
+# (the producer's 24 are charged for a whole warp group). 240 / 240 left 17 spill loads and stores in the B side's
+# loop, 256 / 224 leaves 6 and 2 in the C side's: head kernel 1.93 -> 1.83-1.86 ms at 4k (bench/ssd_notes.md v26)
+B_SIDE_REGISTERS = 256
 LAUNCHES = 0  # how often fused_head_backward ran (the GPU tests check that their cases took this path)
 
 
@@ -458,7 +461,8 @@ def _fused_head_bwd_kernel(x_desc, dy_desc, s_desc, ds_desc, q_desc, k_desc, dx_
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, seq=None, profile=None):
+def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, seq=None, profile=None,
+                        b_side_registers=None):
     """(dx, dB, dC, ddt (1, b, h, lpad), dg as its C and B sides' (b, h, lpad) terms, dD per token (b, h, lpad)
     or None) of the chunk terms, as `ssd._backward`'s dx and merged dB/dC launches produce them. B_in / C_in are
     B~ / C~ (the forward's rotated copies when RoPE's tables are given: dB~, dC~ are un-rotated here); dB, dC come
@@ -466,6 +470,7 @@ def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, se
     seq: document ids (b, lpad) int32 or None; profile: an int64 (programs, 2, 8) tensor to receive each
     consumer's per-phase cycle sums (bench/ssd_head_profile.py).
     tables: `fragment_tables(cos, sin)` of `rope_tables`' cos / sin, or None without RoPE.
+    b_side_registers: the B side's register count (default B_SIDE_REGISTERS; bench/ssd_head_profile.py's variants).
     Persistent grid: one program per SM."""
     batch, length, heads, head_dim = x.shape
     state_dim = B_in.shape[-1]
@@ -496,5 +501,5 @@ def fused_head_backward(x, dy, B_in, C_in, tables, dt, g, D, states, dstates, se
         T=CHUNK, P=head_dim, N=state_dim, STAGES=STAGES, HAS_D=D is not None,
         ROPE=rope, HAS_SEQ=seq is not None,
         PROFILE=profile is not None, PRODUCER_REGS=PRODUCER_REGISTERS,
-        CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+        CONSUMER_REGS=b_side_registers or B_SIDE_REGISTERS, num_warps=4)
     return dx, dB, dC, ddt, (dg_c, dg_b), dD
