@@ -296,7 +296,8 @@ def _data_problems(config: PretrainConfig) -> list[str]:
     if data.blend is None:
         problems.append("data.blend is not set: name at least one dataset prefix (path/name for name.bin + name.idx)")
     else:
-        from data_tools.dataset import DataError, parse_blend
+        from data_tools.blend import parse_blend
+        from data_tools.errors import DataError
         try:
             prefixes, _ = parse_blend(data.blend)
         except DataError as error:
