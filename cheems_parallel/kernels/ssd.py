@@ -1215,6 +1215,18 @@ def _forward(x, B, C, cos, sin, dt, g, seq, D, initial_state, T, config, save_fo
     return y, final, states, rotated_B, rotated_C
 
 
+def _gluon_state_walk(x, C_in, dy, states, dfinal, T, seq, config):
+    """`ssd_gluon_state_bwd` when it takes these inputs ("gluon_state_bwd", Hopper, enough b·h walks), else None."""
+    if not (config.get("gluon_state_bwd", False) and x.is_cuda):
+        return None
+    from cheems_parallel.kernels import ssd_gluon_state_bwd as walk
+    sequences = x.shape[0] * x.shape[2]
+    if walk.supported(x, C_in, dy, states, dfinal, T, seq) and walk.enough_sequences(
+            sequences, sm_count(x.device), config.get("gluon_state_bwd_min_sequences")):
+        return walk
+    return None
+
+
 def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, rotated_B=None, rotated_C=None):
     """Kernel backward: dx, dB, dC, ddt as (k, b, h, lpad) partial sums, dg as a tuple of (b, h, lpad) terms (both
     summed by the prologue's backward), dD (or None), d_initial_state (float32)."""
@@ -1255,17 +1267,12 @@ def _backward(dy, dfinal, x, B, C, cos, sin, dt, g, seq, D, states, T, config, r
     # load anyway, else by _state_bwd (which then reads every state for it)
     overlap_in_state_bwd = gluon is None and not merged
 
-    # the reverse state pass: one Gluon walk per (batch, head) on Hopper ("gluon_state_bwd", ssd_gluon_state_bwd.py)
-    # when the <S, G> term is formed elsewhere, C comes rotated and there are enough walks; else the Triton kernel
-    state_walk = None
-    if config.get("gluon_state_bwd", False) and x.is_cuda and not overlap_in_state_bwd and not rope_in:
-        from cheems_parallel.kernels import ssd_gluon_state_bwd as state_walk
-        if not (state_walk.supported(x, C_in, dy, states, dfinal, T, seq) and state_walk.enough_sequences(
-                batch * heads, sm_count(x.device), config.get("gluon_state_bwd_min_sequences"))):
-            state_walk = None
+    # the reverse state pass: one Gluon walk per (batch, head) when the <S, G> term is formed elsewhere and C comes
+    # rotated, else the Triton kernel
+    state_walk = (_gluon_state_walk(x, C_in, dy, states, dfinal, T, seq, config)
+                  if not overlap_in_state_bwd and not rope_in else None)
     if state_walk is not None:
         state_walk.state_backward(dy, C_in, g, seq, dfinal, dstates, dinit)
-        overlap = dt
     else:
         block_p = min(config["state_block_p"], _next_pow2(head_dim))
         block_nh = min(config["state_block_nh"], _next_pow2(half))

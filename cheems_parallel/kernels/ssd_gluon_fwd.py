@@ -83,11 +83,14 @@ def enough_sequences(sequences, sms, minimum=None):
 
 
 @gluon.jit
-def _item_coords(item, NCHUNK, H, HPG, L, T: gl.constexpr):
+def walk_coords(item, NCHUNK, H, HPG, L, T: gl.constexpr, REVERSE: gl.constexpr = False):
     """A program's item-th chunk: (chunk, batch, head, group, first token row). Items walk each of the program's
-    sequences (pid, pid + grid, ...) chunk by chunk."""
+    sequences (pid, pid + grid, ...) chunk by chunk, from the last chunk to the first when REVERSE (the state
+    gradient's walk, `ssd_gluon_state_bwd`)."""
     seq = gl.program_id(0) + (item // NCHUNK) * gl.num_programs(0)
     c = item % NCHUNK
+    if REVERSE:
+        c = NCHUNK - 1 - c
     bi = seq // H
     hi = seq % H
     return c, bi, hi, hi // HPG, bi * L + c * T
@@ -98,7 +101,7 @@ def _chunk_vectors(g_ptr, dt_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t,
     """An item's g and dt as the step reads them: g by rows (also y's rows: the same distribution) and columns of
     the (T, T) scores, dt by its columns, g at the last token, g and dt by the rows of the rotation tiles (loads
     only: the step uses them a chunk later)."""
-    c, bi, hi, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
+    c, bi, hi, _, _ = walk_coords(item, NCHUNK, H, HPG, L, T)
     row = (bi * H + hi).to(gl.int64) * LPAD + c * T
     return (gl.load(g_ptr + row + rows_t), gl.load(g_ptr + row + cols_t), gl.load(dt_ptr + row + cols_t),
             gl.load(g_ptr + row + T - 1), gl.load(g_ptr + row + rows_h), gl.load(dt_ptr + row + rows_h))
@@ -109,7 +112,7 @@ def _chunk_documents(seq_ptr, item, NCHUNK, H, HPG, L, LPAD, rows_t, cols_t, row
     """An item's document ids (documents on), as `ssd._chunk_masks` reads them: by the scores' rows and columns,
     by the rotation tiles' rows (which tokens reach the chunk's end state) and by y's rows (which see the carried
     state); and whether the carried state crosses the chunk."""
-    c, bi, _, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
+    c, bi, _, _, _ = walk_coords(item, NCHUNK, H, HPG, L, T)
     row, seq_last, seq_prev = chunk_document_ids(seq_ptr, bi, c, LPAD, T)
     reaches_end = gl.load(seq_ptr + row + rows_h) == seq_last
     sees_carried = gl.load(seq_ptr + row + rows_y) == seq_prev
@@ -122,7 +125,7 @@ def _fetch_tables(tables_smem, cos_ptr, sin_ptr, item, NCHUNK, H, HPG, L, rows_h
                   NH: gl.constexpr):
     """cp.async of an item's cos / sin first halves (contiguous (b, l, n) `rope_tables`: a row's two halves are
     equal) into tables_smem (one commit group)."""
-    _, _, _, _, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+    _, _, _, _, token_row = walk_coords(item, NCHUNK, H, HPG, L, T)
     table = (token_row + gl.expand_dims(rows_h, 1)).to(gl.int64) * (2 * NH) + gl.expand_dims(cols_h, 0)
     async_copy.async_copy_global_to_shared(tables_smem.index(0), cos_ptr + table)
     async_copy.async_copy_global_to_shared(tables_smem.index(1), sin_ptr + table)
@@ -132,7 +135,7 @@ def _fetch_tables(tables_smem, cos_ptr, sin_ptr, item, NCHUNK, H, HPG, L, rows_h
 @gluon.jit
 def _issue_loads(item, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
                  T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
-    c, bi, hi, gi, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+    c, bi, hi, gi, token_row = walk_coords(item, NCHUNK, H, HPG, L, T)
     slot = item % STAGES
     bar = ready.index(slot)
     mbarrier.expect(bar, x_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
@@ -228,7 +231,7 @@ def _fused_fwd_kernel(x_desc, b_desc, c_desc, s_desc, rb_desc, rc_desc, y_desc, 
         if item + STAGES - 1 < n_items:
             _issue_loads(item + STAGES - 1, x_desc, b_desc, c_desc, x_smem, b_smem, c_smem, ready, NCHUNK, H, HPG, L,
                          T, P, N, STAGES)
-        c, bi, hi, gi, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+        c, bi, hi, gi, token_row = walk_coords(item, NCHUNK, H, HPG, L, T)
         slot = item % STAGES
         gdt_row = (bi * H + hi).to(gl.int64) * LPAD + c * T
         state_row = ((bi * (NCHUNK + 1) + c) * H + hi) * P

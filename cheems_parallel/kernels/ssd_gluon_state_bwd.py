@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from cheems_parallel.kernels.device import sm_count
 from cheems_parallel.kernels.ssd_gluon_bwd import CHUNK, barrier_ring, chunk_document_ids, documents_fit, \
     hopper_tiles_fit, invalidate_ring, sync_warps, tma_descriptor
+from cheems_parallel.kernels.ssd_gluon_fwd import walk_coords
 
 STAGES = 3       # TMA ring depth: dy and C~ tiles two chunks ahead (176 KB of shared memory at p = n = 128)
 LAUNCHES = 0     # how often state_backward ran (the GPU tests check that their cases took this path)
@@ -54,20 +55,9 @@ def enough_sequences(sequences, sms, minimum=None):
 
 
 @gluon.jit
-def _item_coords(item, NCHUNK, H, HPG, L, T: gl.constexpr):
-    """A program's item-th chunk, walking each of its sequences (pid, pid + grid, ...) from the last chunk to the
-    first: (chunk, batch, head, group, first token row)."""
-    seq = gl.program_id(0) + (item // NCHUNK) * gl.num_programs(0)
-    c = NCHUNK - 1 - item % NCHUNK
-    bi = seq // H
-    hi = seq % H
-    return c, bi, hi, hi // HPG, bi * L + c * T
-
-
-@gluon.jit
 def _issue_loads(item, dy_desc, c_desc, dy_smem, c_smem, ready, NCHUNK, H, HPG, L,
                  T: gl.constexpr, P: gl.constexpr, N: gl.constexpr, STAGES: gl.constexpr):
-    _, _, hi, gi, token_row = _item_coords(item, NCHUNK, H, HPG, L, T)
+    _, _, hi, gi, token_row = walk_coords(item, NCHUNK, H, HPG, L, T, REVERSE=True)
     slot = item % STAGES
     bar = ready.index(slot)
     mbarrier.expect(bar, dy_desc.block_type.nbytes + c_desc.block_type.nbytes)
@@ -106,7 +96,7 @@ def _state_bwd_walk_kernel(dy_desc, c_desc, ds_desc, g_ptr, seq_ptr, dfinal_ptr,
         if j < n_items:
             _issue_loads(j, dy_desc, c_desc, dy_smem, c_smem, ready, NCHUNK, H, HPG, L, T, P, N, STAGES)
     for item in range(n_items):
-        c, bi, hi, _, _ = _item_coords(item, NCHUNK, H, HPG, L, T)
+        c, bi, hi, _, _ = walk_coords(item, NCHUNK, H, HPG, L, T, REVERSE=True)
         head_pn = (bi * H + hi).to(gl.int64) * P * N
         if c == NCHUNK - 1:  # a new sequence: G starts at d loss / d(final state)
             if HAS_DFINAL:
