@@ -3,6 +3,7 @@ test_pretrain_program.py (its TINY overrides): that module and test_export.py. S
 the tokenizer and the one-process reference run are built once for both (a launch costs ~15 s of the suite)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +24,10 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(data) -> list[float]:
-    """One process, ZeRO-0, fp32: micro-batch 2 x accumulation 4 = global batch 8 (checkpoints halfway, which the
-    universal-checkpoint test compares with, and at exit; test_export.py exports the one at exit)."""
+def reference_run(data) -> Path:
+    """The run directory of the one-process run: ZeRO-0, fp32, micro-batch 2 x accumulation 4 = global batch 8
+    (checkpoints halfway, which the universal-checkpoint test compares with, and at exit; test_export.py exports
+    the one at exit)."""
     from tests.integration.test_pretrain_program import STEPS, losses, run_pretrain
 
     run_dir = data["dir"] / "reference"
@@ -33,4 +35,12 @@ def reference(data) -> list[float]:
     values = losses(run_dir)
     assert len(values) == STEPS
     assert values[-1] < values[0] - 0.5, values  # it learns
-    return values
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run) -> list[float]:
+    """The one-process run's per-step losses, which every layout must match."""
+    from tests.integration.test_pretrain_program import losses
+
+    return losses(reference_run)

@@ -12,7 +12,7 @@ from tests.integration.test_pretrain_program import REPOSITORY_ROOT, environment
 pytestmark = pytest.mark.slow
 
 
-def test_export_round_trip(data, reference, tmp_path, single_process_group):
+def test_export_round_trip(reference_run, tmp_path, single_process_group):
     from safetensors.torch import load_file
 
     from cheems_parallel.config import ModelConfig, ParallelConfig, from_dict
@@ -21,7 +21,7 @@ def test_export_round_trip(data, reference, tmp_path, single_process_group):
     from pretrain.generate import load_model_from_checkpoint
 
     # The trained checkpoint: the one-process reference run's last (tests/integration/conftest.py), only read here.
-    checkpoint = newest_valid_checkpoint(data["dir"] / "reference" / "checkpoints")
+    checkpoint = newest_valid_checkpoint(reference_run / "checkpoints")
     output = tmp_path / "exports" / "exported"   # a parent that does not exist yet: created, as mkdir -p would
     command = [sys.executable, "-m", "pretrain.export", "--checkpoint", str(checkpoint), "--output", str(output)]
     done = subprocess.run(command, cwd=REPOSITORY_ROOT, env=environment(), capture_output=True, text=True, timeout=120)

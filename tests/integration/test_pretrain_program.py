@@ -87,8 +87,8 @@ def assert_close(actual: list[float], expected: list[float], relative: float) ->
         assert abs(a - e) <= relative * abs(e), f"step {step}: {a} vs {e}"
 
 
-# `data` (the shard and tokenizer) and `reference` (the one-process run every layout must match) are in
-# tests/integration/conftest.py, built once per session: test_export.py exports the reference's checkpoint.
+# `data` (the shard and tokenizer), `reference_run` (the one-process run every layout must match) and `reference`
+# (its losses) are in tests/integration/conftest.py, built once per session: test_export.py exports its checkpoint.
 
 
 ZERO2_EXTRA = ["train.zero_stage=2", "checkpoint.interval=2"]
@@ -104,7 +104,8 @@ def zero2_run(data) -> Path:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, reference, zero_stage, request):
+def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, reference, reference_run, zero_stage,
+                                                                    request):
     if zero_stage == 2:
         run_dir = request.getfixturevalue("zero2_run")
     else:
@@ -120,7 +121,7 @@ def test_zero_stage_with_two_data_parallel_ranks_matches_one_process(data, refer
         # zero_to_fp32) equal the one-process run's weights after the same 10 steps.
         from pretrain.generate import load_model_from_checkpoint
         partitioned, _ = load_model_from_checkpoint(newest_valid_checkpoint(run_dir / "checkpoints"))
-        single, _ = load_model_from_checkpoint(newest_valid_checkpoint(data["dir"] / "reference" / "checkpoints"))
+        single, _ = load_model_from_checkpoint(newest_valid_checkpoint(reference_run / "checkpoints"))
         single_weights = dict(single.named_parameters())
         for name, weight in partitioned.named_parameters():
             torch.testing.assert_close(weight, single_weights[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -170,7 +171,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(data, zero2_run):
     assert sampled.stdout.startswith("'Return the' -> 'Return the")
 
 
-def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference, tp2_run):
+def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference, reference_run, tp2_run):
     """TP=2 (ZeRO-1) to step N -> python -m pretrain.reshard -> DP=2 (ZeRO-2) to step 2N: the same losses as
     the one-process run, and the universal weights equal its weights at step N. Resuming the original
     checkpoint on the new layout is refused in one line."""
@@ -199,7 +200,7 @@ def test_resume_on_another_layout_through_a_universal_checkpoint(data, reference
     # (this checks the recorded TP split: row-parallel joined along dim 1, replicated taken whole).
     from pretrain.generate import load_model_from_checkpoint
     joined, _ = load_model_from_checkpoint(universal)
-    one_process, _ = load_model_from_checkpoint(data["dir"] / "reference" / "checkpoints" / checkpoint.name)
+    one_process, _ = load_model_from_checkpoint(reference_run / "checkpoints" / checkpoint.name)
     one_process_weights = dict(one_process.named_parameters())
     for name, weight in joined.named_parameters():  # TP=2 and one process round differently: ~1e-5 apart
         expected = one_process_weights[name]
