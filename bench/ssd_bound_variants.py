@@ -12,6 +12,7 @@ they exist to be timed against this tree by bench/gpu_ssd_ab.sh, never to be use
                reads them)
   none_norot   none, and the forward walk does not store B~ and C~ either (the backward reads stale buffers)
 """
+import argparse
 import os
 import sys
 
@@ -57,7 +58,7 @@ def edited(path, replacements):
     return text
 
 
-def variant(name, state_condition, head_loads, store_rotated=True, group_reads_states=True):
+def variant(out, name, state_condition, head_loads, store_rotated=True, group_reads_states=True):
     fwd = [(FWD_STATE_STORE, FWD_STATE_STORE.replace("if STORE_STATES:", f"if STORE_STATES and ({state_condition}):"))]
     if not store_rotated:
         fwd.append((FWD_ROTATED_STORE, "        if SAVE_ROTATED and False:"))
@@ -69,18 +70,21 @@ def variant(name, state_condition, head_loads, store_rotated=True, group_reads_s
     }
     if not group_reads_states:   # mamba's shape: the group backward (one program per group and chunk)
         files["ssd_gluon_bwd.py"] = edited(KERNELS + "ssd_gluon_bwd.py", [(GROUP_STATE_LOADS, GROUP_NO_STATE)])
-    folder = os.path.join(ROOT, f".ab_{name}", KERNELS)
+    folder = os.path.join(out, f".ab_{name}", KERNELS)
     os.makedirs(folder, exist_ok=True)
     for file_name, text in files.items():
         with open(os.path.join(folder, file_name), "w") as handle:
             handle.write(text)
-    print(f"wrote .ab_{name}/{KERNELS}{{{', '.join(files)}}}")
+    print(f"wrote {os.path.join(out, f'.ab_{name}', KERNELS)}{{{', '.join(files)}}}")
 
 
 def main():
-    variant("half", "c % 2 == 1", HEAD_ONE_STATE)
-    variant("none", "False", HEAD_NO_STATE, group_reads_states=False)
-    variant("none_norot", "False", HEAD_NO_STATE, store_rotated=False, group_reads_states=False)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=ROOT, help="folder to write the .ab_* folders into (default: the repo)")
+    out = parser.parse_args().out
+    variant(out, "half", "c % 2 == 1", HEAD_ONE_STATE)
+    variant(out, "none", "False", HEAD_NO_STATE, group_reads_states=False)
+    variant(out, "none_norot", "False", HEAD_NO_STATE, store_rotated=False, group_reads_states=False)
 
 
 if __name__ == "__main__":
