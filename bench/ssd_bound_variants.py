@@ -19,7 +19,8 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KERNELS = "cheems_parallel/kernels/"
 
-FWD_STATE_STORE = "        if STORE_STATES:\n            tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)"
+FWD_STATE_STORE = ("        if STORE_STATES:\n"
+                   "            tma.async_copy_shared_to_global(s_desc, [state_row + H * P, 0], s_smem)")
 FWD_ROTATED_STORE = "        if SAVE_ROTATED:"
 STATE_WALK_STORE = "        tma.async_copy_shared_to_global(ds_desc, [((bi * (NCHUNK + 1) + c) * H + hi) * P, 0], out)"
 HEAD_STATE_LOADS = """        mbarrier.expect(sg_ready, 2 * s_desc.block_type.nbytes)
