@@ -36,18 +36,10 @@ HEAD_ONE_STATE = """        state_row = ((bi * (NCHUNK + 1) + c) * H + hi) * P
             tma.async_copy_global_to_shared(ds_desc, [state_row, 0], sg_ready, ds_smem)
 """
 HEAD_NO_STATE = "        mbarrier.arrive(sg_ready, count=1)\n"
-GROUP_STATE_LOADS = """        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes)
-        head = first_head + j
-        tma.async_copy_global_to_shared(x_desc, [token_row, head * P], bar, x_smem.index(slot))
-        tma.async_copy_global_to_shared(dy_desc, [token_row, head * P], bar, dy_smem.index(slot))
-        tma.async_copy_global_to_shared(s_desc, [state_row0 + head * P, 0], bar, s_smem.index(slot))
-        tma.async_copy_global_to_shared(ds_desc, [state_row0 + head * P, 0], bar, ds_smem.index(slot))
-"""
-GROUP_NO_STATE = """        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes)
-        head = first_head + j
-        tma.async_copy_global_to_shared(x_desc, [token_row, head * P], bar, x_smem.index(slot))
-        tma.async_copy_global_to_shared(dy_desc, [token_row, head * P], bar, dy_smem.index(slot))
-"""
+GROUP_STATE_BYTES = "        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes)\n"
+GROUP_STATE_LOADS = ("        tma.async_copy_global_to_shared(s_desc, [state_row0 + head * P, 0], bar, s_smem.index(slot))\n"
+                     "        tma.async_copy_global_to_shared(ds_desc, [state_row0 + head * P, 0], bar, "
+                     "ds_smem.index(slot))\n")
 
 
 def edited(path, replacements):
@@ -70,13 +62,15 @@ def variant(out, name, state_condition, head_loads, store_rotated=True, group_re
         "ssd_gluon_head_bwd.py": edited(KERNELS + "ssd_gluon_head_bwd.py", [(HEAD_STATE_LOADS, head_loads)]),
     }
     if not group_reads_states:   # mamba's shape: the group backward (one program per group and chunk)
-        files["ssd_gluon_bwd.py"] = edited(KERNELS + "ssd_gluon_bwd.py", [(GROUP_STATE_LOADS, GROUP_NO_STATE)])
+        files["ssd_gluon_bwd.py"] = edited(KERNELS + "ssd_gluon_bwd.py", [
+            (GROUP_STATE_BYTES, GROUP_STATE_BYTES.replace(" + 2 * s_desc.block_type.nbytes", "")),
+            (GROUP_STATE_LOADS, "")])
     folder = os.path.join(out, f".ab_{name}", KERNELS)
     os.makedirs(folder, exist_ok=True)
     for file_name, text in files.items():
         with open(os.path.join(folder, file_name), "w") as handle:
             handle.write(text)
-    print(f"wrote {os.path.join(out, f'.ab_{name}', KERNELS)}{{{', '.join(files)}}}")
+    print(f"wrote {folder}{{{', '.join(files)}}}")
 
 
 def main():

@@ -42,3 +42,23 @@ def test_variants_change_only_the_state_and_rotated_traffic(tmp_path):
 
     state_walk = changed_lines("ssd_gluon_state_bwd.py", folder["half"] / "ssd_gluon_state_bwd.py")
     assert state_walk[0].startswith("-") and "+        if c % 2 == 1:" in state_walk and len(state_walk) == 3
+
+
+def test_a_kernel_without_the_edited_lines_is_refused(tmp_path):
+    """A kernel whose state store was rewritten must stop the script with a one-line error naming the file, not yield
+    a variant that silently times the unedited kernel."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import ssd_bound_variants as variants
+    finally:
+        sys.path.pop(0)
+    kernel = tmp_path / "ssd_gluon_fwd.py"
+    with open(os.path.join(ROOT, KERNELS, "ssd_gluon_fwd.py")) as handle:
+        kernel.write_text(handle.read().replace("if STORE_STATES:\n", "if STORE_STATES and True:\n"))
+    try:
+        variants.edited(str(kernel), [(variants.FWD_STATE_STORE, "")])
+    except SystemExit as stop:
+        message = str(stop.code)
+    else:
+        raise AssertionError("the edit applied to a kernel without its lines")
+    assert str(kernel) in message and "if STORE_STATES:" in message and "\n" not in message
