@@ -37,7 +37,8 @@ HEAD_ONE_STATE = """        state_row = ((bi * (NCHUNK + 1) + c) * H + hi) * P
 """
 HEAD_NO_STATE = "        mbarrier.arrive(sg_ready, count=1)\n"
 GROUP_STATE_BYTES = "        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes)\n"
-GROUP_STATE_LOADS = ("        tma.async_copy_global_to_shared(s_desc, [state_row0 + head * P, 0], bar, s_smem.index(slot))\n"
+GROUP_STATE_LOADS = ("        tma.async_copy_global_to_shared(s_desc, [state_row0 + head * P, 0], bar, "
+                     "s_smem.index(slot))\n"
                      "        tma.async_copy_global_to_shared(ds_desc, [state_row0 + head * P, 0], bar, "
                      "ds_smem.index(slot))\n")
 
